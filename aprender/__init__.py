@@ -1,0 +1,40 @@
+"""aprender: magnitude pruning with exact, fast Cython+OpenMP kernels."""
+import importlib.util
+import sys
+
+__version__ = "0.1.0"
+
+from . import pruning  # noqa: E402,F401  (first: _validation imports pruning.errors)
+from ._validation import Bits16  # noqa: E402
+from .pruning import (SparsityMask, SparsityPattern, MagnitudeImportance,  # noqa: E402,F401
+                      generate_unstructured_mask, generate_nm_mask, generate_global_mask,
+                      magnitude_mask, magnitude_nm_mask, PruningError)
+
+__all__ = ["__version__", "show_config", "Bits16", "pruning", "SparsityMask", "SparsityPattern",
+           "MagnitudeImportance", "generate_unstructured_mask", "generate_nm_mask",
+           "generate_global_mask", "magnitude_mask", "magnitude_nm_mask", "PruningError"]
+
+
+def show_config(print_out=True):
+    """Print and return the build and runtime configuration (CuPy is looked up, not imported)."""
+    from ._kernels import _openmp
+
+    cupy_loaded = "cupy" in sys.modules
+    cfg = {
+        "version": __version__,
+        "openmp": _openmp.openmp_enabled(),
+        "threads": _openmp.max_threads(),
+        "cupy_available": cupy_loaded or importlib.util.find_spec("cupy") is not None,
+        "python": sys.version.split()[0],
+    }
+    try:
+        import numpy
+
+        cfg["numpy"] = numpy.__version__
+    except ImportError:  # pragma: no cover - numpy is a hard dependency
+        pass
+    if print_out:
+        width = max(len(k) for k in cfg)
+        for k, v in cfg.items():
+            print(f"{k:<{width}} : {v}")
+    return cfg

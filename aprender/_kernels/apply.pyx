@@ -1,0 +1,35 @@
+"""Apply a keep-mask in place: w[i] = 0 where keep[i] == 0, for any dtype, by its bit pattern.
+
+Zeroing the bits gives +0.0 for every IEEE float (and bfloat16), 0 for integers; NaN weights that
+are pruned become 0 too (np.multiply would keep them NaN)."""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from cython.parallel cimport prange
+
+ctypedef fused word_t:
+    uint8_t
+    uint16_t
+    uint32_t
+    uint64_t
+
+cdef enum:
+    PARALLEL_MIN = 65536
+
+
+def apply_mask(word_t[::1] w, const uint8_t[::1] keep, int n_threads):
+    cdef Py_ssize_t n = w.shape[0], i
+    cdef int nt = n_threads if n >= PARALLEL_MIN and n_threads > 1 else 1
+    if keep.shape[0] != n:
+        raise ValueError("mask and weight sizes differ")
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=nt):
+            w[i] = w[i] & (<word_t>0 - <word_t>(keep[i] != 0))
+
+
+def count_nonzero_u8(const uint8_t[::1] keep, int n_threads):
+    """Number of non-zero bytes (kept elements) of a mask."""
+    cdef Py_ssize_t n = keep.shape[0], i, total = 0
+    cdef int nt = n_threads if n >= PARALLEL_MIN and n_threads > 1 else 1
+    with nogil:
+        for i in prange(n, schedule="static", num_threads=nt):
+            total += keep[i] != 0
+    return total

@@ -1,0 +1,224 @@
+"""One place that turns user input into kernel-ready arrays or a clear, typed error."""
+import math
+import numbers
+import operator
+import sys
+
+import numpy as np
+
+from .pruning.errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
+                             InvalidShapeError, InvalidSparsityError, NumericalInstabilityError)
+from ._kernels import _openmp
+
+# 16-bit float formats: +inf bit pattern (also the exponent mask) and the kernel format code
+F16, BF16 = 1, 2
+INF16 = {F16: 0x7C00, BF16: 0x7F80}
+
+
+class Bits16:
+    """A uint16 array holding raw 16-bit float bit patterns, tagged with its format.
+
+    ``Bits16(raw, "bfloat16")`` or ``Bits16(raw, "float16")`` lets callers without ml_dtypes pass
+    bfloat16 weights (say, a safetensors buffer) to every aprender entry point without a copy.
+    """
+
+    __slots__ = ("bits", "format")
+
+    def __init__(self, bits, format="bfloat16"):
+        bits = np.asarray(bits)
+        if bits.dtype != np.uint16:
+            raise InvalidDTypeError(f"Bits16 needs a uint16 array of bit patterns, got {bits.dtype}")
+        if format not in ("bfloat16", "float16"):
+            raise InvalidArgumentError(f"Bits16 format must be 'bfloat16' or 'float16', got {format!r}")
+        self.bits = bits
+        self.format = format
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+    @property
+    def size(self):
+        return self.bits.size
+
+    @property
+    def ndim(self):
+        return self.bits.ndim
+
+    def __repr__(self):
+        return f"Bits16(shape={self.bits.shape}, format={self.format!r})"
+
+
+class Floats:
+    """A validated floating array ready for the kernels.
+
+    ``array``: C-contiguous, native byte order, in the caller's dtype (ml_dtypes bfloat16 kept);
+    ``kernel``: the same memory as float32/float64/uint16 for the Cython kernels;
+    ``fmt``: 0 for float32/float64, F16 or BF16 for 16-bit formats."""
+
+    __slots__ = ("array", "kernel", "fmt", "dtype_name", "copied")
+
+    def __init__(self, array, kernel, fmt, dtype_name, copied):
+        self.array = array
+        self.kernel = kernel
+        self.fmt = fmt
+        self.dtype_name = dtype_name
+        self.copied = copied
+
+    @property
+    def inf16(self):
+        return INF16.get(self.fmt, 0)
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def size(self):
+        return self.array.size
+
+
+def _is_bf16(dtype):
+    return dtype.kind == "V" and dtype.name == "bfloat16" or str(dtype) == "bfloat16"
+
+
+def is_cupy(x):
+    """True for a CuPy array, decided without importing CuPy."""
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def as_floats(x, name="values", *, allow_empty=True, min_ndim=1):
+    """Validate a floating array and return a Floats view (copying once if it must)."""
+    if isinstance(x, Bits16):
+        arr = x.bits
+        fmt = BF16 if x.format == "bfloat16" else F16
+        dtype_name = x.format
+    else:
+        if hasattr(x, "values") and hasattr(x, "method") and hasattr(x, "stats"):
+            x = x.values  # ImportanceScores
+        if is_cupy(x):
+            raise InvalidDTypeError(f"{name}: CuPy arrays are only accepted by aprender.sparse24; "
+                                    "call .get() to bring the array to the host")
+        if type(x).__module__.startswith("torch"):
+            from .torch import to_numpy_view  # optional interop, imported on demand
+
+            x = to_numpy_view(x)
+            if isinstance(x, Bits16):
+                return as_floats(x, name, allow_empty=allow_empty, min_ndim=min_ndim)
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # noqa: BLE001 - anything numpy cannot turn into an array
+            raise InvalidDTypeError(f"{name}: cannot convert {type(x).__name__} to an array ({exc})")
+        dt = arr.dtype
+        if _is_bf16(dt):
+            fmt, dtype_name = BF16, "bfloat16"
+        elif dt.kind == "f" and dt.itemsize in (2, 4, 8):
+            fmt = F16 if dt.itemsize == 2 else 0
+            dtype_name = {2: "float16", 4: "float32", 8: "float64"}[dt.itemsize]
+        else:
+            raise InvalidDTypeError(
+                f"{name}: expected a floating array (float16, bfloat16, float32 or float64), "
+                f"got dtype {dt}" + (" (wrap raw bfloat16 bits in aprender.Bits16)"
+                                     if dt == np.uint16 else ""))
+    if arr.ndim < min_ndim:
+        raise InvalidShapeError(f"{name}: expected an array with at least {min_ndim} dimension(s), "
+                                f"got a {arr.ndim}-d array")
+    if arr.size == 0 and not allow_empty:
+        raise InvalidShapeError(f"{name}: empty array (shape {arr.shape})")
+    copied = False
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+        copied = True
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+        copied = True
+    if isinstance(x, Bits16) or arr.dtype == np.uint16:
+        kernel = arr
+    elif fmt:
+        kernel = arr.view(np.uint16)
+    else:
+        kernel = arr
+    return Floats(arr, kernel, fmt, dtype_name, copied)
+
+
+def raise_nonfinite(f, name="values"):
+    """Raise NumericalInstabilityError naming the first non-finite element of f (a Floats)."""
+    flat = f.kernel.reshape(-1)
+    if f.fmt:
+        bad = (flat & f.inf16) == f.inf16
+    else:
+        bad = ~np.isfinite(flat)
+    i = int(np.argmax(bad))
+    idx = np.unravel_index(i, f.shape) if f.array.ndim else ()
+    idx = tuple(int(v) for v in idx)
+    if f.fmt:
+        raw = int(flat[i])
+        kind = "NaN" if raw & 0x7FFF > f.inf16 else ("-inf" if raw & 0x8000 else "inf")
+    else:
+        v = float(flat[i])
+        kind = "NaN" if math.isnan(v) else ("-inf" if v < 0 else "inf")
+    raise NumericalInstabilityError(
+        f"{name} contains {kind} at index {idx} (flat index {i}); aprender needs finite values",
+        index=idx, value=kind)
+
+
+def check_sparsity(sparsity, name="sparsity"):
+    """A fraction in [0, 1] as a Python float; bools, strings, NaN and out-of-range values raise."""
+    if isinstance(sparsity, (bool, np.bool_)):
+        raise InvalidSparsityError(f"{name} must be a fraction in [0, 1], got the bool {sparsity!r}")
+    if isinstance(sparsity, np.ndarray) and sparsity.ndim == 0:
+        sparsity = sparsity[()]
+    if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, np.bool_):
+        raise InvalidSparsityError(
+            f"{name} must be a real number in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
+    value = float(sparsity)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise InvalidSparsityError(f"{name} must be in [0, 1], got {sparsity!r}")
+    return value
+
+
+def prune_count(sparsity, n):
+    """Number of elements to prune: the integer nearest sparsity * n (float64), halves down."""
+    p = sparsity * n
+    lo = math.floor(p)
+    return int(lo if p - lo <= 0.5 else lo + 1)
+
+
+def check_int(value, name, *, minimum=None):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = operator.index(value)
+    if minimum is not None and value < minimum:
+        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def resolve_threads(n_threads):
+    """None -> what OpenMP allows now (OMP_NUM_THREADS, threadpoolctl); else an int >= 1."""
+    if n_threads is None:
+        return max(1, _openmp.max_threads())
+    return check_int(n_threads, "n_threads", minimum=1)
+
+
+def check_nm(n, m):
+    for v, nm in ((n, "n"), (m, "m")):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise InvalidPatternError(f"N:M pattern needs integer {nm}, got {v!r}")
+    n, m = int(n), int(m)
+    if m <= 0 or n <= 0:
+        raise InvalidPatternError(f"N:M pattern needs 1 <= N <= M, got {n}:{m}")
+    if n > m:
+        raise InvalidPatternError(f"N:M pattern needs N <= M, got {n}:{m}")
+    if m > 1024:
+        raise InvalidPatternError(f"N:M pattern supports M up to 1024, got M={m}")
+    return n, m
+
+
+def check_axis(axis, ndim, name="axis"):
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise InvalidShapeError(f"{name} must be an integer, got {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise InvalidShapeError(f"{name} {axis} is out of range for an array with {ndim} dimension(s)")
+    return axis % ndim

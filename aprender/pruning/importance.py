@@ -1,0 +1,100 @@
+"""Importance: how much each weight matters.  Magnitude importance scores |w|^p in one kernel pass
+that also returns statistics of the scores."""
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
+
+import numpy as np
+
+from .._kernels import stats as _stats
+from .._validation import as_floats, raise_nonfinite, resolve_threads
+from .errors import InvalidArgumentError
+
+__all__ = ["Importance", "MagnitudeImportance", "ImportanceScores", "ImportanceStats"]
+
+
+@dataclass(frozen=True)
+class ImportanceStats:
+    """Statistics of a score array, accumulated in float64 (std is the population std, ddof=0)."""
+
+    min: float
+    max: float
+    mean: float
+    std: float
+    count: int
+
+
+@dataclass(frozen=True)
+class ImportanceScores:
+    """Scores with the same shape as the weights (larger = more important)."""
+
+    values: np.ndarray
+    method: str
+    stats: ImportanceStats
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+
+@runtime_checkable
+class Importance(Protocol):
+    """What every importance method provides."""
+
+    name: str
+    requires_calibration: bool
+
+    def compute(self, module_or_array, calibration=None) -> ImportanceScores: ...
+
+
+def _weights_of(module_or_array):
+    w = getattr(module_or_array, "weight", None)
+    if w is not None and not isinstance(module_or_array, np.ndarray):
+        return w
+    return module_or_array
+
+
+class MagnitudeImportance:
+    """Importance |w|^p.  ``l1()`` scores |w|, ``l2()`` scores w**2 (the order of |w| either way)."""
+
+    requires_calibration = False
+
+    def __init__(self, p=1):
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)) \
+                or float(p) <= 0:
+            raise InvalidArgumentError(f"MagnitudeImportance needs a finite p > 0, got {p!r}")
+        self.p = float(p)
+
+    @classmethod
+    def l1(cls):
+        return cls(1)
+
+    @classmethod
+    def l2(cls):
+        return cls(2)
+
+    @property
+    def name(self):
+        p = int(self.p) if self.p.is_integer() else self.p
+        return f"magnitude_l{p}"
+
+    def __repr__(self):
+        return f"MagnitudeImportance(p={self.p:g})"
+
+    def compute(self, module_or_array, calibration=None, *, n_threads=None) -> ImportanceScores:
+        """Scores of a module's ``weight`` (or of an array), in the weights' dtype, with stats.
+        ``calibration`` is accepted for protocol compatibility and ignored by magnitude."""
+        f = as_floats(_weights_of(module_or_array), "weights")
+        nt = resolve_threads(n_threads)
+        out = np.empty_like(f.array)
+        kout = out.view(np.uint16) if f.fmt else out
+        pk = 1 if self.p == 1 else 2 if self.p == 2 else 0
+        mn, mx, mean, std, bad = _stats.scores_stats(f.kernel.reshape(-1), pk, self.p, f.fmt,
+                                                     kout.reshape(-1), nt)
+        if bad:
+            raise_nonfinite(f, "weights")
+        return ImportanceScores(out, self.name, ImportanceStats(mn, mx, mean, std, int(f.size)))

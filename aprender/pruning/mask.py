@@ -1,0 +1,519 @@
+"""Masks: SparsityPattern, SparsityMask and the generate_* functions (thin: validate, call one
+kernel, wrap the result)."""
+import numbers
+
+import numpy as np
+
+from .._kernels import apply as _apply
+from .._kernels import nm as _nmk
+from .._kernels import select as _select
+from .._validation import (Floats, as_floats, check_axis, check_int, check_nm, check_sparsity,
+                           prune_count, raise_nonfinite, resolve_threads)
+from .errors import (InvalidDTypeError, InvalidPatternError, InvalidShapeError,
+                     InvalidSparsityError, ReadOnlyError, ShapeMismatchError)
+
+__all__ = ["SparsityPattern", "SparsityMask", "generate_unstructured_mask", "generate_nm_mask",
+           "generate_global_mask", "generate_block_mask", "generate_row_mask",
+           "generate_column_mask", "magnitude_mask", "magnitude_nm_mask"]
+
+
+class SparsityPattern:
+    """The structure a mask follows: unstructured, N:M (n, m) along an axis, block (h, w), row or
+    column.  Construct with the class methods; ``validate(mask)`` raises if a mask breaks it."""
+
+    KINDS = ("unstructured", "nm", "block", "row", "column")
+
+    def __init__(self, kind, n=None, m=None, block=None, axis=-1):
+        if kind not in self.KINDS:
+            raise InvalidPatternError(f"unknown sparsity pattern {kind!r}; one of {self.KINDS}")
+        self.kind = kind
+        self.n = self.m = self.block = None
+        self.axis = axis
+        if kind == "nm":
+            self.n, self.m = check_nm(n, m)
+        if kind == "block":
+            if not (isinstance(block, tuple) and len(block) == 2):
+                raise InvalidPatternError(f"block pattern needs (h, w), got {block!r}")
+            h, w = (check_int(v, "block size", minimum=1) for v in block)
+            self.block = (h, w)
+
+    @classmethod
+    def unstructured(cls):
+        return cls("unstructured")
+
+    @classmethod
+    def nm(cls, n, m, axis=-1):
+        return cls("nm", n=n, m=m, axis=axis)
+
+    @classmethod
+    def block_pattern(cls, h, w):
+        return cls("block", block=(h, w))
+
+    @classmethod
+    def rows(cls):
+        return cls("row")
+
+    @classmethod
+    def columns(cls):
+        return cls("column")
+
+    @classmethod
+    def parse(cls, text):
+        """'unstructured', 'row', 'column', 'N:M' (e.g. '2:4') or 'block:HxW'."""
+        if not isinstance(text, str):
+            raise InvalidPatternError(f"pattern must be a string, got {text!r}")
+        t = text.strip().lower()
+        if t in ("unstructured", "row", "column"):
+            return cls(t)
+        if t.startswith("block:"):
+            try:
+                h, w = (int(v) for v in t[6:].split("x"))
+            except ValueError:
+                raise InvalidPatternError(f"block pattern must look like 'block:4x4', got {text!r}")
+            return cls("block", block=(h, w))
+        parts = t.split(":")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            return cls("nm", n=int(parts[0]), m=int(parts[1]))
+        raise InvalidPatternError(
+            f"invalid pattern {text!r}: use 'unstructured', 'row', 'column', 'N:M' such as '2:4', "
+            "or 'block:HxW'")
+
+    @property
+    def theoretical_sparsity(self):
+        """1 - N/M for N:M patterns, None for the others (their sparsity is chosen freely)."""
+        return 1.0 - self.n / self.m if self.kind == "nm" else None
+
+    def __eq__(self, other):
+        return isinstance(other, SparsityPattern) and (self.kind, self.n, self.m, self.block) == \
+            (other.kind, other.n, other.m, other.block)
+
+    def __hash__(self):
+        return hash((self.kind, self.n, self.m, self.block))
+
+    def __str__(self):
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        if self.kind == "block":
+            return f"block {self.block[0]}x{self.block[1]}"
+        return self.kind
+
+    def __repr__(self):
+        return f"SparsityPattern({str(self)!r})"
+
+    def check_shape(self, shape):
+        """Raise if an array of this shape cannot carry the pattern."""
+        if self.kind == "nm":
+            axis = check_axis(self.axis, len(shape))
+            if shape[axis] % self.m:
+                raise InvalidPatternError(
+                    f"{self} pattern: axis {axis} of shape {tuple(shape)} has length {shape[axis]}, "
+                    f"not divisible by M={self.m}")
+        elif self.kind == "block":
+            rows, cols = _as_2d_shape(shape)
+            h, w = self.block
+            if rows % h or cols % w:
+                raise InvalidPatternError(
+                    f"block ({h}, {w}) does not tile shape {tuple(shape)} (seen as {rows}x{cols})")
+
+    def count_groups(self, mask):
+        """(groups that satisfy the pattern, total groups) for N:M; for block/row/column the
+        blocks that are uniformly kept or pruned; unstructured: (size, size)."""
+        keep = _keep_bytes(mask)
+        shape = keep.shape
+        if self.kind == "nm":
+            self.check_shape(shape)
+            axis = check_axis(self.axis, len(shape))
+            outer = int(np.prod(shape[:axis], dtype=np.int64))
+            inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+            total = keep.size // self.m
+            bad, _ = _nmk.nm_check(keep.reshape(-1), outer, shape[axis], inner, self.n, self.m, 0)
+            return total - bad, total
+        if self.kind in ("block", "row", "column"):
+            rows, cols = _as_2d_shape(shape)
+            h, w = self._block_for(rows, cols)
+            k2 = keep.reshape(rows // h, h, cols // w, w)
+            mins = k2.min(axis=(1, 3))
+            maxs = k2.max(axis=(1, 3))
+            return int(np.count_nonzero(mins == maxs)), int(mins.size)
+        return keep.size, keep.size
+
+    def _block_for(self, rows, cols):
+        if self.kind == "row":
+            return 1, cols
+        if self.kind == "column":
+            return rows, 1
+        return self.block
+
+    def validate(self, mask):
+        """Raise InvalidPatternError if mask breaks the pattern; return True otherwise."""
+        keep = _keep_bytes(mask)
+        if self.kind == "unstructured" or keep.size == 0:
+            return True
+        self.check_shape(keep.shape)
+        ok, total = self.count_groups(keep)
+        if ok != total:
+            what = "groups keep more than" if self.kind == "nm" else "blocks are partly pruned in"
+            raise InvalidPatternError(f"mask breaks the {self} pattern: {total - ok} of {total} "
+                                      f"{what} {'N=' + str(self.n) if self.kind == 'nm' else 'it'}")
+        return True
+
+
+def _as_2d_shape(shape):
+    if len(shape) == 0:
+        raise InvalidShapeError("structured patterns need at least a 1-d array, got a 0-d array")
+    if len(shape) == 1:
+        return 1, int(shape[0])
+    return int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
+
+
+def _keep_bytes(mask):
+    if isinstance(mask, SparsityMask):
+        return mask.keep
+    return np.asarray(mask)
+
+
+class SparsityMask:
+    """A boolean keep-mask (True = keep) and the pattern that made it."""
+
+    __slots__ = ("_keep", "pattern")
+
+    def __init__(self, mask, pattern=None, *, _trusted=False):
+        if pattern is None:
+            pattern = SparsityPattern.unstructured()
+        if not isinstance(pattern, SparsityPattern):
+            raise InvalidPatternError(f"pattern must be a SparsityPattern, got {pattern!r}")
+        if _trusted:
+            keep = mask
+        else:
+            keep = np.asarray(mask)
+            if keep.ndim == 0:
+                raise InvalidShapeError("a SparsityMask needs at least a 1-d array, got a 0-d array")
+            if keep.dtype != np.bool_:
+                if keep.dtype.kind not in "biuf":
+                    raise InvalidDTypeError(f"mask must be boolean or 0/1 numbers, got {keep.dtype}")
+                if keep.size and not np.all((keep == 0) | (keep == 1)):
+                    raise InvalidPatternError("mask must be binary: found values other than 0 and 1")
+                keep = keep != 0
+            keep = np.ascontiguousarray(keep)
+            if keep.size:
+                # a bool array viewed from other bytes may hold values other than 0/1
+                raw = keep.view(np.uint8)
+                if raw.max() > 1:
+                    keep = raw != 0
+            pattern.validate(keep)
+        self._keep = keep
+        self.pattern = pattern
+
+    @property
+    def keep(self):
+        """The boolean keep-mask (read it; do not write it)."""
+        return self._keep
+
+    @property
+    def shape(self):
+        return self._keep.shape
+
+    @property
+    def size(self):
+        return self._keep.size
+
+    def __array__(self, dtype=None, copy=None):
+        return self._keep if dtype is None else self._keep.astype(dtype)
+
+    def nnz(self):
+        """Kept (non-zero) elements."""
+        if self._keep.size == 0:
+            return 0
+        return int(_apply.count_nonzero_u8(self._keep.reshape(-1).view(np.uint8),
+                                           resolve_threads(None)))
+
+    def num_zeros(self):
+        """Pruned elements."""
+        return self._keep.size - self.nnz()
+
+    def sparsity(self):
+        """Fraction pruned (0.0 for an empty mask)."""
+        return self.num_zeros() / self._keep.size if self._keep.size else 0.0
+
+    def apply(self, weights, *, n_threads=None):
+        """Zero the pruned elements of ``weights`` in place (any dtype; NaN weights that are
+        pruned become 0).  Returns ``weights``."""
+        nt = resolve_threads(n_threads)
+        target = weights
+        if isinstance(weights, np.ndarray):
+            arr = weights
+        elif hasattr(weights, "bits") and hasattr(weights, "format"):
+            arr = weights.bits
+        elif type(weights).__module__.startswith("torch"):
+            from ..torch import to_numpy_view
+
+            view = to_numpy_view(weights)
+            arr = view.bits if hasattr(view, "bits") else view
+        else:
+            raise InvalidDTypeError(f"apply needs a numpy array (or torch tensor) to modify in "
+                                    f"place, got {type(weights).__name__}")
+        if arr.shape != self._keep.shape:
+            raise ShapeMismatchError(f"mask shape {self._keep.shape} does not match weights shape "
+                                     f"{arr.shape}")
+        if not arr.flags.writeable:
+            raise ReadOnlyError("apply modifies weights in place, but the array is read-only")
+        if arr.dtype.kind not in "fiubcV" or arr.dtype.hasobject:
+            raise InvalidDTypeError(f"apply cannot zero elements of dtype {arr.dtype}")
+        if arr.size == 0:
+            return target
+        size = arr.dtype.itemsize
+        words = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+        if size not in words:
+            raise InvalidDTypeError(f"apply supports element sizes 1, 2, 4 and 8 bytes, got {arr.dtype}")
+        if arr.flags.c_contiguous:
+            _apply.apply_mask(arr.reshape(-1).view(words[size]), self._keep.reshape(-1).view(np.uint8),
+                              nt)
+        elif arr.flags.f_contiguous:
+            _apply.apply_mask(arr.T.reshape(-1).view(words[size]),
+                              np.ascontiguousarray(self._keep.T).reshape(-1).view(np.uint8), nt)
+        else:
+            # strided view: a single masked assignment (numpy) rather than a copy-back
+            np.copyto(arr.view(words[size]) if arr.dtype.kind != "V" else arr.view(words[size]),
+                      0, where=~self._keep)
+        return target
+
+    def __repr__(self):
+        return (f"SparsityMask(shape={self.shape}, pattern={self.pattern}, "
+                f"sparsity={self.sparsity():.4f})")
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------------------------
+
+def _unstructured(f: Floats, sparsity, per_row, magnitude, nt, name):
+    n = f.size
+    keep = np.empty(f.shape, dtype=np.bool_)
+    if n == 0:
+        return keep
+    if per_row:
+        rows, cols = _as_2d_shape(f.shape)
+        k = prune_count(sparsity, cols)
+        bad = _select.rows_mask(f.kernel.reshape(rows, cols), k, magnitude, f.inf16,
+                                keep.view(np.uint8).reshape(rows, cols), nt)
+    else:
+        k = prune_count(sparsity, n)
+        bad = _threshold_mask([f], [keep], k, magnitude, nt)
+    if bad:
+        raise_nonfinite(f, name)
+    return keep
+
+
+def _threshold_mask(floats, keeps, k, magnitude, nt, cand_budget=-1):
+    """Write keep-masks pruning exactly k elements over the tensors; returns a non-finite count."""
+    flats = [f.kernel.reshape(-1) for f in floats]
+    outs = [kp.reshape(-1).view(np.uint8) for kp in keeps]
+    inf16 = floats[0].inf16 if floats else 0
+    total = sum(f.size for f in floats)
+    if k <= 0 or k >= total:
+        bad = 0
+        for x, o in zip(flats, outs):
+            bad += _select.fill_pass(x, 1 if k <= 0 else 0, magnitude, inf16, o, nt)
+        return bad
+    thresh, below, bad, _ = _select.find_threshold(flats, [x.size for x in flats], k, magnitude,
+                                                   inf16, nt, cand_budget)
+    if bad:
+        return bad
+    r = k - below
+    for x, o in zip(flats, outs):
+        r -= _select.write_pass(x, thresh, r, magnitude, o, nt)
+    return 0
+
+
+def _floats_of(values, name):
+    return as_floats(values, name)
+
+
+def generate_unstructured_mask(values, sparsity, *, per_row=False, n_threads=None):
+    """Prune the ``round(sparsity * n)`` smallest importance values (halves round down; among
+    equal values the lowest flat C-order index is pruned first).  ``per_row=True`` applies the
+    same count within each row along the last axis.  ``values`` are importance scores (an array
+    or ImportanceScores): larger means more important."""
+    sparsity = check_sparsity(sparsity)
+    f = _floats_of(values, "values")
+    nt = resolve_threads(n_threads)
+    keep = _unstructured(f, sparsity, bool(per_row), 0, nt, "values")
+    return SparsityMask(keep, SparsityPattern.unstructured(), _trusted=True)
+
+
+def magnitude_mask(weights, sparsity, *, per_row=False, n_threads=None):
+    """Fast path from raw weights: the unstructured mask of |weights| (same as L1 or L2 scores)
+    without materialising a scores array."""
+    sparsity = check_sparsity(sparsity)
+    f = as_floats(weights, "weights")
+    nt = resolve_threads(n_threads)
+    keep = _unstructured(f, sparsity, bool(per_row), 1, nt, "weights")
+    return SparsityMask(keep, SparsityPattern.unstructured(), _trusted=True)
+
+
+def _nm(f, n, m, axis, magnitude, nt, name):
+    n, m = check_nm(n, m)
+    keep = np.empty(f.shape, dtype=np.bool_)
+    axis = check_axis(axis, f.array.ndim)
+    pattern = SparsityPattern.nm(n, m, axis=axis)
+    pattern.check_shape(f.shape)
+    if f.size == 0:
+        return SparsityMask(keep, pattern, _trusted=True)
+    shape = f.shape
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    bad = _nmk.nm_mask(f.kernel.reshape(-1), outer, shape[axis], inner, n, m, magnitude, f.inf16,
+                      keep.reshape(-1).view(np.uint8), nt)
+    if bad:
+        raise_nonfinite(f, name)
+    return SparsityMask(keep, pattern, _trusted=True)
+
+
+def generate_nm_mask(values, n, m, *, axis=-1, n_threads=None):
+    """Keep the n largest values of every group of m consecutive elements along ``axis`` (ties
+    prune the lowest index first).  The axis length must be divisible by m."""
+    f = _floats_of(values, "values")
+    return _nm(f, n, m, axis, 0, resolve_threads(n_threads), "values")
+
+
+def magnitude_nm_mask(weights, n, m, *, axis=-1, n_threads=None):
+    """N:M mask straight from raw weights by |w| (no scores array)."""
+    f = as_floats(weights, "weights")
+    return _nm(f, n, m, axis, 1, resolve_threads(n_threads), "weights")
+
+
+def generate_global_mask(values, sparsity, *, n_threads=None, max_tensor_sparsity=None):
+    """One exact count over many tensors: prune ``round(sparsity * total)`` smallest values across
+    all of them (ties: earlier tensor, then lower flat index, pruned first), without concatenating.
+
+    ``values``: a mapping name -> array (returns a dict of SparsityMask) or a sequence (returns a
+    list).  Tensors of different float dtypes are compared exactly in the widest one.
+    ``max_tensor_sparsity``: cap on any one tensor's pruned fraction; the overall count stays exact,
+    the excess is taken from the other tensors."""
+    sparsity = check_sparsity(sparsity)
+    nt = resolve_threads(n_threads)
+    if isinstance(values, dict) or hasattr(values, "keys"):
+        names = list(values.keys())
+        items = [values[k] for k in names]
+    elif isinstance(values, (list, tuple)):
+        names = None
+        items = list(values)
+    else:
+        raise InvalidDTypeError("generate_global_mask needs a mapping name -> array or a sequence "
+                                f"of arrays, got {type(values).__name__}")
+    labels = names if names is not None else [f"values[{i}]" for i in range(len(items))]
+    floats = [as_floats(v, str(lbl)) for v, lbl in zip(items, labels)]
+    floats = _common_dtype(floats)
+    keeps = [np.empty(f.shape, dtype=np.bool_) for f in floats]
+    total = sum(f.size for f in floats)
+    k = prune_count(sparsity, total)
+    if max_tensor_sparsity is None:
+        bad = _threshold_mask(floats, keeps, k, 0, nt)
+        if bad:
+            _raise_first_nonfinite(floats, labels)
+    else:
+        cap = check_sparsity(max_tensor_sparsity, "max_tensor_sparsity")
+        _capped_global(floats, keeps, labels, k, cap, nt)
+    masks = [SparsityMask(kp, SparsityPattern.unstructured(), _trusted=True) for kp in keeps]
+    return dict(zip(names, masks)) if names is not None else masks
+
+
+def _raise_first_nonfinite(floats, labels):
+    for f, lbl in zip(floats, labels):
+        if f.size and _select.fill_pass(f.kernel.reshape(-1), 1, 0, f.inf16,
+                                        np.empty(f.size, np.uint8), 1):
+            raise_nonfinite(f, str(lbl))
+
+
+def _capped_global(floats, keeps, labels, k, cap, nt):
+    """Exact global count with a per-tensor cap: tensors the plain selection would push over the
+    cap are pruned at exactly the cap on their own, and the rest of the count is re-selected over
+    the others, until no tensor exceeds its cap."""
+    caps = [int(np.floor(cap * f.size + 1e-9)) for f in floats]
+    if k > sum(caps):
+        raise InvalidSparsityError(f"cannot prune {k} elements when max_tensor_sparsity={cap} "
+                                   f"allows at most {sum(caps)} in all")
+    fixed = {}
+    while True:
+        free = [i for i in range(len(floats)) if i not in fixed]
+        k_free = k - sum(fixed.values())
+        sub_f = [floats[i] for i in free]
+        sub_k = [keeps[i] for i in free]
+        bad = _threshold_mask(sub_f, sub_k, k_free, 0, nt)
+        if bad:
+            _raise_first_nonfinite(floats, labels)
+        over = [i for i, kp in zip(free, sub_k) if kp.size - np.count_nonzero(kp) > caps[i]]
+        if not over:
+            break
+        for i in over:
+            fixed[i] = caps[i]
+    for i, c in fixed.items():
+        _threshold_mask([floats[i]], [keeps[i]], c, 0, nt)
+
+
+def _common_dtype(floats):
+    kinds = {f.dtype_name for f in floats if f.size}
+    if len(kinds) <= 1:
+        return floats
+    wide = "float64" if "float64" in kinds else "float32"
+    out = []
+    for f in floats:
+        if f.dtype_name == wide:
+            out.append(f)
+            continue
+        arr = f.array if not f.fmt else _decode16(f)
+        arr = np.ascontiguousarray(arr, dtype=wide)
+        out.append(Floats(arr, arr, 0, wide, True))
+    return out
+
+
+def _decode16(f):
+    if f.fmt == 1:
+        return f.kernel.view(np.float16)
+    return (f.kernel.astype(np.uint32) << 16).view(np.float32)
+
+
+def _structured(values, sparsity, block_of, pattern_of, n_threads):
+    sparsity = check_sparsity(sparsity)
+    f = _floats_of(values, "values")
+    nt = resolve_threads(n_threads)
+    keep = np.empty(f.shape, dtype=np.bool_)
+    if f.size == 0:
+        return SparsityMask(keep, pattern_of(f.shape), _trusted=True)
+    rows, cols = _as_2d_shape(f.shape)
+    h, w = block_of(rows, cols)
+    pattern = pattern_of(f.shape)
+    pattern.check_shape(f.shape)
+    bad = _select.fill_pass(f.kernel.reshape(-1), 1, 0, f.inf16, keep.reshape(-1).view(np.uint8), nt)
+    if bad:
+        raise_nonfinite(f, "values")
+    sums = np.empty((rows // h, cols // w), dtype=np.float64)
+    _select.block_sums(f.kernel.reshape(rows, cols), h, w, f.fmt, sums, nt)
+    bkeep = np.empty(sums.shape, dtype=np.bool_)
+    k = prune_count(sparsity, sums.size)
+    _threshold_mask([as_floats(sums, "block scores")], [bkeep], k, 0, nt)
+    _select.expand_blocks(bkeep.view(np.uint8), h, w, keep.reshape(rows, cols).view(np.uint8), nt)
+    return SparsityMask(keep, pattern, _trusted=True)
+
+
+def generate_block_mask(values, sparsity, block=(4, 4), *, n_threads=None):
+    """Prune whole (h, w) blocks of the 2-D view (leading axes flattened into rows): blocks are
+    scored by the sum of their importance values (the L1 norm for L1 scores, the squared L2 norm
+    for L2 scores) and the round(sparsity * blocks) lowest are pruned (ties: lowest block index)."""
+    if not (isinstance(block, (tuple, list)) and len(block) == 2):
+        raise InvalidPatternError(f"block must be a pair (h, w), got {block!r}")
+    h, w = (check_int(v, "block size", minimum=1) for v in block)
+    return _structured(values, sparsity, lambda r, c: (h, w),
+                       lambda s: SparsityPattern.block_pattern(h, w), n_threads)
+
+
+def generate_row_mask(values, sparsity, *, n_threads=None):
+    """Prune whole rows (output channels), scored by the sum of their importance values."""
+    return _structured(values, sparsity, lambda r, c: (1, c), lambda s: SparsityPattern.rows(),
+                       n_threads)
+
+
+def generate_column_mask(values, sparsity, *, n_threads=None):
+    """Prune whole columns (input channels), scored by the sum of their importance values."""
+    return _structured(values, sparsity, lambda r, c: (r, 1), lambda s: SparsityPattern.columns(),
+                       n_threads)
