@@ -53,58 +53,94 @@ static inline uint64_t apr_key64(double x, int magnitude) {
     return apr_nkey64(apr_f64_bits(x), apr_amask64(magnitude));
 }
 
-/* Hot loops over raw bits, one set per width.
- * range: count keys < lo, count keys in [lo, hi] and copy them (branch-free, at most cap) to buf
- *        (which must have cap + 1 slots), count non-finite (key >= khi or key <= klo).
+/* Hot loops over raw bits, one set per width.  Inside the loops keys are compared as signed
+ * integers (skey = key ^ SIGN), which SSE2/AVX2 compare natively, so the loops vectorise.
+ * On x86-64 with GCC they are compiled twice (AVX2 and baseline) and picked at load time.
+ * range: count keys < lo, count keys in [lo, hi] and copy them (at most cap) to buf (cap + 1
+ *        slots), count non-finite (key >= khi or key <= klo); blocks without candidates take
+ *        a pure counting loop.
  * write: out[i] = key > t; returns the number of keys equal to t.
  * keep_equals_from: keep the keys equal to t from the first-th on. */
-#define APR_DEFINE_LOOPS(W, UT)                                                             \
-    static inline void apr_range##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude,   \
-                                    UT lo, UT hi, UT khi, UT klo, uint64_t *buf,            \
-                                    ptrdiff_t cap, int64_t *res) {                          \
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(__CUDACC__) && !defined(APR_NO_CLONES) && !defined(__SANITIZE_ADDRESS__)
+#define APR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define APR_CLONES
+#endif
+
+#define APR_RANGE_BLOCK 64
+
+#define APR_DEFINE_LOOPS(W, UT, ST, SIGN)                                                   \
+    static inline ST apr_skey##W(UT b, UT am) {                                             \
+        b = (UT)(b & am);                                                                   \
+        b = (b == (UT)(SIGN)) ? (UT)0 : b;                                                  \
+        ST s = (ST)b;                                                                       \
+        return (ST)(s ^ (ST)((s >> (W - 1)) & (ST)~(UT)(SIGN)));                            \
+    }                                                                                       \
+    static inline ST apr_sdom##W(UT key) { return (ST)(UT)(key ^ (UT)(SIGN)); }             \
+    APR_CLONES static void apr_range##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
+                                        UT lo_, UT hi_, UT khi_, UT klo_, uint64_t *buf,    \
+                                        ptrdiff_t cap, int64_t *res) {                      \
         UT am = apr_amask##W(magnitude);                                                    \
-        ptrdiff_t lt = 0, inside = 0, bad = 0, i;                                           \
-        if (buf == NULL) {                                                                  \
-            for (i = s; i < e; i++) {                                                       \
-                UT k = apr_nkey##W(x[i], am);                                               \
-                bad += (k >= khi) | (k <= klo);                                             \
+        ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        int64_t lt = 0, inside = 0, bad = 0;                                                \
+        ptrdiff_t i0, i;                                                                    \
+        for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
+            ptrdiff_t e0 = i0 + APR_RANGE_BLOCK < e ? i0 + APR_RANGE_BLOCK : e;             \
+            int32_t l = 0, q = 0, b = 0;                                                    \
+            for (i = i0; i < e0; i++) {                                                     \
+                ST k = apr_skey##W(x[i], am);                                               \
+                b += (k >= khi) | (k <= klo);                                               \
+                l += k < lo;                                                                \
+                q += (k >= lo) & (k <= hi);                                                 \
             }                                                                               \
-        } else {                                                                            \
-            for (i = s; i < e; i++) {                                                       \
-                UT k = apr_nkey##W(x[i], am);                                               \
-                bad += (k >= khi) | (k <= klo);                                             \
-                lt += k < lo;                                                               \
-                buf[inside < cap ? inside : cap] = k;                                       \
-                inside += (k >= lo) & (k <= hi);                                            \
+            lt += l;                                                                        \
+            bad += b;                                                                       \
+            if (q && buf != NULL) {                                                         \
+                for (i = i0; i < e0; i++) {                                                 \
+                    ST k = apr_skey##W(x[i], am);                                           \
+                    buf[inside < cap ? inside : cap] = (uint64_t)(UT)((UT)k ^ (UT)(SIGN));  \
+                    inside += (k >= lo) & (k <= hi);                                        \
+                }                                                                           \
+            } else {                                                                        \
+                inside += q;                                                                \
             }                                                                               \
         }                                                                                   \
         res[0] = lt;                                                                        \
         res[1] = inside;                                                                    \
         res[2] = bad;                                                                       \
     }                                                                                       \
-    static inline int64_t apr_write##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
-                                       UT t, uint8_t *out) {                                \
+    APR_CLONES static int64_t apr_write##W(const UT *x, ptrdiff_t s, ptrdiff_t e,           \
+                                           int magnitude, UT t_, uint8_t *out) {            \
         UT am = apr_amask##W(magnitude);                                                    \
+        ST t = apr_sdom##W(t_);                                                             \
         int64_t eq = 0;                                                                     \
-        ptrdiff_t i;                                                                        \
-        for (i = s; i < e; i++) {                                                           \
-            UT k = apr_nkey##W(x[i], am);                                                   \
-            out[i] = k > t;                                                                 \
-            eq += k == t;                                                                   \
+        ptrdiff_t i0, i;                                                                    \
+        for (i0 = s; i0 < e; i0 += 4096) {                                                  \
+            ptrdiff_t e0 = i0 + 4096 < e ? i0 + 4096 : e;                                   \
+            int32_t q = 0;                                                                  \
+            for (i = i0; i < e0; i++) {                                                     \
+                ST k = apr_skey##W(x[i], am);                                               \
+                out[i] = k > t;                                                             \
+                q += k == t;                                                                \
+            }                                                                               \
+            eq += q;                                                                        \
         }                                                                                   \
         return eq;                                                                          \
     }                                                                                       \
-    static inline int64_t apr_count_less##W(const UT *x, ptrdiff_t s, ptrdiff_t e,          \
-                                            int magnitude, UT t) {                          \
+    APR_CLONES static int64_t apr_count_less##W(const UT *x, ptrdiff_t s, ptrdiff_t e,      \
+                                                int magnitude, UT t_) {                     \
         UT am = apr_amask##W(magnitude);                                                    \
+        ST t = apr_sdom##W(t_);                                                             \
         int64_t c = 0;                                                                      \
         ptrdiff_t i;                                                                        \
-        for (i = s; i < e; i++) c += apr_nkey##W(x[i], am) < t;                             \
+        for (i = s; i < e; i++) c += apr_skey##W(x[i], am) < t;                             \
         return c;                                                                           \
     }                                                                                       \
-    static inline void apr_keep_equals_from##W(const UT *x, ptrdiff_t s, ptrdiff_t e,       \
-                                               int magnitude, UT t, ptrdiff_t first,        \
-                                               uint8_t *out) {                              \
+    static void apr_keep_equals_from##W(const UT *x, ptrdiff_t s, ptrdiff_t e,              \
+                                        int magnitude, UT t, ptrdiff_t first,               \
+                                        uint8_t *out) {                                     \
         UT am = apr_amask##W(magnitude);                                                    \
         ptrdiff_t i, j = 0;                                                                 \
         for (i = s; i < e; i++) {                                                           \
@@ -114,9 +150,9 @@ static inline uint64_t apr_key64(double x, int magnitude) {
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    static inline void apr_hist##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude,    \
-                                   int shift, UT prefix, UT pmask, UT khi, UT klo,          \
-                                   int64_t *hist, int64_t *res) {                           \
+    static void apr_hist##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude,           \
+                            int shift, UT prefix, UT pmask, UT khi, UT klo,                 \
+                            int64_t *hist, int64_t *res) {                                  \
         UT am = apr_amask##W(magnitude);                                                    \
         ptrdiff_t i, bad = 0;                                                               \
         for (i = s; i < e; i++) {                                                           \
@@ -126,9 +162,9 @@ static inline uint64_t apr_key64(double x, int magnitude) {
         }                                                                                   \
         res[2] = bad;                                                                       \
     }
-APR_DEFINE_LOOPS(16, uint16_t)
-APR_DEFINE_LOOPS(32, uint32_t)
-APR_DEFINE_LOOPS(64, uint64_t)
+APR_DEFINE_LOOPS(16, uint16_t, int16_t, 0x8000u)
+APR_DEFINE_LOOPS(32, uint32_t, int32_t, 0x80000000u)
+APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull)
 
 /* Non-finite test on raw bits, given the exponent mask of the format. */
 static inline int apr_nonfinite16(uint16_t b, uint16_t expmask) { return (b & expmask) == expmask; }

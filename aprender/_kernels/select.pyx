@@ -433,7 +433,7 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
     else:
         q = k / <double>total
         sig = sqrt(s * q * (1.0 - q))
-        delta = <Py_ssize_t>ceil(4.0 * sig) + 16
+        delta = <Py_ssize_t>ceil(3.5 * sig) + 16
         lo_r = <Py_ssize_t>floor(q * s) - delta
         hi_r = <Py_ssize_t>ceil(q * s) + delta
         lo_key = 0 if lo_r < 0 else int(select_keys(smp, lo_r))

@@ -1,0 +1,241 @@
+"""Each kernel against the slow references in aprender._reference, on sizes that reach the
+parallel, sampled and fallback paths, over dtypes, orders and thread counts."""
+import numpy as np
+import pytest
+
+import aprender._reference as ref
+from aprender import Bits16
+from aprender._kernels import select
+from aprender.pruning import (MagnitudeImportance, SparsityMask, generate_block_mask,
+                              generate_column_mask, generate_global_mask, generate_nm_mask,
+                              generate_row_mask, generate_unstructured_mask, magnitude_mask,
+                              magnitude_nm_mask)
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
+DT_IDS = ["f16", "bf16", "f32", "f64"]
+
+
+def sample(shape, dtype, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    if ties:
+        x = rng.choice(np.array([-2.0, -1.0, -0.0, 0.0, 0.5, 1.0, 3.0]), size=shape)
+    else:
+        x = rng.standard_normal(shape)
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (64, 33), (300, 1000), (1, 200_001)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_unstructured_vs_reference(dtype, shape, ties):
+    w = sample(shape, dtype, seed=shape[-1], ties=ties)
+    for sparsity in (0.0, 0.3, 0.5, 0.97, 1.0):
+        exp = ref.unstructured_mask(w, sparsity, magnitude=True)
+        np.testing.assert_array_equal(np.asarray(magnitude_mask(w, sparsity)), exp)
+        vals = np.abs(w)
+        np.testing.assert_array_equal(np.asarray(generate_unstructured_mask(vals, sparsity)),
+                                      ref.unstructured_mask(vals, sparsity))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_signed_values_and_threads(dtype):
+    w = sample((512, 640), dtype, seed=3)
+    exp = ref.unstructured_mask(w, 0.42)
+    for nt in (1, 2, 4):
+        np.testing.assert_array_equal(np.asarray(generate_unstructured_mask(w, 0.42, n_threads=nt)),
+                                      exp)
+
+
+def test_fallback_radix_path_is_exact():
+    """A bracket that cannot hold the candidates (tiny budget) takes the radix histogram path."""
+    for dtype in (np.float16, np.float32, np.float64):
+        x = sample(300_000, dtype, seed=9, ties=dtype == np.float16)
+        kern = x.view(np.uint16) if x.dtype.itemsize == 2 else x
+        k = 123_457
+        t1, b1, bad1, m1 = select.find_threshold([kern], [x.size], k, 1, 0x7C00, 2)
+        t2, b2, bad2, m2 = select.find_threshold([kern], [x.size], k, 1, 0x7C00, 2, 10)
+        assert (m1, m2) == ("sample", "radix") and (t1, b1) == (t2, b2) and bad1 == bad2 == 0
+
+
+def test_adversarial_layouts_stay_exact():
+    # sorted, reversed, all-equal and two-valued inputs: the sample bracket must not matter
+    n = 400_000
+    for x in (np.arange(n, dtype=np.float32), np.arange(n, 0, -1).astype(np.float32),
+              np.ones(n, np.float32), np.repeat(np.array([1.0, 2.0], np.float32), n // 2)):
+        for s in (0.1, 0.5, 0.9):
+            np.testing.assert_array_equal(np.asarray(magnitude_mask(x, s)),
+                                          ref.unstructured_mask(x, s, magnitude=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1, 8), (5, 17), (300, 256), (2, 3, 40)])
+def test_per_row_vs_reference(dtype, shape):
+    w = sample(shape, dtype, seed=1, ties=True)
+    for s in (0.0, 0.25, 0.5, 1.0):
+        np.testing.assert_array_equal(np.asarray(magnitude_mask(w, s, per_row=True)),
+                                      ref.per_row_mask(w, s, magnitude=True))
+        np.testing.assert_array_equal(
+            np.asarray(generate_unstructured_mask(w, s, per_row=True, n_threads=2)),
+            ref.per_row_mask(w, s))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (5, 16), (7, 32), (1, 1)])
+def test_nm_vs_reference(dtype, n, m):
+    w = sample((96, 64), dtype, seed=m, ties=(n + m) % 2 == 0)
+    np.testing.assert_array_equal(np.asarray(magnitude_nm_mask(w, n, m)),
+                                  ref.nm_mask(w, n, m, magnitude=True))
+    np.testing.assert_array_equal(np.asarray(generate_nm_mask(w, n, m, axis=0, n_threads=2)),
+                                  ref.nm_mask(w, n, m, axis=0))
+
+
+def test_nm_middle_axis_and_large():
+    w = sample((6, 16, 5), np.float32, seed=2, ties=True)
+    np.testing.assert_array_equal(np.asarray(generate_nm_mask(w, 2, 4, axis=1)),
+                                  ref.nm_mask(w, 2, 4, axis=1))
+    big = sample((1024, 512), np.float32, seed=5)
+    m = magnitude_nm_mask(big, 2, 4, n_threads=2)
+    np.testing.assert_array_equal(np.asarray(m), ref.nm_mask(big, 2, 4, magnitude=True))
+    assert m.pattern.count_groups(m) == (big.size // 4, big.size // 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_global_vs_reference(dtype):
+    parts = [sample(s, dtype, seed=i, ties=i == 1) for i, s in enumerate([(64, 48), (1000,),
+                                                                         (3, 7), (200, 300)])]
+    vals = [np.abs(p) for p in parts]
+    for s in (0.0, 0.33, 0.5, 0.9, 1.0):
+        got = generate_global_mask(vals, s, n_threads=2)
+        for g, e in zip(got, ref.global_masks(vals, s)):
+            np.testing.assert_array_equal(np.asarray(g), e)
+    named = generate_global_mask({"a": vals[0], "b": vals[1]}, 0.5)
+    assert list(named) == ["a", "b"]
+
+
+def test_global_mixed_dtypes_compare_exactly():
+    a = sample((50, 40), np.float16, seed=1)
+    b = sample((30, 30), ml_dtypes.bfloat16, seed=2)
+    c = sample((20, 20), np.float32, seed=3)
+    vals = [np.abs(a), np.abs(b), np.abs(c)]
+    for g, e in zip(generate_global_mask(vals, 0.6), ref.global_masks(vals, 0.6)):
+        np.testing.assert_array_equal(np.asarray(g), e)
+
+
+def test_global_max_tensor_sparsity_keeps_total_exact():
+    rng = np.random.default_rng(0)
+    small = np.abs(rng.standard_normal((64, 64))).astype(np.float32) * 1e-3  # would collapse
+    big = np.abs(rng.standard_normal((128, 128))).astype(np.float32)
+    plain = generate_global_mask([small, big], 0.5)
+    assert plain[0].sparsity() == 1.0
+    capped = generate_global_mask([small, big], 0.5, max_tensor_sparsity=0.8)
+    total = small.size + big.size
+    assert capped[0].num_zeros() == int(np.floor(0.8 * small.size))
+    assert capped[0].num_zeros() + capped[1].num_zeros() == round(0.5 * total)
+    # what the capped tensor could not take came from the smallest of the other
+    kept_big = big[np.asarray(capped[1])]
+    assert big[~np.asarray(capped[1])].max() <= kept_big.min()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_structured_vs_reference(dtype):
+    v = np.abs(sample((48, 64), dtype, seed=4, ties=True))
+    for s in (0.0, 0.3, 0.5, 1.0):
+        np.testing.assert_array_equal(np.asarray(generate_block_mask(v, s, (4, 8))),
+                                      ref.block_mask(v, s, (4, 8)))
+        np.testing.assert_array_equal(np.asarray(generate_row_mask(v, s)), ref.row_mask(v, s))
+        np.testing.assert_array_equal(np.asarray(generate_column_mask(v, s, n_threads=2)),
+                                      ref.column_mask(v, s))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64,
+                                   np.int8, np.uint8, np.int32, np.int64], ids=str)
+def test_apply_every_dtype(dtype):
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((300, 301)) * 10).astype(dtype)
+    keep = rng.random(w.shape) < 0.5
+    out = w.copy()
+    SparsityMask(keep).apply(out, n_threads=2)
+    np.testing.assert_array_equal(out.view(np.uint8), ref.apply_mask(w, keep).view(np.uint8))
+
+
+def test_apply_zeroes_nan_weights():
+    w = np.array([np.nan, 1.0, np.inf, 2.0], np.float32)
+    SparsityMask(np.array([False, True, False, True])).apply(w)
+    np.testing.assert_array_equal(w, [0.0, 1.0, 0.0, 2.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("p", [1, 2, 3, 0.5])
+def test_scores_and_stats_vs_reference(dtype, p):
+    w = sample((257, 300), dtype, seed=6)
+    s = MagnitudeImportance(p).compute(w, n_threads=2)
+    assert s.values.dtype == w.dtype
+    exp = ref.scores(w, p)
+    if p in (1, 2):
+        np.testing.assert_array_equal(s.values.view(np.uint8), exp.view(np.uint8))
+    else:
+        np.testing.assert_allclose(ref.to_float64(s.values), ref.to_float64(exp), rtol=1e-2)
+    mn, mx, mean, std = ref.stats(s.values)
+    assert (s.stats.min, s.stats.max) == (mn, mx)
+    assert s.stats.mean == pytest.approx(mean, rel=1e-12)
+    assert s.stats.std == pytest.approx(std, rel=1e-9)
+    # statistics do not depend on the thread count
+    assert MagnitudeImportance(p).compute(w, n_threads=1).stats == s.stats
+
+
+def test_f16_rounding_of_squares_is_exact_over_all_halves():
+    bits = np.arange(0, 0x7C00, dtype=np.uint16)  # every finite non-negative half
+    w = bits.view(np.float16)
+    s = MagnitudeImportance.l2().compute(w).values
+    np.testing.assert_array_equal(s, (w.astype(np.float32) ** 2).astype(np.float16))
+    b = MagnitudeImportance.l2().compute(Bits16(np.arange(0, 0x7F80, dtype=np.uint16),
+                                                "bfloat16")).values
+    wb = np.arange(0, 0x7F80, dtype=np.uint16).view(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(b.view(np.uint16),
+                                  (wb.astype(np.float32) ** 2).astype(ml_dtypes.bfloat16)
+                                  .view(np.uint16))
+
+
+def test_orders_and_byte_orders_give_same_masks():
+    w = sample((64, 48), np.float32, seed=8, ties=True)
+    base = np.asarray(magnitude_mask(w, 0.5))
+    np.testing.assert_array_equal(np.asarray(magnitude_mask(np.asfortranarray(w), 0.5)), base)
+    np.testing.assert_array_equal(np.asarray(magnitude_mask(w.astype(">f4"), 0.5)), base)
+    wide = np.zeros((64, 96), np.float32)
+    wide[:, ::2] = w
+    np.testing.assert_array_equal(np.asarray(magnitude_mask(wide[:, ::2], 0.5)), base)
+
+
+def test_bits16_matches_ml_dtypes():
+    w = sample((100, 64), ml_dtypes.bfloat16, seed=2, ties=True)
+    raw = Bits16(w.view(np.uint16), "bfloat16")
+    np.testing.assert_array_equal(np.asarray(magnitude_mask(raw, 0.5)),
+                                  np.asarray(magnitude_mask(w, 0.5)))
+    np.testing.assert_array_equal(np.asarray(magnitude_nm_mask(raw, 2, 4)),
+                                  np.asarray(magnitude_nm_mask(w, 2, 4)))
+
+
+def test_inputs_are_not_modified():
+    w = sample((256, 256), np.float32, seed=1, ties=True)
+    before = w.copy()
+    magnitude_mask(w, 0.5)
+    generate_unstructured_mask(w, 0.5, per_row=True)
+    generate_nm_mask(w, 2, 4)
+    generate_global_mask([w, w], 0.5)
+    generate_block_mask(np.abs(w), 0.5, (4, 4))
+    MagnitudeImportance.l2().compute(w)
+    np.testing.assert_array_equal(w, before)
+
+
+def test_quickselect_and_radix_select_match_sort():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 17, 1000, 50_000):
+        for hi in (3, 2**63):
+            a = rng.integers(0, hi, n, dtype=np.uint64)
+            for arr in (a, np.sort(a), np.sort(a)[::-1].copy()):
+                r = int(rng.integers(0, n))
+                b = arr.copy()
+                assert select.select_keys(b, r) == np.sort(arr)[r]
+                assert np.array_equal(np.sort(b), np.sort(arr))  # only permuted
+                assert select.select_keys(arr.copy(), r, True) == np.sort(arr)[r]
