@@ -89,11 +89,20 @@ static inline uint64_t apr_key64(double x, int magnitude) {
         for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
             ptrdiff_t e0 = i0 + APR_RANGE_BLOCK < e ? i0 + APR_RANGE_BLOCK : e;             \
             int32_t l = 0, q = 0, b = 0;                                                    \
-            for (i = i0; i < e0; i++) {                                                     \
-                ST k = apr_skey##W(x[i], am);                                               \
-                b += (k >= khi) | (k <= klo);                                               \
-                l += k < lo;                                                                \
-                q += (k >= lo) & (k <= hi);                                                 \
+            if (magnitude) { /* |x| order: the sign-cleared bits, no flip needed */         \
+                for (i = i0; i < e0; i++) {                                                 \
+                    ST k = (ST)(x[i] & am);                                                 \
+                    b += k >= khi;                                                          \
+                    l += k < lo;                                                            \
+                    q += (k >= lo) & (k <= hi);                                             \
+                }                                                                           \
+            } else {                                                                        \
+                for (i = i0; i < e0; i++) {                                                 \
+                    ST k = apr_skey##W(x[i], am);                                           \
+                    b += (k >= khi) | (k <= klo);                                           \
+                    l += k < lo;                                                            \
+                    q += (k >= lo) & (k <= hi);                                             \
+                }                                                                           \
             }                                                                               \
             lt += l;                                                                        \
             bad += b;                                                                       \
@@ -120,10 +129,18 @@ static inline uint64_t apr_key64(double x, int magnitude) {
         for (i0 = s; i0 < e; i0 += 4096) {                                                  \
             ptrdiff_t e0 = i0 + 4096 < e ? i0 + 4096 : e;                                   \
             int32_t q = 0;                                                                  \
-            for (i = i0; i < e0; i++) {                                                     \
-                ST k = apr_skey##W(x[i], am);                                               \
-                out[i] = k > t;                                                             \
-                q += k == t;                                                                \
+            if (magnitude) {                                                                \
+                for (i = i0; i < e0; i++) {                                                 \
+                    ST k = (ST)(x[i] & am);                                                 \
+                    out[i] = k > t;                                                         \
+                    q += k == t;                                                            \
+                }                                                                           \
+            } else {                                                                        \
+                for (i = i0; i < e0; i++) {                                                 \
+                    ST k = apr_skey##W(x[i], am);                                           \
+                    out[i] = k > t;                                                         \
+                    q += k == t;                                                            \
+                }                                                                           \
             }                                                                               \
             eq += q;                                                                        \
         }                                                                                   \
@@ -165,6 +182,174 @@ static inline uint64_t apr_key64(double x, int magnitude) {
 APR_DEFINE_LOOPS(16, uint16_t, int16_t, 0x8000u)
 APR_DEFINE_LOOPS(32, uint32_t, int32_t, 0x80000000u)
 APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull)
+
+
+/* Per-row exact selection on native keys: MSD radix select with 8-bit digits and branch-free
+ * compaction (no data-dependent branches), then a branch-free write with the tie rule.
+ * keys: scratch of n slots; out[j] = 1 keeps x[j].  Returns the number of non-finite values
+ * (then out is not written). */
+#define APR_DEFINE_ROW(W, UT, ST, SIGN)                                                     \
+    APR_CLONES static ptrdiff_t apr_row##W(const UT *x, ptrdiff_t n, ptrdiff_t k,            \
+                                           int magnitude, UT khi_, UT klo_, UT *keys,        \
+                                           uint8_t *out) {                                   \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        ptrdiff_t i, m = n, rank = k - 1, below = 0, bad = 0, seen = 0, r;                  \
+        int32_t cnt[256], cnt4[4][256];                                                     \
+        int shift, d;                                                                       \
+        UT t = 0;                                                                           \
+        for (i = 0; i < n; i++) {                                                           \
+            ST sk = apr_skey##W(x[i], am);                                                  \
+            bad += (sk >= khi) | (sk <= klo);                                               \
+            keys[i] = (UT)((UT)sk ^ (UT)(SIGN));                                            \
+        }                                                                                   \
+        if (bad) return bad;                                                                \
+        for (shift = W - 8; shift >= 0; shift -= 8) {                                       \
+            ptrdiff_t w = 0, acc = 0;                                                       \
+            if (m <= 16) { /* few candidates left: insertion sort them */                   \
+                ptrdiff_t a, c;                                                             \
+                for (a = 1; a < m; a++) {                                                   \
+                    UT v = keys[a];                                                         \
+                    for (c = a - 1; c >= 0 && keys[c] > v; c--) keys[c + 1] = keys[c];      \
+                    keys[c + 1] = v;                                                        \
+                }                                                                           \
+                t = keys[rank];                                                             \
+                for (a = 0; a < rank; a++) below += keys[a] < t;                            \
+                break;                                                                      \
+            }                                                                               \
+            int b = 0;                                                                      \
+            memset(cnt4, 0, sizeof(cnt4));                                                  \
+            for (i = 0; i + 4 <= m; i += 4) {                                               \
+                cnt4[0][(keys[i] >> shift) & 0xff]++;                                       \
+                cnt4[1][(keys[i + 1] >> shift) & 0xff]++;                                   \
+                cnt4[2][(keys[i + 2] >> shift) & 0xff]++;                                   \
+                cnt4[3][(keys[i + 3] >> shift) & 0xff]++;                                   \
+            }                                                                               \
+            for (; i < m; i++) cnt4[0][(keys[i] >> shift) & 0xff]++;                        \
+            for (d = 0; d < 256; d++)                                                       \
+                cnt[d] = cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];                 \
+            for (d = 0; d < 256; d++) {                                                     \
+                if (acc + cnt[d] > rank) { b = d; break; }                                  \
+                acc += cnt[d];                                                              \
+            }                                                                               \
+            rank -= acc;                                                                    \
+            below += acc;                                                                   \
+            t |= (UT)((UT)b << shift);                                                      \
+            if (cnt[b] == m) continue; /* every candidate shares this digit */              \
+            for (i = 0; i < m; i++) {                                                       \
+                UT kk = keys[i];                                                            \
+                keys[w] = kk;                                                               \
+                w += (ptrdiff_t)(((kk >> shift) & 0xff) == (UT)b);                          \
+            }                                                                               \
+            m = w;                                                                          \
+        }                                                                                   \
+        r = k - below; /* equal keys to prune, lowest index first */                        \
+        {                                                                                   \
+            ST st = apr_sdom##W(t);                                                         \
+            int32_t eqs = 0;                                                                \
+            for (i = 0; i < n; i++) {                                                       \
+                ST sk = apr_skey##W(x[i], am);                                              \
+                out[i] = (uint8_t)(sk > st);                                                \
+                eqs += sk == st;                                                            \
+            }                                                                               \
+            if (eqs > r) { /* keep the equal keys after the first r */                      \
+                for (i = 0; i < n; i++) {                                                   \
+                    if (apr_skey##W(x[i], am) == st) {                                      \
+                        out[i] = (uint8_t)(seen >= r);                                      \
+                        seen++;                                                             \
+                    }                                                                       \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+        return 0;                                                                           \
+    }
+APR_DEFINE_ROW(16, uint16_t, int16_t, 0x8000u)
+APR_DEFINE_ROW(32, uint32_t, int32_t, 0x80000000u)
+APR_DEFINE_ROW(64, uint64_t, int64_t, 0x8000000000000000ull)
+
+
+/* N:M selection on native keys.  Element t of a group outranks u when key_t > key_u, or the keys
+ * are equal and t > u; an element is kept when fewer than n elements outrank it.
+ * nm4:      contiguous groups of 4 (g0..g1), branch-free;
+ * nm:       contiguous groups of m, O(m^2) rank count on a scratch of m keys;
+ * nm_cols:  one group-row of an (outer, L, inner) array: m rows of `inner` contiguous elements at
+ *           stride `inner`, vectorised across the inner axis (rank scratch of `inner` ints). */
+#define APR_DEFINE_NM(W, UT, ST, SIGN)                                                      \
+    APR_CLONES static ptrdiff_t apr_nm4_##W(const UT *x, ptrdiff_t g0, ptrdiff_t g1, int n,  \
+                                            int magnitude, UT khi_, UT klo_, uint8_t *out) { \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        ptrdiff_t g, bad = 0;                                                               \
+        for (g = g0; g < g1; g++) {                                                         \
+            ST k0 = apr_skey##W(x[4 * g], am), k1 = apr_skey##W(x[4 * g + 1], am);          \
+            ST k2 = apr_skey##W(x[4 * g + 2], am), k3 = apr_skey##W(x[4 * g + 3], am);      \
+            int r0 = (k1 >= k0) + (k2 >= k0) + (k3 >= k0);                                  \
+            int r1 = (k0 > k1) + (k2 >= k1) + (k3 >= k1);                                   \
+            int r2 = (k0 > k2) + (k1 > k2) + (k3 >= k2);                                    \
+            int r3 = (k0 > k3) + (k1 > k3) + (k2 > k3);                                     \
+            out[4 * g] = r0 < n;                                                            \
+            out[4 * g + 1] = r1 < n;                                                        \
+            out[4 * g + 2] = r2 < n;                                                        \
+            out[4 * g + 3] = r3 < n;                                                        \
+            bad += ((k0 >= khi) | (k0 <= klo)) + ((k1 >= khi) | (k1 <= klo))                \
+                 + ((k2 >= khi) | (k2 <= klo)) + ((k3 >= khi) | (k3 <= klo));               \
+        }                                                                                   \
+        return bad;                                                                         \
+    }                                                                                       \
+    static ptrdiff_t apr_nm_##W(const UT *x, ptrdiff_t g0, ptrdiff_t g1, int n, int m,      \
+                                int magnitude, UT khi_, UT klo_, ST *keys, uint8_t *out) {  \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        ptrdiff_t g, bad = 0;                                                               \
+        int t, u;                                                                           \
+        for (g = g0; g < g1; g++) {                                                         \
+            const UT *xg = x + g * m;                                                       \
+            for (t = 0; t < m; t++) {                                                       \
+                keys[t] = apr_skey##W(xg[t], am);                                           \
+                bad += (keys[t] >= khi) | (keys[t] <= klo);                                 \
+            }                                                                               \
+            for (t = 0; t < m; t++) {                                                       \
+                ST kt = keys[t];                                                            \
+                int rank = 0;                                                               \
+                for (u = 0; u < t; u++) rank += keys[u] > kt;                               \
+                for (u = t + 1; u < m; u++) rank += keys[u] >= kt;                          \
+                out[g * m + t] = rank < n;                                                  \
+            }                                                                               \
+        }                                                                                   \
+        return bad;                                                                         \
+    }                                                                                       \
+    APR_CLONES static ptrdiff_t apr_nm_cols_##W(const UT *x, ptrdiff_t inner, int n, int m,  \
+                                                int magnitude, UT khi_, UT klo_,            \
+                                                int32_t *rank, uint8_t *out) {              \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        ptrdiff_t i, bad = 0;                                                               \
+        int t, u;                                                                           \
+        for (t = 0; t < m; t++) {                                                           \
+            const UT *xt = x + t * inner;                                                   \
+            for (i = 0; i < inner; i++) rank[i] = 0;                                        \
+            for (i = 0; i < inner; i++) {                                                   \
+                ST kt = apr_skey##W(xt[i], am);                                             \
+                bad += (kt >= khi) | (kt <= klo);                                           \
+            }                                                                               \
+            for (u = 0; u < m; u++) {                                                       \
+                const UT *xu = x + u * inner;                                               \
+                if (u == t) continue;                                                       \
+                if (u < t) {                                                                \
+                    for (i = 0; i < inner; i++)                                             \
+                        rank[i] += apr_skey##W(xu[i], am) > apr_skey##W(xt[i], am);         \
+                } else {                                                                    \
+                    for (i = 0; i < inner; i++)                                             \
+                        rank[i] += apr_skey##W(xu[i], am) >= apr_skey##W(xt[i], am);        \
+                }                                                                           \
+            }                                                                               \
+            for (i = 0; i < inner; i++) out[t * inner + i] = rank[i] < n;                   \
+        }                                                                                   \
+        return bad;                                                                         \
+    }
+APR_DEFINE_NM(16, uint16_t, int16_t, 0x8000u)
+APR_DEFINE_NM(32, uint32_t, int32_t, 0x80000000u)
+APR_DEFINE_NM(64, uint64_t, int64_t, 0x8000000000000000ull)
 
 /* Non-finite test on raw bits, given the exponent mask of the format. */
 static inline int apr_nonfinite16(uint16_t b, uint16_t expmask) { return (b & expmask) == expmask; }

@@ -3,92 +3,111 @@
 The array is seen as (outer, L, inner) with the grouped axis in the middle (inner == 1 when it is
 the last axis).  Within a group, element t outranks element u when key_t > key_u, or when the
 keys are equal and t > u: ties prune the lowest index first.  An element is kept when fewer than
-N elements outrank it.  M == 4 has a branch-free fast path; other M use an O(M^2) rank count on a
-per-thread scratch of M keys.
+N elements outrank it.  The loops live in apr_keys.h: a branch-free path for M == 4 on the last
+axis, an O(M^2) rank count for other M, and for inner > 1 a rank count vectorised across the
+inner axis.  Parallel over groups (last axis) or group-rows (other axes).
 """
-from libc.stdint cimport uint8_t, uint16_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, int16_t, int32_t
 from cython.parallel cimport prange, threadid
 
 import numpy as np
 
-from ._common cimport real_t, key_of, inf_keys
+from ._common cimport real_t, inf_keys
 
 cdef enum:
     PARALLEL_MIN = 32768
+    GROUP_CHUNK = 4096      # groups per parallel task on the last axis
 
 
-cdef inline Py_ssize_t _group4(const real_t* x, Py_ssize_t st, int n, int magnitude, uint64_t khi,
-                               uint64_t klo, uint8_t* out) noexcept nogil:
-    cdef uint64_t k0 = key_of(x[0], magnitude), k1 = key_of(x[st], magnitude)
-    cdef uint64_t k2 = key_of(x[2 * st], magnitude), k3 = key_of(x[3 * st], magnitude)
-    cdef int r0 = (k1 >= k0) + (k2 >= k0) + (k3 >= k0)
-    cdef int r1 = (k0 > k1) + (k2 >= k1) + (k3 >= k1)
-    cdef int r2 = (k0 > k2) + (k1 > k2) + (k3 >= k2)
-    cdef int r3 = (k0 > k3) + (k1 > k3) + (k2 > k3)
-    out[0] = r0 < n
-    out[st] = r1 < n
-    out[2 * st] = r2 < n
-    out[3 * st] = r3 < n
-    return (((k0 >= khi) | (k0 <= klo)) + ((k1 >= khi) | (k1 <= klo))
-            + ((k2 >= khi) | (k2 <= klo)) + ((k3 >= khi) | (k3 <= klo)))
+cdef extern from "apr_keys.h" nogil:
+    Py_ssize_t apr_nm4_16(const uint16_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int magnitude,
+                          uint16_t khi, uint16_t klo, uint8_t* out)
+    Py_ssize_t apr_nm4_32(const uint32_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int magnitude,
+                          uint32_t khi, uint32_t klo, uint8_t* out)
+    Py_ssize_t apr_nm4_64(const uint64_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int magnitude,
+                          uint64_t khi, uint64_t klo, uint8_t* out)
+    Py_ssize_t apr_nm_16(const uint16_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int m,
+                         int magnitude, uint16_t khi, uint16_t klo, int16_t* keys, uint8_t* out)
+    Py_ssize_t apr_nm_32(const uint32_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int m,
+                         int magnitude, uint32_t khi, uint32_t klo, int32_t* keys, uint8_t* out)
+    Py_ssize_t apr_nm_64(const uint64_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int m,
+                         int magnitude, uint64_t khi, uint64_t klo, int64_t* keys, uint8_t* out)
+    Py_ssize_t apr_nm_cols_16(const uint16_t* x, Py_ssize_t inner, int n, int m, int magnitude,
+                              uint16_t khi, uint16_t klo, int32_t* rank, uint8_t* out)
+    Py_ssize_t apr_nm_cols_32(const uint32_t* x, Py_ssize_t inner, int n, int m, int magnitude,
+                              uint32_t khi, uint32_t klo, int32_t* rank, uint8_t* out)
+    Py_ssize_t apr_nm_cols_64(const uint64_t* x, Py_ssize_t inner, int n, int m, int magnitude,
+                              uint64_t khi, uint64_t klo, int32_t* rank, uint8_t* out)
 
 
-cdef inline Py_ssize_t _group(const real_t* x, Py_ssize_t st, int n, int m, int magnitude,
-                              uint64_t khi, uint64_t klo, uint64_t* keys,
-                              uint8_t* out) noexcept nogil:
-    cdef int t, u, rank
-    cdef Py_ssize_t bad = 0
-    cdef uint64_t kt
-    for t in range(m):
-        keys[t] = key_of(x[t * st], magnitude)
-        bad += (keys[t] >= khi) | (keys[t] <= klo)
-    for t in range(m):
-        kt = keys[t]
-        rank = 0
-        for u in range(t):
-            rank += keys[u] > kt
-        for u in range(t + 1, m):
-            rank += keys[u] >= kt
-        out[t * st] = rank < n
-    return bad
+cdef inline Py_ssize_t _groups(const real_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int m,
+                               int magnitude, uint64_t khi, uint64_t klo, uint64_t* scratch,
+                               uint8_t* out) noexcept nogil:
+    if m == 4:
+        if real_t is float:
+            return apr_nm4_32(<const uint32_t*>x, g0, g1, n, magnitude, <uint32_t>khi,
+                              <uint32_t>klo, out)
+        elif real_t is double:
+            return apr_nm4_64(<const uint64_t*>x, g0, g1, n, magnitude, khi, klo, out)
+        else:
+            return apr_nm4_16(x, g0, g1, n, magnitude, <uint16_t>khi, <uint16_t>klo, out)
+    if real_t is float:
+        return apr_nm_32(<const uint32_t*>x, g0, g1, n, m, magnitude, <uint32_t>khi,
+                         <uint32_t>klo, <int32_t*>scratch, out)
+    elif real_t is double:
+        return apr_nm_64(<const uint64_t*>x, g0, g1, n, m, magnitude, khi, klo,
+                         <int64_t*>scratch, out)
+    else:
+        return apr_nm_16(x, g0, g1, n, m, magnitude, <uint16_t>khi, <uint16_t>klo,
+                         <int16_t*>scratch, out)
+
+
+cdef inline Py_ssize_t _cols(const real_t* x, Py_ssize_t inner, int n, int m, int magnitude,
+                             uint64_t khi, uint64_t klo, int32_t* rank,
+                             uint8_t* out) noexcept nogil:
+    if real_t is float:
+        return apr_nm_cols_32(<const uint32_t*>x, inner, n, m, magnitude, <uint32_t>khi,
+                              <uint32_t>klo, rank, out)
+    elif real_t is double:
+        return apr_nm_cols_64(<const uint64_t*>x, inner, n, m, magnitude, khi, klo, rank, out)
+    else:
+        return apr_nm_cols_16(x, inner, n, m, magnitude, <uint16_t>khi, <uint16_t>klo, rank, out)
 
 
 def nm_mask(const real_t[::1] x, Py_ssize_t outer, Py_ssize_t length, Py_ssize_t inner, int n,
             int m, int magnitude, uint16_t inf16, uint8_t[::1] out, int n_threads):
     """Write the N:M keep-mask of x (flat C-order view of an (outer, length, inner) array).
     Returns the number of non-finite values seen."""
-    cdef Py_ssize_t size = x.shape[0], groups = length // m, g, o, i, base, bad = 0, ng
+    cdef Py_ssize_t size = x.shape[0], groups = length // m, ng, c, nch, g, o, base, bad = 0
     cdef int nt = n_threads if size >= PARALLEL_MIN and n_threads > 1 else 1
     cdef uint64_t khi, klo
-    cdef uint64_t[::1] scratch = np.empty(max(nt, 1) * m, dtype=np.uint64)
+    cdef uint64_t[::1] scratch
+    cdef int32_t[::1] ranks
     cdef int64_t[::1] bads
     if size == 0:
         return 0
     inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
-    ng = outer * groups
-    bads = np.zeros(ng, dtype=np.int64)
-    with nogil:
-        if inner == 1 and m == 4:
-            for g in prange(ng, schedule="static", num_threads=nt):
-                bads[g] = _group4(&x[g * 4], 1, n, magnitude, khi, klo, &out[g * 4])
-        elif inner == 1:
-            for g in prange(ng, schedule="static", num_threads=nt):
-                bads[g] = _group(&x[g * m], 1, n, m, magnitude, khi, klo,
-                                 &scratch[threadid() * m], &out[g * m])
-        else:
+    if inner == 1:
+        ng = size // m
+        nch = (ng + GROUP_CHUNK - 1) // GROUP_CHUNK
+        scratch = np.empty(max(nt, 1) * m, dtype=np.uint64)
+        bads = np.zeros(nch, dtype=np.int64)
+        with nogil:
+            for c in prange(nch, schedule="static", num_threads=nt):
+                bads[c] = _groups(&x[0], c * GROUP_CHUNK, min(ng, (c + 1) * GROUP_CHUNK), n, m,
+                                  magnitude, khi, klo, &scratch[threadid() * m], &out[0])
+    else:
+        ng = outer * groups
+        ranks = np.empty(max(nt, 1) * inner, dtype=np.int32)
+        bads = np.zeros(ng, dtype=np.int64)
+        with nogil:
             for g in prange(ng, schedule="static", num_threads=nt):
                 o = g // groups
                 base = o * length * inner + (g % groups) * m * inner
-                bads[g] = 0
-                for i in range(inner):
-                    if m == 4:
-                        bads[g] += _group4(&x[base + i], inner, n, magnitude, khi, klo,
-                                           &out[base + i])
-                    else:
-                        bads[g] += _group(&x[base + i], inner, n, m, magnitude, khi, klo,
-                                          &scratch[threadid() * m], &out[base + i])
-        for g in range(ng):
-            bad += bads[g]
+                bads[g] = _cols(&x[base], inner, n, m, magnitude, khi, klo,
+                                &ranks[threadid() * inner], &out[base])
+    for c in range(bads.shape[0]):
+        bad += bads[c]
     return bad
 
 

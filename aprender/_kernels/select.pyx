@@ -31,12 +31,13 @@ import numpy as np
 from ._common cimport real_t, key_of, inf_keys, apr_u16_to_f64
 
 cdef enum:
-    SAMPLE = 65536          # total sample size for the bracket
+    SAMPLE = 131072         # total sample size for the bracket
     CHUNK = 65536           # elements per chunk in the write pass (fixed: results never depend on it)
     SMALL = 131072          # at or below this many keys, gather them all and select directly
     NBINS = 65536
     PAD = 8                 # int64 slots per task in result arrays (64 bytes: no false sharing)
     PARALLEL_MIN = 32768    # below this many elements a pass stays serial
+    RUN = 8                 # consecutive keys per sample stratum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,16 +167,27 @@ cdef inline uint64_t _mix(uint64_t z) noexcept nogil:
 
 cdef Py_ssize_t _sample(const real_t* x, Py_ssize_t n, Py_ssize_t s, uint64_t salt, int magnitude,
                         uint64_t* out) noexcept nogil:
-    """One key from each of s equal strata of x, at a hashed position inside the stratum."""
-    cdef Py_ssize_t j, a, b
-    if s > n:
-        s = n
-    for j in range(s):
-        a = (j * n) // s
-        b = ((j + 1) * n) // s
-        out[j] = key_of(x[a + <Py_ssize_t>(_mix(salt * 0x9e3779b97f4a7c15ULL + <uint64_t>j)
-                                            % <uint64_t>(b - a))], magnitude)
-    return s
+    """About s keys: s / RUN equal strata of x, from each a run of RUN consecutive keys starting
+    at a hashed position inside the stratum (runs keep the reads cache-friendly)."""
+    cdef Py_ssize_t j, a, b, i, start, w = 0, nstrata, span
+    if s >= n:
+        for i in range(n):
+            out[i] = key_of(x[i], magnitude)
+        return n
+    nstrata = s // RUN if s >= RUN else 1
+    for j in range(nstrata):
+        a = (j * n) // nstrata
+        b = ((j + 1) * n) // nstrata
+        span = b - a - RUN + 1
+        if span <= 0:
+            start = a
+        else:
+            start = a + <Py_ssize_t>(_mix(salt * 0x9e3779b97f4a7c15ULL + <uint64_t>j)
+                                     % <uint64_t>span)
+        for i in range(start, min(start + RUN, b)):
+            out[w] = key_of(x[i], magnitude)
+            w += 1
+    return w
 
 
 cdef extern from "apr_keys.h" nogil:
@@ -277,14 +289,14 @@ cdef inline void _keep_equals_from(const real_t* x, Py_ssize_t s, Py_ssize_t e, 
 
 def sample_keys(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude):
     """Stratified sample of s keys (fewer if x is shorter) as a uint64 array."""
-    cdef Py_ssize_t n = x.shape[0]
-    out = np.empty(min(s, n), dtype=np.uint64)
+    cdef Py_ssize_t n = x.shape[0], w
+    out = np.empty(max(min(s, n), RUN), dtype=np.uint64)
     cdef uint64_t[::1] o = out
     if n == 0 or s <= 0:
         return out[:0]
     with nogil:
-        _sample(&x[0], n, s, salt, magnitude, &o[0])
-    return out
+        w = _sample(&x[0], n, s, salt, magnitude, &o[0])
+    return out[:w]
 
 
 def range_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uint16_t inf16,
@@ -500,27 +512,25 @@ def _radix_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16
 # per-row selection
 # ----------------------------------------------------------------------------------------------
 
-cdef Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int magnitude,
-                     uint64_t khi, uint64_t klo, uint64_t* buf, uint8_t* out) noexcept nogil:
-    cdef Py_ssize_t j, bad = 0, less = 0, seen = 0, r
-    cdef uint64_t key, t
-    for j in range(ncols):
-        key = key_of(x[j], magnitude)
-        bad += (key >= khi) | (key <= klo)
-        buf[j] = key
-    if bad:
-        return bad
-    t = quickselect(buf, ncols, k - 1)
-    less = _count_less(x, 0, ncols, magnitude, t)
-    r = k - less
-    for j in range(ncols):
-        key = key_of(x[j], magnitude)
-        if key == t:
-            out[j] = seen >= r
-            seen += 1
-        else:
-            out[j] = key > t
-    return 0
+cdef extern from "apr_keys.h" nogil:
+    Py_ssize_t apr_row16(const uint16_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
+                         uint16_t khi, uint16_t klo, uint16_t* keys, uint8_t* out)
+    Py_ssize_t apr_row32(const uint32_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
+                         uint32_t khi, uint32_t klo, uint32_t* keys, uint8_t* out)
+    Py_ssize_t apr_row64(const uint64_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
+                         uint64_t khi, uint64_t klo, uint64_t* keys, uint8_t* out)
+
+
+cdef inline Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int magnitude,
+                            uint64_t khi, uint64_t klo, uint64_t* buf, uint8_t* out) noexcept nogil:
+    if real_t is float:
+        return apr_row32(<const uint32_t*>x, ncols, k, magnitude, <uint32_t>khi, <uint32_t>klo,
+                         <uint32_t*>buf, out)
+    elif real_t is double:
+        return apr_row64(<const uint64_t*>x, ncols, k, magnitude, khi, klo, buf, out)
+    else:
+        return apr_row16(x, ncols, k, magnitude, <uint16_t>khi, <uint16_t>klo, <uint16_t*>buf,
+                         out)
 
 
 def rows_mask(const real_t[:, ::1] x, Py_ssize_t k, int magnitude, uint16_t inf16,
