@@ -1,0 +1,170 @@
+"""2:4 compressed layouts: one parallel pass over row blocks, the per-group logic in apr_sparse24.h.
+
+Elements arrive as bit patterns: uint16 for float16/bfloat16, int8, uint32 for float32.  A row of
+`cols` elements is `cols // 4` groups; two groups fill one code byte (see apr_sparse24.h).
+
+layout codes: 0 = CUTLASS (reordered 16/32-bit metadata words), 1 = sparse-24-bitmask, 2 = raw.
+Row statuses returned by both entry points: -1 when the row is fine, else
+`first_bad_group * 4 + k` with k = 1 (more than two non-zeros), 2 (inf/NaN under selection),
+3 (a bitmask group without exactly two bits).
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int8_t, int64_t
+from cython.parallel cimport prange, threadid
+
+import numpy as np
+
+cdef extern from "apr_sparse24.h" nogil:
+    int64_t apr24_span_u16(const uint16_t* x, const uint8_t* keep, int64_t ngroups, int mode,
+                           uint32_t kinf, uint16_t* vals, uint8_t* codes, uint8_t* bits, int* bad)
+    int64_t apr24_span_i8(const int8_t* x, const uint8_t* keep, int64_t ngroups, int mode,
+                          uint32_t kinf, int8_t* vals, uint8_t* codes, uint8_t* bits, int* bad)
+    int64_t apr24_span_u32(const uint32_t* x, const uint8_t* keep, int64_t ngroups, int mode,
+                           uint32_t kinf, uint32_t* vals, uint8_t* codes, uint8_t* bits, int* bad)
+    void apr24_expand_u16(const uint16_t* vals, const uint8_t* codes, int64_t ngroups,
+                          uint16_t* out)
+    void apr24_expand_i8(const int8_t* vals, const uint8_t* codes, int64_t ngroups, int8_t* out)
+    void apr24_expand_u32(const uint32_t* vals, const uint8_t* codes, int64_t ngroups,
+                          uint32_t* out)
+    int64_t apr24_bits_to_codes(const uint8_t* bits, int64_t ngroups, uint8_t* codes)
+    int64_t apr24_meta_offset(int64_t r, int64_t c, int64_t rows, int wide)
+    uint32_t apr24_word(const uint8_t* codes, int64_t c, int wide)
+    void apr24_unword(uint32_t w, uint8_t* codes, int64_t c, int wide)
+
+ctypedef fused elem_t:
+    uint16_t
+    int8_t
+    uint32_t
+
+cdef enum:
+    PARALLEL_MIN = 65536
+    BLOCK = 32
+
+
+cdef inline int64_t _span(const elem_t* x, const uint8_t* keep, int64_t ngroups, int mode,
+                          uint32_t kinf, elem_t* vals, uint8_t* codes, uint8_t* bits,
+                          int* bad) noexcept nogil:
+    if elem_t is uint16_t:
+        return apr24_span_u16(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
+    elif elem_t is int8_t:
+        return apr24_span_i8(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
+    else:
+        return apr24_span_u32(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
+
+
+cdef inline void _expand(const elem_t* vals, const uint8_t* codes, int64_t ngroups,
+                         elem_t* out) noexcept nogil:
+    if elem_t is uint16_t:
+        apr24_expand_u16(vals, codes, ngroups, out)
+    elif elem_t is int8_t:
+        apr24_expand_i8(vals, codes, ngroups, out)
+    else:
+        apr24_expand_u32(vals, codes, ngroups, out)
+
+
+def compress(const elem_t[:, ::1] x, const uint8_t[:, ::1] keep, int mode, uint32_t kinf,
+             int layout, int wide, elem_t[:, ::1] vals, uint8_t[:, ::1] codes,
+             uint8_t[:, ::1] bits, uint8_t[::1] meta, int n_threads):
+    """Compress the (rows, cols) bit patterns x.  keep: (rows, cols) mask bytes (mode 1) or None.
+    codes: (rows, nbytes) raw code output for layout 2, else (threads, nbytes) scratch.
+    bits: (rows, nbytes) bitmask output for layout 1, else None.  meta: the CUTLASS metadata
+    buffer as bytes for layout 0, else None.  Returns the int64 row statuses."""
+    cdef Py_ssize_t rows = x.shape[0], cols = x.shape[1]
+    cdef int64_t ngroups = cols // 4, nwords = 0, c, r, b, r0, r1, first
+    cdef Py_ssize_t nblocks = (rows + BLOCK - 1) // BLOCK
+    cdef int nt = n_threads if rows * cols >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int tid
+    cdef int64_t[::1] status = np.full(rows, -1, dtype=np.int64)
+    cdef int[::1] bad = np.zeros(max(rows, 1), dtype=np.intc)
+    cdef const uint8_t* kp = NULL
+    cdef uint8_t* cp
+    cdef uint8_t* bp = NULL
+    cdef uint16_t* m16 = NULL
+    cdef uint32_t* m32 = NULL
+    cdef Py_ssize_t kstride = cols
+    if rows == 0 or ngroups == 0:
+        return np.asarray(status)
+    if mode == 1:
+        kp = &keep[0, 0]
+    if layout == 0:
+        nwords = ngroups // 8 if wide else ngroups // 4
+        if wide:
+            m32 = <uint32_t*>&meta[0]
+        else:
+            m16 = <uint16_t*>&meta[0]
+    with nogil:
+        for b in prange(nblocks, schedule="static", num_threads=nt):
+            tid = threadid()
+            r0 = b * BLOCK
+            r1 = r0 + BLOCK
+            if r1 > rows:
+                r1 = rows
+            for r in range(r0, r1):
+                if layout == 2:
+                    cp = &codes[r, 0]
+                else:
+                    cp = &codes[tid, 0]
+                if layout == 1:
+                    bp = &bits[r, 0]
+                else:
+                    bp = NULL
+                first = _span(&x[r, 0], kp + r * kstride if kp != NULL else NULL, ngroups,
+                              mode, kinf, &vals[r, 0], cp, bp, &bad[r])
+                if first >= 0:
+                    status[r] = first * 4 - bad[r]
+                if layout == 0:
+                    for c in range(nwords):
+                        if wide:
+                            m32[apr24_meta_offset(r, c, rows, 1)] = apr24_word(cp, c, 1)
+                        else:
+                            m16[apr24_meta_offset(r, c, rows, 0)] = <uint16_t>apr24_word(cp, c, 0)
+    return np.asarray(status)
+
+
+def decompress(const elem_t[:, ::1] vals, const uint8_t[:, ::1] codes, const uint8_t[::1] meta,
+               int layout, int wide, elem_t[:, ::1] out, uint8_t[:, ::1] scratch, int n_threads):
+    """Inverse of compress into out (rows, cols).  codes: raw codes (layout 2) or bitmask bytes
+    (layout 1), None for layout 0; meta: CUTLASS metadata bytes (layout 0) else None;
+    scratch: (threads, nbytes).  Returns the int64 row statuses (bitmask validation)."""
+    cdef Py_ssize_t rows = out.shape[0], cols = out.shape[1]
+    cdef int64_t ngroups = cols // 4, nwords = 0, c, r, b, r0, r1, first
+    cdef Py_ssize_t nblocks = (rows + BLOCK - 1) // BLOCK
+    cdef int nt = n_threads if rows * cols >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int tid
+    cdef int64_t[::1] status = np.full(rows, -1, dtype=np.int64)
+    cdef const uint8_t* cp
+    cdef uint8_t* sp
+    cdef const uint16_t* m16 = NULL
+    cdef const uint32_t* m32 = NULL
+    if rows == 0 or ngroups == 0:
+        return np.asarray(status)
+    if layout == 0:
+        nwords = ngroups // 8 if wide else ngroups // 4
+        if wide:
+            m32 = <const uint32_t*>&meta[0]
+        else:
+            m16 = <const uint16_t*>&meta[0]
+    with nogil:
+        for b in prange(nblocks, schedule="static", num_threads=nt):
+            tid = threadid()
+            r0 = b * BLOCK
+            r1 = r0 + BLOCK
+            if r1 > rows:
+                r1 = rows
+            for r in range(r0, r1):
+                sp = &scratch[tid, 0]
+                if layout == 2:
+                    cp = &codes[r, 0]
+                elif layout == 1:
+                    first = apr24_bits_to_codes(&codes[r, 0], ngroups, sp)
+                    if first >= 0:
+                        status[r] = first * 4 + 3
+                    cp = sp
+                else:
+                    for c in range(nwords):
+                        if wide:
+                            apr24_unword(m32[apr24_meta_offset(r, c, rows, 1)], sp, c, 1)
+                        else:
+                            apr24_unword(m16[apr24_meta_offset(r, c, rows, 0)], sp, c, 0)
+                    cp = sp
+                _expand(&vals[r, 0], cp, ngroups, &out[r, 0])
+    return np.asarray(status)

@@ -1,0 +1,43 @@
+"""pytest-benchmark cases for the 2:4 layouts (run with --benchmark-enable)."""
+import numpy as np
+import pytest
+
+from aprender import sparse24
+
+SHAPES = [(4096, 4096), (11008, 4096)]
+DTYPES = ["float16", "bfloat16"]
+
+
+def _dense(shape, name):
+    w = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    if name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        w = w.astype(ml_dtypes.bfloat16)
+    else:
+        w = w.astype(np.float16)
+    return sparse24.compress(w, layout="raw", select=True).to_dense()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", DTYPES)
+@pytest.mark.parametrize("layout", ["cutlass", "bitmask"])
+def test_compress(benchmark, layout, name, shape):
+    dense = _dense(shape, name)
+    s = benchmark(sparse24.compress, dense, layout=layout)
+    assert s.values.shape == (shape[0], shape[1] // 2)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", DTYPES)
+@pytest.mark.parametrize("layout", ["cutlass", "bitmask"])
+def test_decompress(benchmark, layout, name, shape):
+    dense = _dense(shape, name)
+    s = sparse24.compress(dense, layout=layout)
+    out = benchmark(s.to_dense)
+    assert out.shape == shape
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_compress_select(benchmark, name):
+    w = np.random.default_rng(1).standard_normal((4096, 4096), dtype=np.float32).astype(np.float16)
+    benchmark(sparse24.compress, w, layout="cutlass", select=True)

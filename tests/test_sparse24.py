@@ -1,0 +1,375 @@
+"""2:4 compressed layouts: PyTorch CUTLASS oracle, numpy references, round trips, errors, CUDA."""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from aprender import Bits16, magnitude_nm_mask, sparse24
+from aprender.pruning import SparsityMask, SparsityPattern
+from aprender.pruning.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
+                                     LayoutError, NumericalInstabilityError, ShapeMismatchError)
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# the fill rule for groups with fewer than two non-zeros (documented in aprender.sparse24)
+_FILL = {0b0000: (2, 3), 0b0001: (0, 2), 0b0010: (1, 2), 0b0100: (2, 3), 0b1000: (2, 3)}
+
+
+def _weight(rng, shape, dtype, kind="random"):
+    if kind == "ties":
+        w = rng.choice(np.array([-2.0, -1.0, 0.0, 1.0, 2.0]), size=shape)
+    elif kind == "sparse":
+        w = rng.standard_normal(shape) * (rng.random(shape) < 0.25)
+    else:
+        w = rng.standard_normal(shape) * 3
+    if np.dtype(dtype) == np.int8:
+        return np.clip(np.round(w * 20), -128, 127).astype(np.int8)
+    return (w + 0.0).astype(np.float32).astype(dtype)  # no -0.0 (see the negative-zero test)
+
+
+def _as_f32(w):
+    return w.astype(np.float32)
+
+
+def _select_ref(w):
+    """2:4 by |w| through aprender.pruning (independent of the sparse24 kernel)."""
+    keep = magnitude_nm_mask(_as_f32(w), 2, 4).keep
+    out = w.copy()
+    out[~keep] = 0
+    return out
+
+
+def _stored_ref(dense2d):
+    """Slow reference of the stored positions of a 2:4 dense weight (bool, same shape)."""
+    rows, cols = dense2d.shape
+    nz = _as_f32(dense2d) != 0
+    stored = np.zeros_like(nz)
+    for r in range(rows):
+        for g in range(cols // 4):
+            f = nz[r, 4 * g:4 * g + 4]
+            idx = tuple(np.flatnonzero(f))
+            if len(idx) < 2:
+                idx = _FILL[sum(int(b) << t for t, b in enumerate(f))]
+            assert len(idx) == 2
+            stored[r, 4 * g + idx[0]] = stored[r, 4 * g + idx[1]] = True
+    return stored
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+# --- the PyTorch CUTLASS oracle -----------------------------------------------------------------
+
+CUTLASS_CASES = [
+    ("float16", (32, 32)), ("float16", (64, 96)), ("float16", (96, 256)),
+    ("bfloat16", (32, 64)), ("bfloat16", (128, 160)),
+    ("int8", (16, 64)), ("int8", (48, 128)), ("int8", (32, 192)),
+]
+
+
+def _torch_of(a, name):
+    torch = pytest.importorskip("torch")
+    if name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+def _np_of(t):
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return _bits(t.numpy())
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name,shape", CUTLASS_CASES)
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
+def test_cutlass_matches_torch(name, shape, kind):
+    pytest.importorskip("torch")
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass as from_dense,
+        sparse_semi_structured_to_dense_cutlass as to_dense)
+
+    dtype = BF16 if name == "bfloat16" else np.dtype(name)
+    rng = np.random.default_rng(hash((name, shape, kind)) % 2**32)
+    w = _weight(rng, shape, dtype, kind)
+    dense = _select_ref(w)
+    tv, tm = from_dense(_torch_of(dense, name))
+    for s in (sparse24.compress(dense), sparse24.compress(w, select=True),
+              sparse24.compress(w, mask=magnitude_nm_mask(_as_f32(w), 2, 4))):
+        assert s.values.dtype == dtype
+        assert s.metadata.dtype == (np.int32 if name == "int8" else np.int16)
+        np.testing.assert_array_equal(_bits(s.values), _np_of(tv))
+        np.testing.assert_array_equal(s.metadata, tm.numpy())
+        np.testing.assert_array_equal(_bits(s.to_dense()), _bits(dense))
+    # torch decompresses our bytes into the same dense weight
+    back = to_dense(_torch_of(s.values, name), __import__("torch").from_numpy(s.metadata))
+    np.testing.assert_array_equal(_np_of(back), _bits(dense))
+
+
+@pytest.mark.oracle
+def test_cutlass_matches_torch_every_group_pattern():
+    """All 11 flag patterns with at most two non-zeros, in every metadata position."""
+    pytest.importorskip("torch")
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass as from_dense)
+
+    pats = [p for p in range(16) if bin(p).count("1") <= 2]
+    rng = np.random.default_rng(7)
+    groups = rng.choice(pats, size=(64, 16))
+    flags = ((groups[..., None] >> np.arange(4)) & 1).reshape(64, 64).astype(bool)
+    w = (rng.random((64, 64)) + 0.5).astype(np.float16) * flags
+    tv, tm = from_dense(_torch_of(w, "float16"))
+    s = sparse24.compress(w)
+    np.testing.assert_array_equal(_bits(s.values), _np_of(tv))
+    np.testing.assert_array_equal(s.metadata, tm.numpy())
+
+
+# --- bitmask and raw layouts vs slow references ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16", "int8", "float32"])
+@pytest.mark.parametrize("shape", [(8, 16), (5, 12), (3, 4, 24), (20,)])
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
+def test_bitmask_and_raw_vs_reference(name, shape, kind):
+    dtype = BF16 if name == "bfloat16" else np.dtype(name)
+    rng = np.random.default_rng(abs(hash((name, shape, kind))) % 2**32)
+    dense = _select_ref(_weight(rng, shape, dtype, kind))
+    d2 = dense.reshape(-1, shape[-1])
+    stored = _stored_ref(d2)
+    s = sparse24.compress(dense, layout="bitmask")
+    np.testing.assert_array_equal(s.bitmask, np.packbits(stored, axis=-1, bitorder="little"))
+    np.testing.assert_array_equal(_bits(s.values),
+                                  _bits(d2[stored].reshape(d2.shape[0], -1)))
+    assert s.values.dtype == dtype and s.dtype == name
+    np.testing.assert_array_equal(_bits(s.to_dense()), _bits(dense))
+    r = sparse24.compress(dense, layout="raw")
+    np.testing.assert_array_equal(_bits(r.values), _bits(s.values))
+    # raw codes: idx0 | idx1 << 2 per group, two groups per byte, low nibble first
+    idx = np.flatnonzero(stored.reshape(-1)).reshape(-1, 2) % 4
+    codes = (idx[:, 0] | (idx[:, 1] << 2)).reshape(d2.shape[0], -1)
+    if codes.shape[1] % 2:
+        codes = np.concatenate([codes, np.zeros((codes.shape[0], 1), codes.dtype)], axis=1)
+    np.testing.assert_array_equal(r.metadata, (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8))
+    np.testing.assert_array_equal(_bits(r.to_dense()), _bits(dense))
+
+
+@pytest.mark.parametrize("layout", sparse24.LAYOUTS)
+def test_select_equals_magnitude_nm_mask_and_thread_independence(layout):
+    rng = np.random.default_rng(3)
+    w = _weight(rng, (256, 512), np.float16, "ties")
+    dense = _select_ref(w)
+    a = sparse24.compress(w, layout=layout, select=True, n_threads=1)
+    b = sparse24.compress(w, layout=layout, select=True, n_threads=2)
+    c = sparse24.compress(dense, layout=layout, n_threads=2)
+    for t in (b, c):
+        np.testing.assert_array_equal(_bits(a.values), _bits(t.values))
+        extra = "bitmask" if layout == "bitmask" else "metadata"
+        np.testing.assert_array_equal(getattr(a, extra), getattr(t, extra))
+    np.testing.assert_array_equal(_bits(a.to_dense(n_threads=2)), _bits(dense))
+
+
+def test_bitmask_tensors_round_trip():
+    rng = np.random.default_rng(5)
+    w = _weight(rng, (16, 40), BF16)
+    s = sparse24.compress(w, layout="bitmask", select=True)
+    t = s.to_tensors("model.layers.0.mlp.up_proj.weight")
+    assert set(t) == {"model.layers.0.mlp.up_proj.shape", "model.layers.0.mlp.up_proj.compressed",
+                      "model.layers.0.mlp.up_proj.bitmask"}
+    shp = t["model.layers.0.mlp.up_proj.shape"]
+    assert shp.dtype == np.int64 and shp.shape == (2, 1) and shp.ravel().tolist() == [16, 40]
+    assert t["model.layers.0.mlp.up_proj.compressed"].shape == (16, 20)
+    assert t["model.layers.0.mlp.up_proj.bitmask"].shape == (16, 5)
+    back = sparse24.Sparse24Tensor.from_tensors(t, "model.layers.0.mlp.up_proj")
+    np.testing.assert_array_equal(_bits(back.to_dense()), _bits(s.to_dense()))
+    assert back.dtype == "bfloat16"
+    # safetensors round trip (raw bf16 bits through Bits16)
+    st = pytest.importorskip("safetensors.numpy")
+    raw = {k: (v.view(np.uint16) if v.dtype == BF16 else v) for k, v in t.items()}
+    loaded = st.load(st.save(raw))
+    back2 = sparse24.Sparse24Tensor.from_tensors(loaded, "model.layers.0.mlp.up_proj")
+    d = back2.to_dense()
+    assert isinstance(d, Bits16)
+    np.testing.assert_array_equal(d.bits, _bits(s.to_dense()))
+
+
+@pytest.mark.parametrize("layout", sparse24.LAYOUTS)
+def test_inputs_bits16_torch_noncontiguous_and_padding(layout):
+    rng = np.random.default_rng(11)
+    w = _select_ref(_weight(rng, (40, 72), BF16))
+    ref = sparse24.compress(w, layout=layout, pad=True)
+    assert ref.shape == (40, 72) and ref.is_padded == (layout == "cutlass")
+    np.testing.assert_array_equal(_bits(ref.to_dense()), _bits(w))
+    b = sparse24.compress(Bits16(w.view(np.uint16)), layout=layout, pad=True)
+    assert isinstance(b.to_dense(), Bits16)
+    np.testing.assert_array_equal(b.to_dense().bits, _bits(w))
+    np.testing.assert_array_equal(b.values, _bits(ref.values))
+    f = np.asfortranarray(w)
+    np.testing.assert_array_equal(_bits(sparse24.compress(f, layout=layout, pad=True).values),
+                                  _bits(ref.values))
+    torch = pytest.importorskip("torch")
+    tw = torch.from_numpy(w.view(np.int16).copy()).view(torch.bfloat16)
+    np.testing.assert_array_equal(_bits(sparse24.compress(tw, layout=layout, pad=True).values),
+                                  _bits(ref.values))
+
+
+def test_int8_padding_and_negative_zero():
+    rng = np.random.default_rng(2)
+    w4 = _select_ref(_weight(rng, (20, 68), np.int8))
+    with pytest.raises(InvalidShapeError, match="multiple of 16"):
+        sparse24.compress(w4)
+    s = sparse24.compress(w4, pad=True)
+    assert s.padded_shape == (32, 128)
+    np.testing.assert_array_equal(s.to_dense(), w4)
+    # -0.0 at a stored position survives; elsewhere it comes back as +0.0 (documented)
+    z = np.array([[-0.0, 1.0, -0.0, 0.0]], dtype=np.float16)
+    d = sparse24.compress(z, layout="raw").to_dense()
+    assert _bits(d).tolist() == [[0, _bits(z)[0, 1], 0x8000, 0]]
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+def test_errors():
+    w = np.zeros((32, 32), np.float16)
+    w[5, 8:11] = 1  # row 5, group 2: three non-zeros
+    with pytest.raises(LayoutError, match=r"row 5 group 2 \(columns 8..11\) has 3 non-zeros"):
+        sparse24.compress(w)
+    for layout in ("bitmask", "raw"):
+        with pytest.raises(LayoutError, match="row 5 group 2"):
+            sparse24.compress(w, layout=layout)
+    keep = np.zeros(w.shape, bool)
+    keep[5, 8:11] = True
+    with pytest.raises(LayoutError, match="mask keeps more than two"):
+        sparse24.compress(w, mask=keep)
+    with pytest.raises(ShapeMismatchError):
+        sparse24.compress(w, mask=np.ones((32, 16), bool))
+    with pytest.raises(InvalidArgumentError):
+        sparse24.compress(w, mask=keep, select=True)
+    with pytest.raises(InvalidArgumentError, match="layout"):
+        sparse24.compress(w, layout="csr")
+    with pytest.raises(InvalidShapeError, match="multiple of 32"):
+        sparse24.compress(np.zeros((16, 32), np.float16))
+    with pytest.raises(InvalidShapeError, match="multiple of 64"):
+        sparse24.compress(np.zeros((16, 32), np.int8))
+    with pytest.raises(InvalidShapeError, match="2-D"):
+        sparse24.compress(np.zeros((2, 32, 32), np.float16))
+    with pytest.raises(InvalidShapeError, match="multiple of 4"):
+        sparse24.compress(np.zeros((3, 6), np.float16), layout="bitmask")
+    with pytest.raises(InvalidShapeError):
+        sparse24.compress(np.zeros((), np.float16), layout="raw")
+    with pytest.raises(InvalidShapeError, match="empty"):
+        sparse24.compress(np.zeros((0, 8), np.float16), layout="raw")
+    with pytest.raises(InvalidDTypeError, match="float64"):
+        sparse24.compress(np.zeros((32, 32)))
+    with pytest.raises(InvalidDTypeError, match="Bits16"):
+        sparse24.compress(np.zeros((32, 32), np.uint16))
+    with pytest.raises(InvalidDTypeError, match="float32"):
+        sparse24.compress(np.zeros((32, 32), np.float32))
+    n = np.ones((32, 32), np.float16)
+    n[3, 5] = np.nan
+    with pytest.raises(NumericalInstabilityError, match="row 3 group 1"):
+        sparse24.compress(n, select=True)
+    assert issubclass(LayoutError, ValueError) and issubclass(InvalidDTypeError, TypeError)
+
+
+def test_from_tensors_errors():
+    s = sparse24.compress(np.zeros((4, 16), np.float16), layout="bitmask")
+    t = s.to_tensors("p")
+    with pytest.raises(LayoutError, match="missing"):
+        sparse24.Sparse24Tensor.from_tensors({"p.shape": t["p.shape"]}, "p")
+    bad = dict(t)
+    bad["p.bitmask"] = t["p.bitmask"].copy()
+    bad["p.bitmask"][2, 1] = 0b00010111  # low group has three bits
+    with pytest.raises(LayoutError, match="row 2 group 2"):
+        sparse24.Sparse24Tensor.from_tensors(bad, "p").to_dense()
+    bad["p.bitmask"] = t["p.bitmask"][:, :1]
+    with pytest.raises(InvalidShapeError):
+        sparse24.Sparse24Tensor.from_tensors(bad, "p")
+    with pytest.raises(LayoutError, match="bitmask layout"):
+        sparse24.compress(np.zeros((32, 32), np.float16)).to_tensors("p")
+
+
+def test_sparsity_mask_input():
+    rng = np.random.default_rng(1)
+    w = _weight(rng, (32, 64), np.float16)
+    m = magnitude_nm_mask(w, 2, 4)
+    assert isinstance(m, SparsityMask) and m.pattern == SparsityPattern.nm(2, 4)
+    a = sparse24.compress(w, mask=m, layout="raw")
+    b = sparse24.compress(w, select=True, layout="raw")
+    np.testing.assert_array_equal(a.metadata, b.metadata)
+    np.testing.assert_array_equal(_bits(a.values), _bits(b.values))
+
+
+def test_hypothesis_round_trip():
+    hyp = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+
+    @hyp.settings(max_examples=60, deadline=None)
+    @hyp.given(rows=st.integers(1, 9), groups=st.integers(1, 9), seed=st.integers(0, 2**31),
+               layout=st.sampled_from(["bitmask", "raw"]),
+               name=st.sampled_from(["float16", "bfloat16", "int8", "float32"]))
+    def check(rows, groups, seed, layout, name):
+        dtype = BF16 if name == "bfloat16" else np.dtype(name)
+        w = _weight(np.random.default_rng(seed), (rows, 4 * groups), dtype, "ties")
+        s = sparse24.compress(w, layout=layout, select=True)
+        np.testing.assert_array_equal(_bits(s.to_dense()), _bits(_select_ref(w)))
+
+    check()
+
+
+# --- CUDA -----------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_cuda_source_compiles(tmp_path):
+    src = os.path.join(ROOT, "aprender", "cuda", "sparse24.cu")
+    inc = os.path.join(ROOT, "aprender", "_kernels")
+    res = subprocess.run(["nvcc", "-arch=sm_80", "-I", inc, "-c", src, "-o",
+                          str(tmp_path / "sparse24.o")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
+def _cupy_device():
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception as exc:  # noqa: BLE001 - no driver, no device
+        pytest.skip(f"no CUDA device ({exc})")
+    return cp
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", sparse24.LAYOUTS)
+@pytest.mark.parametrize("name", ["float16", "int8"])
+def test_gpu_matches_cpu(layout, name):
+    cp = _cupy_device()
+    rng = np.random.default_rng(9)
+    w = _weight(rng, (64, 128), np.dtype(name), "ties")
+    cpu = sparse24.compress(w, layout=layout, select=True)
+    gpu = sparse24.compress(cp.asarray(w), layout=layout, select=True)
+    np.testing.assert_array_equal(_bits(cp.asnumpy(gpu.values)), _bits(cpu.values))
+    extra = "bitmask" if layout == "bitmask" else "metadata"
+    np.testing.assert_array_equal(cp.asnumpy(getattr(gpu, extra)), getattr(cpu, extra))
+    np.testing.assert_array_equal(_bits(cp.asnumpy(gpu.to_dense())), _bits(cpu.to_dense()))
+    bad = np.zeros((32, 32), np.float16)
+    bad[1, 4:7] = 1
+    with pytest.raises(LayoutError, match="row 1 group 1"):
+        sparse24.compress(cp.asarray(bad), layout=layout)
+
+
+def test_cuda_import_error_names_extra():
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed")
+    sys.modules.pop("aprender.cuda", None)
+    with pytest.raises(ImportError, match=r"pip install aprender\[cuda\]"):
+        import aprender.cuda  # noqa: F401
