@@ -1,0 +1,302 @@
+"""A small, streaming safetensors reader and writer built on numpy and mmap.
+
+The reader parses the header itself (8-byte little-endian length, then JSON), validates every
+entry against the file size, and hands out one tensor at a time as a read-only ``np.memmap``
+view, so a checkpoint of any size is read with memory bounded by the largest tensor.  bfloat16
+tensors come back as ``aprender.Bits16(uint16 bits, "bfloat16")``, which every aprender entry
+point accepts; ``raw=True`` gives the plain bytes-per-element unsigned view of any tensor.
+
+The format (https://github.com/huggingface/safetensors): ``u64 N | N bytes of JSON | data``; the
+JSON maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+relative to the data section) and may hold ``"__metadata__"``: a str -> str map.
+"""
+import json
+import math
+import mmap
+import os
+import struct
+
+import numpy as np
+
+from .._validation import Bits16
+
+__all__ = ["CheckpointError", "TensorInfo", "SafetensorsFile", "read_header", "encode_header",
+           "write_safetensors", "DTYPE_SIZES", "FLOAT_DTYPES", "dtype_code"]
+
+MAX_HEADER = 100 * 1024 * 1024
+
+# safetensors dtype code -> bytes per element
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+          "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_, "C64": np.complex64}
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: missing, truncated or with a corrupt header."""
+
+
+def dtype_code(array):
+    """The safetensors dtype code of a numpy array or Bits16."""
+    if isinstance(array, Bits16):
+        return "BF16" if array.format == "bfloat16" else "F16"
+    dt = np.asarray(array).dtype
+    if dt.name == "bfloat16":
+        return "BF16"
+    for code, np_dt in _NUMPY.items():
+        if dt == np_dt:
+            return code
+    raise CheckpointError(f"dtype {dt} has no safetensors code")
+
+
+class TensorInfo:
+    """One header entry: ``begin``/``end`` are byte offsets relative to the data section."""
+
+    __slots__ = ("name", "dtype", "shape", "begin", "end")
+
+    def __init__(self, name, dtype, shape, begin, end):
+        self.name = name
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.begin = begin
+        self.end = end
+
+    @property
+    def nbytes(self):
+        return self.end - self.begin
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self):
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def is_float(self):
+        return self.dtype in FLOAT_DTYPES
+
+    def entry(self):
+        return {"dtype": self.dtype, "shape": list(self.shape),
+                "data_offsets": [self.begin, self.end]}
+
+    def __repr__(self):
+        return f"TensorInfo({self.name!r}, {self.dtype}, {self.shape})"
+
+
+def read_header(path):
+    """Parse and validate the header of ``path``: returns (header_bytes_len, tensors, metadata)
+    where tensors is a list of TensorInfo in data order.  Raises CheckpointError."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated file ({size} bytes), too small for a "
+                                      "safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n + 8 > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (header length {n} "
+                    f"but the file has {size} bytes)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    data_size = size - 8 - n
+    tensors = []
+    for name, e in header.items():
+        try:
+            dtype = e["dtype"]
+            shape = [int(v) for v in e["shape"]]
+            begin, end = (int(v) for v in e["data_offsets"])
+            if not isinstance(e["shape"], list) or any(not isinstance(v, int) or isinstance(v, bool)
+                                                       for v in e["shape"]):
+                raise TypeError("shape must be a list of integers")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry ({exc})") \
+                from None
+        if dtype not in DTYPE_SIZES:
+            raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+        if any(v < 0 for v in shape) or not 0 <= begin <= end:
+            raise CheckpointError(f"{path}: tensor {name!r}: invalid shape or offsets")
+        if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: {end - begin} bytes do not fit shape {shape} "
+                f"of {dtype}")
+        tensors.append(TensorInfo(name, dtype, shape, begin, end))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    pos = 0
+    for t in tensors:
+        if t.begin < pos:
+            raise CheckpointError(f"{path}: tensor {t.name!r} overlaps the previous tensor")
+        pos = t.end
+    if pos > data_size:
+        last = max(tensors, key=lambda t: t.end)
+        raise CheckpointError(f"{path}: truncated file: tensor {last.name!r} needs {pos} data "
+                              f"bytes but the file holds {data_size}")
+    return n, tensors, metadata
+
+
+class SafetensorsFile:
+    """A parsed safetensors file; tensors are mapped one at a time, on demand."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.header_len, infos, self.metadata = read_header(self.path)
+        self.data_start = 8 + self.header_len
+        self.infos = infos  # data order
+        self.tensors = {t.name: t for t in infos}
+        self.size = os.path.getsize(self.path)
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __len__(self):
+        return len(self.infos)
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def words(self, name, populate=True):
+        """Read-only flat view of the raw elements as unsigned words (uint8/16/32/64).
+        ``populate``: fault the whole tensor in at once (for full passes; False for sparse
+        access such as sampling)."""
+        t = self.tensors[name]
+        dt = _WORDS[t.itemsize]
+        if t.size == 0:
+            return np.empty(0, dt)
+        start = self.data_start + t.begin
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            # MAP_POPULATE: one syscall faults the whole tensor in (page cache permitting)
+            # instead of a page fault per 4 KiB; the map is released with the last view
+            mm = mmap.mmap(f.fileno(), start - base + t.nbytes, offset=base,
+                           flags=mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate
+                                                    else 0),
+                           prot=mmap.PROT_READ)
+        return np.frombuffer(mm, dtype=dt, count=t.size, offset=start - base)
+
+    def read_into(self, name, first, out):
+        """Read elements [first, first + len(out)) of the tensor into the array ``out``
+        (a plain read: no mapping)."""
+        t = self.tensors[name]
+        pos = self.data_start + t.begin + first * t.itemsize
+        view = memoryview(out).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(pos)
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: unexpected end of file in {name!r}")
+                got += n
+
+    def array(self, name, raw=False):
+        """Read-only memory-mapped view in the tensor's shape: numpy dtype, or Bits16 for BF16
+        (float16 stays numpy float16); F8 types come back as uint8.  ``raw=True``: unsigned words."""
+        t = self.tensors[name]
+        w = self.words(name)
+        if raw or t.dtype in ("BF16",) or t.dtype.startswith("F8"):
+            arr = w.reshape(t.shape)
+            return Bits16(arr, "bfloat16") if t.dtype == "BF16" and not raw else arr
+        return w.view(_NUMPY[t.dtype]).reshape(t.shape)
+
+    def copy_to(self, name, fd):
+        """Append the tensor's bytes to the open file descriptor ``fd`` (no Python buffer)."""
+        t = self.tensors[name]
+        copy_range(self.path, self.data_start + t.begin, t.nbytes, fd)
+
+
+def copy_range(path, offset, count, fd):
+    """Copy ``count`` bytes at ``offset`` of ``path`` to the current position of ``fd``."""
+    if count == 0:
+        return
+    with open(path, "rb", buffering=0) as src:
+        sfd = src.fileno()
+        done = 0
+        if hasattr(os, "sendfile"):
+            try:
+                while done < count:
+                    sent = os.sendfile(fd, sfd, offset + done, count - done)
+                    if sent == 0:
+                        raise CheckpointError(f"{path}: unexpected end of file")
+                    done += sent
+                return
+            except OSError as exc:
+                if done or exc.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP
+                    raise
+        src.seek(offset + done)
+        buf = bytearray(1 << 23)
+        view = memoryview(buf)
+        while done < count:
+            got = src.readinto(view[:min(len(buf), count - done)])
+            if not got:
+                raise CheckpointError(f"{path}: unexpected end of file")
+            write_all(fd, view[:got])
+            done += got
+
+
+def write_all(fd, buf):
+    """os.write until every byte of ``buf`` (bytes-like or C-contiguous array) is written."""
+    mv = memoryview(buf).cast("B") if not isinstance(buf, (bytes, bytearray)) else memoryview(buf)
+    while len(mv):
+        n = os.write(fd, mv[: 1 << 30])
+        mv = mv[n:]
+
+
+def encode_header(entries, metadata=None):
+    """The 8-byte length plus JSON header, padded with spaces to a multiple of 8 bytes.
+    ``entries``: an ordered mapping name -> {"dtype", "shape", "data_offsets"}."""
+    header = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header.update(entries)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write ``tensors`` (mapping name -> numpy array or Bits16) to ``path`` in order (no temp
+    file: callers that need atomicity write to a temporary name themselves)."""
+    entries = {}
+    pos = 0
+    arrays = []
+    for name, a in tensors.items():
+        code = dtype_code(a)
+        arr = a.bits if isinstance(a, Bits16) else np.asarray(a)
+        arr = np.ascontiguousarray(arr)
+        entries[name] = {"dtype": code, "shape": list(arr.shape),
+                         "data_offsets": [pos, pos + arr.nbytes]}
+        pos += arr.nbytes
+        arrays.append(arr)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, encode_header(entries, metadata))
+        for arr in arrays:
+            if arr.nbytes:
+                write_all(fd, arr.reshape(-1).view(np.uint8))
+    finally:
+        os.close(fd)
