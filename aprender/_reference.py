@@ -55,6 +55,8 @@ def unstructured_mask(values, sparsity, magnitude=False):
 
 def per_row_mask(values, sparsity, magnitude=False):
     v = to_float64(values)
+    if v.size == 0:
+        return np.ones(v.shape, dtype=bool)
     if magnitude:
         v = np.abs(v)
     rows = v.reshape(-1, v.shape[-1]) if v.ndim else v.reshape(1, 1)
@@ -100,14 +102,19 @@ def _as_2d(v):
 
 
 def block_mask(values, sparsity, block):
+    """Blocks scored by the float64 sum of their values in row-major order (the kernel's order:
+    sequential, so the result never depends on the thread count)."""
     v = to_float64(values)
+    if v.size == 0:
+        return np.ones(v.shape, dtype=bool)
     v2 = _as_2d(v)
     h, w = block
     rows, cols = v2.shape
     sums = np.zeros((rows // h, cols // w))
     for i in range(rows // h):
         for j in range(cols // w):
-            sums[i, j] = math.fsum(v2[i * h:(i + 1) * h, j * w:(j + 1) * w].reshape(-1))
+            blk = v2[i * h:(i + 1) * h, j * w:(j + 1) * w].reshape(-1)
+            sums[i, j] = np.cumsum(blk)[-1]  # sequential, row-major
     bkeep = unstructured_mask(sums, sparsity)
     keep = np.repeat(np.repeat(bkeep, h, axis=0), w, axis=1)
     return keep.reshape(v.shape)
@@ -115,11 +122,15 @@ def block_mask(values, sparsity, block):
 
 def row_mask(values, sparsity):
     v2 = _as_2d(to_float64(values))
+    if v2.size == 0:
+        return np.ones(np.shape(to_float64(values)), dtype=bool)
     return block_mask(values, sparsity, (1, v2.shape[1]))
 
 
 def column_mask(values, sparsity):
     v2 = _as_2d(to_float64(values))
+    if v2.size == 0:
+        return np.ones(np.shape(to_float64(values)), dtype=bool)
     return block_mask(values, sparsity, (v2.shape[0], 1))
 
 

@@ -90,13 +90,13 @@ def is_cupy(x):
 
 def as_floats(x, name="values", *, allow_empty=True, min_ndim=1):
     """Validate a floating array and return a Floats view (copying once if it must)."""
+    if hasattr(x, "values") and hasattr(x, "method") and hasattr(x, "stats"):
+        x = x.values  # ImportanceScores
     if isinstance(x, Bits16):
         arr = x.bits
         fmt = BF16 if x.format == "bfloat16" else F16
         dtype_name = x.format
     else:
-        if hasattr(x, "values") and hasattr(x, "method") and hasattr(x, "stats"):
-            x = x.values  # ImportanceScores
         if is_cupy(x):
             raise InvalidDTypeError(f"{name}: CuPy arrays are only accepted by aprender.sparse24; "
                                     "call .get() to bring the array to the host")

@@ -451,18 +451,30 @@ def test_error_exit_codes_subprocess(tmp_path, rng):
     assert listing(tmp_path) == ["in.safetensors"]
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_folder(tmp_path, rng):
+def test_unwritable_folder(tmp_path, rng, capsys):
     src = tmp_path / "in.safetensors"
     save(src, make_tensors(rng))
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        assert main(["prune", str(src), "-o", str(ro / "o.safetensors"), "--sparsity", "0.5"]) == 1
-        assert listing(ro) == []
-    finally:
-        ro.chmod(0o755)
+    before = src.read_bytes()
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root ignores permission bits: use a folder no one can create files in
+        if not os.path.isdir("/proc/self"):
+            pytest.fail("no read-only folder available to test an unwritable output")
+        target = os.path.join("/proc", "aprender-test-out.safetensors")
+        assert main(["prune", str(src), "-o", target, "--sparsity", "0.5"]) == 1
+        assert not os.path.exists(target)
+        assert "aprender-test-out" in capsys.readouterr().err
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            assert main(["prune", str(src), "-o", str(ro / "o.safetensors"), "--sparsity",
+                         "0.5"]) == 1
+            assert listing(ro) == []
+        finally:
+            ro.chmod(0o755)
+    assert src.read_bytes() == before
+    assert listing(tmp_path) == ["in.safetensors"]
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],

@@ -6,7 +6,7 @@ import pytest
 import aprender._reference as ref
 from aprender import Bits16
 from aprender._kernels import select
-from aprender.pruning import (MagnitudeImportance, SparsityMask, generate_block_mask,
+from aprender.pruning import (MagnitudeImportance, NumericalInstabilityError, SparsityMask, generate_block_mask,
                               generate_column_mask, generate_global_mask, generate_nm_mask,
                               generate_row_mask, generate_unstructured_mask, magnitude_mask,
                               magnitude_nm_mask)
@@ -185,15 +185,17 @@ def test_scores_and_stats_vs_reference(dtype, p):
 
 
 def test_f16_rounding_of_squares_is_exact_over_all_halves():
-    bits = np.arange(0, 0x7C00, dtype=np.uint16)  # every finite non-negative half
+    bits = np.arange(0, 0x5BFF + 1, dtype=np.uint16)  # every half whose square is finite
     w = bits.view(np.float16)
     s = MagnitudeImportance.l2().compute(w).values
     np.testing.assert_array_equal(s, (w.astype(np.float32) ** 2).astype(np.float16))
-    b = MagnitudeImportance.l2().compute(Bits16(np.arange(0, 0x7F80, dtype=np.uint16),
-                                                "bfloat16")).values
-    wb = np.arange(0, 0x7F80, dtype=np.uint16).view(ml_dtypes.bfloat16)
-    np.testing.assert_array_equal(b.view(np.uint16),
-                                  (wb.astype(np.float32) ** 2).astype(ml_dtypes.bfloat16)
+    with pytest.raises(NumericalInstabilityError, match=r"index \(1,\) overflows float16"):
+        MagnitudeImportance.l2().compute(np.array([1.0, 256.0], np.float16))
+    raw = np.arange(0, 0x5F80, dtype=np.uint16)  # bfloat16 with finite squares
+    b = MagnitudeImportance.l2().compute(Bits16(raw, "bfloat16")).values
+    assert isinstance(b, Bits16) and b.format == "bfloat16"
+    wb = raw.view(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(b.bits, (wb.astype(np.float32) ** 2).astype(ml_dtypes.bfloat16)
                                   .view(np.uint16))
 
 

@@ -8,8 +8,8 @@ from typing import Optional, Protocol, runtime_checkable
 import numpy as np
 
 from .._kernels import stats as _stats
-from .._validation import as_floats, raise_nonfinite, resolve_threads
-from .errors import InvalidArgumentError
+from .._validation import Bits16, as_floats, raise_nonfinite, resolve_threads
+from .errors import InvalidArgumentError, NumericalInstabilityError
 
 __all__ = ["Importance", "MagnitudeImportance", "ImportanceScores", "ImportanceStats"]
 
@@ -29,7 +29,7 @@ class ImportanceStats:
 class ImportanceScores:
     """Scores with the same shape as the weights (larger = more important)."""
 
-    values: np.ndarray
+    values: np.ndarray  # same dtype as the weights (an aprender.Bits16 for Bits16 weights)
     method: str
     stats: ImportanceStats
 
@@ -97,4 +97,15 @@ class MagnitudeImportance:
                                                      kout.reshape(-1), nt)
         if bad:
             raise_nonfinite(f, "weights")
+        if f.size and not math.isfinite(mx):
+            flat = kout.reshape(-1)
+            i = int(np.argmax((flat & f.inf16) == f.inf16)) if f.fmt else \
+                int(np.argmax(~np.isfinite(flat)))
+            idx = tuple(int(v) for v in np.unravel_index(i, f.shape))
+            raise NumericalInstabilityError(
+                f"{self.name} score of the weight at index {idx} overflows {f.dtype_name} "
+                "(the scores keep the weights' dtype); use MagnitudeImportance.l1(), or weights "
+                "of a wider dtype", index=idx, value="inf")
+        if isinstance(module_or_array, Bits16) or isinstance(_weights_of(module_or_array), Bits16):
+            out = Bits16(out, f.dtype_name)
         return ImportanceScores(out, self.name, ImportanceStats(mn, mx, mean, std, int(f.size)))

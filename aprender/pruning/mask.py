@@ -9,8 +9,9 @@ from .._kernels import nm as _nmk
 from .._kernels import select as _select
 from .._validation import (Floats, as_floats, check_axis, check_int, check_nm, check_sparsity,
                            prune_count, raise_nonfinite, resolve_threads)
-from .errors import (InvalidDTypeError, InvalidPatternError, InvalidShapeError,
-                     InvalidSparsityError, ReadOnlyError, ShapeMismatchError)
+from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError, InvalidShapeError,
+                     InvalidSparsityError, NumericalInstabilityError, ReadOnlyError,
+                     ShapeMismatchError)
 
 __all__ = ["SparsityPattern", "SparsityMask", "generate_unstructured_mask", "generate_nm_mask",
            "generate_global_mask", "generate_block_mask", "generate_row_mask",
@@ -34,7 +35,10 @@ class SparsityPattern:
         if kind == "block":
             if not (isinstance(block, tuple) and len(block) == 2):
                 raise InvalidPatternError(f"block pattern needs (h, w), got {block!r}")
-            h, w = (check_int(v, "block size", minimum=1) for v in block)
+            try:
+                h, w = (check_int(v, "block size", minimum=1) for v in block)
+            except InvalidArgumentError as exc:
+                raise InvalidPatternError(f"block pattern {block!r}: {exc}") from None
             self.block = (h, w)
 
     @classmethod
@@ -308,7 +312,7 @@ def _threshold_mask(floats, keeps, k, magnitude, nt, cand_budget=-1):
     """Write keep-masks pruning exactly k elements over the tensors; returns a non-finite count."""
     flats = [f.kernel.reshape(-1) for f in floats]
     outs = [kp.reshape(-1).view(np.uint8) for kp in keeps]
-    inf16 = floats[0].inf16 if floats else 0
+    inf16 = next((f.inf16 for f in floats if f.size), 0)
     total = sum(f.size for f in floats)
     if k <= 0 or k >= total:
         bad = 0
@@ -491,7 +495,12 @@ def _structured(values, sparsity, block_of, pattern_of, n_threads):
     _select.block_sums(f.kernel.reshape(rows, cols), h, w, f.fmt, sums, nt)
     bkeep = np.empty(sums.shape, dtype=np.bool_)
     k = prune_count(sparsity, sums.size)
-    _threshold_mask([as_floats(sums, "block scores")], [bkeep], k, 0, nt)
+    if _threshold_mask([as_floats(sums, "block scores")], [bkeep], k, 0, nt):
+        i = int(np.argmax(~np.isfinite(sums.reshape(-1))))
+        blk = tuple(int(v) for v in np.unravel_index(i, sums.shape))
+        raise NumericalInstabilityError(
+            f"the float64 sum of block {blk} (size {h}x{w}) of values overflows; "
+            "scale the values down", index=blk, value="inf")
     _select.expand_blocks(bkeep.view(np.uint8), h, w, keep.reshape(rows, cols).view(np.uint8), nt)
     return SparsityMask(keep, pattern, _trusted=True)
 
@@ -502,7 +511,10 @@ def generate_block_mask(values, sparsity, block=(4, 4), *, n_threads=None):
     for L2 scores) and the round(sparsity * blocks) lowest are pruned (ties: lowest block index)."""
     if not (isinstance(block, (tuple, list)) and len(block) == 2):
         raise InvalidPatternError(f"block must be a pair (h, w), got {block!r}")
-    h, w = (check_int(v, "block size", minimum=1) for v in block)
+    try:
+        h, w = (check_int(v, "block size", minimum=1) for v in block)
+    except InvalidArgumentError as exc:
+        raise InvalidPatternError(f"block {tuple(block)!r}: {exc}") from None
     return _structured(values, sparsity, lambda r, c: (h, w),
                        lambda s: SparsityPattern.block_pattern(h, w), n_threads)
 

@@ -1,0 +1,66 @@
+"""Shared pytest configuration for the aprender test suite.
+
+Sections (keep each one small and self-contained):
+
+1. hypothesis profiles  -- "dev" (default) and "ci", chosen by the HYPOTHESIS_PROFILE variable
+2. slow tests           -- tests marked ``slow`` run only when asked for
+3. oracle skips in CI   -- with CI set, a skipped ``oracle`` test is reported as a failure
+"""
+import os
+
+import pytest
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. hypothesis profiles
+# ----------------------------------------------------------------------------------------------
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    settings = None
+
+if settings is not None:
+    # dev: quick local runs.  ci: the thorough search (>= 10000 examples per property test).
+    settings.register_profile("dev", max_examples=100, deadline=None)
+    settings.register_profile(
+        "ci",
+        max_examples=10_000,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        print_blob=True,
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. slow tests: selected with ``-m slow`` (or any -m expression naming slow), or with CI or
+#    APRENDER_RUN_SLOW set; otherwise skipped so that a plain ``pytest`` stays quick.
+# ----------------------------------------------------------------------------------------------
+def pytest_collection_modifyitems(config, items):
+    if "slow" in (config.getoption("markexpr", "") or "") or _truthy("CI") \
+            or _truthy("APRENDER_RUN_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with -m slow (or set APRENDER_RUN_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. oracle skips fail in CI: an external-oracle comparison that silently skips (say, PyTorch
+#    missing) would let CI pass without the check, so with CI set the skip becomes a failure.
+# ----------------------------------------------------------------------------------------------
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _truthy("CI") and item.get_closest_marker("oracle") is not None \
+            and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"oracle test {item.nodeid} was skipped while CI is set "
+                           f"(a skipped oracle check is a failure in CI): {reason}")
