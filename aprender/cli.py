@@ -388,13 +388,10 @@ class GlobalPlan:
 
 def layer_keep(arr, shard, t, kind, sparsity, n, m, nt):
     """Per-tensor mask (flat uint8) for layer scope."""
-    from .pruning import magnitude_mask, magnitude_nm_mask
+    from .pruning.mask import layer_magnitude_mask
 
     try:
-        if kind == "nm":
-            mask = magnitude_nm_mask(arr, n, m, n_threads=nt)
-        else:
-            mask = magnitude_mask(arr, sparsity, per_row=(kind == "row"), n_threads=nt)
+        mask = layer_magnitude_mask(arr, kind, sparsity, n, m, n_threads=nt)
     except PruningError as exc:
         raise Failure(f"{shard}: tensor {t.name!r}: {exc}") from None
     return mask.keep.reshape(-1).view(np.uint8)

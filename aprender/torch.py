@@ -153,7 +153,7 @@ def prune_(module, sparsity=None, pattern="unstructured", scope="layer", include
     ``torch.nn.utils.prune.l1_unstructured`` (layer) and ``global_unstructured`` (global).
     Each report entry: name, shape, dtype, total, kept, sparsity."""
     torch = _torch()
-    from .pruning import magnitude_mask, magnitude_nm_mask
+    from .pruning.mask import layer_magnitude_mask
 
     if not isinstance(module, torch.nn.Module):
         raise InvalidArgumentError(f"prune_ needs a torch.nn.Module, got {type(module).__name__}")
@@ -186,10 +186,7 @@ def prune_(module, sparsity=None, pattern="unstructured", scope="layer", include
         keeps = []
         for (name, _, _), v in zip(targets, views):
             try:
-                if kind == "nm":
-                    mk = magnitude_nm_mask(v, n, m, n_threads=nt)
-                else:
-                    mk = magnitude_mask(v, sparsity, per_row=(kind == "row"), n_threads=nt)
+                mk = layer_magnitude_mask(v, kind, sparsity, n, m, n_threads=nt)
             except PruningError as exc:
                 raise type(exc)(f"{name}: {exc}") from None
             keeps.append(mk.keep)

@@ -456,7 +456,10 @@ def test_scores_and_stats_match_reference(data, p, nt):
             mn, mx, mean, std = ref.stats(got)
             assert sc.stats.min == mn and sc.stats.max == mx
             assert sc.stats.mean == pytest.approx(mean, rel=1e-9, abs=1e-300)
-            assert sc.stats.std == pytest.approx(std, rel=1e-6, abs=1e-150)
+            # the std of nearly equal values is ill-conditioned: compare it against the
+            # rounding noise of the values themselves as well as relatively
+            assert sc.stats.std == pytest.approx(std, rel=1e-6,
+                                                 abs=max(1e-150, abs(mean) * 1e-13))
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "float16"])

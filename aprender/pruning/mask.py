@@ -15,7 +15,7 @@ from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternErro
 
 __all__ = ["SparsityPattern", "SparsityMask", "generate_unstructured_mask", "generate_nm_mask",
            "generate_global_mask", "generate_block_mask", "generate_row_mask",
-           "generate_column_mask", "magnitude_mask", "magnitude_nm_mask"]
+           "generate_column_mask", "magnitude_mask", "magnitude_nm_mask", "layer_magnitude_mask"]
 
 
 class SparsityPattern:
@@ -384,6 +384,17 @@ def magnitude_nm_mask(weights, n, m, *, axis=-1, n_threads=None):
     """N:M mask straight from raw weights by |w| (no scores array)."""
     f = as_floats(weights, "weights")
     return _nm(f, n, m, axis, 1, resolve_threads(n_threads), "weights")
+
+
+def layer_magnitude_mask(weights, kind, sparsity=None, n=None, m=None, *, n_threads=None):
+    """The layer-scope mask of raw weights by |w| for a pattern kind: "unstructured", "row"
+    (per-row unstructured) or "nm" (n of every m along the last axis).  One entry point for the
+    command line and the torch interop."""
+    if kind == "nm":
+        return magnitude_nm_mask(weights, n, m, n_threads=n_threads)
+    if kind not in ("unstructured", "row"):
+        raise InvalidPatternError(f"layer pattern must be 'unstructured', 'row' or 'nm', got {kind!r}")
+    return magnitude_mask(weights, sparsity, per_row=kind == "row", n_threads=n_threads)
 
 
 def generate_global_mask(values, sparsity, *, n_threads=None, max_tensor_sparsity=None):
