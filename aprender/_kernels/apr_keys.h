@@ -155,11 +155,16 @@ static inline uint64_t apr_key64(double x, int magnitude) {
         for (i = s; i < e; i++) c += apr_skey##W(x[i], am) < t;                             \
         return c;                                                                           \
     }                                                                                       \
-    static void apr_keep_equals_from##W(const UT *x, ptrdiff_t s, ptrdiff_t e,              \
-                                        int magnitude, UT t, ptrdiff_t first,               \
-                                        uint8_t *out) {                                     \
+    APR_CLONES static void apr_keep_equals_from##W(const UT *x, ptrdiff_t s, ptrdiff_t e,   \
+                                                   int magnitude, UT t, ptrdiff_t first,    \
+                                                   uint8_t *out) {                          \
         UT am = apr_amask##W(magnitude);                                                    \
         ptrdiff_t i, j = 0;                                                                 \
+        if (first <= 0) { /* every equal key in the range is kept: a vectorised OR */       \
+            ST st = apr_sdom##W(t);                                                         \
+            for (i = s; i < e; i++) out[i] |= (uint8_t)(apr_skey##W(x[i], am) == st);        \
+            return;                                                                         \
+        }                                                                                   \
         for (i = s; i < e; i++) {                                                           \
             if (apr_nkey##W(x[i], am) == t) {                                               \
                 if (j >= first) out[i] = 1;                                                 \
@@ -350,6 +355,68 @@ APR_DEFINE_ROW(64, uint64_t, int64_t, 0x8000000000000000ull)
 APR_DEFINE_NM(16, uint16_t, int16_t, 0x8000u)
 APR_DEFINE_NM(32, uint32_t, int32_t, 0x80000000u)
 APR_DEFINE_NM(64, uint64_t, int64_t, 0x8000000000000000ull)
+
+
+/* k-th smallest (0-based rank) of a[0:n] by MSD radix select: 8-bit digits from the highest
+ * non-zero byte of the largest key, four split histograms, branch-free compaction.  At most 8
+ * linear passes (worst case O(n)); only permutes a.  *below receives the number of keys
+ * strictly smaller than the result. */
+APR_CLONES static uint64_t apr_radix_select64(uint64_t *a, ptrdiff_t n, ptrdiff_t rank,
+                                              ptrdiff_t *below_out) {
+    int32_t cnt4[4][256];
+    int64_t cnt[256];
+    uint64_t mx = 0, t = 0;
+    ptrdiff_t i, m = n, below = 0;
+    int shift, d;
+    for (i = 0; i < n; i++) mx = a[i] > mx ? a[i] : mx;
+    shift = 56;
+    while (shift > 0 && (mx >> shift) == 0) shift -= 8;
+    for (; shift >= 0; shift -= 8) {
+        ptrdiff_t w = 0, acc = 0;
+        int b = 0;
+        if (m <= 16) {
+            ptrdiff_t x, c;
+            for (x = 1; x < m; x++) {
+                uint64_t v = a[x];
+                for (c = x - 1; c >= 0 && a[c] > v; c--) a[c + 1] = a[c];
+                a[c + 1] = v;
+            }
+            t = a[rank];
+            for (x = 0; x < rank; x++) below += a[x] < t;
+            *below_out = below;
+            return t;
+        }
+        memset(cnt4, 0, sizeof(cnt4));
+        for (i = 0; i + 4 <= m; i += 4) {
+            cnt4[0][(a[i] >> shift) & 0xff]++;
+            cnt4[1][(a[i + 1] >> shift) & 0xff]++;
+            cnt4[2][(a[i + 2] >> shift) & 0xff]++;
+            cnt4[3][(a[i + 3] >> shift) & 0xff]++;
+        }
+        for (; i < m; i++) cnt4[0][(a[i] >> shift) & 0xff]++;
+        for (d = 0; d < 256; d++)
+            cnt[d] = (int64_t)cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];
+        for (d = 0; d < 256; d++) {
+            if (acc + cnt[d] > rank) { b = d; break; }
+            acc += cnt[d];
+        }
+        rank -= acc;
+        below += acc;
+        t |= (uint64_t)b << shift;
+        if (cnt[b] == m) continue;
+        for (i = 0; i < m; i++) {
+            uint64_t v = a[i];
+            uint64_t tmp = a[w];
+            ptrdiff_t hit = (ptrdiff_t)(((v >> shift) & 0xff) == (uint64_t)b);
+            a[w] = hit ? v : tmp; /* swap a[i] into slot w when it matches: a permutation */
+            a[i] = hit ? tmp : v;
+            w += hit;
+        }
+        m = w;
+    }
+    *below_out = below;
+    return t;
+}
 
 /* Non-finite test on raw bits, given the exponent mask of the format. */
 static inline int apr_nonfinite16(uint16_t b, uint16_t expmask) { return (b & expmask) == expmask; }

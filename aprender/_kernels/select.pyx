@@ -31,7 +31,7 @@ import numpy as np
 from ._common cimport real_t, key_of, inf_keys, apr_u16_to_f64
 
 cdef enum:
-    SAMPLE = 131072         # total sample size for the bracket
+    SAMPLE = 262144         # total sample size for the bracket
     CHUNK = 65536           # elements per chunk in the write pass (fixed: results never depend on it)
     SMALL = 131072          # at or below this many keys, gather them all and select directly
     NBINS = 65536
@@ -135,17 +135,35 @@ cdef uint64_t quickselect(uint64_t* a, Py_ssize_t n, Py_ssize_t rank) noexcept n
     return a[lo]
 
 
-def select_keys(uint64_t[::1] keys, Py_ssize_t rank, bint radix=False):
-    """rank-th smallest key (0-based) of a uint64 buffer, permuting it (test hook)."""
+cdef extern from "apr_keys.h" nogil:
+    uint64_t apr_radix_select64(uint64_t* a, Py_ssize_t n, Py_ssize_t rank, Py_ssize_t* below)
+
+
+def select_keys(uint64_t[::1] keys, Py_ssize_t rank, bint radix=False, bint quick=False):
+    """rank-th smallest key (0-based) of a uint64 buffer, only permuting it.  Default: the
+    branch-free MSD radix select (worst-case linear); quick=True: introselect; radix=True: the
+    plain radix_select."""
     if not 0 <= rank < keys.shape[0]:
         raise IndexError("rank out of range")
     cdef uint64_t out
+    cdef Py_ssize_t below
     with nogil:
         if radix:
             out = radix_select(&keys[0], keys.shape[0], rank)
-        else:
+        elif quick:
             out = quickselect(&keys[0], keys.shape[0], rank)
+        else:
+            out = apr_radix_select64(&keys[0], keys.shape[0], rank, &below)
     return out
+
+
+def select_keys_below(uint64_t[::1] keys, Py_ssize_t rank):
+    """(rank-th smallest key, number of keys strictly below it); only permutes keys."""
+    cdef uint64_t out
+    cdef Py_ssize_t below = 0
+    with nogil:
+        out = apr_radix_select64(&keys[0], keys.shape[0], rank, &below)
+    return out, below
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,10 +489,9 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
     if bad:
         return 0, 0, bad, "nonfinite"
     if ok and below < k <= below + inside:
-        cand = np.concatenate(cands) if cands else np.empty(0, np.uint64)
-        thresh = int(select_keys(cand, k - below - 1))
-        n_below = below + int(np.count_nonzero(cand < np.uint64(thresh)))
-        return thresh, n_below, 0, "sample"
+        cand = np.concatenate(cands) if len(cands) > 1 else cands[0]
+        thresh, cbelow = select_keys_below(cand, k - below - 1)
+        return int(thresh), below + cbelow, 0, "sample"
     # 3. fallback: radix histograms, top digit first
     return _radix_threshold(sources, sizes, k, magnitude, inf16, n_threads) + ("radix",)
 

@@ -1,0 +1,152 @@
+"""pytest-benchmark cases for every aprender kernel entry point.
+
+    python -m pytest benchmarks/bench_kernels.py -q                     # smoke: each case once
+    python -m pytest benchmarks/bench_kernels.py -q --benchmark-enable  # measure
+    python -m pytest benchmarks/bench_kernels.py -q --benchmark-enable -k "4096 and float32"
+
+(pyproject's addopts disable timing by default, so a plain run is a quick correctness smoke
+check.)  Every kernel is timed at (768, 3072) and (4096, 4096) in float32, float16 and bfloat16;
+``APRENDER_BENCH_THREADS`` sets the thread count.  For one-process comparisons with NumPy,
+PyTorch and the memory-bandwidth floors, see benchmarks/compare.py.
+"""
+import numpy as np
+import pytest
+
+from aprender.pruning import (MagnitudeImportance, SparsityMask, generate_block_mask,
+                              generate_column_mask, generate_global_mask, generate_nm_mask,
+                              generate_row_mask, generate_unstructured_mask, magnitude_mask,
+                              magnitude_nm_mask)
+from conftest import weights
+
+SHAPES = [(768, 3072), (4096, 4096)]
+DTYPES = ["float32", "float16", "bfloat16"]
+
+_SCORES = {}
+
+
+def scores(shape, dtype, seed=0):
+    """|w| in the weights' dtype: non-negative importance scores for the generate_* functions."""
+    key = (shape, dtype, seed)
+    if key not in _SCORES:
+        s = np.abs(weights(shape, dtype, seed))
+        s.flags.writeable = False
+        _SCORES[key] = s
+    return _SCORES[key]
+
+
+def _ids(shape):
+    return f"{shape[0]}x{shape[1]}"
+
+
+shape_param = pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+dtype_param = pytest.mark.parametrize("dtype", DTYPES)
+
+
+def _run(benchmark, group, shape, dtype, fn, *args, **kwargs):
+    benchmark.group = f"{group} {_ids(shape)}"
+    benchmark.extra_info.update(shape=list(shape), dtype=dtype, elements=int(np.prod(shape)))
+    return benchmark(fn, *args, **kwargs)
+
+
+@shape_param
+@dtype_param
+def test_magnitude_mask(benchmark, shape, dtype, n_threads):
+    w = weights(shape, dtype)
+    m = _run(benchmark, "magnitude_mask 50%", shape, dtype, magnitude_mask, w, 0.5,
+             n_threads=n_threads)
+    assert m.num_zeros() == w.size // 2
+
+
+@shape_param
+@dtype_param
+def test_generate_unstructured_mask(benchmark, shape, dtype, n_threads):
+    s = scores(shape, dtype)
+    m = _run(benchmark, "generate_unstructured_mask 50%", shape, dtype,
+             generate_unstructured_mask, s, 0.5, n_threads=n_threads)
+    assert m.num_zeros() == s.size // 2
+
+
+@shape_param
+@dtype_param
+def test_magnitude_mask_per_row(benchmark, shape, dtype, n_threads):
+    w = weights(shape, dtype)
+    m = _run(benchmark, "magnitude_mask per_row 50%", shape, dtype, magnitude_mask, w, 0.5,
+             per_row=True, n_threads=n_threads)
+    assert (m.shape[1] - m.keep[:3].sum(axis=1) == shape[1] // 2).all()
+
+
+@shape_param
+@dtype_param
+def test_magnitude_nm_mask(benchmark, shape, dtype, n_threads):
+    w = weights(shape, dtype)
+    m = _run(benchmark, "magnitude_nm_mask 2:4", shape, dtype, magnitude_nm_mask, w, 2, 4,
+             n_threads=n_threads)
+    assert m.nnz() == w.size // 2
+
+
+@shape_param
+@dtype_param
+def test_generate_nm_mask(benchmark, shape, dtype, n_threads):
+    s = scores(shape, dtype)
+    m = _run(benchmark, "generate_nm_mask 2:4", shape, dtype, generate_nm_mask, s, 2, 4,
+             n_threads=n_threads)
+    assert m.nnz() == s.size // 2
+
+
+@shape_param
+@dtype_param
+def test_generate_global_mask(benchmark, shape, dtype, n_threads):
+    vals = [scores(shape, dtype, seed) for seed in range(4)]
+    masks = _run(benchmark, "generate_global_mask 4 tensors 50%", shape, dtype,
+                 generate_global_mask, vals, 0.5, n_threads=n_threads)
+    assert sum(m.num_zeros() for m in masks) == 4 * vals[0].size // 2
+
+
+@shape_param
+@dtype_param
+def test_generate_block_mask(benchmark, shape, dtype, n_threads):
+    s = scores(shape, dtype)
+    m = _run(benchmark, "generate_block_mask 4x4 50%", shape, dtype, generate_block_mask, s, 0.5,
+             (4, 4), n_threads=n_threads)
+    assert m.num_zeros() == s.size // 2
+
+
+@shape_param
+@dtype_param
+def test_generate_row_mask(benchmark, shape, dtype, n_threads):
+    s = scores(shape, dtype)
+    m = _run(benchmark, "generate_row_mask 50%", shape, dtype, generate_row_mask, s, 0.5,
+             n_threads=n_threads)
+    assert m.num_zeros() == s.size // 2
+
+
+@shape_param
+@dtype_param
+def test_generate_column_mask(benchmark, shape, dtype, n_threads):
+    s = scores(shape, dtype)
+    m = _run(benchmark, "generate_column_mask 50%", shape, dtype, generate_column_mask, s, 0.5,
+             n_threads=n_threads)
+    assert m.num_zeros() == s.size // 2
+
+
+@shape_param
+@dtype_param
+def test_sparsity_mask_apply(benchmark, shape, dtype, n_threads):
+    w = weights(shape, dtype).copy()  # apply zeroes in place: a private, writable copy
+    mask = magnitude_mask(w, 0.5, n_threads=n_threads)
+    assert isinstance(mask, SparsityMask)
+    out = _run(benchmark, "SparsityMask.apply", shape, dtype, mask.apply, w, n_threads=n_threads)
+    assert out is w
+    assert not w.view(np.uint16 if w.itemsize == 2 else np.uint32)[~mask.keep].any()
+
+
+@shape_param
+@dtype_param
+@pytest.mark.parametrize("p", [1, 2], ids=["l1", "l2"])
+def test_magnitude_importance(benchmark, shape, dtype, p, n_threads):
+    w = weights(shape, dtype)
+    imp = MagnitudeImportance.l1() if p == 1 else MagnitudeImportance.l2()
+    sc = _run(benchmark, f"MagnitudeImportance.{imp.name[-2:]}().compute", shape, dtype,
+              imp.compute, w, n_threads=n_threads)
+    assert sc.values.shape == w.shape and sc.values.dtype == w.dtype
+    assert sc.stats.count == w.size
