@@ -27,6 +27,17 @@ static inline uint64_t apr_f64_bits(double x) { uint64_t b; memcpy(&b, &x, 8); r
 static inline float apr_bits_f32(uint32_t b) { float x; memcpy(&x, &b, 4); return x; }
 static inline double apr_bits_f64(uint64_t b) { double x; memcpy(&x, &b, 8); return x; }
 
+
+static inline int apr_ctz64(uint64_t v) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(v);
+#else
+    int n = 0;
+    while (!(v & 1u)) { v >>= 1; n++; }
+    return n;
+#endif
+}
+
 /* Native keys: same width as the input, branch-free so that loops over them vectorise.
  * amask is all ones (signed order) or all ones but the sign bit (magnitude order). */
 #define APR_DEFINE_NKEY(W, UT, ST, SIGN)                                                  \
@@ -416,6 +427,122 @@ APR_CLONES static uint64_t apr_radix_select64(uint64_t *a, ptrdiff_t n, ptrdiff_
     }
     *below_out = below;
     return t;
+}
+
+
+/* Fused range + write pass, for masks held in memory: out[i] = key > hi (keys below the bracket
+ * pruned, keys inside it provisionally pruned), and the keys inside [lo, hi] with their indices
+ * copied (in index order, at most cap; both buffers need cap + 1 slots).  res as for range.
+ * fix: once the threshold t is known, rewrite the candidates' mask bytes in index order:
+ * keep key > t, prune key < t, prune the first r keys equal to t.  Returns the equal keys it
+ * pruned. */
+#define APR_DEFINE_FUSED(W, UT, ST, SIGN)                                                   \
+    APR_CLONES static void apr_rangew##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
+                                         UT lo_, UT hi_, UT khi_, UT klo_, uint64_t *kbuf,  \
+                                         int64_t *ibuf, ptrdiff_t cap, uint8_t *out,        \
+                                         int64_t *res) {                                    \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        int64_t lt = 0, inside = 0, bad = 0;                                                \
+        uint8_t fl[64];                                                                     \
+        ptrdiff_t i0, j;                                                                    \
+        for (i0 = s; i0 < e; i0 += 64) {                                                    \
+            ptrdiff_t len = e - i0 < 64 ? e - i0 : 64;                                      \
+            const UT *xb = x + i0;                                                          \
+            uint8_t *ob = out + i0;                                                         \
+            int32_t l = 0, q = 0, b = 0;                                                    \
+            if (magnitude) {                                                                \
+                for (j = 0; j < len; j++) {                                                 \
+                    ST k = (ST)(xb[j] & am);                                                \
+                    uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                           \
+                    b += k >= khi;                                                          \
+                    l += k < lo;                                                            \
+                    q += f;                                                                 \
+                    fl[j] = f;                                                              \
+                    ob[j] = (uint8_t)(k > hi);                                              \
+                }                                                                           \
+            } else {                                                                        \
+                for (j = 0; j < len; j++) {                                                 \
+                    ST k = apr_skey##W(xb[j], am);                                          \
+                    uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                           \
+                    b += (k >= khi) | (k <= klo);                                           \
+                    l += k < lo;                                                            \
+                    q += f;                                                                 \
+                    fl[j] = f;                                                              \
+                    ob[j] = (uint8_t)(k > hi);                                              \
+                }                                                                           \
+            }                                                                               \
+            lt += l;                                                                        \
+            bad += b;                                                                       \
+            if (q) {                                                                        \
+                ptrdiff_t j8;                                                               \
+                for (j8 = len; j8 < 64; j8++) fl[j8] = 0;                                   \
+                for (j8 = 0; j8 < 64; j8 += 8) {                                            \
+                    uint64_t word;                                                          \
+                    memcpy(&word, fl + j8, 8);                                              \
+                    while (word) { /* one step per candidate: lowest set byte first */      \
+                        ptrdiff_t jj = j8 + (apr_ctz64(word) >> 3);                         \
+                        ptrdiff_t slot = inside < cap ? inside : cap;                       \
+                        kbuf[slot] = (uint64_t)(UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN)); \
+                        ibuf[slot] = i0 + jj;                                               \
+                        inside++;                                                           \
+                        word &= word - 1;                                                   \
+                    }                                                                       \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+        res[0] = lt;                                                                        \
+        res[1] = inside;                                                                    \
+        res[2] = bad;                                                                       \
+    }                                                                                       \
+    static ptrdiff_t apr_fix##W(const UT *x, const int64_t *idx, ptrdiff_t m, int magnitude, \
+                                UT t_, ptrdiff_t r, uint8_t *out) {                         \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST t = apr_sdom##W(t_);                                                             \
+        ptrdiff_t j, seen = 0;                                                              \
+        for (j = 0; j < m; j++) {                                                           \
+            ptrdiff_t i = idx[j];                                                           \
+            ST sk = apr_skey##W(x[i], am);                                                  \
+            ptrdiff_t eq = sk == t;                                                         \
+            out[i] = (uint8_t)((sk > t) | (eq & (seen >= r)));                              \
+            seen += eq;                                                                     \
+        }                                                                                   \
+        return seen < r ? seen : r;                                                         \
+    }
+APR_DEFINE_FUSED(16, uint16_t, int16_t, 0x8000u)
+APR_DEFINE_FUSED(32, uint32_t, int32_t, 0x80000000u)
+APR_DEFINE_FUSED(64, uint64_t, int64_t, 0x8000000000000000ull)
+
+
+/* Two order statistics (ranks r_lo <= r_hi, 0-based) of n keys of width W bits (16, 32 or 64,
+ * zero-extended in uint64): one histogram of the top 16 bits finds the bins holding both ranks,
+ * then only the keys in those bins are gathered (into scratch, n slots) and selected exactly. */
+static void apr_quantile_pair(const uint64_t *a, ptrdiff_t n, ptrdiff_t r_lo, ptrdiff_t r_hi,
+                              int width, int64_t *hist, uint64_t *scratch, uint64_t *lo,
+                              uint64_t *hi) {
+    int shift = width - 16, side;
+    ptrdiff_t i, b, acc;
+    ptrdiff_t ranks[2];
+    uint64_t *outs[2];
+    ranks[0] = r_lo; ranks[1] = r_hi;
+    outs[0] = lo; outs[1] = hi;
+    memset(hist, 0, 65536 * sizeof(int64_t));
+    for (i = 0; i < n; i++) hist[(a[i] >> shift) & 0xffff]++;
+    for (side = 0; side < 2; side++) {
+        ptrdiff_t rank = ranks[side], w = 0, below;
+        acc = 0;
+        for (b = 0; b < 65536; b++) {
+            if (acc + hist[b] > rank) break;
+            acc += hist[b];
+        }
+        if (shift == 0) { *outs[side] = (uint64_t)b; continue; }
+        for (i = 0; i < n; i++) {
+            scratch[w] = a[i];
+            w += (ptrdiff_t)(((a[i] >> shift) & 0xffff) == (uint64_t)b);
+        }
+        *outs[side] = apr_radix_select64(scratch, w, rank - acc, &below);
+    }
 }
 
 /* Non-finite test on raw bits, given the exponent mask of the format. */

@@ -137,6 +137,22 @@ cdef uint64_t quickselect(uint64_t* a, Py_ssize_t n, Py_ssize_t rank) noexcept n
 
 cdef extern from "apr_keys.h" nogil:
     uint64_t apr_radix_select64(uint64_t* a, Py_ssize_t n, Py_ssize_t rank, Py_ssize_t* below)
+    void apr_quantile_pair(const uint64_t* a, Py_ssize_t n, Py_ssize_t r_lo, Py_ssize_t r_hi,
+                           int width, int64_t* hist, uint64_t* scratch, uint64_t* lo,
+                           uint64_t* hi)
+
+
+def quantile_pair(const uint64_t[::1] keys, Py_ssize_t r_lo, Py_ssize_t r_hi, int width):
+    """(key of rank r_lo, key of rank r_hi) of keys of the given bit width (16, 32 or 64)."""
+    cdef Py_ssize_t n = keys.shape[0]
+    cdef uint64_t lo = 0, hi = 0
+    if not (0 <= r_lo <= r_hi < n):
+        raise IndexError("ranks out of range")
+    cdef int64_t[::1] hist = np.empty(65536, dtype=np.int64)
+    cdef uint64_t[::1] scratch = np.empty(n, dtype=np.uint64)
+    with nogil:
+        apr_quantile_pair(&keys[0], n, r_lo, r_hi, width, &hist[0], &scratch[0], &lo, &hi)
+    return lo, hi
 
 
 def select_keys(uint64_t[::1] keys, Py_ssize_t rank, bint radix=False, bint quick=False):
@@ -183,29 +199,31 @@ cdef inline uint64_t _mix(uint64_t z) noexcept nogil:
     return z ^ (z >> 31)
 
 
+cdef void _sample_stratum(const real_t* x, Py_ssize_t n, Py_ssize_t nstrata, Py_ssize_t j,
+                          uint64_t salt, int magnitude, uint64_t* out) noexcept nogil:
+    cdef Py_ssize_t a = (j * n) // nstrata, b = ((j + 1) * n) // nstrata, i, start
+    start = a + <Py_ssize_t>(_mix(salt * 0x9e3779b97f4a7c15ULL + <uint64_t>j)
+                             % <uint64_t>(b - a - RUN + 1))
+    for i in range(RUN):
+        out[j * RUN + i] = key_of(x[start + i], magnitude)
+
+
 cdef Py_ssize_t _sample(const real_t* x, Py_ssize_t n, Py_ssize_t s, uint64_t salt, int magnitude,
-                        uint64_t* out) noexcept nogil:
+                        uint64_t* out, int nt) noexcept nogil:
     """About s keys: s / RUN equal strata of x, from each a run of RUN consecutive keys starting
-    at a hashed position inside the stratum (runs keep the reads cache-friendly)."""
-    cdef Py_ssize_t j, a, b, i, start, w = 0, nstrata, span
-    if s >= n:
+    at a hashed position inside the stratum (runs keep the reads cache-friendly; every stratum
+    holds more than RUN keys because s < n).  All keys when s >= n."""
+    cdef Py_ssize_t j, i, nstrata
+    if s >= n or n < 2 * RUN:
         for i in range(n):
             out[i] = key_of(x[i], magnitude)
         return n
     nstrata = s // RUN if s >= RUN else 1
-    for j in range(nstrata):
-        a = (j * n) // nstrata
-        b = ((j + 1) * n) // nstrata
-        span = b - a - RUN + 1
-        if span <= 0:
-            start = a
-        else:
-            start = a + <Py_ssize_t>(_mix(salt * 0x9e3779b97f4a7c15ULL + <uint64_t>j)
-                                     % <uint64_t>span)
-        for i in range(start, min(start + RUN, b)):
-            out[w] = key_of(x[i], magnitude)
-            w += 1
-    return w
+    if nstrata * RUN >= n:
+        nstrata = n // (2 * RUN)
+    for j in prange(nstrata, schedule="static", num_threads=nt):
+        _sample_stratum(x, n, nstrata, j, salt, magnitude, out)
+    return nstrata * RUN
 
 
 cdef extern from "apr_keys.h" nogil:
@@ -305,15 +323,17 @@ cdef inline void _keep_equals_from(const real_t* x, Py_ssize_t s, Py_ssize_t e, 
 
 # ---- def wrappers: one typed pass over one contiguous 1-D tensor --------------------------------
 
-def sample_keys(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude):
+def sample_keys(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude,
+                int n_threads=1):
     """Stratified sample of s keys (fewer if x is shorter) as a uint64 array."""
     cdef Py_ssize_t n = x.shape[0], w
     out = np.empty(max(min(s, n), RUN), dtype=np.uint64)
     cdef uint64_t[::1] o = out
     if n == 0 or s <= 0:
         return out[:0]
+    cdef int nt = _tasks(n, n_threads)
     with nogil:
-        w = _sample(&x[0], n, s, salt, magnitude, &o[0])
+        w = _sample(&x[0], n, s, salt, magnitude, &o[0], nt)
     return out[:w]
 
 
@@ -405,6 +425,97 @@ def write_pass(const real_t[::1] x, uint64_t thresh, Py_ssize_t r, int magnitude
     return min(r, total)
 
 
+cdef extern from "apr_keys.h" nogil:
+    void apr_rangew16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint16_t lo,
+                      uint16_t hi, uint16_t khi, uint16_t klo, uint64_t* kbuf, int64_t* ibuf,
+                      Py_ssize_t cap, uint8_t* out, int64_t* res)
+    void apr_rangew32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint32_t lo,
+                      uint32_t hi, uint32_t khi, uint32_t klo, uint64_t* kbuf, int64_t* ibuf,
+                      Py_ssize_t cap, uint8_t* out, int64_t* res)
+    void apr_rangew64(const uint64_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint64_t lo,
+                      uint64_t hi, uint64_t khi, uint64_t klo, uint64_t* kbuf, int64_t* ibuf,
+                      Py_ssize_t cap, uint8_t* out, int64_t* res)
+    Py_ssize_t apr_fix16(const uint16_t* x, const int64_t* idx, Py_ssize_t m, int magnitude,
+                         uint16_t t, Py_ssize_t r, uint8_t* out)
+    Py_ssize_t apr_fix32(const uint32_t* x, const int64_t* idx, Py_ssize_t m, int magnitude,
+                         uint32_t t, Py_ssize_t r, uint8_t* out)
+    Py_ssize_t apr_fix64(const uint64_t* x, const int64_t* idx, Py_ssize_t m, int magnitude,
+                         uint64_t t, Py_ssize_t r, uint8_t* out)
+
+
+cdef inline void _rangew_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
+                              uint64_t lo, uint64_t hi, uint64_t khi, uint64_t klo,
+                              uint64_t* kbuf, int64_t* ibuf, Py_ssize_t cap, uint8_t* out,
+                              int64_t* res) noexcept nogil:
+    if real_t is float:
+        apr_rangew32(<const uint32_t*>x, s, e, magnitude, <uint32_t>lo, <uint32_t>hi,
+                     <uint32_t>khi, <uint32_t>klo, kbuf, ibuf, cap, out, res)
+    elif real_t is double:
+        apr_rangew64(<const uint64_t*>x, s, e, magnitude, lo, hi, khi, klo, kbuf, ibuf, cap, out,
+                     res)
+    else:
+        apr_rangew16(x, s, e, magnitude, <uint16_t>lo, <uint16_t>hi, <uint16_t>khi,
+                     <uint16_t>klo, kbuf, ibuf, cap, out, res)
+
+
+def range_write_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude,
+                     uint16_t inf16, Py_ssize_t cap, uint8_t[::1] out, int n_threads):
+    """range_pass fused with a provisional mask write (out = key > hi).  Returns
+    (n_below, n_inside, n_nonfinite, candidate keys, candidate indices); the last two are None
+    when more than cap keys fell inside the bracket."""
+    cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads)
+    cdef uint64_t khi, klo
+    cdef Py_ssize_t per = cap if cap > 0 else 1
+    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
+    cdef uint64_t[::1] kbuf = np.empty(ntask * (per + 1), dtype=np.uint64)
+    cdef int64_t[::1] ibuf = np.empty(ntask * (per + 1), dtype=np.int64)
+    cdef Py_ssize_t below = 0, inside = 0, bad = 0, w = 0, c
+    cdef bint overflow = False
+    if n == 0:
+        return 0, 0, 0, np.empty(0, np.uint64), np.empty(0, np.int64)
+    inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
+    with nogil:
+        for t in prange(ntask, schedule="static", num_threads=ntask):
+            _rangew_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
+                         khi, klo, &kbuf[t * (per + 1)], &ibuf[t * (per + 1)], per, &out[0],
+                         &res[t * PAD])
+    for t in range(ntask):
+        below += res[t * PAD]
+        inside += res[t * PAD + 1]
+        bad += res[t * PAD + 2]
+        if res[t * PAD + 1] > per:
+            overflow = True
+    if overflow or inside > cap:
+        return below, inside, bad, None, None
+    ka = np.asarray(kbuf)
+    ia = np.asarray(ibuf)
+    for t in range(ntask):
+        c = res[t * PAD + 1]
+        if c:
+            ka[w:w + c] = ka[t * (per + 1):t * (per + 1) + c]
+            ia[w:w + c] = ia[t * (per + 1):t * (per + 1) + c]
+            w += c
+    return below, inside, bad, ka[:w].copy(), ia[:w].copy()
+
+
+def fix_candidates(const real_t[::1] x, const int64_t[::1] idx, uint64_t thresh, Py_ssize_t r,
+                   int magnitude, uint8_t[::1] out):
+    """Final mask bytes of the candidates (ascending indices): keep key > thresh, prune the first
+    r keys equal to thresh.  Returns how many equal keys it pruned."""
+    cdef Py_ssize_t m = idx.shape[0], used
+    if m == 0:
+        return 0
+    with nogil:
+        if real_t is float:
+            used = apr_fix32(<const uint32_t*>&x[0], &idx[0], m, magnitude, <uint32_t>thresh, r,
+                             &out[0])
+        elif real_t is double:
+            used = apr_fix64(<const uint64_t*>&x[0], &idx[0], m, magnitude, thresh, r, &out[0])
+        else:
+            used = apr_fix16(&x[0], &idx[0], m, magnitude, <uint16_t>thresh, r, &out[0])
+    return used
+
+
 def fill_pass(const real_t[::1] x, uint8_t value, int magnitude, uint16_t inf16,
               uint8_t[::1] out, int n_threads):
     """out[:] = value; returns the number of non-finite inputs (k == 0 or k == n)."""
@@ -432,6 +543,95 @@ def _get(src):
     return src() if callable(src) else src
 
 
+def _bracket(sources, sizes, Py_ssize_t total, Py_ssize_t k, int magnitude, int n_threads=1):
+    """Keys lo <= hi that bracket the k-th smallest key with high probability, from a stratified
+    sample proportional to each source's size (every key when the total is small)."""
+    cdef Py_ssize_t j, s_t, lo_r, hi_r, delta
+    cdef double q, sig
+    itemsize = 8
+    samples = []
+    for j, (src, n_t) in enumerate(zip(sources, sizes)):
+        if n_t == 0:
+            continue
+        if total <= SMALL:
+            s_t = n_t
+        else:
+            s_t = max(1, (SAMPLE * n_t) // total)
+        x = _get(src)
+        itemsize = x.dtype.itemsize
+        samples.append(sample_keys(x, s_t, j + 1, magnitude, n_threads))
+    smp = np.concatenate(samples) if samples else np.empty(0, np.uint64)
+    s = smp.shape[0]
+    if total <= SMALL and s == total:
+        lo_key, hi_key = 0, np.iinfo(np.uint64).max
+    else:
+        q = k / <double>total
+        sig = sqrt(s * q * (1.0 - q))
+        delta = <Py_ssize_t>ceil(3.5 * sig) + 16
+        lo_r = <Py_ssize_t>floor(q * s) - delta
+        hi_r = <Py_ssize_t>ceil(q * s) + delta
+        width = 16 if itemsize == 2 else 8 * itemsize
+        qlo, qhi = quantile_pair(smp, max(lo_r, 0), min(hi_r, s - 1), width)
+        lo_key = 0 if lo_r < 0 else int(qlo)
+        hi_key = np.iinfo(np.uint64).max if hi_r >= s else int(qhi)
+    return lo_key, hi_key
+
+
+def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t inf16,
+                    int n_threads, Py_ssize_t cand_budget=-1):
+    """Write keep-masks (uint8, 1 = keep) pruning exactly the k smallest keys over the sources
+    (ties: earlier source, then lower index, pruned first).  One fused pass counts against the
+    sample bracket, writes provisional mask bytes and gathers the in-bracket keys with their
+    indices; only those candidates are rewritten once the threshold is known.  Returns the
+    number of non-finite values (then the masks are not meaningful)."""
+    cdef Py_ssize_t total = sum(sizes)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} outside [1, {total}]")
+    if cand_budget < 0:
+        cand_budget = max(65536, total // 48, total if total <= SMALL else 0)
+    lo_key, hi_key = _bracket(sources, sizes, total, k, magnitude, n_threads)
+    below = 0
+    inside = 0
+    bad = 0
+    keys = []
+    idxs = []
+    ok = True
+    for src, out, n_t in zip(sources, outs, sizes):
+        if n_t == 0:
+            keys.append(None)
+            idxs.append(None)
+            continue
+        b_t, i_t, bad_t, k_t, x_t = range_write_pass(_get(src), lo_key, hi_key, magnitude, inf16,
+                                                     cand_budget - inside, out, n_threads)
+        below += b_t
+        inside += i_t
+        bad += bad_t
+        if k_t is None:
+            ok = False
+            break
+        keys.append(k_t)
+        idxs.append(x_t)
+    if bad:
+        return bad
+    if ok and below < k <= below + inside:
+        present = [c for c in keys if c is not None and c.shape[0]]
+        cand = np.concatenate(present) if len(present) > 1 else present[0]
+        thresh, cbelow = select_keys_below(cand, k - below - 1)
+        r = k - below - cbelow
+        for src, out, x_t, n_t in zip(sources, outs, idxs, sizes):
+            if n_t and x_t is not None and x_t.shape[0]:
+                r -= fix_candidates(_get(src), x_t, thresh, r, magnitude, out)
+        return 0
+    thresh, below, bad = _radix_threshold(sources, sizes, k, magnitude, inf16, n_threads)
+    if bad:
+        return bad
+    r = k - below
+    for src, out, n_t in zip(sources, outs, sizes):
+        if n_t:
+            r -= write_pass(_get(src), thresh, r, magnitude, out, n_threads)
+    return 0
+
+
 def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, int n_threads,
                    Py_ssize_t cand_budget=-1):
     """Exact k-th smallest key over the concatenation of the sources (k >= 1, k <= total).
@@ -445,29 +645,8 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
     if not 1 <= k <= total:
         raise ValueError(f"k={k} outside [1, {total}]")
     if cand_budget < 0:
-        cand_budget = max(65536, total // 48)
-    # 1. sample (or take every key when small)
-    samples = []
-    for j, (src, n_t) in enumerate(zip(sources, sizes)):
-        if n_t == 0:
-            continue
-        if total <= SMALL:
-            s_t = n_t
-        else:
-            s_t = max(1, (SAMPLE * n_t) // total)
-        samples.append(sample_keys(_get(src), s_t, j + 1, magnitude))
-    smp = np.concatenate(samples) if samples else np.empty(0, np.uint64)
-    s = smp.shape[0]
-    if total <= SMALL and s == total:
-        lo_key, hi_key = 0, np.iinfo(np.uint64).max
-    else:
-        q = k / <double>total
-        sig = sqrt(s * q * (1.0 - q))
-        delta = <Py_ssize_t>ceil(3.5 * sig) + 16
-        lo_r = <Py_ssize_t>floor(q * s) - delta
-        hi_r = <Py_ssize_t>ceil(q * s) + delta
-        lo_key = 0 if lo_r < 0 else int(select_keys(smp, lo_r))
-        hi_key = np.iinfo(np.uint64).max if hi_r >= s else int(select_keys(smp, hi_r))
+        cand_budget = max(65536, total // 48, total if total <= SMALL else 0)
+    lo_key, hi_key = _bracket(sources, sizes, total, k, magnitude, n_threads)
     # 2. range pass
     below = 0
     inside = 0
