@@ -211,8 +211,10 @@ APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull)
         UT am = apr_amask##W(magnitude);                                                    \
         ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
         ptrdiff_t i, m = n, rank = k - 1, below = 0, bad = 0, seen = 0, r;                  \
-        int32_t cnt[256], cnt4[4][256];                                                     \
-        int shift, d;                                                                       \
+        int32_t cnt[2048], cnt4[4][256];                                                    \
+        /* first digit: 11 bits under the top bit in magnitude order (which is always set), \
+           from the top bit otherwise; then 8-bit digits down to bit 0 */                   \
+        int sh = W - 11 - (magnitude ? 1 : 0), wd = 11, d;                                  \
         UT t = 0;                                                                           \
         for (i = 0; i < n; i++) {                                                           \
             ST sk = apr_skey##W(x[i], am);                                                  \
@@ -220,8 +222,9 @@ APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull)
             keys[i] = (UT)((UT)sk ^ (UT)(SIGN));                                            \
         }                                                                                   \
         if (bad) return bad;                                                                \
-        for (shift = W - 8; shift >= 0; shift -= 8) {                                       \
-            ptrdiff_t w = 0, acc = 0;                                                       \
+        for (;;) {                                                                          \
+            ptrdiff_t w = 0, acc = 0, b = 0, nb = (ptrdiff_t)1 << wd;                        \
+            UT dm = (UT)(nb - 1);                                                           \
             if (m <= 16) { /* few candidates left: insertion sort them */                   \
                 ptrdiff_t a, c;                                                             \
                 for (a = 1; a < m; a++) {                                                   \
@@ -233,31 +236,38 @@ APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull)
                 for (a = 0; a < rank; a++) below += keys[a] < t;                            \
                 break;                                                                      \
             }                                                                               \
-            int b = 0;                                                                      \
-            memset(cnt4, 0, sizeof(cnt4));                                                  \
-            for (i = 0; i + 4 <= m; i += 4) {                                               \
-                cnt4[0][(keys[i] >> shift) & 0xff]++;                                       \
-                cnt4[1][(keys[i + 1] >> shift) & 0xff]++;                                   \
-                cnt4[2][(keys[i + 2] >> shift) & 0xff]++;                                   \
-                cnt4[3][(keys[i + 3] >> shift) & 0xff]++;                                   \
+            if (wd == 11) {                                                                 \
+                memset(cnt, 0, sizeof(int32_t) * 2048);                                     \
+                for (i = 0; i < m; i++) cnt[(keys[i] >> sh) & dm]++;                        \
+            } else {                                                                        \
+                memset(cnt4, 0, sizeof(cnt4));                                              \
+                for (i = 0; i + 4 <= m; i += 4) {                                           \
+                    cnt4[0][(keys[i] >> sh) & dm]++;                                        \
+                    cnt4[1][(keys[i + 1] >> sh) & dm]++;                                    \
+                    cnt4[2][(keys[i + 2] >> sh) & dm]++;                                    \
+                    cnt4[3][(keys[i + 3] >> sh) & dm]++;                                    \
+                }                                                                           \
+                for (; i < m; i++) cnt4[0][(keys[i] >> sh) & dm]++;                         \
+                for (d = 0; d < nb; d++)                                                    \
+                    cnt[d] = cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];             \
             }                                                                               \
-            for (; i < m; i++) cnt4[0][(keys[i] >> shift) & 0xff]++;                        \
-            for (d = 0; d < 256; d++)                                                       \
-                cnt[d] = cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];                 \
-            for (d = 0; d < 256; d++) {                                                     \
-                if (acc + cnt[d] > rank) { b = d; break; }                                  \
-                acc += cnt[d];                                                              \
+            for (b = 0; b < nb; b++) {                                                      \
+                if (acc + cnt[b] > rank) break;                                             \
+                acc += cnt[b];                                                              \
             }                                                                               \
             rank -= acc;                                                                    \
             below += acc;                                                                   \
-            t |= (UT)((UT)b << shift);                                                      \
-            if (cnt[b] == m) continue; /* every candidate shares this digit */              \
-            for (i = 0; i < m; i++) {                                                       \
-                UT kk = keys[i];                                                            \
-                keys[w] = kk;                                                               \
-                w += (ptrdiff_t)(((kk >> shift) & 0xff) == (UT)b);                          \
+            if (cnt[b] != m) {                                                              \
+                for (i = 0; i < m; i++) {                                                   \
+                    UT kk = keys[i];                                                        \
+                    keys[w] = kk;                                                           \
+                    w += (ptrdiff_t)(((kk >> sh) & dm) == (UT)b);                           \
+                }                                                                           \
+                m = w;                                                                      \
             }                                                                               \
-            m = w;                                                                          \
+            if (sh == 0) { t = keys[0]; break; } /* every remaining key is equal */         \
+            wd = sh >= 8 ? 8 : sh;                                                          \
+            sh -= wd;                                                                       \
         }                                                                                   \
         r = k - below; /* equal keys to prune, lowest index first */                        \
         {                                                                                   \
@@ -543,6 +553,39 @@ static void apr_quantile_pair(const uint64_t *a, ptrdiff_t n, ptrdiff_t r_lo, pt
         }
         *outs[side] = apr_radix_select64(scratch, w, rank - acc, &below);
     }
+}
+
+
+/* k-th smallest (rank, 0-based) over several key arrays without concatenating them.  Every key
+ * lies in [base, base + 2^(shift+16)): a 16-bit histogram of (key - base) >> shift over all the
+ * segments picks the bin holding the rank; only that bin's keys are gathered (into scratch,
+ * scratch_cap + 1 slots) and selected exactly.  *ok = 0 when that bin holds more than
+ * scratch_cap keys.  *below receives the number of keys strictly smaller than the result. */
+static uint64_t apr_select_segments(const uint64_t *const *seg, const ptrdiff_t *len, int nseg,
+                                    ptrdiff_t rank, uint64_t base, int shift, int64_t *hist,
+                                    uint64_t *scratch, ptrdiff_t scratch_cap,
+                                    ptrdiff_t *below_out, int *ok) {
+    int g;
+    ptrdiff_t i, b, acc = 0, w = 0, below = 0;
+    uint64_t t;
+    memset(hist, 0, 65536 * sizeof(int64_t));
+    for (g = 0; g < nseg; g++)
+        for (i = 0; i < len[g]; i++) hist[((seg[g][i] - base) >> shift) & 0xffff]++;
+    for (b = 0; b < 65536; b++) {
+        if (acc + hist[b] > rank) break;
+        acc += hist[b];
+    }
+    if (b >= 65536 || hist[b] > scratch_cap) { *ok = 0; return 0; }
+    *ok = 1;
+    for (g = 0; g < nseg; g++)
+        for (i = 0; i < len[g]; i++) {
+            uint64_t v = seg[g][i];
+            scratch[w] = v;
+            w += (ptrdiff_t)((((v - base) >> shift) & 0xffff) == (uint64_t)b);
+        }
+    t = apr_radix_select64(scratch, w, rank - acc, &below);
+    *below_out = acc + below;
+    return t;
 }
 
 /* Non-finite test on raw bits, given the exponent mask of the format. */

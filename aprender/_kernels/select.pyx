@@ -140,19 +140,10 @@ cdef extern from "apr_keys.h" nogil:
     void apr_quantile_pair(const uint64_t* a, Py_ssize_t n, Py_ssize_t r_lo, Py_ssize_t r_hi,
                            int width, int64_t* hist, uint64_t* scratch, uint64_t* lo,
                            uint64_t* hi)
-
-
-def quantile_pair(const uint64_t[::1] keys, Py_ssize_t r_lo, Py_ssize_t r_hi, int width):
-    """(key of rank r_lo, key of rank r_hi) of keys of the given bit width (16, 32 or 64)."""
-    cdef Py_ssize_t n = keys.shape[0]
-    cdef uint64_t lo = 0, hi = 0
-    if not (0 <= r_lo <= r_hi < n):
-        raise IndexError("ranks out of range")
-    cdef int64_t[::1] hist = np.empty(65536, dtype=np.int64)
-    cdef uint64_t[::1] scratch = np.empty(n, dtype=np.uint64)
-    with nogil:
-        apr_quantile_pair(&keys[0], n, r_lo, r_hi, width, &hist[0], &scratch[0], &lo, &hi)
-    return lo, hi
+    uint64_t apr_select_segments(const uint64_t* const* seg, const Py_ssize_t* len, int nseg,
+                                 Py_ssize_t rank, uint64_t base, int shift, int64_t* hist,
+                                 uint64_t* scratch, Py_ssize_t scratch_cap, Py_ssize_t* below,
+                                 int* ok)
 
 
 def select_keys(uint64_t[::1] keys, Py_ssize_t rank, bint radix=False, bint quick=False):
@@ -180,6 +171,50 @@ def select_keys_below(uint64_t[::1] keys, Py_ssize_t rank):
     with nogil:
         out = apr_radix_select64(&keys[0], keys.shape[0], rank, &below)
     return out, below
+
+
+def quantile_pair(const uint64_t[::1] keys, Py_ssize_t r_lo, Py_ssize_t r_hi, int width):
+    """(key of rank r_lo, key of rank r_hi) of keys of the given bit width (16, 32 or 64)."""
+    cdef Py_ssize_t n = keys.shape[0]
+    cdef uint64_t lo = 0, hi = 0
+    if not (0 <= r_lo <= r_hi < n):
+        raise IndexError("ranks out of range")
+    cdef int64_t[::1] hist = np.empty(65536, dtype=np.int64)
+    cdef uint64_t[::1] scratch = np.empty(n, dtype=np.uint64)
+    with nogil:
+        apr_quantile_pair(&keys[0], n, r_lo, r_hi, width, &hist[0], &scratch[0], &lo, &hi)
+    return lo, hi
+
+
+def select_segments(list segments, Py_ssize_t rank, uint64_t lo, uint64_t hi):
+    """(rank-th smallest key over the uint64 arrays in segments, number strictly below it),
+    without concatenating them; every key must lie in [lo, hi].  Falls back to concatenation
+    when one histogram bin holds too many keys (heavy ties)."""
+    cdef int nseg = len(segments), g, ok = 0, shift = 0
+    cdef Py_ssize_t total = 0, below = 0, cap
+    cdef uint64_t t, span = hi - lo
+    cdef uint64_t[::1] view
+    while shift < 48 and (span >> shift) >= 65536:
+        shift += 1
+    ptrs = np.empty(max(nseg, 1), dtype=np.uintp)
+    lens = np.empty(max(nseg, 1), dtype=np.intp)
+    cdef size_t[::1] pv = ptrs
+    cdef Py_ssize_t[::1] lv = lens
+    for g in range(nseg):
+        view = segments[g]
+        lv[g] = view.shape[0]
+        pv[g] = <size_t>&view[0] if view.shape[0] else 0
+        total += view.shape[0]
+    cap = max(4096, total // 16)
+    cdef int64_t[::1] hist = np.empty(65536, dtype=np.int64)
+    cdef uint64_t[::1] scratch = np.empty(cap + 1, dtype=np.uint64)
+    with nogil:
+        t = apr_select_segments(<const uint64_t* const*>&pv[0], &lv[0], nseg, rank, lo, shift,
+                                &hist[0], &scratch[0], cap, &below, &ok)
+    if not ok:
+        cand = np.concatenate(segments)
+        return select_keys_below(cand, rank)
+    return t, below
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,17 +359,19 @@ cdef inline void _keep_equals_from(const real_t* x, Py_ssize_t s, Py_ssize_t e, 
 # ---- def wrappers: one typed pass over one contiguous 1-D tensor --------------------------------
 
 def sample_keys(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude,
-                int n_threads=1):
-    """Stratified sample of s keys (fewer if x is shorter) as a uint64 array."""
+                int n_threads=1, uint64_t[::1] out=None):
+    """Stratified sample of about s keys (all of them if x is not longer) as a uint64 array;
+    written into out (which must hold max(s, 8) keys) when given.  Returns the filled part."""
     cdef Py_ssize_t n = x.shape[0], w
-    out = np.empty(max(min(s, n), RUN), dtype=np.uint64)
+    if out is None:
+        out = np.empty(max(min(s, n), RUN), dtype=np.uint64)
     cdef uint64_t[::1] o = out
     if n == 0 or s <= 0:
-        return out[:0]
+        return np.asarray(out)[:0]
     cdef int nt = _tasks(n, n_threads)
     with nogil:
         w = _sample(&x[0], n, s, salt, magnitude, &o[0], nt)
-    return out[:w]
+    return np.asarray(out)[:w]
 
 
 def range_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uint16_t inf16,
@@ -459,13 +496,18 @@ cdef inline void _rangew_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int m
 
 
 def range_write_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude,
-                     uint16_t inf16, Py_ssize_t cap, uint8_t[::1] out, int n_threads):
+                     uint16_t inf16, Py_ssize_t cap, uint8_t[::1] out, int n_threads,
+                     double expect=1.0):
     """range_pass fused with a provisional mask write (out = key > hi).  Returns
     (n_below, n_inside, n_nonfinite, candidate keys, candidate indices); the last two are None
     when more than cap keys fell inside the bracket."""
     cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads)
     cdef uint64_t khi, klo
-    cdef Py_ssize_t per = cap if cap > 0 else 1
+    # each task's buffers hold twice the candidates the bracket predicts for its share (more
+    # means the sample was unlucky: the caller falls back to the exact histogram path)
+    cdef Py_ssize_t per = min(cap, <Py_ssize_t>(2.0 * expect * n / ntask) + 4096)
+    if per < 1:
+        per = 1
     cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
     cdef uint64_t[::1] kbuf = np.empty(ntask * (per + 1), dtype=np.uint64)
     cdef int64_t[::1] ibuf = np.empty(ntask * (per + 1), dtype=np.int64)
@@ -495,7 +537,7 @@ def range_write_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitud
             ka[w:w + c] = ka[t * (per + 1):t * (per + 1) + c]
             ia[w:w + c] = ia[t * (per + 1):t * (per + 1) + c]
             w += c
-    return below, inside, bad, ka[:w].copy(), ia[:w].copy()
+    return below, inside, bad, ka[:w], ia[:w]  # views: untouched buffer pages cost no memory
 
 
 def fix_candidates(const real_t[::1] x, const int64_t[::1] idx, uint64_t thresh, Py_ssize_t r,
@@ -548,22 +590,25 @@ def _bracket(sources, sizes, Py_ssize_t total, Py_ssize_t k, int magnitude, int 
     sample proportional to each source's size (every key when the total is small)."""
     cdef Py_ssize_t j, s_t, lo_r, hi_r, delta
     cdef double q, sig
+    cdef Py_ssize_t sample = SAMPLE
     itemsize = 8
-    samples = []
+    # every source's sample goes straight into one buffer (no concatenation copy)
+    buf = np.empty(sum(min(max(n_t if total <= SMALL else (sample * n_t) // total, 1), n_t) + RUN
+                       for n_t in sizes), dtype=np.uint64)
+    s = 0
     for j, (src, n_t) in enumerate(zip(sources, sizes)):
         if n_t == 0:
             continue
         if total <= SMALL:
             s_t = n_t
         else:
-            s_t = max(1, (SAMPLE * n_t) // total)
+            s_t = max(1, (sample * n_t) // total)
         x = _get(src)
         itemsize = x.dtype.itemsize
-        samples.append(sample_keys(x, s_t, j + 1, magnitude, n_threads))
-    smp = np.concatenate(samples) if samples else np.empty(0, np.uint64)
-    s = smp.shape[0]
+        s += sample_keys(x, s_t, j + 1, magnitude, n_threads, buf[s:]).shape[0]
+    smp = buf[:s]
     if total <= SMALL and s == total:
-        lo_key, hi_key = 0, np.iinfo(np.uint64).max
+        lo_key, hi_key, band = 0, np.iinfo(np.uint64).max, 1.0
     else:
         q = k / <double>total
         sig = sqrt(s * q * (1.0 - q))
@@ -574,7 +619,8 @@ def _bracket(sources, sizes, Py_ssize_t total, Py_ssize_t k, int magnitude, int 
         qlo, qhi = quantile_pair(smp, max(lo_r, 0), min(hi_r, s - 1), width)
         lo_key = 0 if lo_r < 0 else int(qlo)
         hi_key = np.iinfo(np.uint64).max if hi_r >= s else int(qhi)
-    return lo_key, hi_key
+        band = (min(hi_r, s - 1) - max(lo_r, 0) + 1) / <double>s
+    return lo_key, hi_key, band
 
 
 def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t inf16,
@@ -589,7 +635,9 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
         raise ValueError(f"k={k} outside [1, {total}]")
     if cand_budget < 0:
         cand_budget = max(65536, total // 48, total if total <= SMALL else 0)
-    lo_key, hi_key = _bracket(sources, sizes, total, k, magnitude, n_threads)
+    lo_key, hi_key, band = _bracket(sources, sizes, total, k, magnitude, n_threads)
+    expect = band  # expected fraction of keys inside the bracket
+    width = 64
     below = 0
     inside = 0
     bad = 0
@@ -601,8 +649,11 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
             keys.append(None)
             idxs.append(None)
             continue
-        b_t, i_t, bad_t, k_t, x_t = range_write_pass(_get(src), lo_key, hi_key, magnitude, inf16,
-                                                     cand_budget - inside, out, n_threads)
+        x = _get(src)
+        width = 16 if x.dtype.itemsize == 2 else 8 * x.dtype.itemsize
+        b_t, i_t, bad_t, k_t, x_t = range_write_pass(x, lo_key, hi_key, magnitude, inf16,
+                                                     cand_budget - inside, out, n_threads,
+                                                     expect)
         below += b_t
         inside += i_t
         bad += bad_t
@@ -615,8 +666,11 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
         return bad
     if ok and below < k <= below + inside:
         present = [c for c in keys if c is not None and c.shape[0]]
-        cand = np.concatenate(present) if len(present) > 1 else present[0]
-        thresh, cbelow = select_keys_below(cand, k - below - 1)
+        if len(present) == 1:
+            thresh, cbelow = select_keys_below(present[0], k - below - 1)
+        else:
+            thresh, cbelow = select_segments(present, k - below - 1, lo_key,
+                                             min(hi_key, np.iinfo(np.uint64).max))
         r = k - below - cbelow
         for src, out, x_t, n_t in zip(sources, outs, idxs, sizes):
             if n_t and x_t is not None and x_t.shape[0]:
@@ -646,7 +700,7 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
         raise ValueError(f"k={k} outside [1, {total}]")
     if cand_budget < 0:
         cand_budget = max(65536, total // 48, total if total <= SMALL else 0)
-    lo_key, hi_key = _bracket(sources, sizes, total, k, magnitude, n_threads)
+    lo_key, hi_key, _ = _bracket(sources, sizes, total, k, magnitude, n_threads)
     # 2. range pass
     below = 0
     inside = 0
