@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 failure (unreadable input, shape that does not fit the 
 selected, I/O error), 2 usage error (bad option values), 130/143 interrupted (SIGINT/SIGTERM).
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -251,8 +252,8 @@ def select(ckpt, include, exclude):
 def _kernel_source(sf, t, common):
     """A zero-arg callable returning the flat kernel array of tensor t: the mapped words for
     16-bit floats, the mapped float32/float64 array, or (mixed dtypes) a float32/float64 copy."""
-    def load():
-        w = sf.words(t.name, populate=False)
+    def load(sequential=False):
+        w = sf.words(t.name, populate=sequential)
         if common is None:
             if t.dtype in ("F16", "BF16"):
                 return w
@@ -331,7 +332,7 @@ class GlobalPlan:
         counts = {}
         for i in idx:
             self.plan[i] = (thresh, r)
-            x = self.sources[i]()
+            x = self.sources[i](sequential=True)
             out = np.empty(x.shape[0], np.uint8)
             eq = self.select.write_pass(x, thresh, r, 1, out, self.nt)
             counts[i] = x.shape[0] - int(np.count_nonzero(out))
@@ -378,7 +379,7 @@ class GlobalPlan:
             out[:] = p[1]
             return out
         thresh, r = p
-        x = self.sources[i]()
+        x = self.sources[i](sequential=True)
         if r is None:
             self.running -= self.select.write_pass(x, thresh, self.running, 1, out, self.nt)
         else:
@@ -711,7 +712,9 @@ class Pruner:
                     entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
                                        "data_offsets": [pos, pos + t.nbytes]}
                     pos += t.nbytes
-                write_all(fd, encode_header(entries, meta))
+                header = encode_header(entries, meta)
+                _preallocate(fd, len(header) + pos, out_path)
+                write_all(fd, header)
                 data_fd = fd
             entries, pos = {}, 0
             for t in sf:
@@ -800,6 +803,19 @@ class Pruner:
             },
             "warnings": warnings,
         }
+
+
+def _preallocate(fd, size, path):
+    """Reserve the output's blocks up front: ext4 and xfs write a preallocated file several
+    times faster, and a full disk fails here, before any data is written."""
+    if not hasattr(os, "posix_fallocate") or size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise Failure(f"{path}: not enough space for {size} bytes") from None
+        # filesystems without fallocate support: write normally
 
 
 def _copy_fd(src, dst, count):

@@ -81,7 +81,7 @@ static inline uint64_t apr_key64(double x, int magnitude) {
 
 #define APR_RANGE_BLOCK 64
 
-#define APR_DEFINE_LOOPS(W, UT, ST, SIGN)                                                   \
+#define APR_DEFINE_LOOPS(W, UT, ST, SIGN, AT)                                                   \
     static inline ST apr_skey##W(UT b, UT am) {                                             \
         b = (UT)(b & am);                                                                   \
         b = (b == (UT)(SIGN)) ? (UT)0 : b;                                                  \
@@ -96,32 +96,46 @@ static inline uint64_t apr_key64(double x, int magnitude) {
         ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
         ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
         int64_t lt = 0, inside = 0, bad = 0;                                                \
-        ptrdiff_t i0, i;                                                                    \
+        uint8_t fl[APR_RANGE_BLOCK];                                                        \
+        ptrdiff_t i0, j;                                                                    \
         for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
-            ptrdiff_t e0 = i0 + APR_RANGE_BLOCK < e ? i0 + APR_RANGE_BLOCK : e;             \
-            int32_t l = 0, q = 0, b = 0;                                                    \
+            ptrdiff_t len = e - i0 < APR_RANGE_BLOCK ? e - i0 : APR_RANGE_BLOCK;            \
+            const UT *xb = x + i0;                                                          \
+            AT l = 0, q = 0, b = 0; /* at most 64 per block: fits the key width */      \
             if (magnitude) { /* |x| order: the sign-cleared bits, no flip needed */         \
-                for (i = i0; i < e0; i++) {                                                 \
-                    ST k = (ST)(x[i] & am);                                                 \
+                for (j = 0; j < len; j++) {                                                 \
+                    ST k = (ST)(xb[j] & am);                                                \
+                    uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                           \
                     b += k >= khi;                                                          \
                     l += k < lo;                                                            \
-                    q += (k >= lo) & (k <= hi);                                             \
+                    q += f;                                                                 \
+                    fl[j] = f;                                                              \
                 }                                                                           \
             } else {                                                                        \
-                for (i = i0; i < e0; i++) {                                                 \
-                    ST k = apr_skey##W(x[i], am);                                           \
+                for (j = 0; j < len; j++) {                                                 \
+                    ST k = apr_skey##W(xb[j], am);                                          \
+                    uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                           \
                     b += (k >= khi) | (k <= klo);                                           \
                     l += k < lo;                                                            \
-                    q += (k >= lo) & (k <= hi);                                             \
+                    q += f;                                                                 \
+                    fl[j] = f;                                                              \
                 }                                                                           \
             }                                                                               \
             lt += l;                                                                        \
             bad += b;                                                                       \
             if (q && buf != NULL) {                                                         \
-                for (i = i0; i < e0; i++) {                                                 \
-                    ST k = apr_skey##W(x[i], am);                                           \
-                    buf[inside < cap ? inside : cap] = (uint64_t)(UT)((UT)k ^ (UT)(SIGN));  \
-                    inside += (k >= lo) & (k <= hi);                                        \
+                ptrdiff_t j8;                                                               \
+                for (j8 = len; j8 < APR_RANGE_BLOCK; j8++) fl[j8] = 0;                      \
+                for (j8 = 0; j8 < APR_RANGE_BLOCK; j8 += 8) {                               \
+                    uint64_t word;                                                          \
+                    memcpy(&word, fl + j8, 8);                                              \
+                    while (word) {                                                          \
+                        ptrdiff_t jj = j8 + (apr_ctz64(word) >> 3);                         \
+                        buf[inside < cap ? inside : cap] =                                  \
+                            (uint64_t)(UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN));       \
+                        inside++;                                                           \
+                        word &= word - 1;                                                   \
+                    }                                                                       \
                 }                                                                           \
             } else {                                                                        \
                 inside += q;                                                                \
@@ -195,9 +209,9 @@ static inline uint64_t apr_key64(double x, int magnitude) {
         }                                                                                   \
         res[2] = bad;                                                                       \
     }
-APR_DEFINE_LOOPS(16, uint16_t, int16_t, 0x8000u)
-APR_DEFINE_LOOPS(32, uint32_t, int32_t, 0x80000000u)
-APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull)
+APR_DEFINE_LOOPS(16, uint16_t, int16_t, 0x8000u, int16_t)
+APR_DEFINE_LOOPS(32, uint32_t, int32_t, 0x80000000u, int32_t)
+APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
 
 
 /* Per-row exact selection on native keys: MSD radix select with 8-bit digits and branch-free
@@ -446,7 +460,7 @@ APR_CLONES static uint64_t apr_radix_select64(uint64_t *a, ptrdiff_t n, ptrdiff_
  * fix: once the threshold t is known, rewrite the candidates' mask bytes in index order:
  * keep key > t, prune key < t, prune the first r keys equal to t.  Returns the equal keys it
  * pruned. */
-#define APR_DEFINE_FUSED(W, UT, ST, SIGN)                                                   \
+#define APR_DEFINE_FUSED(W, UT, ST, SIGN, AT)                                                   \
     APR_CLONES static void apr_rangew##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
                                          UT lo_, UT hi_, UT khi_, UT klo_, uint64_t *kbuf,  \
                                          int64_t *ibuf, ptrdiff_t cap, uint8_t *out,        \
@@ -461,7 +475,7 @@ APR_CLONES static uint64_t apr_radix_select64(uint64_t *a, ptrdiff_t n, ptrdiff_
             ptrdiff_t len = e - i0 < 64 ? e - i0 : 64;                                      \
             const UT *xb = x + i0;                                                          \
             uint8_t *ob = out + i0;                                                         \
-            int32_t l = 0, q = 0, b = 0;                                                    \
+            AT l = 0, q = 0, b = 0; /* at most 64 per block: fits the key width */      \
             if (magnitude) {                                                                \
                 for (j = 0; j < len; j++) {                                                 \
                     ST k = (ST)(xb[j] & am);                                                \
@@ -520,9 +534,9 @@ APR_CLONES static uint64_t apr_radix_select64(uint64_t *a, ptrdiff_t n, ptrdiff_
         }                                                                                   \
         return seen < r ? seen : r;                                                         \
     }
-APR_DEFINE_FUSED(16, uint16_t, int16_t, 0x8000u)
-APR_DEFINE_FUSED(32, uint32_t, int32_t, 0x80000000u)
-APR_DEFINE_FUSED(64, uint64_t, int64_t, 0x8000000000000000ull)
+APR_DEFINE_FUSED(16, uint16_t, int16_t, 0x8000u, int16_t)
+APR_DEFINE_FUSED(32, uint32_t, int32_t, 0x80000000u, int32_t)
+APR_DEFINE_FUSED(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
 
 
 /* Two order statistics (ranks r_lo <= r_hi, 0-based) of n keys of width W bits (16, 32 or 64,

@@ -26,6 +26,8 @@ from libc.string cimport memset, memcpy
 from libc.math cimport sqrt, ceil, floor
 from cython.parallel cimport prange, threadid
 
+import inspect
+
 import numpy as np
 
 from ._common cimport real_t, key_of, inf_keys, apr_u16_to_f64
@@ -581,8 +583,17 @@ def fill_pass(const real_t[::1] x, uint8_t value, int magnitude, uint16_t inf16,
 # threshold over one or many tensors
 # ----------------------------------------------------------------------------------------------
 
-def _get(src):
-    return src() if callable(src) else src
+def _get(src, bint sequential=False):
+    """The array behind a source.  A callable source is called once per pass; if it takes a
+    `sequential` keyword it learns whether the pass reads every element (so a memory map can
+    be populated up front) or samples a few (so it should not be)."""
+    if not callable(src):
+        return src
+    try:
+        params = inspect.signature(src).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return src(sequential=sequential) if "sequential" in params else src()
 
 
 def _bracket(sources, sizes, Py_ssize_t total, Py_ssize_t k, int magnitude, int n_threads=1):
@@ -649,7 +660,7 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
             keys.append(None)
             idxs.append(None)
             continue
-        x = _get(src)
+        x = _get(src, True)
         width = 16 if x.dtype.itemsize == 2 else 8 * x.dtype.itemsize
         b_t, i_t, bad_t, k_t, x_t = range_write_pass(x, lo_key, hi_key, magnitude, inf16,
                                                      cand_budget - inside, out, n_threads,
@@ -682,7 +693,7 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
     r = k - below
     for src, out, n_t in zip(sources, outs, sizes):
         if n_t:
-            r -= write_pass(_get(src), thresh, r, magnitude, out, n_threads)
+            r -= write_pass(_get(src, True), thresh, r, magnitude, out, n_threads)
     return 0
 
 
@@ -710,7 +721,7 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
     for src, n_t in zip(sources, sizes):
         if n_t == 0:
             continue
-        b_t, i_t, bad_t, c_t = range_pass(_get(src), lo_key, hi_key, magnitude, inf16,
+        b_t, i_t, bad_t, c_t = range_pass(_get(src, True), lo_key, hi_key, magnitude, inf16,
                                           cand_budget - inside if ok else 0, n_threads)
         below += b_t
         inside += i_t
@@ -740,7 +751,7 @@ def _radix_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16
         for src, n_t in zip(sources, sizes):
             if n_t == 0:
                 continue
-            x = _get(src)
+            x = _get(src, True)
             if shift < 0:
                 shift = 8 * x.dtype.itemsize - 16
             bad += hist_pass(x, shift, prefix, pmask, magnitude, inf16, hist, n_threads)

@@ -319,14 +319,8 @@ def _threshold_mask(floats, keeps, k, magnitude, nt, cand_budget=-1):
         for x, o in zip(flats, outs):
             bad += _select.fill_pass(x, 1 if k <= 0 else 0, magnitude, inf16, o, nt)
         return bad
-    thresh, below, bad, _ = _select.find_threshold(flats, [x.size for x in flats], k, magnitude,
-                                                   inf16, nt, cand_budget)
-    if bad:
-        return bad
-    r = k - below
-    for x, o in zip(flats, outs):
-        r -= _select.write_pass(x, thresh, r, magnitude, o, nt)
-    return 0
+    return _select.threshold_masks(flats, outs, [x.size for x in flats], k, magnitude, inf16, nt,
+                                   cand_budget)
 
 
 def _floats_of(values, name):
