@@ -329,9 +329,11 @@ def test_hypothesis_round_trip():
 def test_cuda_source_compiles(tmp_path):
     src = os.path.join(ROOT, "aprender", "cuda", "sparse24.cu")
     inc = os.path.join(ROOT, "aprender", "_kernels")
+    # nvcc is not ours: keep a sanitizer preload (the ASan test run) out of its process
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     res = subprocess.run(["nvcc", "-arch=sm_80", "-I", inc, "-c", src, "-o",
                           str(tmp_path / "sparse24.o")], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=env)
     assert res.returncode == 0, res.stderr
 
 
