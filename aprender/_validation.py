@@ -12,6 +12,7 @@ from ._kernels import _openmp
 
 # 16-bit float formats: +inf bit pattern (also the exponent mask) and the kernel format code
 F16, BF16 = 1, 2
+MAX_THREADS = 4096  # more than any machine has; bounds per-thread scratch
 INF16 = {F16: 0x7C00, BF16: 0x7F80}
 
 
@@ -172,7 +173,10 @@ def check_sparsity(sparsity, name="sparsity"):
     if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, np.bool_):
         raise InvalidSparsityError(
             f"{name} must be a real number in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
-    value = float(sparsity)
+    try:
+        value = float(sparsity)
+    except (OverflowError, ValueError, TypeError):
+        raise InvalidSparsityError(f"{name} must be in [0, 1], got {sparsity!r}") from None
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise InvalidSparsityError(f"{name} must be in [0, 1], got {sparsity!r}")
     return value
@@ -198,7 +202,10 @@ def resolve_threads(n_threads):
     """None -> what OpenMP allows now (OMP_NUM_THREADS, threadpoolctl); else an int >= 1."""
     if n_threads is None:
         return max(1, _openmp.max_threads())
-    return check_int(n_threads, "n_threads", minimum=1)
+    n = check_int(n_threads, "n_threads", minimum=1)
+    if n > MAX_THREADS:
+        raise InvalidArgumentError(f"n_threads must be at most {MAX_THREADS}, got {n}")
+    return n
 
 
 def check_nm(n, m):

@@ -309,7 +309,10 @@ class GlobalPlan:
         count (a counting pass) else None."""
         total = sum(self.sizes[i] for i in idx)
         if k <= 0 or k >= total:
-            for i in idx:
+            for i in idx:  # nothing to select, but NaN/inf still refuse, as everywhere
+                x = self.sources[i](sequential=True)
+                if x.size and self.select.range_pass(x, 0, 0, 1, self.inf16, 0, self.nt)[2]:
+                    self._raise_nonfinite([i])
                 self.plan[i] = ("fill", 1 if k <= 0 else 0)
             return {i: (0 if k <= 0 else self.sizes[i]) for i in idx}
         srcs = [self.sources[i] for i in idx]

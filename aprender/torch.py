@@ -103,26 +103,13 @@ def _global_keeps(views, sparsity, nt):
         floats = _common_dtype(floats)
         if len({f.dtype_name for f in floats}) > 1:  # 16-bit formats only: widen to float32
             floats = [as_floats(_decode(f), "weight") for f in floats]
-    flats = [f.kernel.reshape(-1) for f in floats]
-    inf16 = floats[0].inf16
-    total = sum(x.size for x in flats)
-    k = prune_count(sparsity, total)
-    keeps = [np.empty(x.size, np.uint8) for x in flats]
-    if k <= 0 or k >= total:
-        for kp in keeps:
-            kp[:] = 1 if k <= 0 else 0
-        return keeps
-    thresh, below, bad, _ = _select.find_threshold(flats, [x.size for x in flats], k, 1, inf16, nt)
-    if bad:
-        from ._validation import raise_nonfinite
+    from .pruning.mask import _raise_first_nonfinite, _threshold_mask
 
-        for f in floats:
-            if f.size and _select.fill_pass(f.kernel.reshape(-1), 1, 1, f.inf16,
-                                            np.empty(f.size, np.uint8), nt):
-                raise_nonfinite(f, "weight")
-    r = k - below
-    for x, kp in zip(flats, keeps):
-        r -= _select.write_pass(x, thresh, r, 1, kp, nt)
+    total = sum(f.size for f in floats)
+    k = prune_count(sparsity, total)
+    keeps = [np.empty(f.size, np.uint8) for f in floats]
+    if _threshold_mask(floats, keeps, k, 1, nt):
+        _raise_first_nonfinite(floats, ["weight"] * len(floats))
     return keeps
 
 

@@ -401,3 +401,13 @@ def test_errors_are_catchable_as_builtin_exceptions():
         generate_unstructured_mask(X, 2.0)
     with pytest.raises(TypeError):
         magnitude_mask(np.arange(4), 0.5)
+
+
+def test_review_found_error_types():
+    """Regressions from review: overflowing numbers get the typed error, not OverflowError."""
+    from aprender.pruning import InvalidArgumentError, InvalidSparsityError
+
+    with pytest.raises(InvalidSparsityError, match="sparsity"):
+        generate_unstructured_mask(np.ones(4, np.float32), 10 ** 400)
+    with pytest.raises(InvalidArgumentError, match="n_threads must be at most"):
+        generate_unstructured_mask(np.ones(4, np.float32), 0.5, n_threads=2 ** 40)

@@ -409,6 +409,13 @@ def _err_case(tmp_path, rng, case):
         t2[SELECTED[1]][3, 5] = np.nan
         save(src, t2)
         args += ["--scope", "global"]
+    elif case in ("nan-global-0", "nan-global-1"):  # nothing to select, NaN still refused
+        t2 = dict(t)
+        t2[SELECTED[1]] = t2[SELECTED[1]].copy()
+        t2[SELECTED[1]][3, 5] = np.nan
+        save(src, t2)
+        args[5] = "0" if case.endswith("0") else "1"
+        args += ["--scope", "global"]
     elif case == "nan-layer":
         t2 = dict(t)
         t2[SELECTED[2]] = t2[SELECTED[2]].copy()
@@ -419,11 +426,13 @@ def _err_case(tmp_path, rng, case):
 
 ERRORS = {"same": 2, "missing": 1, "truncated": 1, "corrupt": 1, "tiny": 1, "no-folder": 1,
           "shape": 1, "nothing": 1, "2-4": 2, "5:4": 2, "0:4": 2, "format": 2, "regex": 2,
-          "global-nm": 2, "no-sparsity": 2, "bad-sparsity": 2, "nan": 1, "nan-layer": 1}
+          "global-nm": 2, "no-sparsity": 2, "bad-sparsity": 2, "nan": 1, "nan-layer": 1,
+          "nan-global-0": 1, "nan-global-1": 1}
 MESSAGE = {"same": "same as INPUT", "missing": "nope.safetensors", "truncated": "truncated",
            "corrupt": "corrupt", "no-folder": "missing-dir", "shape": "model.layers.9.odd.weight",
            "nothing": "no tensor matches", "2-4": "2-4", "5:4": "5:4", "0:4": "0:4",
-           "format": "csr", "nan": SELECTED[1], "nan-layer": SELECTED[2]}
+           "format": "csr", "nan": SELECTED[1], "nan-layer": SELECTED[2],
+           "nan-global-0": SELECTED[1], "nan-global-1": SELECTED[1]}
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

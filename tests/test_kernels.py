@@ -241,3 +241,25 @@ def test_quickselect_and_radix_select_match_sort():
                 assert select.select_keys(b, r) == np.sort(arr)[r]
                 assert np.array_equal(np.sort(b), np.sort(arr))  # only permuted
                 assert select.select_keys(arr.copy(), r, True) == np.sort(arr)[r]
+
+
+def test_global_with_many_tiny_tensors_after_a_large_one():
+    """Tiny tensors whose share of the sample is smaller than their size must not write past
+    their slots of the sample buffer (a heap overflow, found in review)."""
+    rng = np.random.default_rng(3)
+    vals = [np.abs(rng.standard_normal(1_500_000)).astype(np.float32)] + \
+        [np.abs(rng.standard_normal(n)).astype(np.float32) for n in [15, 10, 12, 9, 15] * 40]
+    for g, e in zip(generate_global_mask(vals, 0.5, n_threads=1), ref.global_masks(vals, 0.5)):
+        np.testing.assert_array_equal(np.asarray(g), e)
+    x = np.arange(15, dtype=np.float32)
+    buf = np.full(20, 0xDEAD, np.uint64)
+    got = select.sample_keys(x, 1, 1, 0, 1, buf[:9])
+    assert got.shape[0] <= 1 and np.all(buf[9:] == 0xDEAD)
+
+
+def test_count_groups_accepts_numeric_masks():
+    from aprender.pruning import SparsityPattern
+
+    p = SparsityPattern.nm(2, 4)
+    assert p.count_groups(np.array([[2, 0, 0, 0], [1, 1, 1, 0]])) == (1, 2)
+    assert p.validate(np.array([[1, 0, 0, 1]], dtype=np.int64))

@@ -193,3 +193,16 @@ def test_checkpoint_cli_matches_torch_global(tmp_path):
     for n in sd:
         if n not in order:
             assert torch.equal(res[n], sd[n])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])
+def test_global_scope_refuses_nan_even_when_nothing_is_selected(sparsity):
+    """sparsity 0 or 1 needs no threshold, but NaN weights still raise (found in review)."""
+    from aprender.pruning import NumericalInstabilityError
+    from aprender.torch import prune_
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(NumericalInstabilityError, match=r"\(0, 0\)"):
+        prune_(model, sparsity=sparsity, scope="global")

@@ -225,7 +225,7 @@ APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
         UT am = apr_amask##W(magnitude);                                                    \
         ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
         ptrdiff_t i, m = n, rank = k - 1, below = 0, bad = 0, seen = 0, r;                  \
-        int32_t cnt[2048], cnt4[4][256];                                                    \
+        int64_t cnt[2048], cnt4[4][256]; /* rows may exceed 2^31 elements */              \
         /* first digit: 11 bits under the top bit in magnitude order (which is always set), \
            from the top bit otherwise; then 8-bit digits down to bit 0 */                   \
         int sh = W - 11 - (magnitude ? 1 : 0), wd = 11, d;                                  \
@@ -251,7 +251,7 @@ APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
                 break;                                                                      \
             }                                                                               \
             if (wd == 11) {                                                                 \
-                memset(cnt, 0, sizeof(int32_t) * 2048);                                     \
+                memset(cnt, 0, sizeof(int64_t) * 2048);                                     \
                 for (i = 0; i < m; i++) cnt[(keys[i] >> sh) & dm]++;                        \
             } else {                                                                        \
                 memset(cnt4, 0, sizeof(cnt4));                                              \
@@ -286,7 +286,7 @@ APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
         r = k - below; /* equal keys to prune, lowest index first */                        \
         {                                                                                   \
             ST st = apr_sdom##W(t);                                                         \
-            int32_t eqs = 0;                                                                \
+            ptrdiff_t eqs = 0;                                                              \
             for (i = 0; i < n; i++) {                                                       \
                 ST sk = apr_skey##W(x[i], am);                                              \
                 out[i] = (uint8_t)(sk > st);                                                \

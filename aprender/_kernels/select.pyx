@@ -247,15 +247,21 @@ cdef void _sample_stratum(const real_t* x, Py_ssize_t n, Py_ssize_t nstrata, Py_
 
 cdef Py_ssize_t _sample(const real_t* x, Py_ssize_t n, Py_ssize_t s, uint64_t salt, int magnitude,
                         uint64_t* out, int nt) noexcept nogil:
-    """About s keys: s / RUN equal strata of x, from each a run of RUN consecutive keys starting
-    at a hashed position inside the stratum (runs keep the reads cache-friendly; every stratum
-    holds more than RUN keys because s < n).  All keys when s >= n."""
+    """At most s keys (all n when s >= n): s / RUN equal strata of x, from each a run of RUN
+    consecutive keys starting at a hashed position inside the stratum (runs keep the reads
+    cache-friendly; every stratum holds more than RUN keys because s < n).  Writes at most
+    min(s, n) keys to out."""
     cdef Py_ssize_t j, i, nstrata
-    if s >= n or n < 2 * RUN:
+    if s >= n:
         for i in range(n):
             out[i] = key_of(x[i], magnitude)
         return n
-    nstrata = s // RUN if s >= RUN else 1
+    if s < RUN or n < 2 * RUN:
+        # too few for runs: s single keys, one from each of s equal strata (never more than s)
+        for j in range(s):
+            out[j] = key_of(x[(j * n) // s], magnitude)
+        return s
+    nstrata = s // RUN
     if nstrata * RUN >= n:
         nstrata = n // (2 * RUN)
     for j in prange(nstrata, schedule="static", num_threads=nt):

@@ -171,9 +171,15 @@ def _as_2d_shape(shape):
 
 
 def _keep_bytes(mask):
+    """A contiguous bool view of a mask (SparsityMask, bool array or 0/1 numbers)."""
     if isinstance(mask, SparsityMask):
         return mask.keep
-    return np.asarray(mask)
+    keep = np.asarray(mask)
+    if keep.dtype != np.bool_:
+        if keep.dtype.kind not in "biuf":
+            raise InvalidDTypeError(f"mask must be boolean or 0/1 numbers, got {keep.dtype}")
+        keep = keep != 0
+    return np.ascontiguousarray(keep)
 
 
 class SparsityMask:
