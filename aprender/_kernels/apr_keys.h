@@ -81,6 +81,37 @@ static inline uint64_t apr_key64(double x, int magnitude) {
 
 #define APR_RANGE_BLOCK 64
 
+/* Shared pieces of the range passes (expanded inside apr_range / apr_rangew, where j, len, xb,
+ * am, lo, hi, khi, klo, l, q, b and fl are in scope).  COUNT: one block of keys, counting keys
+ * below the bracket, inside it (flagged in fl) and non-finite, with an optional extra store.
+ * GATHER: the flagged keys of a block, lowest index first, via ctz over 8 flag bytes at a time. */
+#define APR_RANGE_COUNT(ST, KEYEXPR, BADEXPR, STORE)                                        \
+    for (j = 0; j < len; j++) {                                                             \
+        ST k = KEYEXPR;                                                                     \
+        uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                                       \
+        b += BADEXPR;                                                                       \
+        l += k < lo;                                                                        \
+        q += f;                                                                             \
+        fl[j] = f;                                                                          \
+        STORE;                                                                              \
+    }
+#define APR_RANGE_GATHER(KEEP_CANDIDATE)                                                    \
+    {                                                                                       \
+        ptrdiff_t j8;                                                                       \
+        for (j8 = len; j8 < APR_RANGE_BLOCK; j8++) fl[j8] = 0;                              \
+        for (j8 = 0; j8 < APR_RANGE_BLOCK; j8 += 8) {                                       \
+            uint64_t word;                                                                  \
+            memcpy(&word, fl + j8, 8);                                                      \
+            while (word) {                                                                  \
+                ptrdiff_t jj = j8 + (apr_ctz64(word) >> 3);                                 \
+                ptrdiff_t slot = inside < cap ? inside : cap;                               \
+                KEEP_CANDIDATE;                                                             \
+                inside++;                                                                   \
+                word &= word - 1;                                                           \
+            }                                                                               \
+        }                                                                                   \
+    }
+
 #define APR_DEFINE_LOOPS(W, UT, ST, SIGN, AT)                                                   \
     static inline ST apr_skey##W(UT b, UT am) {                                             \
         b = (UT)(b & am);                                                                   \
@@ -102,41 +133,15 @@ static inline uint64_t apr_key64(double x, int magnitude) {
             ptrdiff_t len = e - i0 < APR_RANGE_BLOCK ? e - i0 : APR_RANGE_BLOCK;            \
             const UT *xb = x + i0;                                                          \
             AT l = 0, q = 0, b = 0; /* at most 64 per block: fits the key width */      \
-            if (magnitude) { /* |x| order: the sign-cleared bits, no flip needed */         \
-                for (j = 0; j < len; j++) {                                                 \
-                    ST k = (ST)(xb[j] & am);                                                \
-                    uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                           \
-                    b += k >= khi;                                                          \
-                    l += k < lo;                                                            \
-                    q += f;                                                                 \
-                    fl[j] = f;                                                              \
-                }                                                                           \
-            } else {                                                                        \
-                for (j = 0; j < len; j++) {                                                 \
-                    ST k = apr_skey##W(xb[j], am);                                          \
-                    uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                           \
-                    b += (k >= khi) | (k <= klo);                                           \
-                    l += k < lo;                                                            \
-                    q += f;                                                                 \
-                    fl[j] = f;                                                              \
-                }                                                                           \
-            }                                                                               \
+            if (magnitude) /* |x| order: the sign-cleared bits, no flip needed */           \
+                APR_RANGE_COUNT(ST, (ST)(xb[j] & am), k >= khi, (void)0)                    \
+            else                                                                            \
+                APR_RANGE_COUNT(ST, apr_skey##W(xb[j], am), (k >= khi) | (k <= klo), (void)0) \
             lt += l;                                                                        \
             bad += b;                                                                       \
             if (q && buf != NULL) {                                                         \
-                ptrdiff_t j8;                                                               \
-                for (j8 = len; j8 < APR_RANGE_BLOCK; j8++) fl[j8] = 0;                      \
-                for (j8 = 0; j8 < APR_RANGE_BLOCK; j8 += 8) {                               \
-                    uint64_t word;                                                          \
-                    memcpy(&word, fl + j8, 8);                                              \
-                    while (word) {                                                          \
-                        ptrdiff_t jj = j8 + (apr_ctz64(word) >> 3);                         \
-                        buf[inside < cap ? inside : cap] =                                  \
-                            (uint64_t)(UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN));       \
-                        inside++;                                                           \
-                        word &= word - 1;                                                   \
-                    }                                                                       \
-                }                                                                           \
+                APR_RANGE_GATHER(buf[slot] =                                                \
+                    (uint64_t)(UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN)))               \
             } else {                                                                        \
                 inside += q;                                                                \
             }                                                                               \
@@ -469,52 +474,24 @@ APR_CLONES static uint64_t apr_radix_select64(uint64_t *a, ptrdiff_t n, ptrdiff_
         ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
         ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
         int64_t lt = 0, inside = 0, bad = 0;                                                \
-        uint8_t fl[64];                                                                     \
+        uint8_t fl[APR_RANGE_BLOCK];                                                        \
         ptrdiff_t i0, j;                                                                    \
-        for (i0 = s; i0 < e; i0 += 64) {                                                    \
-            ptrdiff_t len = e - i0 < 64 ? e - i0 : 64;                                      \
+        for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
+            ptrdiff_t len = e - i0 < APR_RANGE_BLOCK ? e - i0 : APR_RANGE_BLOCK;            \
             const UT *xb = x + i0;                                                          \
             uint8_t *ob = out + i0;                                                         \
             AT l = 0, q = 0, b = 0; /* at most 64 per block: fits the key width */      \
-            if (magnitude) {                                                                \
-                for (j = 0; j < len; j++) {                                                 \
-                    ST k = (ST)(xb[j] & am);                                                \
-                    uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                           \
-                    b += k >= khi;                                                          \
-                    l += k < lo;                                                            \
-                    q += f;                                                                 \
-                    fl[j] = f;                                                              \
-                    ob[j] = (uint8_t)(k > hi);                                              \
-                }                                                                           \
-            } else {                                                                        \
-                for (j = 0; j < len; j++) {                                                 \
-                    ST k = apr_skey##W(xb[j], am);                                          \
-                    uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                           \
-                    b += (k >= khi) | (k <= klo);                                           \
-                    l += k < lo;                                                            \
-                    q += f;                                                                 \
-                    fl[j] = f;                                                              \
-                    ob[j] = (uint8_t)(k > hi);                                              \
-                }                                                                           \
-            }                                                                               \
+            if (magnitude)                                                                  \
+                APR_RANGE_COUNT(ST, (ST)(xb[j] & am), k >= khi, ob[j] = (uint8_t)(k > hi))  \
+            else                                                                            \
+                APR_RANGE_COUNT(ST, apr_skey##W(xb[j], am), (k >= khi) | (k <= klo),        \
+                                ob[j] = (uint8_t)(k > hi))                                  \
             lt += l;                                                                        \
             bad += b;                                                                       \
-            if (q) {                                                                        \
-                ptrdiff_t j8;                                                               \
-                for (j8 = len; j8 < 64; j8++) fl[j8] = 0;                                   \
-                for (j8 = 0; j8 < 64; j8 += 8) {                                            \
-                    uint64_t word;                                                          \
-                    memcpy(&word, fl + j8, 8);                                              \
-                    while (word) { /* one step per candidate: lowest set byte first */      \
-                        ptrdiff_t jj = j8 + (apr_ctz64(word) >> 3);                         \
-                        ptrdiff_t slot = inside < cap ? inside : cap;                       \
-                        kbuf[slot] = (uint64_t)(UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN)); \
-                        ibuf[slot] = i0 + jj;                                               \
-                        inside++;                                                           \
-                        word &= word - 1;                                                   \
-                    }                                                                       \
-                }                                                                           \
-            }                                                                               \
+            if (q)                                                                          \
+                APR_RANGE_GATHER(kbuf[slot] =                                               \
+                    (uint64_t)(UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN));               \
+                    ibuf[slot] = i0 + jj)                                                   \
         }                                                                                   \
         res[0] = lt;                                                                        \
         res[1] = inside;                                                                    \

@@ -382,6 +382,19 @@ def sample_keys(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude,
     return np.asarray(out)[:w]
 
 
+cdef tuple _sum_tasks(int64_t[::1] res, Py_ssize_t ntask, Py_ssize_t per):
+    """(below, inside, non-finite, overflowed) summed over the tasks of a range pass."""
+    cdef Py_ssize_t t, below = 0, inside = 0, bad = 0
+    cdef bint overflow = False
+    for t in range(ntask):
+        below += res[t * PAD]
+        inside += res[t * PAD + 1]
+        bad += res[t * PAD + 2]
+        if res[t * PAD + 1] > per:
+            overflow = True
+    return below, inside, bad, overflow
+
+
 def range_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uint16_t inf16,
                Py_ssize_t cap, int n_threads):
     """Count keys < lo and copy keys in [lo, hi] (at most cap in all).
@@ -400,12 +413,7 @@ def range_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uin
         for t in prange(ntask, schedule="static", num_threads=ntask):
             _range_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
                         khi, klo, &buf[t * (per + 1)], per, &res[t * PAD])
-    for t in range(ntask):
-        below += res[t * PAD]
-        inside += res[t * PAD + 1]
-        bad += res[t * PAD + 2]
-        if res[t * PAD + 1] > per:
-            overflow = True
+    below, inside, bad, overflow = _sum_tasks(res, ntask, per)
     if overflow or inside > cap:
         return below, inside, bad, None
     arr = np.asarray(buf)
@@ -529,12 +537,7 @@ def range_write_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitud
             _rangew_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
                          khi, klo, &kbuf[t * (per + 1)], &ibuf[t * (per + 1)], per, &out[0],
                          &res[t * PAD])
-    for t in range(ntask):
-        below += res[t * PAD]
-        inside += res[t * PAD + 1]
-        bad += res[t * PAD + 2]
-        if res[t * PAD + 1] > per:
-            overflow = True
+    below, inside, bad, overflow = _sum_tasks(res, ntask, per)
     if overflow or inside > cap:
         return below, inside, bad, None, None
     ka = np.asarray(kbuf)
