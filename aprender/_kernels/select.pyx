@@ -3,22 +3,29 @@
 Pipeline for one tensor or many (global scope), all passes parallel and independent of the thread
 count in their result:
 
-1. sample   a stratified, hash-scrambled sample of keys (about SAMPLE of them, proportional to each
-            tensor's size) brackets the k-th key between two sample quantiles lo <= T <= hi;
-2. range    one pass per tensor counts keys below lo, and copies keys inside [lo, hi] into per-task
-            candidate buffers (a few percent of n at most, never a full-size copy);
-3. select   introselect on the candidates finds T exactly (quickselect with three-way partitioning;
-            when a partition step fails to halve the range it escapes to an 8-bit radix select, which
-            is linear in the worst case);
-4. write    one pass writes keep = key > T and counts keys equal to T per fixed chunk; a prefix over
-            the chunks then keeps all equal keys after the first r = k - #(key < T) in flat order.
+1. sample   a stratified, hash-scrambled sample of keys (SAMPLE of them in runs of RUN consecutive
+            keys, proportional to each tensor's size) brackets the k-th key between two sample
+            quantiles lo <= T <= hi (one 16-bit histogram of the sample, then an exact select of
+            the two bins' keys);
+2. range    one pass per tensor counts keys below lo and copies the keys inside [lo, hi] into
+            per-task candidate buffers (under 1 % of n for a smooth distribution, never a
+            full-size copy).  For masks held in memory (threshold_masks) the same pass also
+            writes the provisional mask keep = key > hi and records the candidates' indices;
+3. select   an MSD radix select with branch-free compaction finds T among the candidates
+            exactly, in at most 8 linear passes (several tensors' candidates are selected
+            without concatenating them);
+4. write    in memory: only the candidates' mask bytes are rewritten, in index order, pruning the
+            first r = k - #(key < T) keys equal to T.  Streaming (find_threshold + write_pass):
+            one pass writes keep = key > T and counts keys equal to T per fixed chunk; a prefix
+            over the chunks keeps every equal key after the first r in flat order.
 
-If the bracket misses (adversarial or tiny data) the threshold is found instead by 16-bit radix
-histograms over the keys, top digit first: a fixed number of linear passes (1 for 16-bit floats,
-2 for float32, 4 for float64).  Either way the result is the same exact threshold.
+If the bracket misses (adversarial data) or a candidate buffer overflows, the threshold is found
+instead by 16-bit radix histograms over the keys, top digit first: a fixed number of linear
+passes (1 for 16-bit floats, 2 for float32, 4 for float64).  Either way the result is the same.
 
-Sources for the multi-tensor entry points may be arrays or zero-argument callables that return an
-array; a callable is called once per pass, so a caller can stream memory-mapped tensors.
+Sources for the multi-tensor entry points may be arrays or callables that return an array; a
+callable is called once per pass (with sequential=True/False when it accepts that keyword), so
+a caller can stream memory-mapped tensors.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free, calloc
