@@ -229,18 +229,21 @@ APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
                                            uint8_t *out) {                                   \
         UT am = apr_amask##W(magnitude);                                                    \
         ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
-        ptrdiff_t i, m = n, rank = k - 1, below = 0, bad = 0, seen = 0, r;                  \
+        ptrdiff_t i, m = n, rank = k - 1, below = 0, seen = 0, r;                           \
         int64_t cnt[2048], cnt4[4][256]; /* rows may exceed 2^31 elements */              \
         /* first digit: 11 bits under the top bit in magnitude order (which is always set), \
            from the top bit otherwise; then 8-bit digits down to bit 0 */                   \
         int sh = W - 11 - (magnitude ? 1 : 0), wd = 11, d;                                  \
         UT t = 0;                                                                           \
-        for (i = 0; i < n; i++) {                                                           \
-            ST sk = apr_skey##W(x[i], am);                                                  \
-            bad += (sk >= khi) | (sk <= klo);                                               \
-            keys[i] = (UT)((UT)sk ^ (UT)(SIGN));                                            \
+        {   /* keys, and whether any is non-finite (an OR in the keys' own lane width) */  \
+            ST anybad = 0;                                                                  \
+            for (i = 0; i < n; i++) {                                                       \
+                ST sk = apr_skey##W(x[i], am);                                              \
+                anybad |= (ST)((sk >= khi) | (sk <= klo));                                  \
+                keys[i] = (UT)((UT)sk ^ (UT)(SIGN));                                        \
+            }                                                                               \
+            if (anybad) return 1;                                                           \
         }                                                                                   \
-        if (bad) return bad;                                                                \
         for (;;) {                                                                          \
             ptrdiff_t w = 0, acc = 0, b = 0, nb = (ptrdiff_t)1 << wd;                        \
             UT dm = (UT)(nb - 1);                                                           \
@@ -291,11 +294,16 @@ APR_DEFINE_LOOPS(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
         r = k - below; /* equal keys to prune, lowest index first */                        \
         {                                                                                   \
             ST st = apr_sdom##W(t);                                                         \
-            ptrdiff_t eqs = 0;                                                              \
-            for (i = 0; i < n; i++) {                                                       \
-                ST sk = apr_skey##W(x[i], am);                                              \
-                out[i] = (uint8_t)(sk > st);                                                \
-                eqs += sk == st;                                                            \
+            ptrdiff_t eqs = 0, i0;                                                          \
+            for (i0 = 0; i0 < n; i0 += 4096) { /* 32-bit counts per block: rows may be huge */ \
+                ptrdiff_t e0 = i0 + 4096 < n ? i0 + 4096 : n;                               \
+                int32_t q = 0;                                                              \
+                for (i = i0; i < e0; i++) {                                                 \
+                    ST sk = apr_skey##W(x[i], am);                                          \
+                    out[i] = (uint8_t)(sk > st);                                            \
+                    q += sk == st;                                                          \
+                }                                                                           \
+                eqs += q;                                                                   \
             }                                                                               \
             if (eqs > r) { /* keep the equal keys after the first r */                      \
                 for (i = 0; i < n; i++) {                                                   \
