@@ -143,6 +143,13 @@ def as_floats(x, name="values", *, allow_empty=True, min_ndim=1):
     return Floats(arr, kernel, fmt, dtype_name, copied)
 
 
+def decode16(bits, fmt):
+    """Exact float32 values of 16-bit float bit patterns (fmt F16 or BF16)."""
+    if fmt == BF16:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
 def raise_nonfinite(f, name="values"):
     """Raise NumericalInstabilityError naming the first non-finite element of f (a Floats)."""
     flat = f.kernel.reshape(-1)

@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from . import __version__
-from ._validation import Bits16, as_floats, prune_count, raise_nonfinite, resolve_threads
+from ._validation import (BF16, F16, Bits16, as_floats, decode16, prune_count, raise_nonfinite,
+                          resolve_threads)
 from .io.safetensors import (FLOAT_DTYPES, CheckpointError, SafetensorsFile, dtype_code,
                              encode_header, write_all)
 from .pruning.errors import PruningError
@@ -263,10 +264,8 @@ def _kernel_source(sf, t, common):
 
 
 def _to_float(w, code, dt):
-    if code == "BF16":
-        return (w.astype(np.uint32) << 16).view(np.float32).astype(dt, copy=False)
-    if code == "F16":
-        return w.view(np.float16).astype(dt)
+    if code in ("BF16", "F16"):
+        return decode16(w, BF16 if code == "BF16" else F16).astype(dt, copy=False)
     return w.view(np.float32 if code == "F32" else np.float64).astype(dt, copy=False)
 
 

@@ -47,7 +47,6 @@ original shape.
 CuPy arrays are compressed on the GPU by ``aprender.cuda`` (same bytes as the CPU path).
 """
 import math
-import sys
 
 import numpy as np
 

@@ -92,18 +92,11 @@ def _targets(module, include):
 
 def _global_keeps(views, sparsity, nt):
     """Exact global magnitude selection over views (Bits16 or float arrays), no concatenation."""
-    from ._kernels import select as _select
     from ._validation import as_floats
+    from .pruning.mask import _common_dtype, _raise_first_nonfinite, _threshold_mask
 
-    floats = [as_floats(v, "weight") for v in views]
-    fmts = {(f.fmt, f.dtype_name) for f in floats}
-    if len(fmts) > 1:  # mixed dtypes: compare exactly in float32/float64
-        from .pruning.mask import _common_dtype
-
-        floats = _common_dtype(floats)
-        if len({f.dtype_name for f in floats}) > 1:  # 16-bit formats only: widen to float32
-            floats = [as_floats(_decode(f), "weight") for f in floats]
-    from .pruning.mask import _raise_first_nonfinite, _threshold_mask
+    # mixed dtypes are compared exactly in float32 (float64 if any tensor is float64)
+    floats = _common_dtype([as_floats(v, "weight") for v in views])
 
     total = sum(f.size for f in floats)
     k = prune_count(sparsity, total)
@@ -111,14 +104,6 @@ def _global_keeps(views, sparsity, nt):
     if _threshold_mask(floats, keeps, k, 1, nt):
         _raise_first_nonfinite(floats, ["weight"] * len(floats))
     return keeps
-
-
-def _decode(f):
-    if f.dtype_name == "bfloat16":
-        return (f.kernel.astype(np.uint32) << 16).view(np.float32)
-    if f.dtype_name == "float16":
-        return f.kernel.view(np.float16).astype(np.float32)
-    return f.array.astype(np.float32, copy=False)
 
 
 def prune_(module, sparsity=None, pattern="unstructured", scope="layer", include=None,

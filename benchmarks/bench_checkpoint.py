@@ -15,7 +15,6 @@ Targets: aprender within 3x of the copy; peak memory under 2x the largest tensor
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

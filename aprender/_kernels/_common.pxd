@@ -33,25 +33,6 @@ cdef inline uint64_t key_of(real_t x, int magnitude) noexcept nogil:
         return apr_key16(x, magnitude)
 
 
-cdef inline int nonfinite(real_t x, uint16_t expmask16) noexcept nogil:
-    if real_t is float:
-        return apr_nonfinite32(x)
-    elif real_t is double:
-        return apr_nonfinite64(x)
-    else:
-        return apr_nonfinite16(x, expmask16)
-
-
-cdef inline int key_bits(real_t x) noexcept nogil:
-    """Significant bits of the key for this input type (the rest of the 64 are zero)."""
-    if real_t is float:
-        return 32
-    elif real_t is double:
-        return 64
-    else:
-        return 16
-
-
 cdef inline void inf_keys(real_t* probe, uint16_t inf16, int magnitude,
                           uint64_t* khi, uint64_t* klo) noexcept nogil:
     """Keys at or beyond which a value is not finite: key >= khi or key <= klo.

@@ -176,15 +176,6 @@ static inline uint64_t apr_key64(double x, int magnitude) {
         }                                                                                   \
         return eq;                                                                          \
     }                                                                                       \
-    APR_CLONES static int64_t apr_count_less##W(const UT *x, ptrdiff_t s, ptrdiff_t e,      \
-                                                int magnitude, UT t_) {                     \
-        UT am = apr_amask##W(magnitude);                                                    \
-        ST t = apr_sdom##W(t_);                                                             \
-        int64_t c = 0;                                                                      \
-        ptrdiff_t i;                                                                        \
-        for (i = s; i < e; i++) c += apr_skey##W(x[i], am) < t;                             \
-        return c;                                                                           \
-    }                                                                                       \
     APR_CLONES static void apr_keep_equals_from##W(const UT *x, ptrdiff_t s, ptrdiff_t e,   \
                                                    int magnitude, UT t, ptrdiff_t first,    \
                                                    uint8_t *out) {                          \

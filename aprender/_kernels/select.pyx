@@ -53,97 +53,6 @@ cdef enum:
 # selection on a key buffer
 # ----------------------------------------------------------------------------------------------
 
-cdef inline void _swap(uint64_t* a, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
-    cdef uint64_t t = a[i]
-    a[i] = a[j]
-    a[j] = t
-
-
-cdef uint64_t radix_select(uint64_t* a, Py_ssize_t n, Py_ssize_t rank) noexcept nogil:
-    """rank-th smallest (0-based) of a[0:n], by 8-bit digits from the top; only permutes a.
-    At most 8 linear passes: worst-case O(n)."""
-    cdef Py_ssize_t cnt[256]
-    cdef int shift, d, b
-    cdef Py_ssize_t i, w, below
-    cdef uint64_t prefix = 0
-    for shift in range(56, -8, -8):
-        memset(cnt, 0, sizeof(cnt))
-        for i in range(n):
-            cnt[(a[i] >> shift) & 0xff] += 1
-        below = 0
-        b = 0
-        for d in range(256):
-            if below + cnt[d] > rank:
-                b = d
-                break
-            below += cnt[d]
-        rank -= below
-        prefix |= (<uint64_t>b) << shift
-        w = 0
-        for i in range(n):
-            if <int>((a[i] >> shift) & 0xff) == b:
-                _swap(a, w, i)
-                w += 1
-        n = w
-        if n == 1:
-            return a[0]
-    return prefix
-
-
-cdef uint64_t quickselect(uint64_t* a, Py_ssize_t n, Py_ssize_t rank) noexcept nogil:
-    """rank-th smallest (0-based) of a[0:n]; permutes a.  Introselect: median-of-3 quickselect with
-    three-way partitioning, escaping to radix_select when two steps fail to halve the range."""
-    cdef Py_ssize_t lo = 0, hi = n - 1, lt, gt, i, mid, size, last_size = n
-    cdef int steps = 0
-    cdef uint64_t p, x0, x1, x2
-    while hi > lo:
-        size = hi - lo + 1
-        if size <= 16:
-            # insertion sort for tiny ranges
-            for i in range(lo + 1, hi + 1):
-                p = a[i]
-                mid = i - 1
-                while mid >= lo and a[mid] > p:
-                    a[mid + 1] = a[mid]
-                    mid -= 1
-                a[mid + 1] = p
-            return a[rank]
-        steps += 1
-        if steps % 2 == 0:
-            if size > last_size // 2:
-                return radix_select(a + lo, size, rank - lo)
-            last_size = size
-        mid = lo + size // 2
-        x0 = a[lo]
-        x1 = a[mid]
-        x2 = a[hi]
-        if x0 > x1:
-            x0, x1 = x1, x0
-        if x1 > x2:
-            x1 = x2
-        p = x1 if x1 > x0 else x0
-        lt = lo
-        i = lo
-        gt = hi
-        while i <= gt:
-            if a[i] < p:
-                _swap(a, lt, i)
-                lt += 1
-                i += 1
-            elif a[i] > p:
-                _swap(a, i, gt)
-                gt -= 1
-            else:
-                i += 1
-        if rank < lt:
-            hi = lt - 1
-        elif rank > gt:
-            lo = gt + 1
-        else:
-            return p
-    return a[lo]
-
-
 cdef extern from "apr_keys.h" nogil:
     uint64_t apr_radix_select64(uint64_t* a, Py_ssize_t n, Py_ssize_t rank, Py_ssize_t* below)
     void apr_quantile_pair(const uint64_t* a, Py_ssize_t n, Py_ssize_t r_lo, Py_ssize_t r_hi,
@@ -155,26 +64,16 @@ cdef extern from "apr_keys.h" nogil:
                                  int* ok)
 
 
-def select_keys(uint64_t[::1] keys, Py_ssize_t rank, bint radix=False, bint quick=False):
-    """rank-th smallest key (0-based) of a uint64 buffer, only permuting it.  Default: the
-    branch-free MSD radix select (worst-case linear); quick=True: introselect; radix=True: the
-    plain radix_select."""
-    if not 0 <= rank < keys.shape[0]:
-        raise IndexError("rank out of range")
-    cdef uint64_t out
-    cdef Py_ssize_t below
-    with nogil:
-        if radix:
-            out = radix_select(&keys[0], keys.shape[0], rank)
-        elif quick:
-            out = quickselect(&keys[0], keys.shape[0], rank)
-        else:
-            out = apr_radix_select64(&keys[0], keys.shape[0], rank, &below)
-    return out
+def select_keys(uint64_t[::1] keys, Py_ssize_t rank):
+    """rank-th smallest key (0-based) of a uint64 buffer by the branch-free MSD radix select
+    (worst-case linear); only permutes the buffer."""
+    return select_keys_below(keys, rank)[0]
 
 
 def select_keys_below(uint64_t[::1] keys, Py_ssize_t rank):
     """(rank-th smallest key, number of keys strictly below it); only permutes keys."""
+    if not 0 <= rank < keys.shape[0]:
+        raise IndexError("rank out of range")
     cdef uint64_t out
     cdef Py_ssize_t below = 0
     with nogil:
@@ -292,12 +191,6 @@ cdef extern from "apr_keys.h" nogil:
                         uint8_t* out)
     int64_t apr_write64(const uint64_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint64_t t,
                         uint8_t* out)
-    int64_t apr_count_less16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
-                             uint16_t t)
-    int64_t apr_count_less32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
-                             uint32_t t)
-    int64_t apr_count_less64(const uint64_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
-                             uint64_t t)
     void apr_keep_equals_from16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
                                 uint16_t t, Py_ssize_t first, uint8_t* out)
     void apr_keep_equals_from32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
@@ -349,16 +242,6 @@ cdef inline int64_t _write_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int
         return apr_write64(<const uint64_t*>x, s, e, magnitude, t, out)
     else:
         return apr_write16(x, s, e, magnitude, <uint16_t>t, out)
-
-
-cdef inline int64_t _count_less(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
-                                uint64_t t) noexcept nogil:
-    if real_t is float:
-        return apr_count_less32(<const uint32_t*>x, s, e, magnitude, <uint32_t>t)
-    elif real_t is double:
-        return apr_count_less64(<const uint64_t*>x, s, e, magnitude, t)
-    else:
-        return apr_count_less16(x, s, e, magnitude, <uint16_t>t)
 
 
 cdef inline void _keep_equals_from(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
@@ -650,6 +533,15 @@ def _bracket(sources, sizes, Py_ssize_t total, Py_ssize_t k, int magnitude, int 
     return lo_key, hi_key, band
 
 
+def _select_candidates(segments, Py_ssize_t rank, uint64_t lo, uint64_t hi):
+    """(rank-th smallest candidate key, number below it) over per-source candidate arrays, all
+    inside [lo, hi]; several sources are selected without concatenating them."""
+    present = [c for c in segments if c is not None and c.shape[0]]
+    if len(present) == 1:
+        return select_keys_below(present[0], rank)
+    return select_segments(present, rank, lo, hi)
+
+
 def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t inf16,
                     int n_threads, Py_ssize_t cand_budget=-1):
     """Write keep-masks (uint8, 1 = keep) pruning exactly the k smallest keys over the sources
@@ -692,12 +584,7 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
     if bad:
         return bad
     if ok and below < k <= below + inside:
-        present = [c for c in keys if c is not None and c.shape[0]]
-        if len(present) == 1:
-            thresh, cbelow = select_keys_below(present[0], k - below - 1)
-        else:
-            thresh, cbelow = select_segments(present, k - below - 1, lo_key,
-                                             min(hi_key, np.iinfo(np.uint64).max))
+        thresh, cbelow = _select_candidates(keys, k - below - 1, lo_key, hi_key)
         r = k - below - cbelow
         for src, out, x_t, n_t in zip(sources, outs, idxs, sizes):
             if n_t and x_t is not None and x_t.shape[0]:
@@ -721,8 +608,7 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
     so the first k - n_below keys equal to thresh (in source order, then flat order) are pruned.
     cand_budget bounds the candidate keys held at once (default: about 2 % of the elements).
     """
-    cdef Py_ssize_t total = sum(sizes), j, s_t, lo_r, hi_r, delta
-    cdef double q, sig
+    cdef Py_ssize_t total = sum(sizes)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} outside [1, {total}]")
     if cand_budget < 0:
@@ -738,7 +624,7 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
         if n_t == 0:
             continue
         b_t, i_t, bad_t, c_t = range_pass(_get(src, True), lo_key, hi_key, magnitude, inf16,
-                                          cand_budget - inside if ok else 0, n_threads)
+                                          cand_budget - inside, n_threads)
         below += b_t
         inside += i_t
         bad += bad_t
@@ -749,8 +635,7 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
     if bad:
         return 0, 0, bad, "nonfinite"
     if ok and below < k <= below + inside:
-        cand = np.concatenate(cands) if len(cands) > 1 else cands[0]
-        thresh, cbelow = select_keys_below(cand, k - below - 1)
+        thresh, cbelow = _select_candidates(cands, k - below - 1, lo_key, hi_key)
         return int(thresh), below + cbelow, 0, "sample"
     # 3. fallback: radix histograms, top digit first
     return _radix_threshold(sources, sizes, k, magnitude, inf16, n_threads) + ("radix",)

@@ -3,7 +3,7 @@ that also returns statistics of the scores."""
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 

@@ -1,6 +1,5 @@
 """Masks: SparsityPattern, SparsityMask and the generate_* functions (thin: validate, call one
 kernel, wrap the result)."""
-import numbers
 
 import numpy as np
 
@@ -8,7 +7,7 @@ from .._kernels import apply as _apply
 from .._kernels import nm as _nmk
 from .._kernels import select as _select
 from .._validation import (Floats, as_floats, check_axis, check_int, check_nm, check_sparsity,
-                           prune_count, raise_nonfinite, resolve_threads)
+                           decode16, prune_count, raise_nonfinite, resolve_threads)
 from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError, InvalidShapeError,
                      InvalidSparsityError, NumericalInstabilityError, ReadOnlyError,
                      ShapeMismatchError)
@@ -283,8 +282,7 @@ class SparsityMask:
                               np.ascontiguousarray(self._keep.T).reshape(-1).view(np.uint8), nt)
         else:
             # strided view: a single masked assignment (numpy) rather than a copy-back
-            np.copyto(arr.view(words[size]) if arr.dtype.kind != "V" else arr.view(words[size]),
-                      0, where=~self._keep)
+            np.copyto(arr.view(words[size]), 0, where=~self._keep)
         return target
 
     def __repr__(self):
@@ -329,17 +327,13 @@ def _threshold_mask(floats, keeps, k, magnitude, nt, cand_budget=-1):
                                    cand_budget)
 
 
-def _floats_of(values, name):
-    return as_floats(values, name)
-
-
 def generate_unstructured_mask(values, sparsity, *, per_row=False, n_threads=None):
     """Prune the ``round(sparsity * n)`` smallest importance values (halves round down; among
     equal values the lowest flat C-order index is pruned first).  ``per_row=True`` applies the
     same count within each row along the last axis.  ``values`` are importance scores (an array
     or ImportanceScores): larger means more important."""
     sparsity = check_sparsity(sparsity)
-    f = _floats_of(values, "values")
+    f = as_floats(values, "values")
     nt = resolve_threads(n_threads)
     keep = _unstructured(f, sparsity, bool(per_row), 0, nt, "values")
     return SparsityMask(keep, SparsityPattern.unstructured(), _trusted=True)
@@ -376,7 +370,7 @@ def _nm(f, n, m, axis, magnitude, nt, name):
 def generate_nm_mask(values, n, m, *, axis=-1, n_threads=None):
     """Keep the n largest values of every group of m consecutive elements along ``axis`` (ties
     prune the lowest index first).  The axis length must be divisible by m."""
-    f = _floats_of(values, "values")
+    f = as_floats(values, "values")
     return _nm(f, n, m, axis, 0, resolve_threads(n_threads), "values")
 
 
@@ -476,21 +470,15 @@ def _common_dtype(floats):
         if f.dtype_name == wide:
             out.append(f)
             continue
-        arr = f.array if not f.fmt else _decode16(f)
+        arr = f.array if not f.fmt else decode16(f.kernel, f.fmt)
         arr = np.ascontiguousarray(arr, dtype=wide)
         out.append(Floats(arr, arr, 0, wide, True))
     return out
 
 
-def _decode16(f):
-    if f.fmt == 1:
-        return f.kernel.view(np.float16)
-    return (f.kernel.astype(np.uint32) << 16).view(np.float32)
-
-
 def _structured(values, sparsity, block_of, pattern_of, n_threads):
     sparsity = check_sparsity(sparsity)
-    f = _floats_of(values, "values")
+    f = as_floats(values, "values")
     nt = resolve_threads(n_threads)
     keep = np.empty(f.shape, dtype=np.bool_)
     if f.size == 0:
