@@ -4,7 +4,7 @@ import sys
 
 __version__ = "0.1.0"
 
-from . import pruning  # noqa: E402,F401  (first: _validation imports pruning.errors)
+from . import pruning  # noqa: E402,F401  
 from ._validation import Bits16  # noqa: E402
 from .pruning import (SparsityMask, SparsityPattern, MagnitudeImportance,  # noqa: E402,F401
                       generate_unstructured_mask, generate_nm_mask, generate_global_mask,

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from .pruning.errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
+from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
                              InvalidShapeError, InvalidSparsityError, NumericalInstabilityError)
 from ._kernels import _openmp
 

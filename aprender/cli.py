@@ -26,7 +26,7 @@ from ._validation import (BF16, F16, Bits16, as_floats, decode16, prune_count, r
                           resolve_threads)
 from .io.safetensors import (FLOAT_DTYPES, CheckpointError, SafetensorsFile, dtype_code,
                              encode_header, write_all)
-from .pruning.errors import PruningError
+from .errors import PruningError
 
 INDEX_NAME = "model.safetensors.index.json"
 CHUNK = 1 << 22  # elements per write chunk (zeroing a copy of a memory-mapped tensor)

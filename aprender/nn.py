@@ -4,7 +4,7 @@ import math
 import numpy as np
 
 from ._validation import check_int
-from .pruning.errors import InvalidDTypeError, ShapeMismatchError
+from .errors import InvalidDTypeError, ShapeMismatchError
 
 __all__ = ["Linear", "Sequential"]
 

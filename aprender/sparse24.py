@@ -51,7 +51,7 @@ import math
 import numpy as np
 
 from ._validation import Bits16, is_cupy, resolve_threads
-from .pruning.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
+from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
                              LayoutError, NumericalInstabilityError, ShapeMismatchError)
 
 __all__ = ["compress", "Sparse24Tensor", "LAYOUTS"]

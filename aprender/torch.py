@@ -11,14 +11,10 @@ import re
 import numpy as np
 
 from ._validation import Bits16, check_sparsity, prune_count, resolve_threads
-from .pruning.errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
-                             PruningError)
+from .errors import (DeviceError, InvalidArgumentError, InvalidDTypeError,  # noqa: F401
+                     InvalidPatternError, PruningError)
 
 __all__ = ["DeviceError", "to_numpy_view", "prune_"]
-
-
-class DeviceError(PruningError, ValueError):
-    """A tensor that does not live in CPU memory."""
 
 
 def _torch():

@@ -8,7 +8,7 @@ import pytest
 
 from aprender import Bits16, magnitude_nm_mask, sparse24
 from aprender.pruning import SparsityMask, SparsityPattern
-from aprender.pruning.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
+from aprender.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
                                      LayoutError, NumericalInstabilityError, ShapeMismatchError)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")

@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
-from ..pruning.errors import InvalidDTypeError, ShapeMismatchError
+from ..errors import InvalidDTypeError, ShapeMismatchError
 from .. import sparse24 as _s24
 
 __all__ = ["compress24", "decompress24", "module"]

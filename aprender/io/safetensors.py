@@ -19,6 +19,7 @@ import struct
 import numpy as np
 
 from .._validation import Bits16
+from ..errors import CheckpointError
 
 __all__ = ["CheckpointError", "TensorInfo", "SafetensorsFile", "read_header", "encode_header",
            "write_safetensors", "DTYPE_SIZES", "FLOAT_DTYPES", "dtype_code"]
@@ -37,10 +38,6 @@ _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
           "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_, "C64": np.complex64}
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: missing, truncated or with a corrupt header."""
 
 
 def dtype_code(array):

@@ -1,7 +1,8 @@
 """The object API: importance, masks, patterns and errors."""
-from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
-                     InvalidShapeError, InvalidSparsityError, LayoutError,
-                     NumericalInstabilityError, PruningError, ReadOnlyError, ShapeMismatchError)
+from ..errors import (CalibrationError, CheckpointError, DeviceError, InvalidArgumentError,
+                      InvalidDTypeError, InvalidPatternError, InvalidShapeError,
+                      InvalidSparsityError, LayoutError,
+                      NumericalInstabilityError, PruningError, ReadOnlyError, ShapeMismatchError)
 from .importance import Importance, ImportanceScores, ImportanceStats, MagnitudeImportance
 from .mask import (SparsityMask, SparsityPattern, generate_block_mask, generate_column_mask,
                    generate_global_mask, generate_nm_mask, generate_row_mask,
@@ -15,5 +16,5 @@ __all__ = [
     "magnitude_mask", "magnitude_nm_mask",
     "PruningError", "InvalidSparsityError", "InvalidPatternError", "ShapeMismatchError",
     "InvalidShapeError", "InvalidDTypeError", "NumericalInstabilityError", "InvalidArgumentError",
-    "ReadOnlyError", "LayoutError",
+    "ReadOnlyError", "LayoutError", "CheckpointError", "DeviceError", "CalibrationError",
 ]

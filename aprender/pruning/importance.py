@@ -9,7 +9,7 @@ import numpy as np
 
 from .._kernels import stats as _stats
 from .._validation import Bits16, as_floats, raise_nonfinite, resolve_threads
-from .errors import InvalidArgumentError, NumericalInstabilityError
+from ..errors import InvalidArgumentError, NumericalInstabilityError
 
 __all__ = ["Importance", "MagnitudeImportance", "ImportanceScores", "ImportanceStats"]
 

@@ -8,7 +8,7 @@ from .._kernels import nm as _nmk
 from .._kernels import select as _select
 from .._validation import (Floats, as_floats, check_axis, check_int, check_nm, check_sparsity,
                            decode16, prune_count, raise_nonfinite, resolve_threads)
-from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError, InvalidShapeError,
+from ..errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError, InvalidShapeError,
                      InvalidSparsityError, NumericalInstabilityError, ReadOnlyError,
                      ShapeMismatchError)
 

@@ -1,0 +1,77 @@
+"""Typed errors.  Every error aprender raises on bad input derives from PruningError and from the
+built-in exception a caller would naturally catch (ValueError or TypeError)."""
+
+__all__ = [
+    "PruningError",
+    "InvalidSparsityError",
+    "InvalidPatternError",
+    "ShapeMismatchError",
+    "InvalidShapeError",
+    "InvalidDTypeError",
+    "NumericalInstabilityError",
+    "InvalidArgumentError",
+    "ReadOnlyError",
+    "LayoutError",
+    "CheckpointError",
+    "DeviceError",
+    "CalibrationError",
+]
+
+
+class PruningError(Exception):
+    """Base class of every aprender error."""
+
+
+class InvalidSparsityError(PruningError, ValueError):
+    """A sparsity fraction that is not a real number in [0, 1]."""
+
+
+class InvalidPatternError(PruningError, ValueError):
+    """A pattern that is malformed (N > M, M <= 0, ...) or that a mask or shape does not satisfy."""
+
+
+class ShapeMismatchError(PruningError, ValueError):
+    """Two arrays that must share a shape do not."""
+
+
+class InvalidShapeError(PruningError, ValueError):
+    """An array whose shape the operation cannot take (0-d, axis out of range, blocks not tiling)."""
+
+
+class InvalidDTypeError(PruningError, TypeError):
+    """An array whose dtype the operation does not take (complex, object, integer scores, ...)."""
+
+
+class NumericalInstabilityError(PruningError, ValueError):
+    """NaN or infinity where finite numbers are required; the message names the first bad index."""
+
+    def __init__(self, message, index=None, value=None):
+        super().__init__(message)
+        self.index = index
+        self.value = value
+
+
+class InvalidArgumentError(PruningError, ValueError):
+    """Any other argument outside its domain (thread count, p of an Lp norm, ...)."""
+
+
+class ReadOnlyError(PruningError, ValueError):
+    """An in-place operation was given a read-only array."""
+
+
+class LayoutError(PruningError, ValueError):
+    """A weight that does not fit a compressed layout (more than two non-zeros in a 2:4 group, ...)."""
+
+
+class CheckpointError(PruningError, ValueError):
+    """A checkpoint, index, calibration file or path that cannot be used safely: missing,
+    truncated, malformed (stricter than the safetensors format requires), a special file, a
+    symlink that leaves the checkpoint, or an output that would overwrite an input."""
+
+
+class DeviceError(PruningError, ValueError):
+    """An array or tensor on a device aprender cannot read in place (CUDA tensors for CPU kernels)."""
+
+
+class CalibrationError(PruningError, ValueError):
+    """Calibration statistics that are missing, of the wrong shape, or inconsistent."""
