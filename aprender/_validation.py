@@ -89,6 +89,45 @@ def is_cupy(x):
     return cp is not None and isinstance(x, cp.ndarray)
 
 
+def short_repr(value, limit=80):
+    """repr(value) cut to ``limit`` characters, for error messages about hostile input (a
+    megabyte string, an int with more digits than Python will print)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - repr itself may refuse (huge ints) or be broken
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def as_array(x, name="values"):
+    """np.asarray(x), or InvalidDTypeError naming what could not be converted (ragged nested
+    sequences, objects whose __array__ fails, ...)."""
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - anything numpy cannot turn into an array
+        raise InvalidDTypeError(f"{name}: cannot convert {type(x).__name__} to an array "
+                                f"({short_repr(str(exc), 160)})") from None
+
+
+def as_real(value, name, error=InvalidArgumentError):
+    """A real number (int, float, Fraction, numpy scalar or 0-d array) as a Python float.
+
+    Bools, strings, complex numbers, None, arrays with elements and numbers beyond the float
+    range raise ``error`` naming the value; NaN and infinities are returned (the caller decides
+    its domain)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)):
+        raise error(f"{name} must be a real number, got the bool {value!r}")
+    if not isinstance(value, numbers.Real):
+        raise error(f"{name} must be a real number, got {type(value).__name__} "
+                    f"{short_repr(value)}")
+    try:
+        return float(value)
+    except (OverflowError, ValueError, TypeError):
+        raise error(f"{name} is too large for a float: {short_repr(value)}") from None
+
+
 def as_floats(x, name="values", *, allow_empty=True, min_ndim=1):
     """Validate a floating array and return a Floats view (copying once if it must)."""
     if hasattr(x, "values") and hasattr(x, "method") and hasattr(x, "stats"):
@@ -107,10 +146,7 @@ def as_floats(x, name="values", *, allow_empty=True, min_ndim=1):
             x = to_numpy_view(x)
             if isinstance(x, Bits16):
                 return as_floats(x, name, allow_empty=allow_empty, min_ndim=min_ndim)
-        try:
-            arr = np.asarray(x)
-        except Exception as exc:  # noqa: BLE001 - anything numpy cannot turn into an array
-            raise InvalidDTypeError(f"{name}: cannot convert {type(x).__name__} to an array ({exc})")
+        arr = as_array(x, name)
         dt = arr.dtype
         if _is_bf16(dt):
             fmt, dtype_name = BF16, "bfloat16"
@@ -173,19 +209,9 @@ def raise_nonfinite(f, name="values"):
 
 def check_sparsity(sparsity, name="sparsity"):
     """A fraction in [0, 1] as a Python float; bools, strings, NaN and out-of-range values raise."""
-    if isinstance(sparsity, (bool, np.bool_)):
-        raise InvalidSparsityError(f"{name} must be a fraction in [0, 1], got the bool {sparsity!r}")
-    if isinstance(sparsity, np.ndarray) and sparsity.ndim == 0:
-        sparsity = sparsity[()]
-    if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, np.bool_):
-        raise InvalidSparsityError(
-            f"{name} must be a real number in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
-    try:
-        value = float(sparsity)
-    except (OverflowError, ValueError, TypeError):
-        raise InvalidSparsityError(f"{name} must be in [0, 1], got {sparsity!r}") from None
+    value = as_real(sparsity, f"{name} (a fraction in [0, 1])", InvalidSparsityError)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise InvalidSparsityError(f"{name} must be in [0, 1], got {sparsity!r}")
+        raise InvalidSparsityError(f"{name} must be in [0, 1], got {short_repr(sparsity)}")
     return value
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "DeviceError",
     "CalibrationError",
+    "InvalidCalibrationError",
 ]
 
 
@@ -75,3 +76,8 @@ class DeviceError(PruningError, ValueError):
 
 class CalibrationError(PruningError, ValueError):
     """Calibration statistics that are missing, of the wrong shape, or inconsistent."""
+
+
+class InvalidCalibrationError(PruningError, TypeError):
+    """A ``calibration`` argument that is not calibration data (a string, an array, a dict...):
+    importance methods take None or an ``aprender.pruning.CalibrationContext``."""

@@ -1,7 +1,7 @@
 """The object API: importance, masks, patterns and errors."""
 from ..errors import (CalibrationError, CheckpointError, DeviceError, InvalidArgumentError,
-                      InvalidDTypeError, InvalidPatternError, InvalidShapeError,
-                      InvalidSparsityError, LayoutError,
+                      InvalidCalibrationError, InvalidDTypeError, InvalidPatternError,
+                      InvalidShapeError, InvalidSparsityError, LayoutError,
                       NumericalInstabilityError, PruningError, ReadOnlyError, ShapeMismatchError)
 from .importance import Importance, ImportanceScores, ImportanceStats, MagnitudeImportance
 from .mask import (SparsityMask, SparsityPattern, generate_block_mask, generate_column_mask,
@@ -17,4 +17,5 @@ __all__ = [
     "PruningError", "InvalidSparsityError", "InvalidPatternError", "ShapeMismatchError",
     "InvalidShapeError", "InvalidDTypeError", "NumericalInstabilityError", "InvalidArgumentError",
     "ReadOnlyError", "LayoutError", "CheckpointError", "DeviceError", "CalibrationError",
+    "InvalidCalibrationError",
 ]

@@ -1,17 +1,18 @@
 """Importance: how much each weight matters.  Magnitude importance scores |w|^p in one kernel pass
 that also returns statistics of the scores."""
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .._kernels import stats as _stats
-from .._validation import Bits16, as_floats, raise_nonfinite, resolve_threads
-from ..errors import InvalidArgumentError, NumericalInstabilityError
+from .._validation import (Bits16, as_floats, as_real, raise_nonfinite, resolve_threads,
+                           short_repr)
+from ..errors import InvalidArgumentError, InvalidCalibrationError, NumericalInstabilityError
 
-__all__ = ["Importance", "MagnitudeImportance", "ImportanceScores", "ImportanceStats"]
+__all__ = ["Importance", "MagnitudeImportance", "ImportanceScores", "ImportanceStats",
+           "check_calibration"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,28 @@ class Importance(Protocol):
     def compute(self, module_or_array, calibration=None) -> ImportanceScores: ...
 
 
+def check_calibration(calibration):
+    """Return ``calibration`` if it is None or calibration data, else raise
+    InvalidCalibrationError naming the type received.
+
+    Calibration data is an ``aprender.pruning.CalibrationContext`` (looked up lazily, so this
+    module does not depend on it) or any object with the same interface: a ``layer_names``
+    attribute and a callable ``get_stats``."""
+    if calibration is None:
+        return None
+    from .. import pruning
+
+    context_cls = getattr(pruning, "CalibrationContext", None)
+    if isinstance(context_cls, type) and isinstance(calibration, context_cls):
+        return calibration
+    if hasattr(calibration, "layer_names") and callable(getattr(calibration, "get_stats", None)):
+        return calibration
+    kind = type(calibration)
+    what = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise InvalidCalibrationError(f"calibration must be None or an aprender.pruning."
+                                  f"CalibrationContext, got {what} {short_repr(calibration, 60)}")
+
+
 def _weights_of(module_or_array):
     w = getattr(module_or_array, "weight", None)
     if w is not None and not isinstance(module_or_array, np.ndarray):
@@ -64,10 +87,10 @@ class MagnitudeImportance:
     requires_calibration = False
 
     def __init__(self, p=1):
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)) \
-                or float(p) <= 0:
+        value = as_real(p, "MagnitudeImportance p (a finite p > 0)")
+        if not math.isfinite(value) or value <= 0:
             raise InvalidArgumentError(f"MagnitudeImportance needs a finite p > 0, got {p!r}")
-        self.p = float(p)
+        self.p = value
 
     @classmethod
     def l1(cls):
@@ -87,7 +110,10 @@ class MagnitudeImportance:
 
     def compute(self, module_or_array, calibration=None, *, n_threads=None) -> ImportanceScores:
         """Scores of a module's ``weight`` (or of an array), in the weights' dtype, with stats.
-        ``calibration`` is accepted for protocol compatibility and ignored by magnitude."""
+        ``calibration`` (None or an ``aprender.pruning.CalibrationContext``) is accepted for
+        protocol compatibility and ignored by magnitude; anything else raises
+        InvalidCalibrationError."""
+        check_calibration(calibration)
         f = as_floats(_weights_of(module_or_array), "weights")
         nt = resolve_threads(n_threads)
         out = np.empty_like(f.array)
