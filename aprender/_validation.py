@@ -207,6 +207,15 @@ def raise_nonfinite(f, name="values"):
         index=idx, value=kind)
 
 
+def check_bool(value, name):
+    """A flag: True/False (or numpy bools) as a Python bool; anything else (strings, arrays, 0/1
+    numbers, None) raises InvalidArgumentError naming the value."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidArgumentError(f"{name} must be True or False, got {type(value).__name__} "
+                               f"{short_repr(value)}")
+
+
 def check_sparsity(sparsity, name="sparsity"):
     """A fraction in [0, 1] as a Python float; bools, strings, NaN and out-of-range values raise."""
     value = as_real(sparsity, f"{name} (a fraction in [0, 1])", InvalidSparsityError)

@@ -204,3 +204,88 @@ def test_show_config_reports_build(capsys):
     assert "openmp" in out and "cupy_available" in cfg
     import sys
     assert "cupy" not in sys.modules or cfg["cupy_available"]
+
+
+# ----------------------------------------------------------------------------------------------
+# one pattern vocabulary: SparsityPattern.parse is the only parser of pattern names
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, want, flags", [
+    ("unstructured", SparsityPattern.unstructured(), (True, False, False)),
+    ("per-row", SparsityPattern.per_row(), (False, True, False)),
+    (" Per-Row ", SparsityPattern.per_row(), (False, True, False)),
+    ("2:4", SparsityPattern.nm(2, 4), (False, False, True)),
+    ("1 : 8", SparsityPattern.nm(1, 8), (False, False, True)),
+    ("block:4x2", SparsityPattern.block_pattern(4, 2), (False, False, False)),
+    ("row", SparsityPattern.rows(), (False, False, False)),
+    ("column", SparsityPattern.columns(), (False, False, False)),
+])
+def test_parse_vocabulary(text, want, flags):
+    p = SparsityPattern.parse(text)
+    assert p == want and hash(p) == hash(want)
+    assert (p.is_unstructured, p.is_per_row, p.is_nm) == flags
+    # str() of the simple patterns parses back to the same pattern
+    if p.kind != "block":
+        assert SparsityPattern.parse(str(p)) == p
+    assert eval(repr(p), {"SparsityPattern": SparsityPattern}) == p
+
+
+def test_parse_nm_exposes_n_m_axis_and_sparsity():
+    p = SparsityPattern.parse("2:4")
+    assert (p.kind, p.n, p.m, p.axis) == ("nm", 2, 4, -1)
+    assert p.resolve_sparsity() == 0.5 and p.resolve_sparsity(0.5) == 0.5
+    with pytest.raises(InvalidSparsityError, match=r"0\.3.*2:4"):
+        p.resolve_sparsity(0.3)
+    assert SparsityPattern.per_row().resolve_sparsity(0.25) == 0.25
+    with pytest.raises(InvalidSparsityError, match="per-row.*needs a sparsity"):
+        SparsityPattern.per_row().resolve_sparsity(None)
+
+
+def test_parse_row_means_whole_rows_unless_legacy():
+    """'row' is whole-row structured pruning in the object API; only the front ends where it
+    used to mean per-row (torch prune_, the CLI) read it so, with a DeprecationWarning."""
+    assert SparsityPattern.parse("row") == SparsityPattern.rows()
+    with pytest.warns(DeprecationWarning, match="per-row"):
+        assert SparsityPattern.parse("row", legacy_row=True) == SparsityPattern.per_row()
+    assert SparsityPattern.parse(SparsityPattern.nm(2, 4)) == SparsityPattern.nm(2, 4)
+
+
+def test_nm_axis_is_part_of_the_pattern():
+    a0, a1, last = (SparsityPattern.nm(2, 4, axis=0), SparsityPattern.nm(2, 4, axis=1),
+                    SparsityPattern.nm(2, 4))
+    assert a0 != a1 and a0 != last and a1 != last
+    assert len({a0, a1, last, SparsityPattern.nm(2, 4, axis=0)}) == 3
+    assert str(a0) != str(a1) and "axis 0" in str(a0) and str(last) == "2:4"
+    assert repr(a0) == "SparsityPattern.nm(2, 4, axis=0)"
+    # masks carry the axis their caller named
+    x = np.arange(16, dtype=np.float32).reshape(4, 4)
+    assert generate_nm_mask(x, 2, 4, axis=0).pattern == a0
+    assert generate_nm_mask(x, 2, 4).pattern == last
+
+
+def test_per_row_masks_carry_the_per_row_pattern():
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    m = aprender.magnitude_mask(x, 0.25, per_row=True)
+    assert m.pattern == SparsityPattern.per_row()
+    assert generate_unstructured_mask(x, 0.25, per_row=True).pattern.is_per_row
+    assert SparsityPattern.per_row().validate(m)
+    assert SparsityPattern.per_row().count_groups(m) == (4, 4)
+    keep = m.keep.copy()
+    keep[2, :] = True
+    with pytest.raises(InvalidPatternError, match="per-row.*1 of 4 rows"):
+        SparsityMask(keep, SparsityPattern.per_row())
+
+
+def test_layer_magnitude_mask_takes_patterns():
+    from aprender.pruning.mask import layer_magnitude_mask
+
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    per_row = layer_magnitude_mask(x, SparsityPattern.per_row(), 0.5)
+    np.testing.assert_array_equal(per_row.keep, aprender.magnitude_mask(x, 0.5, per_row=True).keep)
+    nm = layer_magnitude_mask(x, "2:4")
+    assert nm.pattern == SparsityPattern.nm(2, 4)
+    # the kind strings of the first release still work ("row" meant per-row there)
+    np.testing.assert_array_equal(layer_magnitude_mask(x, "row", 0.5).keep, per_row.keep)
+    np.testing.assert_array_equal(layer_magnitude_mask(x, "nm", None, 2, 4).keep, nm.keep)
+    with pytest.raises(InvalidPatternError, match="block 2x2"):
+        layer_magnitude_mask(x, "block:2x2", 0.5)

@@ -251,7 +251,7 @@ def test_nm_matches_reference(data, magnitude, nt):
     got = fn(inp, n, m, axis=axis, n_threads=nt)
     want = ref.nm_mask(arr, n, m, axis=axis, magnitude=magnitude)
     assert_same_mask(got, want)
-    assert got.pattern == SparsityPattern.nm(n, m)
+    assert got.pattern == SparsityPattern.nm(n, m, axis=axis)
     moved = np.moveaxis(got.keep, axis, -1).reshape(-1, m)
     assert np.all(moved.sum(axis=1) == n)
     SparsityPattern.nm(n, m, axis=axis).validate(got.keep)

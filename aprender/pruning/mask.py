@@ -1,13 +1,17 @@
 """Masks: SparsityPattern, SparsityMask and the generate_* functions (thin: validate, call one
 kernel, wrap the result)."""
+import numbers
+import re
+import warnings
 
 import numpy as np
 
 from .._kernels import apply as _apply
 from .._kernels import nm as _nmk
 from .._kernels import select as _select
-from .._validation import (Floats, as_floats, check_axis, check_int, check_nm, check_sparsity,
-                           decode16, prune_count, raise_nonfinite, resolve_threads)
+from .._validation import (Floats, as_array, as_floats, check_axis, check_bool, check_int,
+                           check_nm, check_sparsity, decode16, prune_count, raise_nonfinite, resolve_threads,
+                           short_repr)
 from ..errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError, InvalidShapeError,
                      InvalidSparsityError, NumericalInstabilityError, ReadOnlyError,
                      ShapeMismatchError)
@@ -17,15 +21,45 @@ __all__ = ["SparsityPattern", "SparsityMask", "generate_unstructured_mask", "gen
            "generate_column_mask", "magnitude_mask", "magnitude_nm_mask", "layer_magnitude_mask"]
 
 
-class SparsityPattern:
-    """The structure a mask follows: unstructured, N:M (n, m) along an axis, block (h, w), row or
-    column.  Construct with the class methods; ``validate(mask)`` raises if a mask breaks it."""
+_NM_TEXT = re.compile(r"([0-9]+)\s*:\s*([0-9]+)", re.ASCII)
+_BLOCK_TEXT = re.compile(r"block\s*:\s*([0-9]+)\s*x\s*([0-9]+)", re.ASCII)
+_MAX_PATTERN_TEXT = 64  # longer than any pattern; bounds the work and the error message
+_PATTERN_HELP = ("'unstructured', 'per-row', 'N:M' such as '2:4', 'block:HxW' such as "
+                 "'block:4x4', 'row' (whole rows) or 'column' (whole columns)")
 
-    KINDS = ("unstructured", "nm", "block", "row", "column")
+
+class SparsityPattern:
+    """The structure a mask follows.  Construct with the class methods or :meth:`parse`;
+    ``validate(mask)`` raises if a mask breaks it.  Patterns are compared and hashed by all of
+    their fields (kind, n, m, axis, block).
+
+    ``kind`` is one of:
+
+    - ``"unstructured"``: any elements (:meth:`unstructured`, text ``"unstructured"``);
+    - ``"per-row"``: per-row unstructured, the same count pruned in every row of the 2-D view
+      (leading axes flattened into rows), as Wanda groups weights (:meth:`per_row`, text
+      ``"per-row"``);
+    - ``"nm"``: N kept in every group of M consecutive elements along ``axis``
+      (:meth:`nm`, text ``"2:4"``); the axis is kept as given, so ``nm(2, 4)`` (the last axis)
+      and ``nm(2, 4, axis=1)`` are different patterns even where they select the same groups;
+    - ``"block"``: whole (h, w) blocks of the 2-D view (:meth:`block_pattern`, text
+      ``"block:4x4"``);
+    - ``"row"`` / ``"column"``: whole rows (output channels) / whole columns (input channels),
+      structured (:meth:`rows`, :meth:`columns`, text ``"row"`` / ``"column"``).
+    """
+
+    KINDS = ("unstructured", "per-row", "nm", "block", "row", "column")
+    __slots__ = ("kind", "n", "m", "block", "axis")
 
     def __init__(self, kind, n=None, m=None, block=None, axis=-1):
-        if kind not in self.KINDS:
-            raise InvalidPatternError(f"unknown sparsity pattern {kind!r}; one of {self.KINDS}")
+        if not isinstance(kind, str) or kind not in self.KINDS:
+            raise InvalidPatternError(f"unknown sparsity pattern {short_repr(kind)}; one of "
+                                      f"{self.KINDS}")
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+            raise InvalidShapeError(f"pattern axis must be an integer, got {short_repr(axis)}")
+        axis = int(axis)
+        if kind != "nm" and axis != -1:
+            raise InvalidPatternError(f"axis={axis} applies to N:M patterns only, not {kind!r}")
         self.kind = kind
         self.n = self.m = self.block = None
         self.axis = axis
@@ -33,16 +67,21 @@ class SparsityPattern:
             self.n, self.m = check_nm(n, m)
         if kind == "block":
             if not (isinstance(block, tuple) and len(block) == 2):
-                raise InvalidPatternError(f"block pattern needs (h, w), got {block!r}")
+                raise InvalidPatternError(f"block pattern needs (h, w), got {short_repr(block)}")
             try:
                 h, w = (check_int(v, "block size", minimum=1) for v in block)
             except InvalidArgumentError as exc:
-                raise InvalidPatternError(f"block pattern {block!r}: {exc}") from None
+                raise InvalidPatternError(f"block pattern {short_repr(block)}: {exc}") from None
             self.block = (h, w)
 
     @classmethod
     def unstructured(cls):
         return cls("unstructured")
+
+    @classmethod
+    def per_row(cls):
+        """Per-row unstructured: the same fraction pruned within every row."""
+        return cls("per-row")
 
     @classmethod
     def nm(cls, n, m, axis=-1):
@@ -54,6 +93,7 @@ class SparsityPattern:
 
     @classmethod
     def rows(cls):
+        """Whole rows pruned (structured); see :meth:`per_row` for per-row unstructured."""
         return cls("row")
 
     @classmethod
@@ -61,47 +101,105 @@ class SparsityPattern:
         return cls("column")
 
     @classmethod
-    def parse(cls, text):
-        """'unstructured', 'row', 'column', 'N:M' (e.g. '2:4') or 'block:HxW'."""
+    def parse(cls, text, *, legacy_row=False):
+        """The one parser of pattern names (the object API, ``aprender.torch`` and the command
+        line all use it): ``"unstructured"``, ``"per-row"``, ``"N:M"`` such as ``"2:4"`` (ASCII
+        digits, along the last axis), ``"block:HxW"`` such as ``"block:4x4"``, ``"row"`` (whole
+        rows) or ``"column"`` (whole columns); case and surrounding spaces are ignored.
+
+        ``legacy_row=True`` is for the front ends where ``"row"`` used to mean per-row
+        unstructured (``aprender.torch.prune_``, the command line): there ``"row"`` is read as
+        ``"per-row"`` with a DeprecationWarning."""
+        if isinstance(text, SparsityPattern):
+            return text
         if not isinstance(text, str):
-            raise InvalidPatternError(f"pattern must be a string, got {text!r}")
+            raise InvalidPatternError(f"pattern must be a string, got {type(text).__name__} "
+                                      f"{short_repr(text)}")
+        if len(text) > _MAX_PATTERN_TEXT:
+            raise InvalidPatternError(f"invalid pattern {short_repr(text)} ({len(text)} "
+                                      f"characters): use {_PATTERN_HELP}")
         t = text.strip().lower()
-        if t in ("unstructured", "row", "column"):
+        if t == "row" and legacy_row:
+            warnings.warn("pattern 'row' is deprecated here: it means per-row unstructured, "
+                          "now spelled 'per-row' ('row' elsewhere prunes whole rows)",
+                          DeprecationWarning, stacklevel=3)
+            return cls("per-row")
+        if t in ("unstructured", "per-row", "row", "column"):
             return cls(t)
-        if t.startswith("block:"):
+        mt = _BLOCK_TEXT.fullmatch(t)
+        if mt:
+            return cls("block", block=(int(mt.group(1)), int(mt.group(2))))
+        if t.startswith("block"):
+            raise InvalidPatternError(f"block pattern must look like 'block:4x4', got "
+                                      f"{short_repr(text)}")
+        mt = _NM_TEXT.fullmatch(t)
+        if mt:
             try:
-                h, w = (int(v) for v in t[6:].split("x"))
-            except ValueError:
-                raise InvalidPatternError(f"block pattern must look like 'block:4x4', got {text!r}")
-            return cls("block", block=(h, w))
-        parts = t.split(":")
-        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-            return cls("nm", n=int(parts[0]), m=int(parts[1]))
-        raise InvalidPatternError(
-            f"invalid pattern {text!r}: use 'unstructured', 'row', 'column', 'N:M' such as '2:4', "
-            "or 'block:HxW'")
+                return cls("nm", n=int(mt.group(1)), m=int(mt.group(2)))
+            except InvalidPatternError as exc:
+                raise InvalidPatternError(f"invalid pattern {short_repr(text)}: {exc}") from None
+        raise InvalidPatternError(f"invalid pattern {short_repr(text)}: use {_PATTERN_HELP}")
+
+    # --- what a front end asks about a pattern ----------------------------------------------
+
+    @property
+    def is_unstructured(self):
+        """True for "unstructured" only (not per-row)."""
+        return self.kind == "unstructured"
+
+    @property
+    def is_per_row(self):
+        """True for per-row unstructured (Wanda's grouping), not for whole-row pruning."""
+        return self.kind == "per-row"
+
+    @property
+    def is_nm(self):
+        """True for N:M; then ``n``, ``m`` and ``axis`` describe it."""
+        return self.kind == "nm"
 
     @property
     def theoretical_sparsity(self):
         """1 - N/M for N:M patterns, None for the others (their sparsity is chosen freely)."""
         return 1.0 - self.n / self.m if self.kind == "nm" else None
 
+    def resolve_sparsity(self, sparsity=None):
+        """The sparsity to prune to, as a float: for N:M, 1 - N/M (a ``sparsity`` given as well
+        must agree with it); for the other patterns ``sparsity`` is required and checked."""
+        if self.kind == "nm":
+            implied = 1.0 - self.n / self.m
+            if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
+                raise InvalidSparsityError(f"sparsity={short_repr(sparsity)} contradicts pattern "
+                                           f"{self} (which prunes {implied:g})")
+            return implied
+        if sparsity is None:
+            raise InvalidSparsityError(f"pattern {self} needs a sparsity")
+        return check_sparsity(sparsity)
+
+    def _key(self):
+        return (self.kind, self.n, self.m, self.axis if self.kind == "nm" else None, self.block)
+
     def __eq__(self, other):
-        return isinstance(other, SparsityPattern) and (self.kind, self.n, self.m, self.block) == \
-            (other.kind, other.n, other.m, other.block)
+        return isinstance(other, SparsityPattern) and self._key() == other._key()
 
     def __hash__(self):
-        return hash((self.kind, self.n, self.m, self.block))
+        return hash(self._key())
 
     def __str__(self):
         if self.kind == "nm":
-            return f"{self.n}:{self.m}"
+            return f"{self.n}:{self.m}" + ("" if self.axis == -1 else f" along axis {self.axis}")
         if self.kind == "block":
             return f"block {self.block[0]}x{self.block[1]}"
         return self.kind
 
     def __repr__(self):
-        return f"SparsityPattern({str(self)!r})"
+        if self.kind == "nm":
+            axis = "" if self.axis == -1 else f", axis={self.axis}"
+            return f"SparsityPattern.nm({self.n}, {self.m}{axis})"
+        if self.kind == "block":
+            return f"SparsityPattern.block_pattern({self.block[0]}, {self.block[1]})"
+        method = {"unstructured": "unstructured", "per-row": "per_row", "row": "rows",
+                  "column": "columns"}[self.kind]
+        return f"SparsityPattern.{method}()"
 
     def check_shape(self, shape):
         """Raise if an array of this shape cannot carry the pattern."""
@@ -111,34 +209,44 @@ class SparsityPattern:
                 raise InvalidPatternError(
                     f"{self} pattern: axis {axis} of shape {tuple(shape)} has length {shape[axis]}, "
                     f"not divisible by M={self.m}")
-        elif self.kind == "block":
+        elif self.kind != "unstructured":
             rows, cols = _as_2d_shape(shape)
-            h, w = self.block
-            if rows % h or cols % w:
-                raise InvalidPatternError(
-                    f"block ({h}, {w}) does not tile shape {tuple(shape)} (seen as {rows}x{cols})")
+            if self.kind == "block":
+                h, w = self.block
+                if rows % h or cols % w:
+                    raise InvalidPatternError(
+                        f"block ({h}, {w}) does not tile shape {tuple(shape)} (seen as "
+                        f"{rows}x{cols})")
 
     def count_groups(self, mask):
-        """(groups that satisfy the pattern, total groups) for N:M; for block/row/column the
-        blocks that are uniformly kept or pruned; unstructured: (size, size)."""
+        """(groups that satisfy the pattern, total groups): for N:M the groups that keep N; for
+        block/row/column the blocks that are uniformly kept or pruned; for per-row the rows
+        that keep the most common count; unstructured: (size, size)."""
         keep = _keep_bytes(mask)
         shape = keep.shape
+        if self.kind == "unstructured":
+            return keep.size, keep.size
+        self.check_shape(shape)
         if self.kind == "nm":
-            self.check_shape(shape)
             axis = check_axis(self.axis, len(shape))
             outer = int(np.prod(shape[:axis], dtype=np.int64))
             inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
             total = keep.size // self.m
             bad, _ = _nmk.nm_check(keep.reshape(-1), outer, shape[axis], inner, self.n, self.m, 0)
             return total - bad, total
-        if self.kind in ("block", "row", "column"):
-            rows, cols = _as_2d_shape(shape)
-            h, w = self._block_for(rows, cols)
-            k2 = keep.reshape(rows // h, h, cols // w, w)
-            mins = k2.min(axis=(1, 3))
-            maxs = k2.max(axis=(1, 3))
-            return int(np.count_nonzero(mins == maxs)), int(mins.size)
-        return keep.size, keep.size
+        rows, cols = _as_2d_shape(shape)
+        if self.kind == "per-row":
+            if keep.size == 0:
+                return rows, rows
+            kept = np.count_nonzero(keep.reshape(rows, cols), axis=1)
+            return int(np.bincount(kept).max()), rows
+        h, w = self._block_for(rows, cols)
+        if keep.size == 0:
+            return 0, 0
+        k2 = keep.reshape(rows // h, h, cols // w, w)
+        mins = k2.min(axis=(1, 3))
+        maxs = k2.max(axis=(1, 3))
+        return int(np.count_nonzero(mins == maxs)), int(mins.size)
 
     def _block_for(self, rows, cols):
         if self.kind == "row":
@@ -150,14 +258,21 @@ class SparsityPattern:
     def validate(self, mask):
         """Raise InvalidPatternError if mask breaks the pattern; return True otherwise."""
         keep = _keep_bytes(mask)
-        if self.kind == "unstructured" or keep.size == 0:
+        if self.kind == "unstructured":
             return True
         self.check_shape(keep.shape)
+        if keep.size == 0:
+            return True
         ok, total = self.count_groups(keep)
         if ok != total:
-            what = "groups keep more than" if self.kind == "nm" else "blocks are partly pruned in"
+            if self.kind == "nm":
+                what = f"groups keep other than N={self.n}"
+            elif self.kind == "per-row":
+                what = "rows keep a different count than the others"
+            else:
+                what = "blocks are partly pruned in it"
             raise InvalidPatternError(f"mask breaks the {self} pattern: {total - ok} of {total} "
-                                      f"{what} {'N=' + str(self.n) if self.kind == 'nm' else 'it'}")
+                                      f"{what}")
         return True
 
 
@@ -173,7 +288,9 @@ def _keep_bytes(mask):
     """A contiguous bool view of a mask (SparsityMask, bool array or 0/1 numbers)."""
     if isinstance(mask, SparsityMask):
         return mask.keep
-    keep = np.asarray(mask)
+    keep = as_array(mask, "mask")
+    if keep.ndim == 0:  # np.ascontiguousarray would silently make it 1-d
+        raise InvalidShapeError("a mask needs at least a 1-d array, got a 0-d array")
     if keep.dtype != np.bool_:
         if keep.dtype.kind not in "biuf":
             raise InvalidDTypeError(f"mask must be boolean or 0/1 numbers, got {keep.dtype}")
@@ -190,11 +307,12 @@ class SparsityMask:
         if pattern is None:
             pattern = SparsityPattern.unstructured()
         if not isinstance(pattern, SparsityPattern):
-            raise InvalidPatternError(f"pattern must be a SparsityPattern, got {pattern!r}")
+            raise InvalidPatternError(f"pattern must be a SparsityPattern, got "
+                                      f"{short_repr(pattern)}")
         if _trusted:
             keep = mask
         else:
-            keep = np.asarray(mask)
+            keep = as_array(mask, "mask")
             if keep.ndim == 0:
                 raise InvalidShapeError("a SparsityMask needs at least a 1-d array, got a 0-d array")
             if keep.dtype != np.bool_:
@@ -327,33 +445,39 @@ def _threshold_mask(floats, keeps, k, magnitude, nt, cand_budget=-1):
                                    cand_budget)
 
 
+def _unstructured_pattern(per_row):
+    return SparsityPattern.per_row() if per_row else SparsityPattern.unstructured()
+
+
 def generate_unstructured_mask(values, sparsity, *, per_row=False, n_threads=None):
     """Prune the ``round(sparsity * n)`` smallest importance values (halves round down; among
     equal values the lowest flat C-order index is pruned first).  ``per_row=True`` applies the
     same count within each row along the last axis.  ``values`` are importance scores (an array
     or ImportanceScores): larger means more important."""
     sparsity = check_sparsity(sparsity)
+    per_row = check_bool(per_row, "per_row")
     f = as_floats(values, "values")
     nt = resolve_threads(n_threads)
-    keep = _unstructured(f, sparsity, bool(per_row), 0, nt, "values")
-    return SparsityMask(keep, SparsityPattern.unstructured(), _trusted=True)
+    keep = _unstructured(f, sparsity, per_row, 0, nt, "values")
+    return SparsityMask(keep, _unstructured_pattern(per_row), _trusted=True)
 
 
 def magnitude_mask(weights, sparsity, *, per_row=False, n_threads=None):
     """Fast path from raw weights: the unstructured mask of |weights| (same as L1 or L2 scores)
     without materialising a scores array."""
     sparsity = check_sparsity(sparsity)
+    per_row = check_bool(per_row, "per_row")
     f = as_floats(weights, "weights")
     nt = resolve_threads(n_threads)
-    keep = _unstructured(f, sparsity, bool(per_row), 1, nt, "weights")
-    return SparsityMask(keep, SparsityPattern.unstructured(), _trusted=True)
+    keep = _unstructured(f, sparsity, per_row, 1, nt, "weights")
+    return SparsityMask(keep, _unstructured_pattern(per_row), _trusted=True)
 
 
 def _nm(f, n, m, axis, magnitude, nt, name):
     n, m = check_nm(n, m)
     keep = np.empty(f.shape, dtype=np.bool_)
-    axis = check_axis(axis, f.array.ndim)
-    pattern = SparsityPattern.nm(n, m, axis=axis)
+    given, axis = axis, check_axis(axis, f.array.ndim)
+    pattern = SparsityPattern.nm(n, m, axis=int(given))  # the axis as the caller named it
     pattern.check_shape(f.shape)
     if f.size == 0:
         return SparsityMask(keep, pattern, _trusted=True)
@@ -380,15 +504,24 @@ def magnitude_nm_mask(weights, n, m, *, axis=-1, n_threads=None):
     return _nm(f, n, m, axis, 1, resolve_threads(n_threads), "weights")
 
 
-def layer_magnitude_mask(weights, kind, sparsity=None, n=None, m=None, *, n_threads=None):
-    """The layer-scope mask of raw weights by |w| for a pattern kind: "unstructured", "row"
-    (per-row unstructured) or "nm" (n of every m along the last axis).  One entry point for the
-    command line and the torch interop."""
-    if kind == "nm":
-        return magnitude_nm_mask(weights, n, m, n_threads=n_threads)
-    if kind not in ("unstructured", "row"):
-        raise InvalidPatternError(f"layer pattern must be 'unstructured', 'row' or 'nm', got {kind!r}")
-    return magnitude_mask(weights, sparsity, per_row=kind == "row", n_threads=n_threads)
+def layer_magnitude_mask(weights, pattern, sparsity=None, n=None, m=None, *, n_threads=None):
+    """The layer-scope mask of raw weights by |w|: one entry point for the command line and the
+    torch interop.  ``pattern`` is a SparsityPattern (or text for :meth:`SparsityPattern.parse`):
+    unstructured, per-row or N:M (``sparsity`` then implied: if given it must agree).
+
+    Deprecated form, kept for callers written before SparsityPattern.parse: a kind string
+    "unstructured", "row" (per-row unstructured here) or "nm" with ``n`` and ``m``."""
+    if isinstance(pattern, str) and pattern in ("row", "nm"):
+        pattern = SparsityPattern.per_row() if pattern == "row" else SparsityPattern.nm(n, m)
+    pattern = SparsityPattern.parse(pattern)
+    sparsity = pattern.resolve_sparsity(sparsity)
+    if pattern.is_nm:
+        return magnitude_nm_mask(weights, pattern.n, pattern.m, axis=pattern.axis,
+                                 n_threads=n_threads)
+    if not (pattern.is_unstructured or pattern.is_per_row):
+        raise InvalidPatternError(f"layer pattern must be unstructured, per-row or N:M, got "
+                                  f"{pattern}")
+    return magnitude_mask(weights, sparsity, per_row=pattern.is_per_row, n_threads=n_threads)
 
 
 def generate_global_mask(values, sparsity, *, n_threads=None, max_tensor_sparsity=None):
