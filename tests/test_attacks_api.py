@@ -12,9 +12,11 @@ import re
 import numpy as np
 import pytest
 
+from aprender.nn import Linear, Sequential
 from aprender.pruning import (InvalidArgumentError, InvalidCalibrationError, InvalidDTypeError,
                               InvalidPatternError, InvalidShapeError, InvalidSparsityError,
-                              MagnitudeImportance, PruningError, SparsityMask, SparsityPattern,
+                              MagnitudeImportance, PruningError, ShapeMismatchError,
+                              SparsityMask, SparsityPattern,
                               generate_nm_mask, generate_unstructured_mask, magnitude_mask)
 
 ONES = np.ones((2, 4), np.float32)
@@ -128,6 +130,33 @@ CASES = [
      InvalidSparsityError, ValueError, r"sparsity.*str '000"),
     ("nm-axis-huge", lambda: generate_nm_mask(ONES, 2, 4, axis=10 ** 400),
      InvalidShapeError, ValueError, r"axis 1000.*out of range"),
+    # --- aprender.nn --------------------------------------------------------------------------
+    ("linear-0d-input", lambda: Linear(4, 2, seed=0)(np.float32(1)),
+     ShapeMismatchError, ValueError, r"last dimension 4.*shape \(\)"),
+    ("linear-python-scalar-input", lambda: Linear(4, 2, seed=0)(1.0),
+     ShapeMismatchError, ValueError, r"last dimension 4.*shape \(\)"),
+    ("linear-ragged-input", lambda: Linear(2, 2, seed=0)([[1.0, 2.0], [3.0]]),
+     InvalidDTypeError, TypeError, r"Linear input.*list"),
+    ("linear-string-input", lambda: Linear(2, 2, seed=0)(np.array(["a", "b"])),
+     InvalidDTypeError, TypeError, r"input.*<U1"),
+    ("linear-complex-input", lambda: Linear(2, 2, seed=0)(np.ones(2, complex)),
+     InvalidDTypeError, TypeError, r"input.*complex128"),
+    ("linear-huge-features", lambda: Linear(10 ** 10, 10 ** 10),
+     InvalidArgumentError, ValueError, r"Linear\(10000000000, 10000000000\)"),
+    ("linear-huge-int-features", lambda: Linear(10 ** 400, 1),
+     InvalidArgumentError, ValueError, r"Linear\(1000"),
+    ("linear-bool-features", lambda: Linear(True, 2), InvalidArgumentError, ValueError,
+     r"in_features.*bool"),
+    ("linear-unknown-dtype", lambda: Linear(4, 2, dtype="float17"),
+     InvalidDTypeError, TypeError, r"floating dtype.*'float17'"),
+    ("linear-bad-seed", lambda: Linear(4, 2, seed="abc"),
+     InvalidArgumentError, ValueError, r"seed.*'abc'"),
+    ("linear-negative-seed", lambda: Linear(4, 2, seed=-1),
+     InvalidArgumentError, ValueError, r"seed.*-1"),
+    ("linear-bias-string", lambda: Linear(4, 2, bias="no"),
+     InvalidArgumentError, ValueError, r"bias.*'no'"),
+    ("sequential-not-callable", lambda: Sequential(Linear(2, 2), 5),
+     InvalidArgumentError, ValueError, r"layer 1.*int 5"),
 ]
 
 
