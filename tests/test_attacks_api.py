@@ -160,6 +160,66 @@ CASES = [
 ]
 
 
+# --- aprender.torch: only where PyTorch is installed --------------------------------------------
+try:
+    import torch
+except ImportError:  # pragma: no cover - torch is in the oracle extra
+    torch = None
+
+TORCH_CASES = []
+if torch is not None:
+    from aprender.torch import prune_, to_numpy_view
+
+    def _lin(dtype=None):
+        lin = torch.nn.Linear(4, 4)
+        return lin.to(dtype) if dtype is not None else lin
+
+    TORCH_CASES = [
+        ("torch-float8-weight", lambda: prune_(_lin(torch.float8_e4m3fn), 0.5),
+         InvalidDTypeError, TypeError, r"^weight.*float8_e4m3fn.*float16"),
+        ("torch-float8-e5m2-named", lambda: prune_(torch.nn.Sequential(_lin(torch.float8_e5m2)),
+                                                   0.5),
+         InvalidDTypeError, TypeError, r"^0\.weight.*float8_e5m2"),
+        ("torch-float8-view", lambda: to_numpy_view(torch.zeros(4, dtype=torch.float8_e4m3fn)),
+         InvalidDTypeError, TypeError, r"float8_e4m3fn.*numpy"),
+        ("torch-float8-apply", lambda: SparsityMask(np.ones(4, bool)).apply(
+            torch.zeros(4, dtype=torch.float8_e4m3fn)),
+         InvalidDTypeError, TypeError, r"float8_e4m3fn"),
+        ("torch-include-int", lambda: prune_(_lin(), 0.5, include=5),
+         InvalidArgumentError, ValueError, r"include.*int 5"),
+        ("torch-include-list-of-int", lambda: prune_(_lin(), 0.5, include=[r"weight", 5]),
+         InvalidArgumentError, ValueError, r"include.*list.*5"),
+        ("torch-include-bytes", lambda: prune_(_lin(), 0.5, include=b"weight"),
+         InvalidArgumentError, ValueError, r"include.*bytes"),
+        ("torch-include-bad-regex", lambda: prune_(_lin(), 0.5, include="(weight"),
+         InvalidArgumentError, ValueError, r"include.*'\(weight'"),
+        ("torch-importance-array", lambda: prune_(_lin(), 0.5, importance=np.array([1, 2])),
+         InvalidArgumentError, ValueError, r"importance.*'l1', 'l2'.*array"),
+        ("torch-scope-list", lambda: prune_(_lin(), 0.5, scope=["global"]),
+         InvalidArgumentError, ValueError, r"scope.*\['global'\]"),
+        ("torch-keep-mask-string", lambda: prune_(_lin(), 0.5, keep_mask="yes"),
+         InvalidArgumentError, ValueError, r"keep_mask.*'yes'"),
+        ("torch-pattern-none", lambda: prune_(_lin(), 0.5, pattern=None),
+         InvalidPatternError, ValueError, r"pattern.*string.*None"),
+        ("torch-pattern-superscript", lambda: prune_(_lin(), pattern="\u00b2:4"),
+         InvalidPatternError, ValueError, r"'\u00b2:4'"),
+        ("torch-pattern-whole-rows", lambda: prune_(_lin(), 0.5, pattern=SparsityPattern.rows()),
+         InvalidPatternError, ValueError, r"prune_.*per-row.*got row"),
+        ("torch-sparsity-huge", lambda: prune_(_lin(), 10 ** 400),
+         InvalidSparsityError, ValueError, r"sparsity.*too large.*1000"),
+        ("torch-sparsity-nan", lambda: prune_(_lin(), float("nan")),
+         InvalidSparsityError, ValueError, r"sparsity.*nan"),
+        ("torch-sparsity-bool", lambda: prune_(_lin(), True),
+         InvalidSparsityError, ValueError, r"sparsity.*bool.*True"),
+        ("torch-sparsity-contradicts-nm", lambda: prune_(_lin(), 0.3, pattern="2:4"),
+         InvalidSparsityError, ValueError, r"0\.3.*2:4"),
+        ("torch-no-module", lambda: prune_("model", 0.5),
+         InvalidArgumentError, ValueError, r"nn\.Module.*str"),
+        ("torch-global-nm", lambda: prune_(_lin(), pattern="2:4", scope="global"),
+         InvalidArgumentError, ValueError, r"global.*unstructured.*2:4"),
+    ]
+
+
 def _check(case):
     _, fn, exc_type, builtin, regex = case
     with pytest.raises(PruningError) as info:
@@ -177,8 +237,14 @@ def test_attack(case):
     _check(case)
 
 
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+@pytest.mark.parametrize("case", TORCH_CASES, ids=lambda c: c[0])
+def test_torch_attack(case):
+    _check(case)
+
+
 def test_catalogue_ids_are_unique():
-    ids = [c[0] for c in CASES]
+    ids = [c[0] for c in CASES + TORCH_CASES]
     assert len(ids) == len(set(ids))
 
 

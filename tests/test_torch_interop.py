@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch.nn.utils.prune as tprune  # noqa: E402
 import aprender  # noqa: E402
 from aprender import Bits16  # noqa: E402
 from aprender._validation import prune_count  # noqa: E402
-from aprender.pruning import InvalidArgumentError, InvalidPatternError  # noqa: E402
+from aprender.pruning import (InvalidArgumentError, InvalidPatternError,  # noqa: E402
+                              InvalidSparsityError, SparsityPattern)
 from aprender.torch import DeviceError, prune_, to_numpy_view  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +137,7 @@ def test_prune_nm_row_include():
         assert ((g != 0).sum(dim=1) == 2).all()
     assert all(r["sparsity"] == 0.5 and r["dtype"] == "float16" for r in report)
     m = make_model()
-    report = prune_(m, sparsity=0.25, pattern="row", include=[r"^0\.", r"^3\."])
+    report = prune_(m, sparsity=0.25, pattern="per-row", include=[r"^0\.", r"^3\."])
     assert [r["name"] for r in report] == ["0.weight", "3.weight"]
     for i in (0, 3):
         w = m[i].weight
@@ -151,7 +153,7 @@ def test_prune_errors():
         prune_(m, pattern="2:4", scope="global")
     with pytest.raises(InvalidArgumentError):
         prune_(m, sparsity=0.5, include="nothing-matches")
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidSparsityError, match="needs a sparsity"):
         prune_(m)
     with pytest.raises(ValueError):
         prune_(m, sparsity=1.5)
@@ -206,3 +208,142 @@ def test_global_scope_refuses_nan_even_when_nothing_is_selected(sparsity):
         model[0].weight[0, 0] = float("nan")
     with pytest.raises(NumericalInstabilityError, match=r"\(0, 0\)"):
         prune_(model, sparsity=sparsity, scope="global")
+
+
+def test_row_is_a_deprecated_alias_of_per_row():
+    """prune_(pattern="row") meant per-row unstructured before SparsityPattern.parse became the
+    one parser (where "row" prunes whole rows): it still does here, with a warning."""
+    a, b = make_model(), make_model()
+    with pytest.warns(DeprecationWarning, match="per-row"):
+        ra = prune_(a, sparsity=0.25, pattern="row")
+    rb = prune_(b, sparsity=0.25, pattern=SparsityPattern.per_row())
+    assert ra == rb
+    for i in (1, 3):
+        assert torch.equal(a[i].weight, b[i].weight)
+    with pytest.raises(InvalidPatternError, match="block 2x2"):
+        prune_(make_model(), sparsity=0.5, pattern="block:2x2")
+    with pytest.raises(InvalidPatternError, match="column"):
+        prune_(make_model(), sparsity=0.5, pattern=SparsityPattern.columns())
+
+
+# ----------------------------------------------------------------------------------------------
+# modules already pruned by torch.nn.utils.prune: the forward pass must use the reported mask
+# ----------------------------------------------------------------------------------------------
+
+def _forward_weight(lin):
+    """The weight a Linear's forward pass really uses, read back through the forward pass."""
+    with torch.no_grad():
+        eye = torch.eye(lin.in_features, dtype=lin.weight.dtype)
+        out = lin(eye) - (lin.bias if lin.bias is not None else 0)
+    return out.t()
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("keep_mask", [False, True])
+@pytest.mark.parametrize("before, after", [(0.1, 0.5), (0.1, 0.1), (0.6, 0.3)])
+def test_prune_reparametrised_module_uses_the_reported_mask(keep_mask, before, after):
+    lin = make_model()[1]
+    tprune.l1_unstructured(lin, "weight", amount=before)
+    old_mask = lin.weight_mask.clone()
+    effective = (lin.weight_orig * lin.weight_mask).detach().clone()
+    report = prune_(lin, sparsity=after, keep_mask=keep_mask)
+    # the mask aprender selects on the effective weight, combined with the existing one
+    new = torch.from_numpy(aprender.magnitude_mask(effective, after).keep.copy())
+    expected = new & old_mask.bool()
+    x = torch.randn(5, lin.in_features)
+    want = torch.nn.functional.linear(x, effective * expected, lin.bias)
+    torch.testing.assert_close(lin(x), want, rtol=0, atol=0)
+    real = float((_forward_weight(lin) == 0).float().mean())
+    assert report[0]["sparsity"] == pytest.approx(real)
+    n = lin.weight.numel()
+    assert report[0]["sparsity"] == max(prune_count(before, n), prune_count(after, n)) / n
+    assert report[0]["kept"] == int(expected.sum())
+    # the module stays a torch-pruned module whose mask tells the truth
+    assert torch.equal(lin.weight_mask.bool(), expected)
+    if keep_mask:
+        torch.testing.assert_close(lin.weight_orig * old_mask, effective)
+    else:
+        assert bool((lin.weight_orig[~expected] == 0).all())
+    tprune.remove(lin, "weight")
+    assert float((lin.weight == 0).float().mean()) == pytest.approx(real)
+
+
+@pytest.mark.oracle
+def test_prune_reparametrised_global_counts_the_forward_weights():
+    model = make_model()
+    tprune.l1_unstructured(model[1], "weight", amount=0.2)
+    report = prune_(model, sparsity=0.5, scope="global")
+    pruned = sum(int((_forward_weight(model[i]) == 0).sum()) for i in (1, 3))
+    total = sum(r["total"] for r in report)
+    assert pruned == sum(r["total"] - r["kept"] for r in report) == prune_count(0.5, total)
+
+
+def test_prune_refuses_weights_it_cannot_change():
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    lin = torch.nn.Linear(4, 4)
+    parametrize.register_parametrization(lin, "weight", Double())
+    with pytest.raises(InvalidArgumentError, match=r"^weight is computed by a torch.*parametriz"):
+        prune_(lin, sparsity=0.5)
+    with warnings.catch_warnings():  # the hook-based weight_norm is deprecated, still in use
+        warnings.simplefilter("ignore")
+        normed = torch.nn.utils.weight_norm(torch.nn.Linear(4, 4))
+    with pytest.raises(InvalidArgumentError, match="not a parameter or buffer"):
+        prune_(normed, sparsity=0.5)
+    lazy = torch.nn.LazyLinear(4)
+    with pytest.raises(InvalidArgumentError, match="not initialised"):
+        prune_(lazy, sparsity=0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# tied (shared) weights are selected and counted once
+# ----------------------------------------------------------------------------------------------
+
+def _tied_model():
+    model = make_model()
+    a, b = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(tie_free((16, 16), seed=7))
+    b.weight = a.weight  # tied: one Parameter, two modules
+    return torch.nn.Sequential(model[1], a, b, model[3])
+
+
+@pytest.mark.oracle
+def test_global_scope_counts_tied_weights_once():
+    ours, ref = _tied_model(), _tied_model()
+    report = prune_(ours, sparsity=0.5, scope="global")
+    assert [r["name"] for r in report] == ["0.weight", "1.weight", "3.weight"]
+    assert [r["shared_with"] for r in report] == [[], ["2.weight"], []]
+    unique = [ours[0].weight, ours[1].weight, ours[3].weight]
+    total = sum(w.numel() for w in unique)
+    pruned = sum(int((w == 0).sum()) for w in unique)
+    assert pruned == prune_count(0.5, total) == sum(r["total"] - r["kept"] for r in report)
+    assert pruned / total == 0.5
+    # torch's global_unstructured over the distinct parameters agrees
+    tprune.global_unstructured([(ref[0], "weight"), (ref[1], "weight"), (ref[3], "weight")],
+                               pruning_method=tprune.L1Unstructured, amount=0.5)
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal((ours[i].weight != 0).numpy(),
+                                      ref[i].weight_mask.bool().numpy())
+    assert ours[2].weight is ours[1].weight
+
+
+@pytest.mark.parametrize("keep_mask", [False, True])
+def test_layer_scope_prunes_tied_weights_once_for_every_module(keep_mask):
+    model = _tied_model()
+    report = prune_(model, sparsity=0.25, keep_mask=keep_mask)
+    assert [r["name"] for r in report] == ["0.weight", "1.weight", "3.weight"]
+    w1, w2 = _forward_weight(model[1]), _forward_weight(model[2])
+    assert torch.equal(w1, w2)
+    assert int((w1 == 0).sum()) == prune_count(0.25, 256) == 256 - report[1]["kept"]
+
+
+def test_prune_refuses_partially_overlapping_weights():
+    a, b = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
+    b.weight = torch.nn.Parameter(a.weight.detach().t())  # same memory, transposed
+    with pytest.raises(InvalidArgumentError, match=r"0\.weight and 1\.weight share memory"):
+        prune_(torch.nn.Sequential(a, b), sparsity=0.5, scope="global")

@@ -28,6 +28,19 @@ _PATTERN_HELP = ("'unstructured', 'per-row', 'N:M' such as '2:4', 'block:HxW' su
                  "'block:4x4', 'row' (whole rows) or 'column' (whole columns)")
 
 
+def _outside_aprender():
+    """The warnings stacklevel of the first caller outside the aprender package, so that a
+    warning raised deep inside a front end points at the user's line."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class SparsityPattern:
     """The structure a mask follows.  Construct with the class methods or :meth:`parse`;
     ``validate(mask)`` raises if a mask breaks it.  Patterns are compared and hashed by all of
@@ -122,7 +135,7 @@ class SparsityPattern:
         if t == "row" and legacy_row:
             warnings.warn("pattern 'row' is deprecated here: it means per-row unstructured, "
                           "now spelled 'per-row' ('row' elsewhere prunes whole rows)",
-                          DeprecationWarning, stacklevel=3)
+                          DeprecationWarning, stacklevel=_outside_aprender())
             return cls("per-row")
         if t in ("unstructured", "per-row", "row", "column"):
             return cls(t)
