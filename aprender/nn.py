@@ -32,7 +32,8 @@ class Linear:
             rng = np.random.default_rng(seed)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"Linear seed must be None, a non-negative integer or a "
-                                       f"numpy Generator, got {short_repr(seed)} ({exc})") from None
+                                       f"numpy Generator, got {short_repr(seed)} "
+                                       f"({short_repr(str(exc), 120)})") from None
         bound = 1.0 / math.sqrt(self.in_features)
         self.weight = rng.uniform(-bound, bound, (self.out_features, self.in_features)).astype(dtype)
         self.bias = rng.uniform(-bound, bound, self.out_features).astype(dtype) if bias else None

@@ -153,6 +153,8 @@ CASES = [
      InvalidArgumentError, ValueError, r"seed.*'abc'"),
     ("linear-negative-seed", lambda: Linear(4, 2, seed=-1),
      InvalidArgumentError, ValueError, r"seed.*-1"),
+    ("linear-seed-huge-fraction", lambda: Linear(4, 2, seed=fractions.Fraction(10 ** 400, 3)),
+     InvalidArgumentError, ValueError, r"seed.*Fraction"),
     ("linear-bias-string", lambda: Linear(4, 2, bias="no"),
      InvalidArgumentError, ValueError, r"bias.*'no'"),
     ("sequential-not-callable", lambda: Sequential(Linear(2, 2), 5),

@@ -69,7 +69,8 @@ def check_calibration(calibration):
     if hasattr(calibration, "layer_names") and callable(getattr(calibration, "get_stats", None)):
         return calibration
     kind = type(calibration)
-    what = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    what = kind.__name__ if kind.__module__ == "builtins" else \
+        f"{kind.__module__}.{kind.__qualname__}"
     raise InvalidCalibrationError(f"calibration must be None or an aprender.pruning."
                                   f"CalibrationContext, got {what} {short_repr(calibration, 60)}")
 
