@@ -464,9 +464,10 @@ def _unstructured_pattern(per_row):
 
 def generate_unstructured_mask(values, sparsity, *, per_row=False, n_threads=None):
     """Prune the ``round(sparsity * n)`` smallest importance values (halves round down; among
-    equal values the lowest flat C-order index is pruned first).  ``per_row=True`` applies the
-    same count within each row along the last axis.  ``values`` are importance scores (an array
-    or ImportanceScores): larger means more important."""
+    equal values the lowest flat C-order index is pruned first).  ``per_row=True`` is per-row
+    unstructured: the same count within each row along the last axis, and the mask carries
+    ``SparsityPattern.per_row()``.  ``values`` are importance scores (an array or
+    ImportanceScores): larger means more important."""
     sparsity = check_sparsity(sparsity)
     per_row = check_bool(per_row, "per_row")
     f = as_floats(values, "values")
@@ -476,8 +477,8 @@ def generate_unstructured_mask(values, sparsity, *, per_row=False, n_threads=Non
 
 
 def magnitude_mask(weights, sparsity, *, per_row=False, n_threads=None):
-    """Fast path from raw weights: the unstructured mask of |weights| (same as L1 or L2 scores)
-    without materialising a scores array."""
+    """Fast path from raw weights: the unstructured (or with ``per_row=True`` per-row) mask of
+    |weights| (same as L1 or L2 scores) without materialising a scores array."""
     sparsity = check_sparsity(sparsity)
     per_row = check_bool(per_row, "per_row")
     f = as_floats(weights, "weights")
