@@ -18,12 +18,13 @@ __all__ = ["__version__", "show_config", "Bits16", "pruning", "SparsityMask", "S
 def show_config(print_out=True):
     """Print and return the build and runtime configuration (CuPy is looked up, not imported)."""
     from ._kernels import _openmp
+    from ._threads import effective_n_threads
 
     cupy_loaded = "cupy" in sys.modules
     cfg = {
         "version": __version__,
         "openmp": _openmp.openmp_enabled(),
-        "threads": _openmp.max_threads(),
+        "threads": effective_n_threads(),  # OpenMP's limit, CPU affinity, cgroup quota
         "cupy_available": cupy_loaded or importlib.util.find_spec("cupy") is not None,
         "python": sys.version.split()[0],
     }

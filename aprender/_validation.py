@@ -8,11 +8,10 @@ import numpy as np
 
 from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
                              InvalidShapeError, InvalidSparsityError, NumericalInstabilityError)
-from ._kernels import _openmp
+from ._threads import MAX_THREADS, effective_n_threads  # noqa: F401 - re-exported
 
 # 16-bit float formats: +inf bit pattern (also the exponent mask) and the kernel format code
 F16, BF16 = 1, 2
-MAX_THREADS = 4096  # more than any machine has; bounds per-thread scratch
 INF16 = {F16: 0x7C00, BF16: 0x7F80}
 
 
@@ -241,13 +240,10 @@ def check_int(value, name, *, minimum=None):
 
 
 def resolve_threads(n_threads):
-    """None -> what OpenMP allows now (OMP_NUM_THREADS, threadpoolctl); else an int >= 1."""
-    if n_threads is None:
-        return max(1, _openmp.max_threads())
-    n = check_int(n_threads, "n_threads", minimum=1)
-    if n > MAX_THREADS:
-        raise InvalidArgumentError(f"n_threads must be at most {MAX_THREADS}, got {n}")
-    return n
+    """The thread count for a call (see aprender._threads): None -> what OpenMP, the CPU
+    affinity and the cgroup quota allow now; else an int in [1, MAX_THREADS]; 1 in a process
+    forked after a parallel region.  Kernels lower it further to their work's chunk count."""
+    return effective_n_threads(n_threads)
 
 
 def check_nm(n, m):

@@ -5,19 +5,18 @@ are pruned become 0 too (np.multiply would keep them NaN)."""
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from cython.parallel cimport prange
 
+from ._openmp cimport threads_for
+
 ctypedef fused word_t:
     uint8_t
     uint16_t
     uint32_t
     uint64_t
 
-cdef enum:
-    PARALLEL_MIN = 65536
-
 
 def apply_mask(word_t[::1] w, const uint8_t[::1] keep, int n_threads):
     cdef Py_ssize_t n = w.shape[0], i
-    cdef int nt = n_threads if n >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = threads_for(n_threads, n, n)
     if keep.shape[0] != n:
         raise ValueError("mask and weight sizes differ")
     with nogil:
@@ -28,7 +27,7 @@ def apply_mask(word_t[::1] w, const uint8_t[::1] keep, int n_threads):
 def count_nonzero_u8(const uint8_t[::1] keep, int n_threads):
     """Number of non-zero bytes (kept elements) of a mask."""
     cdef Py_ssize_t n = keep.shape[0], i, total = 0
-    cdef int nt = n_threads if n >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = threads_for(n_threads, n, n)
     with nogil:
         for i in prange(n, schedule="static", num_threads=nt):
             total += keep[i] != 0

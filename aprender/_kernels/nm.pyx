@@ -13,9 +13,9 @@ from cython.parallel cimport prange, threadid
 import numpy as np
 
 from ._common cimport real_t, inf_keys
+from ._openmp cimport threads_for
 
 cdef enum:
-    PARALLEL_MIN = 32768
     GROUP_CHUNK = 4096      # groups per parallel task on the last axis
 
 
@@ -79,7 +79,7 @@ def nm_mask(const real_t[::1] x, Py_ssize_t outer, Py_ssize_t length, Py_ssize_t
     """Write the N:M keep-mask of x (flat C-order view of an (outer, length, inner) array).
     Returns the number of non-finite values seen."""
     cdef Py_ssize_t size = x.shape[0], groups = length // m, ng, c, nch, g, o, base, bad = 0
-    cdef int nt = n_threads if size >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = 1
     cdef uint64_t khi, klo
     cdef uint64_t[::1] scratch
     cdef int32_t[::1] ranks
@@ -90,6 +90,7 @@ def nm_mask(const real_t[::1] x, Py_ssize_t outer, Py_ssize_t length, Py_ssize_t
     if inner == 1:
         ng = size // m
         nch = (ng + GROUP_CHUNK - 1) // GROUP_CHUNK
+        nt = threads_for(n_threads, size, nch)
         scratch = np.empty(max(nt, 1) * m, dtype=np.uint64)
         bads = np.zeros(nch, dtype=np.int64)
         with nogil:
@@ -98,6 +99,7 @@ def nm_mask(const real_t[::1] x, Py_ssize_t outer, Py_ssize_t length, Py_ssize_t
                                   magnitude, khi, klo, &scratch[threadid() * m], &out[0])
     else:
         ng = outer * groups
+        nt = threads_for(n_threads, size, ng)
         ranks = np.empty(max(nt, 1) * inner, dtype=np.int32)
         bads = np.zeros(ng, dtype=np.int64)
         with nogil:

@@ -38,6 +38,7 @@ import inspect
 import numpy as np
 
 from ._common cimport real_t, key_of, inf_keys, apr_u16_to_f64
+from ._openmp cimport threads_for
 
 cdef enum:
     SAMPLE = 262144         # total sample size for the bracket
@@ -45,7 +46,6 @@ cdef enum:
     SMALL = 131072          # at or below this many keys, gather them all and select directly
     NBINS = 65536
     PAD = 8                 # int64 slots per task in result arrays (64 bytes: no false sharing)
-    PARALLEL_MIN = 32768    # below this many elements a pass stays serial
     RUN = 8                 # consecutive keys per sample stratum
 
 
@@ -130,9 +130,8 @@ def select_segments(list segments, Py_ssize_t rank, uint64_t lo, uint64_t hi):
 # ----------------------------------------------------------------------------------------------
 
 cdef inline int _tasks(Py_ssize_t n, int n_threads) noexcept nogil:
-    if n < PARALLEL_MIN or n_threads <= 1:
-        return 1
-    return n_threads
+    # a range pass splits its input into one contiguous task per thread
+    return threads_for(n_threads, n, n)
 
 
 cdef inline uint64_t _mix(uint64_t z) noexcept nogil:
@@ -266,7 +265,7 @@ def sample_keys(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude,
     cdef uint64_t[::1] o = out
     if n == 0 or s <= 0:
         return np.asarray(out)[:0]
-    cdef int nt = _tasks(n, n_threads)
+    cdef int nt = threads_for(n_threads, min(s, n), (min(s, n) + RUN - 1) // RUN)
     with nogil:
         w = _sample(&x[0], n, s, salt, magnitude, &o[0], nt)
     return np.asarray(out)[:w]
@@ -347,7 +346,7 @@ def write_pass(const real_t[::1] x, uint64_t thresh, Py_ssize_t r, int magnitude
     """keep = key > thresh, except that the first r keys equal to thresh (flat order) are pruned
     and the rest kept.  Returns how many equal keys it pruned (min(r, number equal))."""
     cdef Py_ssize_t n = x.shape[0], c, nch = (n + CHUNK - 1) // CHUNK, total = 0, first
-    cdef int nt = _tasks(n, n_threads)
+    cdef int nt = threads_for(n_threads, n, nch)
     cdef int64_t[::1] eq = np.zeros(max(nch, 1) * 1, dtype=np.int64)
     cdef int64_t[::1] before = np.zeros(max(nch, 1), dtype=np.int64)
     if n == 0:
@@ -700,7 +699,7 @@ def rows_mask(const real_t[:, ::1] x, Py_ssize_t k, int magnitude, uint16_t inf1
     """Prune the k smallest keys of every row (ties: lowest column first).
     Returns the number of rows holding non-finite values (their mask is left unwritten)."""
     cdef Py_ssize_t nrows = x.shape[0], ncols = x.shape[1], i, bad = 0
-    cdef int nt = n_threads if nrows * ncols >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = threads_for(n_threads, nrows * ncols, nrows)
     cdef uint64_t khi, klo
     cdef uint64_t[::1] bufs
     cdef int64_t[::1] badrow
@@ -737,7 +736,7 @@ def block_sums(const real_t[:, ::1] x, Py_ssize_t bh, Py_ssize_t bw, int fmt,
                double[:, ::1] out, int n_threads):
     """out[I, J] = sum of x over block (I, J) of shape (bh, bw), accumulated in float64."""
     cdef Py_ssize_t nbr = out.shape[0], nbc = out.shape[1], I, i, j
-    cdef int nt = n_threads if x.shape[0] * x.shape[1] >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = threads_for(n_threads, x.shape[0] * x.shape[1], nbr)
     with nogil:
         for I in prange(nbr, schedule="static", num_threads=nt):
             for j in range(nbc):
@@ -750,7 +749,7 @@ def block_sums(const real_t[:, ::1] x, Py_ssize_t bh, Py_ssize_t bw, int fmt,
 def expand_blocks(const uint8_t[:, ::1] bmask, Py_ssize_t bh, Py_ssize_t bw,
                   uint8_t[:, ::1] out, int n_threads):
     cdef Py_ssize_t i, j
-    cdef int nt = n_threads if out.shape[0] * out.shape[1] >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = threads_for(n_threads, out.shape[0] * out.shape[1], out.shape[0])
     with nogil:
         for i in prange(out.shape[0], schedule="static", num_threads=nt):
             for j in range(out.shape[1]):

@@ -13,6 +13,8 @@ from cython.parallel cimport prange, threadid
 
 import numpy as np
 
+from ._openmp cimport threads_for
+
 cdef extern from "apr_sparse24.h" nogil:
     int64_t apr24_span_u16(const uint16_t* x, const uint8_t* keep, int64_t ngroups, int mode,
                            uint32_t kinf, uint16_t* vals, uint8_t* codes, uint8_t* bits, int* bad)
@@ -36,7 +38,6 @@ ctypedef fused elem_t:
     uint32_t
 
 cdef enum:
-    PARALLEL_MIN = 65536
     BLOCK = 32
 
 
@@ -71,7 +72,7 @@ def compress(const elem_t[:, ::1] x, const uint8_t[:, ::1] keep, int mode, uint3
     cdef Py_ssize_t rows = x.shape[0], cols = x.shape[1]
     cdef int64_t ngroups = cols // 4, nwords = 0, c, r, b, r0, r1, first
     cdef Py_ssize_t nblocks = (rows + BLOCK - 1) // BLOCK
-    cdef int nt = n_threads if rows * cols >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = threads_for(n_threads, rows * cols, nblocks)
     cdef int tid
     cdef int64_t[::1] status = np.full(rows, -1, dtype=np.int64)
     cdef int[::1] bad = np.zeros(max(rows, 1), dtype=np.intc)
@@ -128,7 +129,7 @@ def decompress(const elem_t[:, ::1] vals, const uint8_t[:, ::1] codes, const uin
     cdef Py_ssize_t rows = out.shape[0], cols = out.shape[1]
     cdef int64_t ngroups = cols // 4, nwords = 0, c, r, b, r0, r1, first
     cdef Py_ssize_t nblocks = (rows + BLOCK - 1) // BLOCK
-    cdef int nt = n_threads if rows * cols >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = threads_for(n_threads, rows * cols, nblocks)
     cdef int tid
     cdef int64_t[::1] status = np.full(rows, -1, dtype=np.int64)
     cdef const uint8_t* cp

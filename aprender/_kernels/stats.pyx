@@ -11,12 +11,12 @@ from cython.parallel cimport prange
 
 import numpy as np
 
+from ._openmp cimport threads_for
 from ._common cimport (real_t, apr_bf16_to_f32, apr_f32_to_bf16, apr_f16_to_f32, apr_f32_to_f16,
                        apr_nonfinite16, apr_nonfinite32, apr_nonfinite64, APR_FMT_BF16)
 
 cdef enum:
-    CHUNK = 65536
-    PARALLEL_MIN = 65536
+    CHUNK = 65536           # elements per statistics chunk (fixed: results never depend on it)
 
 
 cdef inline double _score(real_t v, int pk, double p, int fmt, real_t* o, int* bad) noexcept nogil:
@@ -101,7 +101,7 @@ def scores_stats(const real_t[::1] x, int pk, double p, int fmt, real_t[::1] out
     """Write the scores of x into out (skipped when out is empty) and return
     (min, max, mean, std, n_nonfinite) of the scores (population std)."""
     cdef Py_ssize_t n = x.shape[0], nch = (n + CHUNK - 1) // CHUNK, c, s, e
-    cdef int nt = n_threads if n >= PARALLEL_MIN and n_threads > 1 else 1
+    cdef int nt = threads_for(n_threads, n, nch)
     cdef bint write = out.shape[0] == n and n > 0
     cdef double[:, ::1] res
     cdef double mean, m2, cnt, delta, cn, mn, mx, bad = 0

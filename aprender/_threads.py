@@ -1,0 +1,104 @@
+"""The one thread policy: how many threads a kernel call uses.
+
+``effective_n_threads(n_threads, work, tasks)`` combines
+
+(a) the request: ``None`` means "what this process may use", an int >= 1 is honoured (up to
+    MAX_THREADS; more threads than CPUs is allowed: a caller may oversubscribe on purpose);
+(b) the work: never more threads than the work has chunks, ``min(tasks, work // GRAIN)``, so
+    small inputs stay serial and per-thread scratch is bounded by the input's size;
+(c) for ``None``, the CPUs available to the process: its affinity mask
+    (``os.sched_getaffinity``) and the cgroup CPU quota (v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us``, rounded up), as scikit-learn does;
+(d) for ``None``, ``omp_get_max_threads()``: what OMP_NUM_THREADS and
+    ``threadpoolctl.threadpool_limits(limits=N, user_api="openmp")`` allow;
+
+and answers 1 in a process forked after a parallel region (GNU OpenMP's thread pool does not
+survive fork(); a parallel region in such a child would wait forever).
+
+(b) is applied inside each kernel by the same rule (``threads_for`` in
+``aprender/_kernels/_openmp.pyx``, one constant ``GRAIN``); the Python layer resolves (a), (c)
+and (d) once per call and passes the count down.  Masks never depend on the count.
+"""
+import math
+import numbers
+import operator
+import os
+
+from ._kernels import _openmp
+from .errors import InvalidArgumentError
+
+__all__ = ["effective_n_threads", "available_cpus", "cgroup_cpu_quota", "GRAIN", "MAX_THREADS"]
+
+MAX_THREADS = 4096  # more than any machine has; a larger request is surely a mistake
+GRAIN = _openmp.GRAIN  # elements per thread at least (the serial threshold is 2 * GRAIN)
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read(path):
+    try:
+        with open(path) as fh:
+            return fh.read().split()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cgroup_cpu_quota(root=None):
+    """CPUs the cgroup CPU quota allows, ceil(quota / period), or None without a quota."""
+    root = CGROUP_ROOT if root is None else root
+    fields = _read(os.path.join(root, "cpu.max"))  # cgroup v2: "max 100000" or "150000 100000"
+    if fields is None:
+        q = _read(os.path.join(root, "cpu", "cpu.cfs_quota_us"))  # cgroup v1: -1 = no quota
+        p = _read(os.path.join(root, "cpu", "cpu.cfs_period_us"))
+        if q is None or p is None:
+            return None
+        fields = q[:1] + p[:1]
+    if len(fields) < 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+def available_cpus():
+    """CPUs this process may run on: the affinity mask, then the cgroup quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, quota)
+    return max(1, n)
+
+
+def _requested(n_threads):
+    if isinstance(n_threads, (bool,)) or not isinstance(n_threads, numbers.Integral):
+        raise InvalidArgumentError(f"n_threads must be an integer or None, got "
+                                   f"{type(n_threads).__name__} {n_threads!r}")
+    n = operator.index(n_threads)
+    if n < 1:
+        raise InvalidArgumentError(f"n_threads must be >= 1, got {n}")
+    if n > MAX_THREADS:
+        raise InvalidArgumentError(f"n_threads must be at most {MAX_THREADS}, got {n}")
+    return n
+
+
+def effective_n_threads(n_threads=None, work=None, tasks=None):
+    """Threads a kernel uses: the request (None: the minimum of omp_get_max_threads() and the
+    available CPUs), 1 in a child forked after a parallel region, and when ``work`` (elements)
+    is given never more than ``min(tasks, work // GRAIN)`` (tasks defaults to unbounded)."""
+    if n_threads is None:
+        n = max(1, min(_openmp.max_threads(), available_cpus()))
+    else:
+        n = _requested(n_threads)
+    if _openmp.forked_serial():
+        return 1
+    if work is not None:
+        work = operator.index(work)
+        tasks = work if tasks is None else operator.index(tasks)
+        n = _openmp.work_threads(n, work, tasks)
+    return n

@@ -1,0 +1,185 @@
+"""The one thread policy (aprender._threads): request, work, CPUs, OpenMP limits, fork safety,
+and scratch memory sized by the work rather than by the thread count."""
+import hashlib
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from aprender import _threads
+from aprender._kernels import _openmp
+from aprender._validation import resolve_threads
+from aprender.errors import InvalidArgumentError
+from aprender.pruning import magnitude_mask
+
+CHILD_TIMEOUT = 120  # seconds: generous; a hang shows up as a failure, never as a stuck suite
+
+
+def _work_array():
+    # large enough for several threads (>= 4 * GRAIN elements)
+    return np.random.default_rng(7).standard_normal((512, 1024)).astype(np.float32)
+
+
+def _digest(mask):
+    return hashlib.sha256(np.asarray(mask).tobytes()).hexdigest()
+
+
+def _mask_digest_in_child(a, n_threads):
+    return _digest(magnitude_mask(a, 0.5, n_threads=n_threads))
+
+
+# ----------------------------------------------------------------------------------------------
+# fork safety
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+@pytest.mark.parametrize("child_threads", [2, None])
+def test_kernels_work_in_a_child_forked_after_a_parallel_region(child_threads):
+    a = _work_array()
+    parent = _digest(magnitude_mask(a, 0.5, n_threads=2))  # starts OpenMP's thread pool
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, _mask_digest_in_child(a, child_threads).encode()
+                     + b" %d" % _threads.effective_n_threads(child_threads))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    status = None
+    while time.monotonic() < deadline:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+            break
+        time.sleep(0.05)
+    if status is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        pytest.fail(f"the forked child did not finish within {CHILD_TIMEOUT} s (OpenMP hang)")
+    with os.fdopen(r, "rb") as fh:
+        reply = fh.read().decode()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, reply
+    digest, threads = reply.split()
+    assert digest == parent
+    if _openmp.openmp_enabled():
+        assert int(threads) == 1  # the child runs serial
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="no fork start method on this platform")
+def test_kernels_work_in_a_fork_pool_worker():
+    a = _work_array()
+    parent = _digest(magnitude_mask(a, 0.5, n_threads=2))
+    pool = multiprocessing.get_context("fork").Pool(1)
+    try:
+        res = pool.apply_async(_mask_digest_in_child, (a, 2))
+        try:
+            got = res.get(timeout=CHILD_TIMEOUT)
+        except multiprocessing.TimeoutError:
+            pytest.fail(f"the fork pool worker did not finish within {CHILD_TIMEOUT} s")
+        assert got == parent
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def test_parent_keeps_its_threads():
+    if not _openmp.openmp_enabled():
+        pytest.skip("serial build")
+    assert not _openmp.forked_serial()
+    assert _threads.effective_n_threads(2, work=10**7) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) request, (b) work, (c) CPUs, (d) OpenMP's limit
+# ----------------------------------------------------------------------------------------------
+
+def test_request_validation_and_bounds():
+    assert _threads.effective_n_threads(3) == (1 if _openmp.forked_serial() else 3)
+    for bad, msg in ((0, r">= 1, got 0"), (-2, r">= 1, got -2"), (4097, r"at most 4096"),
+                     (True, r"integer"), (2.0, r"integer.*2\.0"), ("2", r"integer.*'2'")):
+        with pytest.raises(InvalidArgumentError, match="n_threads.*" + msg):
+            _threads.effective_n_threads(bad)
+    assert resolve_threads(np.int64(2)) == 2
+
+
+def test_work_caps_threads_and_small_inputs_stay_serial():
+    g = _threads.GRAIN
+    assert _threads.effective_n_threads(4096, work=10**7) == 10**7 // g
+    assert _threads.effective_n_threads(64, work=2 * g - 1) == 1
+    assert _threads.effective_n_threads(64, work=2 * g) == 2
+    assert _threads.effective_n_threads(64, work=10**9, tasks=3) == 3
+    assert _threads.effective_n_threads(64, work=0) == 1
+    # an explicit request above the CPU count is honoured (oversubscription on purpose) ...
+    assert _threads.effective_n_threads(16, work=10**7) == 16
+    # ... but never beyond the work's chunks
+    assert _threads.effective_n_threads(16, work=5 * g) == 5
+
+
+def test_default_follows_threadpoolctl_limits():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not _openmp.openmp_enabled():
+        pytest.skip("serial build: nothing to limit")
+    a = _work_array()
+    ref = np.asarray(magnitude_mask(a, 0.5, n_threads=1))
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert _openmp.max_threads() == 1
+        assert _threads.effective_n_threads() == 1
+        assert resolve_threads(None) == 1
+        assert _threads.effective_n_threads(None, work=10**8) == 1
+        assert _openmp.team_size(_threads.effective_n_threads()) == 1
+        np.testing.assert_array_equal(np.asarray(magnitude_mask(a, 0.5)), ref)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="openmp"):
+        assert _threads.effective_n_threads() == min(2, _threads.available_cpus())
+
+
+def test_openmp_team_matches_the_policy():
+    nt = _threads.effective_n_threads(2, work=10**7)
+    assert _openmp.team_size(nt) == (nt if _openmp.openmp_enabled() else 1)
+
+
+def _cgroup(tmp_path, v2=None, v1=None):
+    root = tmp_path / "cg"
+    (root / "cpu").mkdir(parents=True)
+    if v2 is not None:
+        (root / "cpu.max").write_text(v2)
+    if v1 is not None:
+        (root / "cpu" / "cpu.cfs_quota_us").write_text(v1[0])
+        (root / "cpu" / "cpu.cfs_period_us").write_text(v1[1])
+    return str(root)
+
+
+@pytest.mark.parametrize("v2, v1, expect", [
+    ("max 100000\n", None, None),
+    ("150000 100000\n", None, 2),
+    ("100000 100000\n", None, 1),
+    ("50000 100000\n", None, 1),
+    ("garbage\n", None, None),
+    (None, ("-1\n", "100000\n"), None),
+    (None, ("300000\n", "100000\n"), 3),
+    (None, ("250000\n", "100000\n"), 3),
+    (None, None, None),
+])
+def test_cgroup_quota(tmp_path, v2, v1, expect):
+    assert _threads.cgroup_cpu_quota(_cgroup(tmp_path, v2, v1)) == expect
+
+
+def test_default_respects_cgroup_quota_and_affinity(tmp_path, monkeypatch):
+    monkeypatch.setattr(_threads, "CGROUP_ROOT", _cgroup(tmp_path, "100000 100000\n"))
+    assert _threads.available_cpus() == 1
+    assert _threads.effective_n_threads() == 1
+    assert _threads.effective_n_threads(4, work=10**7) == (1 if _openmp.forked_serial() else 4)
+    monkeypatch.setattr(_threads, "CGROUP_ROOT", _cgroup(tmp_path / "b", "max 100000\n"))
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert _threads.available_cpus() == 1
+        assert _threads.effective_n_threads() == 1
