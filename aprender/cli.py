@@ -8,28 +8,30 @@ Exit codes: 0 success, 1 failure (unreadable input, shape that does not fit the 
 selected, I/O error), 2 usage error (bad option values), 130/143 interrupted (SIGINT/SIGTERM).
 """
 import argparse
-import errno
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from . import __version__
-from ._validation import (BF16, F16, Bits16, as_floats, decode16, prune_count, raise_nonfinite,
-                          resolve_threads)
-from .io.safetensors import (FLOAT_DTYPES, CheckpointError, SafetensorsFile, dtype_code,
-                             encode_header, write_all)
-from .errors import PruningError
+from ._validation import resolve_threads
+from .errors import InvalidPatternError, PruningError, UnsafePathError
+from .io.checkpoint import Checkpoint, CheckpointWriter
+from .io.export import bitmask_tensors, masked_chunks
+from .io.files import OutputTarget, atomic_write_text, display
+from .io.safetensors import FLOAT_DTYPES
+from .pruning.mask import SparsityPattern, layer_magnitude_mask
+from .pruning.streaming import GlobalPlan
 
 INDEX_NAME = "model.safetensors.index.json"
-CHUNK = 1 << 22  # elements per write chunk (zeroing a copy of a memory-mapped tensor)
+
+CHUNK = 1 << 22  # elements per inspect chunk
+MAX_THREADS = 4096
 WARN_SPARSITY = 0.95
 
 DEFAULT_INCLUDE = r"(^|\.)weight$  (2-D floating tensors only)"
@@ -75,13 +77,12 @@ def _fraction(text):
     return v
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+def _threads(text):
+    t = text.strip()
+    v = int(t) if t.isascii() and t.isdigit() and len(t) <= 6 else 0
+    if not 1 <= v <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, got "
+                                         f"{text!r}")
     return v
 
 
@@ -101,11 +102,12 @@ def build_parser():
     pr.add_argument("-o", "--output", metavar="OUTPUT", required=True,
                     help="output file or folder (written under a temporary name, then renamed)")
     pr.add_argument("--sparsity", type=_fraction, metavar="FRACTION",
-                    help="fraction of the selected weights to prune (unstructured and row "
+                    help="fraction of the selected weights to prune (unstructured and per-row "
                          "patterns; implied by N:M)")
-    pr.add_argument("--pattern", default="unstructured", metavar="unstructured|row|N:M",
-                    help="'unstructured' (default), 'row' (same fraction in every row, Wanda "
-                         "grouping) or N:M such as 2:4 (keep N of every M along the last axis)")
+    pr.add_argument("--pattern", default="unstructured", metavar="unstructured|per-row|N:M",
+                    help="'unstructured' (default), 'per-row' (same fraction in every row, "
+                         "Wanda grouping; 'row' is accepted as an alias) or N:M such as 2:4 "
+                         "(keep N of every M along the last axis)")
     pr.add_argument("--scope", choices=("layer", "global"), default="layer",
                     help="layer: each tensor pruned to the fraction on its own (default); "
                          "global: one exact count over every selected tensor (unstructured only)")
@@ -127,10 +129,14 @@ def build_parser():
                          "count stays exact)")
     pr.add_argument("--dry-run", action="store_true",
                     help="compute the masks and the report, write nothing")
-    pr.add_argument("--report", metavar="PATH", help="write a JSON report to PATH")
-    pr.add_argument("--threads", type=_positive_int, metavar="N",
+    pr.add_argument("--report", metavar="PATH",
+                    help="write a JSON report to PATH (never an input or inside OUTPUT; an "
+                         "existing file is replaced only with --force)")
+    pr.add_argument("--threads", type=_threads, metavar="N",
                     help="threads for the kernels (default: what OpenMP allows)")
-    pr.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
+    pr.add_argument("--force", action="store_true",
+                    help="replace an existing OUTPUT (or --report) file or folder; never one "
+                         "that holds the input, nor a device, FIFO or socket")
     pr.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
     ins = sub.add_parser("inspect", help="per-tensor shape, dtype, zero fraction, N:M pattern",
@@ -142,21 +148,6 @@ def build_parser():
     return p
 
 
-def parse_pattern(text):
-    """('unstructured'|'row', None, None) or ('nm', n, m); UsageError otherwise."""
-    t = text.strip().lower()
-    if t in ("unstructured", "row"):
-        return t, None, None
-    mt = re.fullmatch(r"(\d+):(\d+)", t)
-    if not mt:
-        raise UsageError(f"invalid --pattern {text!r}: use 'unstructured', 'row' or N:M such as "
-                         "'2:4'")
-    n, m = int(mt.group(1)), int(mt.group(2))
-    if not 1 <= n <= m or m > 1024:
-        raise UsageError(f"invalid --pattern {text!r}: N:M needs 1 <= N <= M <= 1024")
-    return "nm", n, m
-
-
 def _compile(patterns, flag):
     out = []
     for p in patterns:
@@ -165,64 +156,6 @@ def _compile(patterns, flag):
         except re.error as exc:
             raise UsageError(f"invalid {flag} regular expression {p!r}: {exc}") from None
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoint layout
-# ----------------------------------------------------------------------------------------------
-
-class Checkpoint:
-    """A single file or a folder: shards (relative name -> path) and other files to copy."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self.is_dir = os.path.isdir(self.path)
-        self.index = None
-        self.others = []
-        if not os.path.exists(self.path):
-            raise Failure(f"{self.path}: no such file or directory")
-        if self.is_dir:
-            names = sorted(os.listdir(self.path))
-            idx = os.path.join(self.path, INDEX_NAME)
-            if os.path.isfile(idx):
-                try:
-                    with open(idx, encoding="utf-8") as f:
-                        self.index = json.load(f)
-                    weight_map = self.index["weight_map"]
-                    shards = list(dict.fromkeys(weight_map.values()))
-                except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                    raise Failure(f"{idx}: unreadable index ({exc})") from None
-                for s in shards:
-                    if not os.path.isfile(os.path.join(self.path, s)):
-                        raise Failure(f"{os.path.join(self.path, s)}: shard listed in "
-                                      f"{INDEX_NAME} is missing")
-            else:
-                shards = [n for n in names if n.endswith(".safetensors")
-                          and os.path.isfile(os.path.join(self.path, n))]
-            if not shards:
-                raise Failure(f"{self.path}: no .safetensors files in this folder")
-            skip = set(shards) | {INDEX_NAME}
-            self.others = [n for n in names if n not in skip]
-            self.shards = shards
-        else:
-            self.shards = [os.path.basename(self.path)]
-        self.files = {}
-        for s in self.shards:
-            self.files[s] = SafetensorsFile(self.shard_path(s))  # CheckpointError -> exit 1
-        if self.index is not None:
-            for name, s in self.index["weight_map"].items():
-                if name not in self.files[s]:
-                    raise Failure(f"{self.shard_path(s)}: tensor {name!r} listed in {INDEX_NAME} "
-                                  "is missing")
-
-    def shard_path(self, shard):
-        return os.path.join(self.path, shard) if self.is_dir else self.path
-
-    def items(self):
-        """(shard, TensorInfo) in shard order, then data order."""
-        for s in self.shards:
-            for t in self.files[s]:
-                yield s, t
 
 
 def select(ckpt, include, exclude):
@@ -246,261 +179,26 @@ def select(ckpt, include, exclude):
     return selected, skipped
 
 
-# ----------------------------------------------------------------------------------------------
-# mask planning
-# ----------------------------------------------------------------------------------------------
-
-def _kernel_source(sf, t, common):
-    """A zero-arg callable returning the flat kernel array of tensor t: the mapped words for
-    16-bit floats, the mapped float32/float64 array, or (mixed dtypes) a float32/float64 copy."""
-    def load(sequential=False):
-        w = sf.words(t.name, populate=sequential)
-        if common is None:
-            if t.dtype in ("F16", "BF16"):
-                return w
-            return w.view(np.float32 if t.dtype == "F32" else np.float64)
-        return _to_float(w, t.dtype, common)
-    return load
-
-
-def _to_float(w, code, dt):
-    if code in ("BF16", "F16"):
-        return decode16(w, BF16 if code == "BF16" else F16).astype(dt, copy=False)
-    return w.view(np.float32 if code == "F32" else np.float64).astype(dt, copy=False)
-
-
-def _inf16(codes):
-    if codes == {"BF16"}:
-        return 0x7F80
-    if codes == {"F16"}:
-        return 0x7C00
-    return 0
-
-
-class GlobalPlan:
-    """Exact global selection: per tensor, a threshold key and how many keys equal to it to
-    prune, decided before anything is written."""
-
-    def __init__(self, ckpt, selected, sparsity, cap, nt, progress):
-        from ._kernels import select as _select
-
-        self.select = _select
-        codes = {t.dtype for _, t in selected}
-        self.common = None if len(codes) == 1 else ("float64" if "F64" in codes else "float32")
-        self.inf16 = _inf16(codes) if self.common is None else 0
-        self.sources = [_kernel_source(ckpt.files[s], t, self.common) for s, t in selected]
-        self.sizes = [t.size for _, t in selected]
-        self.names = [t.name for _, t in selected]
-        self.nt = nt
-        total = sum(self.sizes)
-        self.k = prune_count(sparsity, total)
-        self.plan = [None] * len(selected)  # (thresh, r) or ("fill", value)
-        self.ckpt, self.selected = ckpt, selected
-        self.running = None
-        self.scratch = None
-        if cap is None:
-            self._solve(list(range(len(selected))), self.k, progress, count=False)
-        else:
-            self._capped(cap, progress)
-
-    def _solve(self, idx, k, progress, count=True):
-        """Plan tensors idx to prune exactly k in all; returns per-tensor pruned counts when
-        count (a counting pass) else None."""
-        total = sum(self.sizes[i] for i in idx)
-        if k <= 0 or k >= total:
-            for i in idx:  # nothing to select, but NaN/inf still refuse, as everywhere
-                x = self.sources[i](sequential=True)
-                if x.size and self.select.range_pass(x, 0, 0, 1, self.inf16, 0, self.nt)[2]:
-                    self._raise_nonfinite([i])
-                self.plan[i] = ("fill", 1 if k <= 0 else 0)
-            return {i: (0 if k <= 0 else self.sizes[i]) for i in idx}
-        srcs = [self.sources[i] for i in idx]
-        if progress:
-            progress(f"selecting over {len(idx)} tensors")
-        thresh, below, bad, _ = self.select.find_threshold(srcs, [self.sizes[i] for i in idx], k,
-                                                           1, self.inf16, self.nt)
-        if bad:
-            self._raise_nonfinite(idx)
-        r = k - below
-        if len(idx) == 1 and not count:
-            self.plan[idx[0]] = (thresh, r)
-            return None
-        if not count:
-            # tensors are written in this order: the remaining count is tracked while writing
-            for i in idx:
-                self.plan[i] = (thresh, None)
-            self.running = r
-            return None
-        counts = {}
-        for i in idx:
-            self.plan[i] = (thresh, r)
-            x = self.sources[i](sequential=True)
-            out = np.empty(x.shape[0], np.uint8)
-            eq = self.select.write_pass(x, thresh, r, 1, out, self.nt)
-            counts[i] = x.shape[0] - int(np.count_nonzero(out))
-            r -= eq
-            del x, out
-        return counts
-
-    def _capped(self, cap, progress):
-        caps = [int(math.floor(cap * n + 1e-9)) for n in self.sizes]
-        if self.k > sum(caps):
-            raise Failure(f"cannot prune {self.k} weights when --max-tensor-sparsity={cap} "
-                          f"allows at most {sum(caps)}")
-        fixed = {}
-        while True:
-            free = [i for i in range(len(self.sizes)) if i not in fixed]
-            counts = self._solve(free, self.k - sum(fixed.values()), progress)
-            over = [i for i in free if counts[i] > caps[i]]
-            if not over:
-                break
-            for i in over:
-                fixed[i] = caps[i]
-        for i, c in fixed.items():
-            self._solve([i], c, None, count=False)
-
-    def _raise_nonfinite(self, idx):
-        for i in idx:
-            shard, t = self.selected[i]
-            arr = self.ckpt.files[shard].array(t.name)
-            f = as_floats(arr, t.name)
-            scratch = np.empty(f.size, np.uint8)
-            if f.size and self.select.fill_pass(f.kernel.reshape(-1), 1, 1, f.inf16, scratch,
-                                                self.nt):
-                raise_nonfinite(f, f"{shard}: tensor {t.name!r}")
-        raise Failure("non-finite weights among the selected tensors")
-
-    def keep(self, i):
-        """Flat uint8 keep-mask of selected tensor i (call once per tensor, in order)."""
-        p = self.plan[i]
-        n = self.sizes[i]
-        if self.scratch is None:  # one keep buffer for every tensor (reused, never reallocated)
-            self.scratch = np.empty(max(self.sizes), np.uint8)
-        out = self.scratch[:n]
-        if p[0] == "fill":
-            out[:] = p[1]
-            return out
-        thresh, r = p
-        x = self.sources[i](sequential=True)
-        if r is None:
-            self.running -= self.select.write_pass(x, thresh, self.running, 1, out, self.nt)
-        else:
-            self.select.write_pass(x, thresh, r, 1, out, self.nt)
-        return out
-
-
-def layer_keep(arr, shard, t, kind, sparsity, n, m, nt):
-    """Per-tensor mask (flat uint8) for layer scope."""
-    from .pruning.mask import layer_magnitude_mask
-
-    try:
-        mask = layer_magnitude_mask(arr, kind, sparsity, n, m, n_threads=nt)
-    except PruningError as exc:
-        raise Failure(f"{shard}: tensor {t.name!r}: {exc}") from None
-    return mask.keep.reshape(-1).view(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------
-# writing
-# ----------------------------------------------------------------------------------------------
-
-def _umask():
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-def _temp_name(target, kind):
-    """A fresh temporary file or folder next to target, with the usual (umask) permissions."""
-    d = os.path.dirname(os.path.abspath(target))
-    base = os.path.basename(os.path.abspath(target))
-    if kind == "dir":
-        path = tempfile.mkdtemp(prefix=f".{base}.", suffix=".aprender-tmp", dir=d)
-        os.chmod(path, 0o777 & ~_umask())
-        return path
-    fd, path = tempfile.mkstemp(prefix=f".{base}.", suffix=".aprender-tmp", dir=d)
-    os.close(fd)
-    os.chmod(path, 0o666 & ~_umask())
-    return path
-
-
-def _remove(path):
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.lexists(path):
-            os.unlink(path)
-    except OSError:
-        pass
-
-
-_BUFFERS = {}
-
-
-def _masked_words(sf, t, keep, nt, write):
-    """Stream the tensor's words * keep in chunks through ``write``: chunks are read (not
-    mapped) into one reused buffer; the input is untouched."""
-    from ._kernels import apply as _apply
-
-    dt = np.dtype(f"u{t.itemsize}")
-    n = t.size
-    buf = _BUFFERS.get(dt)
-    if buf is None:
-        buf = _BUFFERS[dt] = np.empty(CHUNK, dt)
-    for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
-        chunk = buf[:b - a]
-        sf.read_into(t.name, a, chunk)
-        _apply.apply_mask(chunk, keep[a:b], nt)
-        write(chunk)
-
-
-def _typed(words, code, shape):
-    if code == "BF16":
-        return Bits16(words.reshape(shape), "bfloat16")
-    dt = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[code]
-    return words.view(dt).reshape(shape)
-
-
-def _bitmask_tensors(words, keep, t, nt):
-    """compressed-tensors sparse-24-bitmask tensors {P.shape, P.compressed, P.bitmask} of the
-    pruned tensor (P: the name without ".weight"), straight from the mapped weights and the mask."""
-    try:
-        from . import sparse24
-    except ImportError as exc:  # pragma: no cover
-        raise Failure(f"--format sparse-24-bitmask needs aprender.sparse24 ({exc})") from None
-    try:
-        st = sparse24.compress(_typed(words, t.dtype, t.shape), layout="bitmask",
-                               mask=keep.view(np.bool_).reshape(t.shape), n_threads=nt)
-        out = st.to_tensors(t.name)
-    except PruningError as exc:
-        raise Failure(f"tensor {t.name!r}: cannot write the sparse-24-bitmask format ({exc})") \
-            from None
-    res = {}
-    for name, a in out.items():
-        if t.dtype == "BF16" and name.endswith(".compressed") and a.dtype == np.uint16:
-            a = Bits16(a, "bfloat16")
-        res[name] = a
-    return res
-
-
 class Pruner:
     def __init__(self, args):
         self.args = args
-        self.kind, self.n, self.m = parse_pattern(args.pattern)
-        if self.kind == "nm":
-            implied = 1.0 - self.n / self.m
-            if args.sparsity is not None and abs(args.sparsity - implied) > 1e-9:
-                raise UsageError(f"--sparsity {args.sparsity} contradicts --pattern "
-                                 f"{args.pattern} (which prunes {implied:g})")
-            self.sparsity = implied
-        else:
-            if args.sparsity is None:
-                raise UsageError(f"--pattern {self.kind} needs --sparsity FRACTION")
-            self.sparsity = args.sparsity
-        if args.scope == "global" and self.kind != "unstructured":
+        try:
+            text = args.pattern.strip()
+            # 'row' was this option's first name for per-row (Wanda) grouping
+            self.pattern = SparsityPattern.parse("per-row" if text.lower() == "row" else text)
+            if not (self.pattern.is_unstructured or self.pattern.is_per_row
+                    or self.pattern.is_nm):
+                raise InvalidPatternError(f"--pattern {args.pattern!r}: use 'unstructured', "
+                                          "'per-row' or N:M such as '2:4'")
+            self.sparsity = self.pattern.resolve_sparsity(args.sparsity)
+        except PruningError as exc:
+            raise UsageError(str(exc)) from None
+        p = self.pattern
+        if p.is_nm and p.axis not in (-1, 1):
+            raise UsageError(f"--pattern {args.pattern!r}: N:M runs along the last axis here")
+        if args.scope == "global" and not p.is_unstructured:
             raise UsageError("--scope global needs --pattern unstructured")
-        if args.format == "sparse-24-bitmask" and (self.kind, self.n, self.m) != ("nm", 2, 4):
+        if args.format == "sparse-24-bitmask" and not (p.is_nm and (p.n, p.m) == (2, 4)):
             raise UsageError("--format sparse-24-bitmask needs --pattern 2:4")
         if args.max_tensor_sparsity is not None and args.scope != "global":
             raise UsageError("--max-tensor-sparsity needs --scope global")
@@ -510,80 +208,67 @@ class Pruner:
         self.quiet = args.quiet
         self.tty = sys.stdout.isatty() and not args.quiet
 
-    def _check_paths(self):
+    @property
+    def pattern_text(self):
+        return str(self.pattern.n) + ":" + str(self.pattern.m) if self.pattern.is_nm else \
+            ("per-row" if self.pattern.is_per_row else "unstructured")
+
+    def _check_paths(self, ckpt):
+        """Every path that will be written is checked against every input before any work."""
         a = self.args
-        src = os.path.realpath(a.input)
-        dst = os.path.realpath(a.output)
-        if src == dst or (os.path.exists(a.output) and os.path.samefile(a.input, a.output)):
-            raise UsageError("OUTPUT is the same as INPUT; pruning in place is refused")
-        if os.path.isdir(src) and (dst + os.sep).startswith(src + os.sep):
-            raise UsageError("OUTPUT must not be inside the INPUT folder")
-        if a.dry_run:
-            return
-        if os.path.lexists(a.output) and not a.force:
-            raise Failure(f"{a.output}: already exists (use --force to replace it)")
-        parent = os.path.dirname(os.path.abspath(a.output))
-        if not os.path.isdir(parent):
-            raise Failure(f"{parent}: output folder does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise Failure(f"{parent}: output folder is not writable")
+        self.target = None
+        if not a.dry_run:
+            self.target = OutputTarget(a.output, ckpt.inputs, force=a.force,
+                                       kind="dir" if ckpt.is_dir else "file")
+        if a.report:
+            avoid = [] if a.dry_run else [("OUTPUT", a.output)]
+            OutputTarget(a.report, ckpt.inputs, force=a.force, what="--report", avoid=avoid)
 
     def run(self):
         a = self.args
         t0 = time.perf_counter()
-        if not os.path.exists(a.input):
-            raise Failure(f"{a.input}: no such file or directory")
-        self._check_paths()
+        if a.output == "" or (a.report is not None and a.report == ""):
+            raise UsageError("OUTPUT is empty" if a.output == "" else "--report is empty")
         ckpt = Checkpoint(a.input)
+        self._check_paths(ckpt)
         selected, skipped = select(ckpt, self.include, self.exclude)
         if not selected:
-            raise Failure(f"{a.input}: no tensor matches the selection"
+            raise Failure(f"{display(a.input)}: no tensor matches the selection"
                           + (f" (--include {a.include})" if a.include else "")
                           + (f" (--exclude {a.exclude})" if a.exclude else ""))
-        if self.kind == "nm":
+        if self.pattern.is_nm:
             for shard, t in selected:
-                if t.shape[-1] % self.m:
-                    raise Failure(f"{ckpt.shard_path(shard)}: tensor {t.name!r} of shape "
-                                  f"{list(t.shape)}: last dimension is not divisible by "
-                                  f"{self.m} (pattern {self.n}:{self.m})")
+                if t.shape[-1] % self.pattern.m:
+                    raise Failure(f"{display(ckpt.shard_path(shard))}: tensor {t.name!r} of "
+                                  f"shape {list(t.shape)}: last dimension is not divisible by "
+                                  f"{self.pattern.m} (pattern {self.pattern_text})")
         self.ckpt = ckpt
         self.sel_index = {(s, t.name): i for i, (s, t) in enumerate(selected)}
-        self.selected = selected
-        bar = None
-        if self.args.scope == "global":
-            self.plan = GlobalPlan(ckpt, selected, self.sparsity, a.max_tensor_sparsity, self.nt,
-                                   None)
+        if a.scope == "global":
+            self.plan = GlobalPlan([(ckpt.files[s], t, f"{display(ckpt.shard_path(s))}: tensor "
+                                    f"{t.name!r}") for s, t in selected],
+                                   self.sparsity, a.max_tensor_sparsity, self.nt)
         self.rows = []
         total_bytes = sum(t.nbytes for _, t in ckpt.items())
-        if self.tty:
-            try:
-                from tqdm import tqdm
-
-                bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                           desc="pruning", leave=False)
-            except ImportError:
-                bar = None
-        self.bar = bar
+        self.bar = _progress(total_bytes) if self.tty else None
         try:
             if a.dry_run:
                 for shard, t in ckpt.items():
                     if (shard, t.name) in self.sel_index:
                         self._row(shard, t, self._keep(shard, t))
-                    if bar is not None:
-                        bar.update(t.nbytes)
+                    self._tick(t.nbytes)
             else:
                 self._write_all()
         finally:
-            if bar is not None:
-                bar.close()
-        wall = time.perf_counter() - t0
-        report = self._report(skipped, total_bytes, wall)
+            if self.bar is not None:
+                self.bar.close()
+        report = self._report(skipped, total_bytes, time.perf_counter() - t0)
         if a.report:
-            _atomic_write_text(a.report, json.dumps(report, indent=2) + "\n")
+            atomic_write_text(a.report, json.dumps(report, indent=2) + "\n")
         if not self.quiet:
             print_table(report)
         for w in report["warnings"]:
-            print(f"aprender: warning: {w}", file=sys.stderr)
+            print(f"aprender: warning: {display(w)}", file=sys.stderr)
         return 0
 
     # -- per tensor --------------------------------------------------------------------------
@@ -592,8 +277,12 @@ class Pruner:
         if self.args.scope == "global":
             return self.plan.keep(i)
         arr = self.ckpt.files[shard].array(t.name)
-        return layer_keep(arr, self.ckpt.shard_path(shard), t, self.kind, self.sparsity, self.n,
-                          self.m, self.nt)
+        try:
+            mask = layer_magnitude_mask(arr, self.pattern, self.sparsity, n_threads=self.nt)
+        except PruningError as exc:
+            raise Failure(f"{display(self.ckpt.shard_path(shard))}: tensor {t.name!r}: "
+                          f"{exc}") from None
+        return mask.keep.reshape(-1).view(np.uint8)
 
     def _row(self, shard, t, keep):
         kept = int(np.count_nonzero(keep))
@@ -603,62 +292,50 @@ class Pruner:
 
     # -- output ------------------------------------------------------------------------------
     def _write_all(self):
-        a = self.args
         ckpt = self.ckpt
-        target = a.output
-        tmp = _temp_name(target, "dir" if ckpt.is_dir else "file")
+        writer = CheckpointWriter(ckpt, self.target.path, pause_hook=_test_pause_hook())
         try:
+            for s in ckpt.shards:
+                self._write_shard(writer, s)
             if ckpt.is_dir:
-                new_names = {}
-                sizes = {}
-                for s in ckpt.shards:
-                    out = os.path.join(tmp, s)
-                    os.makedirs(os.path.dirname(out), exist_ok=True)
-                    names, size = self._write_file(s, out)
-                    sizes[s] = size
-                    for nm in names:
-                        new_names[nm] = s
-                for name in ckpt.others:
-                    src = os.path.join(ckpt.path, name)
-                    dst = os.path.join(tmp, name)
-                    if os.path.isdir(src):
-                        shutil.copytree(src, dst, symlinks=True)
-                    else:
-                        shutil.copy2(src, dst)
-                if ckpt.index is not None:
-                    self._write_index(tmp, new_names, sizes)
-                if a.format != "dense" and os.path.isfile(os.path.join(tmp, "config.json")):
-                    self._update_config(os.path.join(tmp, "config.json"))
-            else:
-                self._write_file(ckpt.shards[0], tmp)
-            _replace(tmp, target)
-        except BaseException:
-            _remove(tmp)
+                writer.copy_others()
+                writer.write_index(rebuild=self.args.format != "dense")
+                if self.args.format != "dense":
+                    cfg = writer.read_output_json("config.json")
+                    if isinstance(cfg, dict):
+                        writer.write_json("config.json", self._update_config(cfg))
+            writer.commit()
+        except BaseException as exc:
+            writer.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+                # never name the temporary output: say what the user asked for
+                why = exc.strerror or str(exc)
+                raise Failure(f"{display(self.target.path)}: cannot write ({why})") from None
             raise
 
-    def _write_index(self, tmp, new_names, sizes):
-        src = os.path.join(self.ckpt.path, INDEX_NAME)
-        dst = os.path.join(tmp, INDEX_NAME)
-        if self.args.format == "dense":
-            shutil.copy2(src, dst)
-            return
-        index = dict(self.ckpt.index)
-        meta = dict(index.get("metadata") or {})
-        meta["total_size"] = sum(sizes.values())
-        index["metadata"] = meta
-        index["weight_map"] = dict(sorted(new_names.items()))
-        with open(dst, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
+    def _write_shard(self, writer, shard):
+        sf = self.ckpt.files[shard]
+        bitmask = self.args.format != "dense"
+        planned = None if bitmask else {t.name: (t.dtype, t.shape, t.nbytes) for t in sf}
+        out = writer.shard(shard, self._metadata(sf.metadata), planned)
+        for t in sf:
+            if (shard, t.name) not in self.sel_index:
+                out.copy(sf, t)
+            else:
+                keep = self._keep(shard, t)
+                self._row(shard, t, keep)
+                if bitmask:
+                    for name, code, shape, arr in bitmask_tensors(sf.words(t.name), keep, t,
+                                                                  self.nt):
+                        out.add(name, code, shape, [arr], arr.nbytes)
+                else:
+                    out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, self.nt),
+                            t.nbytes)
+                del keep
+            self._tick(t.nbytes)
+        out.close()
 
-    def _update_config(self, path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise Failure(f"{path}: unreadable config.json ({exc})") from None
-        if not isinstance(cfg, dict):
-            return
+    def _update_config(self, cfg):
         pruned = sum(r["total"] - r["kept"] for r in self.rows)
         total = sum(r["total"] for r in self.rows)
         sparsity_config = {
@@ -675,15 +352,13 @@ class Pruner:
             qc = {"quant_method": "compressed-tensors", "format": "dense"}
         qc["sparsity_config"] = sparsity_config
         cfg["quantization_config"] = qc
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
-            f.write("\n")
+        return cfg
 
     def _metadata(self, metadata):
         meta = dict(metadata)
         meta["aprender"] = json.dumps({
             "version": __version__,
-            "pattern": (f"{self.n}:{self.m}" if self.kind == "nm" else self.kind),
+            "pattern": self.pattern_text,
             "sparsity": self.sparsity,
             "scope": self.args.scope,
             "importance": self.args.importance,
@@ -694,66 +369,6 @@ class Pruner:
                                       else [DEFAULT_EXCLUDE] + self.args.exclude)},
         }, separators=(",", ":"))
         return meta
-
-    def _write_file(self, shard, out_path):
-        """Write one shard; returns (tensor names written, data bytes)."""
-        sf = self.ckpt.files[shard]
-        meta = self._metadata(sf.metadata)
-        bitmask = self.args.format != "dense"
-        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        spool = None
-        try:
-            if bitmask:
-                # sizes are known only once compressed: data goes to a spool file first
-                spool_path = out_path + ".data"
-                spool = os.open(spool_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                data_fd = spool
-            else:
-                entries, pos = {}, 0
-                for t in sf:
-                    entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
-                                       "data_offsets": [pos, pos + t.nbytes]}
-                    pos += t.nbytes
-                header = encode_header(entries, meta)
-                _preallocate(fd, len(header) + pos, out_path)
-                write_all(fd, header)
-                data_fd = fd
-            entries, pos = {}, 0
-            for t in sf:
-                if (shard, t.name) in self.sel_index:
-                    keep = self._keep(shard, t)
-                    self._row(shard, t, keep)
-                    if bitmask:
-                        words = sf.words(t.name)
-                        for name, arr in _bitmask_tensors(words, keep, t, self.nt).items():
-                            raw = arr.bits if isinstance(arr, Bits16) else np.ascontiguousarray(arr)
-                            nb = raw.nbytes
-                            entries[name] = {"dtype": dtype_code(arr), "shape": list(raw.shape),
-                                             "data_offsets": [pos, pos + nb]}
-                            if nb:
-                                write_all(data_fd, raw.reshape(-1).view(np.uint8))
-                            pos += nb
-                        del words, keep
-                        self._tick(t.nbytes)
-                        continue
-                    _masked_words(sf, t, keep, self.nt, lambda b: write_all(data_fd, b))
-                    del keep
-                else:
-                    sf.copy_to(t.name, data_fd)
-                entries[t.name] = t.entry()
-                entries[t.name]["data_offsets"] = [pos, pos + t.nbytes]
-                pos += t.nbytes
-                self._tick(t.nbytes)
-            if bitmask:
-                write_all(fd, encode_header(entries, meta))
-                os.lseek(spool, 0, os.SEEK_SET)
-                _copy_fd(spool, fd, pos)
-        finally:
-            os.close(fd)
-            if spool is not None:
-                os.close(spool)
-                _remove(out_path + ".data")
-        return list(entries), pos
 
     def _tick(self, nbytes):
         if self.bar is not None:
@@ -772,7 +387,7 @@ class Pruner:
             "input": os.path.abspath(self.args.input),
             "output": None if self.args.dry_run else os.path.abspath(self.args.output),
             "dry_run": self.args.dry_run,
-            "pattern": f"{self.n}:{self.m}" if self.kind == "nm" else self.kind,
+            "pattern": self.pattern_text,
             "sparsity": self.sparsity,
             "scope": self.args.scope,
             "importance": self.args.importance,
@@ -807,81 +422,19 @@ class Pruner:
         }
 
 
-def _preallocate(fd, size, path):
-    """Reserve the output's blocks up front: ext4 and xfs write a preallocated file several
-    times faster, and a full disk fails here, before any data is written."""
-    if not hasattr(os, "posix_fallocate") or size <= 0:
-        return
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise Failure(f"{path}: not enough space for {size} bytes") from None
-        # filesystems without fallocate support: write normally
-
-
-def _copy_fd(src, dst, count):
-    done = 0
-    while done < count:
-        try:
-            n = os.sendfile(dst, src, None, count - done)
-        except (OSError, AttributeError):
-            data = os.read(src, min(1 << 23, count - done))
-            if not data:
-                raise
-            write_all(dst, data)
-            n = len(data)
-        if n == 0:
-            raise Failure("spool file ended early")
-        done += n
-
-
-def _replace(tmp, target):
-    """Move tmp into place; an existing target (only reached with --force) is replaced."""
-    if not os.path.lexists(target):
-        os.rename(tmp, target)
-        return
-    if os.path.isfile(tmp) and os.path.isfile(target) and not os.path.islink(target):
-        os.replace(tmp, target)
-        return
-    old = _temp_name(target, "file")
-    os.unlink(old)
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    _remove(old)
-
-
-def _atomic_write_text(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".aprender-tmp",
-                                   dir=d)
-    except OSError as exc:
-        raise Failure(f"{path}: cannot write the report ({exc.strerror})") from None
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------
 # output
 # ----------------------------------------------------------------------------------------------
 
 def _fmt_table(headers, rows, right=()):
+    """A plain-text table; every cell passes through display() (untrusted names)."""
+    headers = [display(str(h)) for h in headers]
+    rows = [[display(str(c)) for c in r] for r in rows]
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
               for i, h in enumerate(headers)]
     lines = []
     for row in [headers] + rows:
-        cells = [str(c).rjust(w) if i in right else str(c).ljust(w)
+        cells = [c.rjust(w) if i in right else c.ljust(w)
                  for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
         if row is headers:
@@ -904,10 +457,11 @@ def print_table(report):
           f"all {t['all_elements']} elements); {len(report['untouched'])} tensors untouched")
     print(f"time: {t['wall_s']:.2f} s, {t['bytes'] / 1e6:.1f} MB"
           + (f" at {tp:.0f} MB/s" if tp else "")
-          + ("  (dry run: nothing written)" if report["dry_run"] else f" -> {report['output']}"))
+          + ("  (dry run: nothing written)" if report["dry_run"]
+             else f" -> {display(report['output'])}"))
     print(f"selection: {report['selection']['rule']}")
     for w in report["warnings"]:
-        print(f"! warning: {w}")
+        print(f"! warning: {display(w)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -969,7 +523,8 @@ def run_inspect(args):
     print(f"{len(rows)} tensors, {total} elements, {zeros / total if total else 0:.2%} zeros")
     for s in ckpt.shards:
         if "aprender" in ckpt.files[s].metadata:
-            print(f"{s}: pruned by aprender: {ckpt.files[s].metadata['aprender']}")
+            print(f"{display(s)}: pruned by aprender: "
+                  f"{display(ckpt.files[s].metadata['aprender'])}")
     return 0
 
 
@@ -981,6 +536,35 @@ def _on_sigterm(signum, frame):
     raise Interrupted()
 
 
+def _progress(total_bytes):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                desc="pruning", leave=False)
+
+
+PAUSE_ENV = "APRENDER_TEST_PAUSE_AFTER_SHARD"
+
+
+def _test_pause_hook():
+    """Test-only: with APRENDER_TEST_PAUSE_AFTER_SHARD=1 the writer stops after its first shard,
+    says so on stderr and waits for a signal, so signal tests need no timing."""
+    if os.environ.get(PAUSE_ENV) != "1":
+        return None
+
+    def pause():
+        print("aprender-test: paused", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.05)
+    return pause
+
+
+def _error(message):
+    print(f"aprender: error: {display(str(message))}", file=sys.stderr)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -990,19 +574,27 @@ def main(argv=None):
     except ValueError:  # not the main thread
         pass
     try:
-        if args.command == "inspect":
-            return run_inspect(args)
-        return Pruner(args).run()
-    except UsageError as exc:
-        print(f"aprender: error: {exc}", file=sys.stderr)
+        try:
+            if args.command == "inspect":
+                return run_inspect(args)
+            return Pruner(args).run()
+        finally:
+            sys.stdout.flush()
+    except (UsageError, UnsafePathError) as exc:
+        _error(exc)
         return 2
-    except (Failure, CheckpointError, PruningError) as exc:
-        print(f"aprender: error: {exc}", file=sys.stderr)
+    except (Failure, PruningError) as exc:
+        _error(exc)
         return 1
+    except BrokenPipeError:
+        # the reader went away (``aprender inspect f | head``): no traceback, no more output
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except OSError as exc:
-        where = exc.filename or ""
-        print(f"aprender: error: {where + ': ' if where else ''}{exc.strerror or exc}",
-              file=sys.stderr)
+        _error(f"{exc.filename + ': ' if isinstance(exc.filename, str) else ''}"
+               f"{exc.strerror or exc}")
         return 1
     except KeyboardInterrupt:
         print("aprender: interrupted; partial output removed", file=sys.stderr)

@@ -13,6 +13,7 @@ __all__ = [
     "ReadOnlyError",
     "LayoutError",
     "CheckpointError",
+    "UnsafePathError",
     "DeviceError",
     "CalibrationError",
     "InvalidCalibrationError",
@@ -68,6 +69,11 @@ class CheckpointError(PruningError, ValueError):
     """A checkpoint, index, calibration file or path that cannot be used safely: missing,
     truncated, malformed (stricter than the safetensors format requires), a special file, a
     symlink that leaves the checkpoint, or an output that would overwrite an input."""
+
+
+class UnsafePathError(CheckpointError):
+    """An output or report path that would overwrite, contain or sit inside an input, or a
+    special file (device, FIFO, socket) where a file would be written."""
 
 
 class DeviceError(PruningError, ValueError):

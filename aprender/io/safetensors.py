@@ -20,11 +20,14 @@ import numpy as np
 
 from .._validation import Bits16
 from ..errors import CheckpointError
+from . import strictjson
+from .files import display, open_regular
 
 __all__ = ["CheckpointError", "TensorInfo", "SafetensorsFile", "read_header", "encode_header",
            "write_safetensors", "DTYPE_SIZES", "FLOAT_DTYPES", "dtype_code"]
 
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000  # bytes, as the reference implementation
+MAX_DIMS = 64
 
 # safetensors dtype code -> bytes per element
 DTYPE_SIZES = {
@@ -91,73 +94,99 @@ class TensorInfo:
 
 def read_header(path):
     """Parse and validate the header of ``path``: returns (header_bytes_len, tensors, metadata)
-    where tensors is a list of TensorInfo in data order.  Raises CheckpointError."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated file ({size} bytes), too small for a "
-                                      "safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or n + 8 > size:
-                raise CheckpointError(
-                    f"{path}: corrupt or truncated safetensors file (header length {n} "
-                    f"but the file has {size} bytes)")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
-    except PermissionError:
-        raise CheckpointError(f"{path}: permission denied") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
-    data_size = size - 8 - n
-    tensors = []
-    for name, e in header.items():
-        try:
-            dtype = e["dtype"]
-            shape = [int(v) for v in e["shape"]]
-            begin, end = (int(v) for v in e["data_offsets"])
-            if not isinstance(e["shape"], list) or any(not isinstance(v, int) or isinstance(v, bool)
-                                                       for v in e["shape"]):
-                raise TypeError("shape must be a list of integers")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: tensor {name!r}: malformed header entry ({exc})") \
-                from None
-        if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
-        if any(v < 0 for v in shape) or not 0 <= begin <= end:
-            raise CheckpointError(f"{path}: tensor {name!r}: invalid shape or offsets")
-        if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+    where tensors is a list of TensorInfo in data order.  Raises CheckpointError.
+
+    At least as strict as the format's reference implementation: the header is at most
+    100,000,000 bytes of UTF-8 JSON; offsets and dimensions are JSON integers; dtypes are known
+    codes; names are unique; tensors' byte ranges start at 0, are contiguous, do not overlap
+    and cover the data section exactly; ``__metadata__`` maps strings to strings.  Shapes must
+    be representable by numpy (at most 64 dimensions, element counts below 2**63)."""
+    shown = display(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{shown}: not a safetensors file ({size} bytes, too small "
+                                  "for a header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or n + 8 > size:
+            hint = " (it looks like JSON)" if head.lstrip()[:1] in (b"{", b"[") else ""
             raise CheckpointError(
-                f"{path}: tensor {name!r}: {end - begin} bytes do not fit shape {shape} "
-                f"of {dtype}")
-        tensors.append(TensorInfo(name, dtype, shape, begin, end))
+                f"{shown}: not a safetensors file{hint}: the header length field says {n} "
+                f"bytes but the file has {size} bytes"
+                + (f" and a header may not exceed {MAX_HEADER}" if n > MAX_HEADER else ""))
+        raw = f.read(n)
+    if len(raw) != n:
+        raise CheckpointError(f"{shown}: file changed while its header was read")
+    header = strictjson.loads(raw, f"{shown}: corrupt safetensors header",
+                              strictjson.HEADER_LIMITS)
+    del raw
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{shown}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{shown}: __metadata__ must map strings to strings")
+    data_size = size - 8 - n
+    tensors = [_tensor_info(shown, name, e) for name, e in header.items()]
+    del header
     tensors.sort(key=lambda t: (t.begin, t.end))
     pos = 0
     for t in tensors:
-        if t.begin < pos:
-            raise CheckpointError(f"{path}: tensor {t.name!r} overlaps the previous tensor")
+        if t.begin != pos:
+            what = "overlaps the previous tensor" if t.begin < pos else \
+                f"starts at data byte {t.begin}, leaving a gap after byte {pos}"
+            raise CheckpointError(f"{shown}: tensor {t.name!r} {what} (tensors must be "
+                                  "contiguous from byte 0)")
         pos = t.end
-    if pos > data_size:
-        last = max(tensors, key=lambda t: t.end)
-        raise CheckpointError(f"{path}: truncated file: tensor {last.name!r} needs {pos} data "
-                              f"bytes but the file holds {data_size}")
+    if pos != data_size:
+        if pos > data_size:
+            last = max(tensors, key=lambda t: t.end)
+            raise CheckpointError(f"{shown}: truncated file: tensor {last.name!r} needs {pos} "
+                                  f"data bytes but the file holds {data_size}")
+        raise CheckpointError(f"{shown}: {data_size - pos} bytes after the last tensor (the "
+                              "tensors must cover the data section exactly)")
     return n, tensors, metadata
 
 
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tensor_info(shown, name, e):
+    where = f"{shown}: tensor {name!r}"
+    if not isinstance(e, dict):
+        raise CheckpointError(f"{where}: header entry is not a JSON object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
+    if missing:
+        raise CheckpointError(f"{where}: header entry lacks {', '.join(missing)}")
+    dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: "
+                              f"{', '.join(DTYPE_SIZES)})")
+    if not isinstance(shape, list) or not all(_int(v) and v >= 0 for v in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of integers >= 0")
+    if len(shape) > MAX_DIMS:
+        raise CheckpointError(f"{where}: {len(shape)} dimensions (at most {MAX_DIMS})")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_int(v) for v in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end] with "
+                              "0 <= begin <= end")
+    nonzero = math.prod(max(v, 1) for v in shape)  # what numpy must index, zeros aside
+    if nonzero * DTYPE_SIZES[dtype] >= 1 << 63:
+        raise CheckpointError(f"{where}: shape {shape} is too large to address")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise CheckpointError(
+            f"{where}: {end - begin} bytes do not fit shape {shape} of {dtype}")
+    return TensorInfo(name, dtype, shape, begin, end)
+
+
 class SafetensorsFile:
-    """A parsed safetensors file; tensors are mapped one at a time, on demand."""
+    """A parsed safetensors file; tensors are mapped one at a time, on demand.  Every access
+    reopens the file as a regular file and checks that its size has not changed since the
+    header was read (a file truncated under a memory map would crash the process)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -165,7 +194,7 @@ class SafetensorsFile:
         self.data_start = 8 + self.header_len
         self.infos = infos  # data order
         self.tensors = {t.name: t for t in infos}
-        self.size = os.path.getsize(self.path)
+        self.size = self.data_start + (infos[-1].end if infos else 0)
 
     def __iter__(self):
         return iter(self.infos)
@@ -175,6 +204,13 @@ class SafetensorsFile:
 
     def __contains__(self, name):
         return name in self.tensors
+
+    def _open(self):
+        f = open_regular(self.path)
+        if os.fstat(f.fileno()).st_size != self.size:
+            f.close()
+            raise CheckpointError(f"{display(self.path)}: file changed size while being read")
+        return f
 
     def words(self, name, populate=True):
         """Read-only flat view of the raw elements as unsigned words (uint8/16/32/64).
@@ -186,7 +222,7 @@ class SafetensorsFile:
             return np.empty(0, dt)
         start = self.data_start + t.begin
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             # MAP_POPULATE: one syscall faults the whole tensor in (page cache permitting)
             # instead of a page fault per 4 KiB; the map is released with the last view
             mm = mmap.mmap(f.fileno(), start - base + t.nbytes, offset=base,
@@ -199,15 +235,19 @@ class SafetensorsFile:
         """Read elements [first, first + len(out)) of the tensor into the array ``out``
         (a plain read: no mapping)."""
         t = self.tensors[name]
+        if first < 0 or first + out.size > t.size or out.itemsize != t.itemsize:
+            raise CheckpointError(f"read of elements [{first}, {first + out.size}) outside "
+                                  f"tensor {name!r} of {t.size} elements")
         pos = self.data_start + t.begin + first * t.itemsize
         view = memoryview(out).cast("B")
-        with open(self.path, "rb", buffering=0) as f:
+        with self._open() as f:
             f.seek(pos)
             got = 0
             while got < len(view):
                 n = f.readinto(view[got:])
                 if not n:
-                    raise CheckpointError(f"{self.path}: unexpected end of file in {name!r}")
+                    raise CheckpointError(f"{display(self.path)}: unexpected end of file in "
+                                          f"{name!r}")
                 got += n
 
     def array(self, name, raw=False):
@@ -223,36 +263,39 @@ class SafetensorsFile:
     def copy_to(self, name, fd):
         """Append the tensor's bytes to the open file descriptor ``fd`` (no Python buffer)."""
         t = self.tensors[name]
-        copy_range(self.path, self.data_start + t.begin, t.nbytes, fd)
+        with self._open() as f:
+            copy_range(f, self.data_start + t.begin, t.nbytes, fd)
 
 
-def copy_range(path, offset, count, fd):
-    """Copy ``count`` bytes at ``offset`` of ``path`` to the current position of ``fd``."""
+def copy_range(src, offset, count, fd):
+    """Copy ``count`` bytes at ``offset`` of the open binary file ``src`` to the current
+    position of ``fd``."""
     if count == 0:
         return
-    with open(path, "rb", buffering=0) as src:
-        sfd = src.fileno()
-        done = 0
-        if hasattr(os, "sendfile"):
-            try:
-                while done < count:
-                    sent = os.sendfile(fd, sfd, offset + done, count - done)
-                    if sent == 0:
-                        raise CheckpointError(f"{path}: unexpected end of file")
-                    done += sent
-                return
-            except OSError as exc:
-                if done or exc.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP
-                    raise
-        src.seek(offset + done)
-        buf = bytearray(1 << 23)
-        view = memoryview(buf)
-        while done < count:
-            got = src.readinto(view[:min(len(buf), count - done)])
-            if not got:
-                raise CheckpointError(f"{path}: unexpected end of file")
-            write_all(fd, view[:got])
-            done += got
+    sfd = src.fileno()
+    done = 0
+    if hasattr(os, "sendfile"):
+        try:
+            while done < count:
+                sent = os.sendfile(fd, sfd, offset + done, count - done)
+                if sent == 0:
+                    raise CheckpointError(f"{display(getattr(src, 'name', 'file'))}: "
+                                          "unexpected end of file")
+                done += sent
+            return
+        except OSError as exc:
+            if done or exc.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP
+                raise
+    src.seek(offset + done)
+    buf = bytearray(1 << 23)
+    view = memoryview(buf)
+    while done < count:
+        got = src.readinto(view[:min(len(buf), count - done)])
+        if not got:
+            raise CheckpointError(f"{display(getattr(src, 'name', 'file'))}: unexpected end "
+                                  "of file")
+        write_all(fd, view[:got])
+        done += got
 
 
 def write_all(fd, buf):

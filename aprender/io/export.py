@@ -1,0 +1,64 @@
+"""Output encodings of a pruned tensor streamed from a checkpoint: dense (zeros written in
+place, chunk by chunk, input untouched) and compressed-tensors ``sparse-24-bitmask``."""
+import numpy as np
+
+from .._kernels import apply as _apply
+from .._validation import Bits16
+from ..errors import LayoutError
+from .safetensors import dtype_code
+
+__all__ = ["CHUNK", "masked_chunks", "bitmask_tensors", "BITMASK_SUFFIXES"]
+
+CHUNK = 1 << 22  # elements per chunk
+BITMASK_SUFFIXES = (".shape", ".compressed", ".bitmask")
+
+
+def masked_chunks(sf, t, keep, nt):
+    """The tensor's words with pruned positions zeroed, as chunks read (not mapped) into one
+    reused buffer; ``keep`` is the flat uint8 keep-mask."""
+    dt = np.dtype(f"u{t.itemsize}")
+    n = t.size
+    buf = np.empty(min(CHUNK, n), dt)
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        chunk = buf[:b - a]
+        sf.read_into(t.name, a, chunk)
+        _apply.apply_mask(chunk, keep[a:b], nt)
+        yield chunk
+
+
+def _typed(words, code, shape):
+    if code == "BF16":
+        return Bits16(words.reshape(shape), "bfloat16")
+    dt = {"F16": np.float16, "F32": np.float32, "F64": np.float64}[code]
+    return words.view(dt).reshape(shape)
+
+
+def bitmask_names(name):
+    """The three output names of tensor ``name`` (P.shape, P.compressed, P.bitmask; P: the
+    name without ".weight")."""
+    p = name[:-len(".weight")] if name.endswith(".weight") else name
+    return [p + s for s in BITMASK_SUFFIXES]
+
+
+def bitmask_tensors(words, keep, t, nt):
+    """[(name, dtype code, shape, C-contiguous array)] of the sparse-24-bitmask encoding, straight
+    from the mapped weights and the mask.  Raises LayoutError naming the tensor."""
+    from .. import sparse24
+
+    try:
+        st = sparse24.compress(_typed(words, t.dtype, t.shape), layout="bitmask",
+                               mask=keep.view(np.bool_).reshape(t.shape), n_threads=nt)
+        out = st.to_tensors(t.name)
+    except LayoutError as exc:
+        raise LayoutError(f"tensor {t.name!r}: cannot write the sparse-24-bitmask format "
+                          f"({exc})") from None
+    res = []
+    for name, a in out.items():
+        code = dtype_code(a)
+        if t.dtype == "BF16" and name.endswith(".compressed"):
+            code = "BF16"
+            a = a.bits if isinstance(a, Bits16) else a
+        a = np.ascontiguousarray(a)
+        res.append((name, code, a.shape, a))
+    return res
