@@ -518,3 +518,24 @@ def test_import_does_not_load_torch():
     code = ("import sys, aprender, aprender.cli, aprender.io; "
             "assert 'torch' not in sys.modules and 'tqdm' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_prune_checkpoint_api_matches_the_command_line(tmp_path, rng):
+    from aprender.checkpoints import prune_checkpoint
+    from aprender.errors import CheckpointError, InvalidArgumentError, UnsafePathError
+
+    src = tmp_path / "in.safetensors"
+    save(src, make_tensors(rng, np.float16))
+    assert main(["prune", str(src), "-o", str(tmp_path / "cli.safetensors"), "--sparsity", "0.5",
+                 "--scope", "global", "--quiet"]) == 0
+    seen = []
+    report = prune_checkpoint(src, tmp_path / "api.safetensors", sparsity=0.5, scope="global",
+                              progress=lambda n, total: seen.append((n, total)))
+    assert (tmp_path / "api.safetensors").read_bytes() == (tmp_path / "cli.safetensors").read_bytes()
+    assert report["totals"]["sparsity"] == 0.5 and sum(n for n, _ in seen) == seen[0][1]
+    with pytest.raises(InvalidArgumentError):
+        prune_checkpoint(src, tmp_path / "x", sparsity=0.5, scope="global", pattern="2:4")
+    with pytest.raises(UnsafePathError):
+        prune_checkpoint(src, src, sparsity=0.5, force=True)
+    with pytest.raises(CheckpointError):
+        prune_checkpoint(tmp_path / "missing", tmp_path / "y", sparsity=0.5)

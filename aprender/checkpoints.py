@@ -1,0 +1,340 @@
+"""Prune a safetensors checkpoint (file or folder) tensor by tensor: the work behind
+``aprender prune``, usable from Python as :func:`prune_checkpoint`.
+
+One tensor is memory-mapped at a time, so peak memory follows the largest tensor, not the
+model.  Selection of tensors, masks (layer scope through ``layer_magnitude_mask``; global scope
+through the streaming plan of :mod:`aprender.pruning.streaming`) and writing (through
+:mod:`aprender.io.checkpoint`, which owns the safety rules) are each one call here.
+"""
+import json
+import os
+import re
+import sys
+import time
+import types
+
+import numpy as np
+
+from . import __version__
+from ._validation import resolve_threads
+from .errors import (CheckpointError, InvalidArgumentError, InvalidPatternError,
+                     InvalidShapeError, PruningError)
+from .io.checkpoint import Checkpoint, CheckpointWriter
+from .io.export import bitmask_tensors, masked_chunks
+from .io.files import OutputTarget, atomic_write_text, display
+from .pruning.mask import SparsityPattern, layer_magnitude_mask
+from .pruning.streaming import GlobalPlan
+
+__all__ = ["prune_checkpoint", "CheckpointPruner", "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE"]
+
+WARN_SPARSITY = 0.95
+DEFAULT_INCLUDE = r"(^|\.)weight$  (2-D floating tensors only)"
+DEFAULT_EXCLUDE = (r"embed|(^|\.)(wte|wpe|shared)\.|norm|(^|\.)ln_|lm_head|"
+                   r"(^|\.)(output|head|classifier)\.weight$")
+
+
+def prune_checkpoint(input, output=None, *, sparsity=None, pattern="unstructured",
+                     scope="layer", importance="l1", include=(), exclude=(), format="dense",
+                     max_tensor_sparsity=None, dry_run=False, report=None, n_threads=None,
+                     force=False, progress=None):
+    """Prune the checkpoint ``input`` (a .safetensors file or a folder) into ``output`` with the
+    command line's rules and safety guarantees; returns the report (a dict).  ``progress``:
+    called as ``progress(bytes_done_now, total_bytes)`` after each tensor."""
+    job = types.SimpleNamespace(
+        input=os.fspath(input), output=None if output is None else os.fspath(output),
+        sparsity=sparsity, pattern=pattern, scope=scope, importance=importance,
+        include=list(include), exclude=list(exclude), format=format,
+        max_tensor_sparsity=max_tensor_sparsity, dry_run=dry_run,
+        report=None if report is None else os.fspath(report), threads=n_threads, force=force)
+    if job.output is None and not dry_run:
+        raise InvalidArgumentError("output is required unless dry_run=True")
+    return CheckpointPruner(job, progress).run()
+
+
+def _compile(patterns, flag):
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as exc:
+            raise InvalidArgumentError(f"invalid {flag} regular expression {p!r}: {exc}") \
+                from None
+    return out
+
+
+PAUSE_ENV = "APRENDER_TEST_PAUSE_AFTER_SHARD"
+
+
+def _test_pause_hook():
+    """Test-only: with APRENDER_TEST_PAUSE_AFTER_SHARD=1 the writer stops after its first shard,
+    says so on stderr and waits for a signal, so signal tests need no timing."""
+    if os.environ.get(PAUSE_ENV) != "1":
+        return None
+
+    def pause():
+        print("aprender-test: paused", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.05)
+    return pause
+
+
+def select(ckpt, include, exclude):
+    selected, skipped = [], []
+    for shard, t in ckpt.items():
+        if include:
+            hit = any(r.search(t.name) for r in include)
+            if hit and not t.is_float:
+                skipped.append({"name": t.name, "reason": f"matched --include but dtype {t.dtype}"})
+                hit = False
+            if hit and len(t.shape) == 0:
+                skipped.append({"name": t.name, "reason": "scalar"})
+                hit = False
+        else:
+            hit = (t.is_float and len(t.shape) == 2 and re.search(r"(^|\.)weight$", t.name)
+                   and not re.search(DEFAULT_EXCLUDE, t.name))
+        if hit and any(r.search(t.name) for r in exclude):
+            hit = False
+        if hit:
+            selected.append((shard, t))
+    return selected, skipped
+
+
+class CheckpointPruner:
+    """Prune a checkpoint file or folder: the work behind ``aprender prune``.
+
+    ``job``: an object with the command's options as attributes (see :func:`prune_checkpoint`).
+    The constructor validates the options (typed PruningErrors); :meth:`run` returns the
+    report dict."""
+
+    def __init__(self, job, progress=None):
+        self.args = args = job
+        self.progress = progress
+        try:
+            text = args.pattern.strip()
+            # 'row' was this option's first name for per-row (Wanda) grouping
+            self.pattern = SparsityPattern.parse("per-row" if text.lower() == "row" else text)
+            if not (self.pattern.is_unstructured or self.pattern.is_per_row
+                    or self.pattern.is_nm):
+                raise InvalidPatternError(f"--pattern {args.pattern!r}: use 'unstructured', "
+                                          "'per-row' or N:M such as '2:4'")
+            self.sparsity = self.pattern.resolve_sparsity(args.sparsity)
+        except PruningError as exc:
+            raise type(exc)(f"--pattern/--sparsity: {exc}") from None
+        p = self.pattern
+        if p.is_nm and p.axis not in (-1, 1):
+            raise InvalidPatternError(f"--pattern {args.pattern!r}: N:M runs along the last axis "
+                                      "here")
+        if args.scope == "global" and not p.is_unstructured:
+            raise InvalidArgumentError("--scope global needs --pattern unstructured")
+        if args.format == "sparse-24-bitmask" and not (p.is_nm and (p.n, p.m) == (2, 4)):
+            raise InvalidArgumentError("--format sparse-24-bitmask needs --pattern 2:4")
+        if args.max_tensor_sparsity is not None and args.scope != "global":
+            raise InvalidArgumentError("--max-tensor-sparsity needs --scope global")
+        self.include = _compile(args.include, "--include")
+        self.exclude = _compile(args.exclude, "--exclude")
+        self.nt = resolve_threads(args.threads)
+
+    @property
+    def pattern_text(self):
+        return str(self.pattern.n) + ":" + str(self.pattern.m) if self.pattern.is_nm else \
+            ("per-row" if self.pattern.is_per_row else "unstructured")
+
+    def _check_paths(self, ckpt):
+        """Every path that will be written is checked against every input before any work."""
+        a = self.args
+        self.target = None
+        if not a.dry_run:
+            self.target = OutputTarget(a.output, ckpt.inputs, force=a.force,
+                                       kind="dir" if ckpt.is_dir else "file")
+        if a.report:
+            avoid = [] if a.dry_run else [("OUTPUT", a.output)]
+            OutputTarget(a.report, ckpt.inputs, force=a.force, what="--report", avoid=avoid)
+
+    def run(self):
+        a = self.args
+        t0 = time.perf_counter()
+        ckpt = Checkpoint(a.input)
+        self._check_paths(ckpt)
+        selected, skipped = select(ckpt, self.include, self.exclude)
+        if not selected:
+            raise CheckpointError(f"{display(a.input)}: no tensor matches the selection"
+                          + (f" (--include {a.include})" if a.include else "")
+                          + (f" (--exclude {a.exclude})" if a.exclude else ""))
+        if self.pattern.is_nm:
+            for shard, t in selected:
+                if t.shape[-1] % self.pattern.m:
+                    raise InvalidShapeError(f"{display(ckpt.shard_path(shard))}: tensor "
+                                            f"{t.name!r} of "
+                                  f"shape {list(t.shape)}: last dimension is not divisible by "
+                                  f"{self.pattern.m} (pattern {self.pattern_text})")
+        self.ckpt = ckpt
+        self.sel_index = {(s, t.name): i for i, (s, t) in enumerate(selected)}
+        if a.scope == "global":
+            self.plan = GlobalPlan([(ckpt.files[s], t, f"{display(ckpt.shard_path(s))}: tensor "
+                                    f"{t.name!r}") for s, t in selected],
+                                   self.sparsity, a.max_tensor_sparsity, self.nt)
+        self.rows = []
+        total_bytes = sum(t.nbytes for _, t in ckpt.items())
+        self.total_bytes = total_bytes
+        if a.dry_run:
+            for shard, t in ckpt.items():
+                if (shard, t.name) in self.sel_index:
+                    self._row(shard, t, self._keep(shard, t))
+                self._tick(t.nbytes)
+        else:
+            self._write_all()
+        report = self._report(skipped, total_bytes, time.perf_counter() - t0)
+        if a.report:
+            atomic_write_text(a.report, json.dumps(report, indent=2) + "\n")
+        return report
+
+    # -- per tensor --------------------------------------------------------------------------
+    def _keep(self, shard, t):
+        i = self.sel_index[(shard, t.name)]
+        if self.args.scope == "global":
+            return self.plan.keep(i)
+        arr = self.ckpt.files[shard].array(t.name)
+        try:
+            mask = layer_magnitude_mask(arr, self.pattern, self.sparsity, n_threads=self.nt)
+        except PruningError as exc:
+            raise type(exc)(f"{display(self.ckpt.shard_path(shard))}: tensor {t.name!r}: "
+                            f"{exc}") from None
+        return mask.keep.reshape(-1).view(np.uint8)
+
+    def _row(self, shard, t, keep):
+        kept = int(np.count_nonzero(keep))
+        self.rows.append({"name": t.name, "file": shard, "shape": list(t.shape),
+                          "dtype": t.dtype, "total": t.size, "kept": kept,
+                          "sparsity": (t.size - kept) / t.size if t.size else 0.0})
+
+    # -- output ------------------------------------------------------------------------------
+    def _write_all(self):
+        ckpt = self.ckpt
+        writer = CheckpointWriter(ckpt, self.target.path, pause_hook=_test_pause_hook())
+        try:
+            for s in ckpt.shards:
+                self._write_shard(writer, s)
+            if ckpt.is_dir:
+                writer.copy_others()
+                writer.write_index(rebuild=self.args.format != "dense")
+                if self.args.format != "dense":
+                    cfg = writer.read_output_json("config.json")
+                    if isinstance(cfg, dict):
+                        writer.write_json("config.json", self._update_config(cfg))
+            writer.commit()
+        except BaseException as exc:
+            writer.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+                # never name the temporary output: say what the user asked for
+                why = exc.strerror or str(exc)
+                raise CheckpointError(f"{display(self.target.path)}: cannot write ({why})") \
+                    from None
+            raise
+
+    def _write_shard(self, writer, shard):
+        sf = self.ckpt.files[shard]
+        bitmask = self.args.format != "dense"
+        planned = None if bitmask else {t.name: (t.dtype, t.shape, t.nbytes) for t in sf}
+        out = writer.shard(shard, self._metadata(sf.metadata), planned)
+        for t in sf:
+            if (shard, t.name) not in self.sel_index:
+                out.copy(sf, t)
+            else:
+                keep = self._keep(shard, t)
+                self._row(shard, t, keep)
+                if bitmask:
+                    for name, code, shape, arr in bitmask_tensors(sf.words(t.name), keep, t,
+                                                                  self.nt):
+                        out.add(name, code, shape, [arr], arr.nbytes)
+                else:
+                    out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, self.nt),
+                            t.nbytes)
+                del keep
+            self._tick(t.nbytes)
+        out.close()
+
+    def _update_config(self, cfg):
+        pruned = sum(r["total"] - r["kept"] for r in self.rows)
+        total = sum(r["total"] for r in self.rows)
+        sparsity_config = {
+            "format": "sparse-24-bitmask",
+            "global_sparsity": pruned / total if total else 0.0,
+            "registry_requires_subclass": False,
+            "sparsity_structure": "2:4",
+            "targets": sorted({r["name"][:-len(".weight")] if r["name"].endswith(".weight")
+                               else r["name"] for r in self.rows}),
+            "ignore": [],
+        }
+        qc = cfg.get("quantization_config")
+        if not isinstance(qc, dict):
+            qc = {"quant_method": "compressed-tensors", "format": "dense"}
+        qc["sparsity_config"] = sparsity_config
+        cfg["quantization_config"] = qc
+        return cfg
+
+    def _metadata(self, metadata):
+        meta = dict(metadata)
+        meta["aprender"] = json.dumps({
+            "version": __version__,
+            "pattern": self.pattern_text,
+            "sparsity": self.sparsity,
+            "scope": self.args.scope,
+            "importance": self.args.importance,
+            "format": self.args.format,
+            "max_tensor_sparsity": self.args.max_tensor_sparsity,
+            "selection": {"include": self.args.include or [DEFAULT_INCLUDE],
+                          "exclude": (self.args.exclude if self.args.include
+                                      else [DEFAULT_EXCLUDE] + self.args.exclude)},
+        }, separators=(",", ":"))
+        return meta
+
+    def _tick(self, nbytes):
+        if self.progress is not None:
+            self.progress(nbytes, self.total_bytes)
+
+    # -- report ------------------------------------------------------------------------------
+    def _report(self, skipped, total_bytes, wall):
+        rows = self.rows
+        total = sum(r["total"] for r in rows)
+        kept = sum(r["kept"] for r in rows)
+        warnings = [f"tensor {r['name']!r} pruned to {r['sparsity']:.2%} (above "
+                    f"{WARN_SPARSITY:.0%})" for r in rows if r["sparsity"] > WARN_SPARSITY]
+        all_elems = sum(t.size for _, t in self.ckpt.items())
+        return {
+            "aprender": __version__,
+            "input": os.path.abspath(self.args.input),
+            "output": None if self.args.dry_run else os.path.abspath(self.args.output),
+            "dry_run": self.args.dry_run,
+            "pattern": self.pattern_text,
+            "sparsity": self.sparsity,
+            "scope": self.args.scope,
+            "importance": self.args.importance,
+            "format": self.args.format,
+            "max_tensor_sparsity": self.args.max_tensor_sparsity,
+            "threads": self.nt,
+            "selection": {
+                "rule": ("--include" if self.args.include else
+                         "default: 2-D floating '*.weight' tensors; embeddings, norms and the "
+                         "output head (lm_head) left alone"),
+                "include": self.args.include or [DEFAULT_INCLUDE],
+                "exclude": (self.args.exclude if self.args.include
+                            else [DEFAULT_EXCLUDE] + self.args.exclude),
+                "skipped": skipped,
+            },
+            "tensors": rows,
+            "untouched": [t.name for s, t in self.ckpt.items()
+                          if (s, t.name) not in self.sel_index],
+            "totals": {
+                "selected_tensors": len(rows),
+                "selected_elements": total,
+                "kept": kept,
+                "pruned": total - kept,
+                "sparsity": (total - kept) / total if total else 0.0,
+                "all_elements": all_elems,
+                "overall_sparsity_of_checkpoint": (total - kept) / all_elems if all_elems else 0.0,
+                "bytes": total_bytes,
+                "wall_s": wall,
+                "throughput_mb_s": total_bytes / 1e6 / wall if wall > 0 else None,
+            },
+            "warnings": warnings,
+        }
