@@ -4,7 +4,8 @@ Sections (keep each one small and self-contained):
 
 1. hypothesis profiles  -- "dev" (default) and "ci", chosen by the HYPOTHESIS_PROFILE variable
 2. slow tests           -- tests marked ``slow`` run only when asked for
-3. oracle skips in CI   -- with CI set, a skipped ``oracle`` test is reported as a failure
+3. skips fail in CI     -- with CI set, any skipped test (or module) other than a ``gpu`` one is
+                           reported as a failure: a missing oracle or package cannot hide a check
 """
 import os
 
@@ -51,16 +52,30 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. oracle skips fail in CI: an external-oracle comparison that silently skips (say, PyTorch
-#    missing) would let CI pass without the check, so with CI set the skip becomes a failure.
+# 3. skips fail in CI: a comparison that silently skips (PyTorch or safetensors missing, a
+#    module-level importorskip) would let CI pass without the check, so with CI set every skip
+#    except those of tests marked ``gpu`` becomes a failure.
 # ----------------------------------------------------------------------------------------------
+def _skip_reason(report):
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and _truthy("CI") and item.get_closest_marker("oracle") is not None \
+    if report.skipped and _truthy("CI") and item.get_closest_marker("gpu") is None \
             and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = (f"oracle test {item.nodeid} was skipped while CI is set "
-                           f"(a skipped oracle check is a failure in CI): {reason}")
+        report.longrepr = (f"test {item.nodeid} was skipped while CI is set (in CI only tests "
+                           f"marked gpu may skip): {_skip_reason(report)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _truthy("CI"):
+        report.outcome = "failed"
+        report.longrepr = (f"{collector.nodeid} was skipped at import while CI is set (a "
+                           f"module-level skip would hide all its tests): {_skip_reason(report)}")
