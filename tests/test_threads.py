@@ -183,3 +183,115 @@ def test_default_respects_cgroup_quota_and_affinity(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
         assert _threads.available_cpus() == 1
         assert _threads.effective_n_threads() == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# scratch memory: sized by the work, never by the requested thread count
+# ----------------------------------------------------------------------------------------------
+
+SCRATCH_LIMIT = 0.05  # of the input's bytes, at any n_threads
+N_BIG = 10 * 2**20    # ~10 M float32 elements (40 MiB)
+
+
+@pytest.fixture(scope="module")
+def big():
+    return np.random.default_rng(11).standard_normal(N_BIG, dtype=np.float32)
+
+
+def _scratch_bytes(fn):
+    """Peak bytes allocated while fn runs (numpy buffers included: numpy reports them to
+    tracemalloc), less the bytes of what it returns."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    outs = result if isinstance(result, (list, tuple)) else [result]
+    out_bytes = sum(np.asarray(o).nbytes for o in outs if hasattr(o, "shape"))
+    return peak - out_bytes
+
+
+def _cases(a):
+    from aprender._kernels import select
+    from aprender.pruning import generate_global_mask, generate_unstructured_mask, \
+        magnitude_nm_mask
+
+    rows = a.reshape(2560, 4096)
+    wide = a.reshape(5, -1)  # a row of 2 M elements: one row's keys alone are 20 % of the input
+    parts = [a[:N_BIG // 2], a[N_BIG // 2:N_BIG - 4096], a[N_BIG - 4096:]]
+    return {
+        "unstructured": lambda nt: generate_unstructured_mask(a, 0.5, n_threads=nt),
+        "magnitude": lambda nt: magnitude_mask(rows, 0.3, n_threads=nt),
+        "per-row": lambda nt: magnitude_mask(rows, 0.5, per_row=True, n_threads=nt),
+        "per-row-wide": lambda nt: magnitude_mask(wide, 0.5, per_row=True, n_threads=nt),
+        "global": lambda nt: generate_global_mask(parts, 0.4, n_threads=nt),
+        "nm-2:4": lambda nt: magnitude_nm_mask(rows, 2, 4, n_threads=nt),
+        "nm-8:16": lambda nt: magnitude_nm_mask(rows, 8, 16, n_threads=nt),
+        "nm-axis0": lambda nt: magnitude_nm_mask(rows, 2, 4, axis=0, n_threads=nt),
+        "find_threshold": lambda nt: select.find_threshold([a], [a.size], a.size // 2, 1, 0, nt),
+    }
+
+
+@pytest.mark.parametrize("case", ["unstructured", "magnitude", "per-row", "per-row-wide",
+                                  "global", "nm-2:4", "nm-8:16", "nm-axis0", "find_threshold"])
+@pytest.mark.parametrize("n_threads", [1, 2, 64, 4096])
+def test_scratch_is_at_most_5_percent_of_the_input(big, case, n_threads):
+    used = _scratch_bytes(lambda: _cases(big)[case](n_threads))
+    assert used <= SCRATCH_LIMIT * big.nbytes, (
+        f"{case} at n_threads={n_threads}: {used / 2**20:.2f} MiB of scratch, "
+        f"{100 * used / big.nbytes:.1f} % of the {big.nbytes / 2**20:.0f} MiB input")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_rows_longer_than_the_budget_are_selected_like_tensors(dtype):
+    """Per-row selection of rows whose keys alone exceed the scratch budget takes the tensor
+    path row by row; the mask is the same (ties included), at every thread count."""
+    from aprender import _reference as ref
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3, 600_000)).astype(dtype)
+    w[1, ::7] = w[1, 3]  # a large tie class in one row
+    exp = ref.per_row_mask(w, 0.37, magnitude=True)
+    for nt in (1, 2, 4096):
+        np.testing.assert_array_equal(np.asarray(magnitude_mask(w, 0.37, per_row=True,
+                                                                n_threads=nt)), exp)
+    w[2, 12345] = np.nan
+    from aprender.errors import NumericalInstabilityError
+    with pytest.raises(NumericalInstabilityError, match=r"NaN at index \(2, 12345\)"):
+        magnitude_mask(w, 0.37, per_row=True)
+
+
+@pytest.mark.parametrize("inner", [1, 7, 511, 512, 513, 1300])
+def test_nm_along_a_leading_axis_over_column_tiles(inner):
+    """The rank counts of N:M along a leading axis live on the stack in tiles of 512 columns."""
+    from aprender import _reference as ref
+    from aprender.pruning import generate_nm_mask
+
+    rng = np.random.default_rng(inner)
+    w = rng.choice(np.array([-1.0, 0.5, 2.0, -3.0, 0.25]), size=(3, 8, inner)).astype(np.float32)
+    w[:, :, ::3] = rng.standard_normal((3, 8, len(range(0, inner, 3))))
+    for n, m in ((2, 4), (3, 8), (1, 2)):
+        for nt in (1, 3):
+            np.testing.assert_array_equal(
+                np.asarray(generate_nm_mask(w, n, m, axis=1, n_threads=nt)),
+                ref.nm_mask(w, n, m, axis=1))
+
+
+def test_streaming_threshold_handles_a_huge_tie_class():
+    """Per-task candidate buffers are sized from the sample's share inside the bracket, ties at
+    its ends included: a tie-heavy tensor still takes the sample path."""
+    from aprender._kernels import select
+
+    rng = np.random.default_rng(9)
+    x = rng.choice(np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0]), 600_000).astype(np.float32)
+    k = 250_001
+    t, below, bad, method = select.find_threshold([x], [x.size], k, 1, 0, 2)
+    keys = np.sort(np.abs(x))
+    assert method == "sample" and bad == 0
+    assert np.float32(keys[k - 1]).view(np.uint32) | 0x80000000 == t
+    assert below == np.count_nonzero(np.abs(x) < keys[k - 1])

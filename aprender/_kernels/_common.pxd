@@ -23,6 +23,13 @@ ctypedef fused real_t:
     double
     uint16_t
 
+# Order keys held in buffers at their input's own width (uint16 for 16-bit floats, uint32 for
+# float32, uint64 for float64): a key buffer costs what the values it came from cost.
+ctypedef fused key_t:
+    uint16_t
+    uint32_t
+    uint64_t
+
 
 cdef inline uint64_t key_of(real_t x, int magnitude) noexcept nogil:
     if real_t is float:

@@ -67,9 +67,9 @@ static inline uint64_t apr_key64(double x, int magnitude) {
 /* Hot loops over raw bits, one set per width.  Inside the loops keys are compared as signed
  * integers (skey = key ^ SIGN), which SSE2/AVX2 compare natively, so the loops vectorise.
  * On x86-64 with GCC they are compiled twice (AVX2 and baseline) and picked at load time.
- * range: count keys < lo, count keys in [lo, hi] and copy them (at most cap) to buf (cap + 1
- *        slots), count non-finite (key >= khi or key <= klo); blocks without candidates take
- *        a pure counting loop.
+ * range: count keys < lo, count keys in [lo, hi] and copy them (native keys of the input's
+ *        width, at most cap) to buf (cap + 1 slots), count non-finite (key >= khi or
+ *        key <= klo); blocks without candidates take a pure counting loop.
  * write: out[i] = key > t; returns the number of keys equal to t.
  * keep_equals_from: keep the keys equal to t from the first-th on. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
@@ -81,7 +81,7 @@ static inline uint64_t apr_key64(double x, int magnitude) {
 
 #define APR_RANGE_BLOCK 64
 
-/* Shared pieces of the range passes (expanded inside apr_range / apr_rangew, where j, len, xb,
+/* Shared pieces of the range pass (expanded inside apr_range, where j, len, xb,
  * am, lo, hi, khi, klo, l, q, b and fl are in scope).  COUNT: one block of keys, counting keys
  * below the bracket, inside it (flagged in fl) and non-finite, with an optional extra store.
  * GATHER: the flagged keys of a block, lowest index first, via ctz over 8 flag bytes at a time. */
@@ -121,7 +121,7 @@ static inline uint64_t apr_key64(double x, int magnitude) {
     }                                                                                       \
     static inline ST apr_sdom##W(UT key) { return (ST)(UT)(key ^ (UT)(SIGN)); }             \
     APR_CLONES static void apr_range##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
-                                        UT lo_, UT hi_, UT khi_, UT klo_, uint64_t *buf,    \
+                                        UT lo_, UT hi_, UT khi_, UT klo_, UT *buf,          \
                                         ptrdiff_t cap, int64_t *res) {                      \
         UT am = apr_amask##W(magnitude);                                                    \
         ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
@@ -140,8 +140,7 @@ static inline uint64_t apr_key64(double x, int magnitude) {
             lt += l;                                                                        \
             bad += b;                                                                       \
             if (q && buf != NULL) {                                                         \
-                APR_RANGE_GATHER(buf[slot] =                                                \
-                    (uint64_t)(UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN)))               \
+                APR_RANGE_GATHER(buf[slot] = (UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN))) \
             } else {                                                                        \
                 inside += q;                                                                \
             }                                                                               \
@@ -315,9 +314,12 @@ APR_DEFINE_ROW(64, uint64_t, int64_t, 0x8000000000000000ull)
 /* N:M selection on native keys.  Element t of a group outranks u when key_t > key_u, or the keys
  * are equal and t > u; an element is kept when fewer than n elements outrank it.
  * nm4:      contiguous groups of 4 (g0..g1), branch-free;
- * nm:       contiguous groups of m, O(m^2) rank count on a scratch of m keys;
+ * nm:       contiguous groups of m <= APR_NM_MAX_M, O(m^2) rank count on m keys (on the stack);
  * nm_cols:  one group-row of an (outer, L, inner) array: m rows of `inner` contiguous elements at
- *           stride `inner`, vectorised across the inner axis (rank scratch of `inner` ints). */
+ *           stride `inner`, vectorised across the inner axis in tiles of APR_NM_TILE columns
+ *           (rank counts on the stack).  No kernel here needs heap scratch. */
+#define APR_NM_MAX_M 1024
+#define APR_NM_TILE 512
 #define APR_DEFINE_NM(W, UT, ST, SIGN)                                                      \
     APR_CLONES static ptrdiff_t apr_nm4_##W(const UT *x, ptrdiff_t g0, ptrdiff_t g1, int n,  \
                                             int magnitude, UT khi_, UT klo_, uint8_t *out) { \
@@ -341,9 +343,10 @@ APR_DEFINE_ROW(64, uint64_t, int64_t, 0x8000000000000000ull)
         return bad;                                                                         \
     }                                                                                       \
     static ptrdiff_t apr_nm_##W(const UT *x, ptrdiff_t g0, ptrdiff_t g1, int n, int m,      \
-                                int magnitude, UT khi_, UT klo_, ST *keys, uint8_t *out) {  \
+                                int magnitude, UT khi_, UT klo_, uint8_t *out) {            \
         UT am = apr_amask##W(magnitude);                                                    \
         ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        ST keys[APR_NM_MAX_M];                                                              \
         ptrdiff_t g, bad = 0;                                                               \
         int t, u;                                                                           \
         for (g = g0; g < g1; g++) {                                                         \
@@ -364,30 +367,34 @@ APR_DEFINE_ROW(64, uint64_t, int64_t, 0x8000000000000000ull)
     }                                                                                       \
     APR_CLONES static ptrdiff_t apr_nm_cols_##W(const UT *x, ptrdiff_t inner, int n, int m,  \
                                                 int magnitude, UT khi_, UT klo_,            \
-                                                int32_t *rank, uint8_t *out) {              \
+                                                uint8_t *out) {                             \
         UT am = apr_amask##W(magnitude);                                                    \
         ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
-        ptrdiff_t i, bad = 0;                                                               \
+        int32_t rank[APR_NM_TILE];                                                          \
+        ptrdiff_t i, j0, bad = 0;                                                           \
         int t, u;                                                                           \
-        for (t = 0; t < m; t++) {                                                           \
-            const UT *xt = x + t * inner;                                                   \
-            for (i = 0; i < inner; i++) rank[i] = 0;                                        \
-            for (i = 0; i < inner; i++) {                                                   \
-                ST kt = apr_skey##W(xt[i], am);                                             \
-                bad += (kt >= khi) | (kt <= klo);                                           \
-            }                                                                               \
-            for (u = 0; u < m; u++) {                                                       \
-                const UT *xu = x + u * inner;                                               \
-                if (u == t) continue;                                                       \
-                if (u < t) {                                                                \
-                    for (i = 0; i < inner; i++)                                             \
-                        rank[i] += apr_skey##W(xu[i], am) > apr_skey##W(xt[i], am);         \
-                } else {                                                                    \
-                    for (i = 0; i < inner; i++)                                             \
-                        rank[i] += apr_skey##W(xu[i], am) >= apr_skey##W(xt[i], am);        \
+        for (j0 = 0; j0 < inner; j0 += APR_NM_TILE) {                                       \
+            ptrdiff_t w = inner - j0 < APR_NM_TILE ? inner - j0 : APR_NM_TILE;              \
+            for (t = 0; t < m; t++) {                                                       \
+                const UT *xt = x + t * inner + j0;                                          \
+                for (i = 0; i < w; i++) rank[i] = 0;                                        \
+                for (i = 0; i < w; i++) {                                                   \
+                    ST kt = apr_skey##W(xt[i], am);                                         \
+                    bad += (kt >= khi) | (kt <= klo);                                       \
                 }                                                                           \
+                for (u = 0; u < m; u++) {                                                   \
+                    const UT *xu = x + u * inner + j0;                                      \
+                    if (u == t) continue;                                                   \
+                    if (u < t) {                                                            \
+                        for (i = 0; i < w; i++)                                             \
+                            rank[i] += apr_skey##W(xu[i], am) > apr_skey##W(xt[i], am);     \
+                    } else {                                                                \
+                        for (i = 0; i < w; i++)                                             \
+                            rank[i] += apr_skey##W(xu[i], am) >= apr_skey##W(xt[i], am);    \
+                    }                                                                       \
+                }                                                                           \
+                for (i = 0; i < w; i++) out[t * inner + j0 + i] = rank[i] < n;              \
             }                                                                               \
-            for (i = 0; i < inner; i++) out[t * inner + i] = rank[i] < n;                   \
         }                                                                                   \
         return bad;                                                                         \
     }
@@ -397,83 +404,92 @@ APR_DEFINE_NM(64, uint64_t, int64_t, 0x8000000000000000ull)
 
 
 /* k-th smallest (0-based rank) of a[0:n] by MSD radix select: 8-bit digits from the highest
- * non-zero byte of the largest key, four split histograms, branch-free compaction.  At most 8
+ * non-zero byte of the largest key, four split histograms, branch-free compaction.  At most W/8
  * linear passes (worst case O(n)); only permutes a.  *below receives the number of keys
- * strictly smaller than the result. */
-APR_CLONES static uint64_t apr_radix_select64(uint64_t *a, ptrdiff_t n, ptrdiff_t rank,
-                                              ptrdiff_t *below_out) {
-    int32_t cnt4[4][256];
-    int64_t cnt[256];
-    uint64_t mx = 0, t = 0;
-    ptrdiff_t i, m = n, below = 0;
-    int shift, d;
-    for (i = 0; i < n; i++) mx = a[i] > mx ? a[i] : mx;
-    shift = 56;
-    while (shift > 0 && (mx >> shift) == 0) shift -= 8;
-    for (; shift >= 0; shift -= 8) {
-        ptrdiff_t w = 0, acc = 0;
-        int b = 0;
-        if (m <= 16) {
-            ptrdiff_t x, c;
-            for (x = 1; x < m; x++) {
-                uint64_t v = a[x];
-                for (c = x - 1; c >= 0 && a[c] > v; c--) a[c + 1] = a[c];
-                a[c + 1] = v;
-            }
-            t = a[rank];
-            for (x = 0; x < rank; x++) below += a[x] < t;
-            *below_out = below;
-            return t;
-        }
-        memset(cnt4, 0, sizeof(cnt4));
-        for (i = 0; i + 4 <= m; i += 4) {
-            cnt4[0][(a[i] >> shift) & 0xff]++;
-            cnt4[1][(a[i + 1] >> shift) & 0xff]++;
-            cnt4[2][(a[i + 2] >> shift) & 0xff]++;
-            cnt4[3][(a[i + 3] >> shift) & 0xff]++;
-        }
-        for (; i < m; i++) cnt4[0][(a[i] >> shift) & 0xff]++;
-        for (d = 0; d < 256; d++)
-            cnt[d] = (int64_t)cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];
-        for (d = 0; d < 256; d++) {
-            if (acc + cnt[d] > rank) { b = d; break; }
-            acc += cnt[d];
-        }
-        rank -= acc;
-        below += acc;
-        t |= (uint64_t)b << shift;
-        if (cnt[b] == m) continue;
-        for (i = 0; i < m; i++) {
-            uint64_t v = a[i];
-            uint64_t tmp = a[w];
-            ptrdiff_t hit = (ptrdiff_t)(((v >> shift) & 0xff) == (uint64_t)b);
-            a[w] = hit ? v : tmp; /* swap a[i] into slot w when it matches: a permutation */
-            a[i] = hit ? tmp : v;
-            w += hit;
-        }
-        m = w;
+ * strictly smaller than the result.  One function per key width (16, 32 and 64 bits). */
+#define APR_DEFINE_SELECT(W, UT)                                                                \
+    APR_CLONES static UT apr_radix_select##W(UT *a, ptrdiff_t n, ptrdiff_t rank,              \
+                                             ptrdiff_t *below_out) {                        \
+        int32_t cnt4[4][256];                                                               \
+        int64_t cnt[256];                                                                   \
+        UT mx = 0, t = 0;                                                                   \
+        ptrdiff_t i, m = n, below = 0;                                                      \
+        int shift, d;                                                                       \
+        for (i = 0; i < n; i++) mx = a[i] > mx ? a[i] : mx;                                 \
+        shift = W - 8;                                                                      \
+        while (shift > 0 && (mx >> shift) == 0) shift -= 8;                                 \
+        for (; shift >= 0; shift -= 8) {                                                    \
+            ptrdiff_t w = 0, acc = 0;                                                       \
+            int b = 0;                                                                      \
+            if (m <= 16) {                                                                  \
+                ptrdiff_t x, c;                                                             \
+                for (x = 1; x < m; x++) {                                                   \
+                    UT v = a[x];                                                            \
+                    for (c = x - 1; c >= 0 && a[c] > v; c--) a[c + 1] = a[c];               \
+                    a[c + 1] = v;                                                           \
+                }                                                                           \
+                t = a[rank];                                                                \
+                for (x = 0; x < rank; x++) below += a[x] < t;                               \
+                *below_out = below;                                                         \
+                return t;                                                                   \
+            }                                                                               \
+            memset(cnt4, 0, sizeof(cnt4));                                                  \
+            for (i = 0; i + 4 <= m; i += 4) {                                               \
+                cnt4[0][(a[i] >> shift) & 0xff]++;                                          \
+                cnt4[1][(a[i + 1] >> shift) & 0xff]++;                                      \
+                cnt4[2][(a[i + 2] >> shift) & 0xff]++;                                      \
+                cnt4[3][(a[i + 3] >> shift) & 0xff]++;                                      \
+            }                                                                               \
+            for (; i < m; i++) cnt4[0][(a[i] >> shift) & 0xff]++;                           \
+            for (d = 0; d < 256; d++)                                                       \
+                cnt[d] = (int64_t)cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];        \
+            for (d = 0; d < 256; d++) {                                                     \
+                if (acc + cnt[d] > rank) { b = d; break; }                                  \
+                acc += cnt[d];                                                              \
+            }                                                                               \
+            rank -= acc;                                                                    \
+            below += acc;                                                                   \
+            t |= (UT)((UT)b << shift);                                                      \
+            if (cnt[b] == m) continue;                                                      \
+            for (i = 0; i < m; i++) {                                                       \
+                UT v = a[i];                                                                \
+                UT tmp = a[w];                                                              \
+                ptrdiff_t hit = (ptrdiff_t)(((v >> shift) & 0xff) == (UT)b);                \
+                a[w] = hit ? v : tmp; /* swap a[i] into slot w when it matches */           \
+                a[i] = hit ? tmp : v;                                                       \
+                w += hit;                                                                   \
+            }                                                                               \
+            m = w;                                                                          \
+        }                                                                                   \
+        *below_out = below;                                                                 \
+        return t;                                                                           \
     }
-    *below_out = below;
-    return t;
-}
+APR_DEFINE_SELECT(16, uint16_t)
+APR_DEFINE_SELECT(32, uint32_t)
+APR_DEFINE_SELECT(64, uint64_t)
 
 
-/* Fused range + write pass, for masks held in memory: out[i] = key > hi (keys below the bracket
- * pruned, keys inside it provisionally pruned), and the keys inside [lo, hi] with their indices
- * copied (in index order, at most cap; both buffers need cap + 1 slots).  res as for range.
- * fix: once the threshold t is known, rewrite the candidates' mask bytes in index order:
- * keep key > t, prune key < t, prune the first r keys equal to t.  Returns the equal keys it
- * pruned. */
-#define APR_DEFINE_FUSED(W, UT, ST, SIGN, AT)                                                   \
-    APR_CLONES static void apr_rangew##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
-                                         UT lo_, UT hi_, UT khi_, UT klo_, uint64_t *kbuf,  \
-                                         int64_t *ibuf, ptrdiff_t cap, uint8_t *out,        \
-                                         int64_t *res) {                                    \
+/* Mark pass, for masks held in memory: out[i] = 1 for key > hi (kept whatever the threshold),
+ * 0 for key < lo (pruned), 2 for key in [lo, hi] (a candidate, decided once the threshold is
+ * known); res[0..2] = keys below lo, keys inside [lo, hi], non-finite keys.  Nothing is copied:
+ * the candidates are found again by their mark, so no buffer is sized by a guess. */
+#define APR_MARK_LOOP(ST, KEYEXPR, BADEXPR)                                                 \
+    for (j = 0; j < len; j++) {                                                             \
+        ST k = KEYEXPR;                                                                     \
+        uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                                       \
+        b += BADEXPR;                                                                       \
+        l += k < lo;                                                                        \
+        q += f;                                                                             \
+        ob[j] = (uint8_t)((uint8_t)(k > hi) | (uint8_t)(f << 1));                           \
+    }
+#define APR_DEFINE_MARK(W, UT, ST, SIGN, AT)                                                    \
+    APR_CLONES static void apr_mark##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude,  \
+                                       UT lo_, UT hi_, UT khi_, UT klo_, uint8_t *out,      \
+                                       int64_t *res) {                                      \
         UT am = apr_amask##W(magnitude);                                                    \
         ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
         ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
         int64_t lt = 0, inside = 0, bad = 0;                                                \
-        uint8_t fl[APR_RANGE_BLOCK];                                                        \
         ptrdiff_t i0, j;                                                                    \
         for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
             ptrdiff_t len = e - i0 < APR_RANGE_BLOCK ? e - i0 : APR_RANGE_BLOCK;            \
@@ -481,102 +497,21 @@ APR_CLONES static uint64_t apr_radix_select64(uint64_t *a, ptrdiff_t n, ptrdiff_
             uint8_t *ob = out + i0;                                                         \
             AT l = 0, q = 0, b = 0; /* at most 64 per block: fits the key width */      \
             if (magnitude)                                                                  \
-                APR_RANGE_COUNT(ST, (ST)(xb[j] & am), k >= khi, ob[j] = (uint8_t)(k > hi))  \
+                APR_MARK_LOOP(ST, (ST)(xb[j] & am), k >= khi)                               \
             else                                                                            \
-                APR_RANGE_COUNT(ST, apr_skey##W(xb[j], am), (k >= khi) | (k <= klo),        \
-                                ob[j] = (uint8_t)(k > hi))                                  \
+                APR_MARK_LOOP(ST, apr_skey##W(xb[j], am), (k >= khi) | (k <= klo))          \
             lt += l;                                                                        \
+            inside += q;                                                                    \
             bad += b;                                                                       \
-            if (q)                                                                          \
-                APR_RANGE_GATHER(kbuf[slot] =                                               \
-                    (uint64_t)(UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN));               \
-                    ibuf[slot] = i0 + jj)                                                   \
         }                                                                                   \
         res[0] = lt;                                                                        \
         res[1] = inside;                                                                    \
         res[2] = bad;                                                                       \
-    }                                                                                       \
-    static ptrdiff_t apr_fix##W(const UT *x, const int64_t *idx, ptrdiff_t m, int magnitude, \
-                                UT t_, ptrdiff_t r, uint8_t *out) {                         \
-        UT am = apr_amask##W(magnitude);                                                    \
-        ST t = apr_sdom##W(t_);                                                             \
-        ptrdiff_t j, seen = 0;                                                              \
-        for (j = 0; j < m; j++) {                                                           \
-            ptrdiff_t i = idx[j];                                                           \
-            ST sk = apr_skey##W(x[i], am);                                                  \
-            ptrdiff_t eq = sk == t;                                                         \
-            out[i] = (uint8_t)((sk > t) | (eq & (seen >= r)));                              \
-            seen += eq;                                                                     \
-        }                                                                                   \
-        return seen < r ? seen : r;                                                         \
     }
-APR_DEFINE_FUSED(16, uint16_t, int16_t, 0x8000u, int16_t)
-APR_DEFINE_FUSED(32, uint32_t, int32_t, 0x80000000u, int32_t)
-APR_DEFINE_FUSED(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
+APR_DEFINE_MARK(16, uint16_t, int16_t, 0x8000u, int16_t)
+APR_DEFINE_MARK(32, uint32_t, int32_t, 0x80000000u, int32_t)
+APR_DEFINE_MARK(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
 
-
-/* Two order statistics (ranks r_lo <= r_hi, 0-based) of n keys of width W bits (16, 32 or 64,
- * zero-extended in uint64): one histogram of the top 16 bits finds the bins holding both ranks,
- * then only the keys in those bins are gathered (into scratch, n slots) and selected exactly. */
-static void apr_quantile_pair(const uint64_t *a, ptrdiff_t n, ptrdiff_t r_lo, ptrdiff_t r_hi,
-                              int width, int64_t *hist, uint64_t *scratch, uint64_t *lo,
-                              uint64_t *hi) {
-    int shift = width - 16, side;
-    ptrdiff_t i, b, acc;
-    ptrdiff_t ranks[2];
-    uint64_t *outs[2];
-    ranks[0] = r_lo; ranks[1] = r_hi;
-    outs[0] = lo; outs[1] = hi;
-    memset(hist, 0, 65536 * sizeof(int64_t));
-    for (i = 0; i < n; i++) hist[(a[i] >> shift) & 0xffff]++;
-    for (side = 0; side < 2; side++) {
-        ptrdiff_t rank = ranks[side], w = 0, below;
-        acc = 0;
-        for (b = 0; b < 65536; b++) {
-            if (acc + hist[b] > rank) break;
-            acc += hist[b];
-        }
-        if (shift == 0) { *outs[side] = (uint64_t)b; continue; }
-        for (i = 0; i < n; i++) {
-            scratch[w] = a[i];
-            w += (ptrdiff_t)(((a[i] >> shift) & 0xffff) == (uint64_t)b);
-        }
-        *outs[side] = apr_radix_select64(scratch, w, rank - acc, &below);
-    }
-}
-
-
-/* k-th smallest (rank, 0-based) over several key arrays without concatenating them.  Every key
- * lies in [base, base + 2^(shift+16)): a 16-bit histogram of (key - base) >> shift over all the
- * segments picks the bin holding the rank; only that bin's keys are gathered (into scratch,
- * scratch_cap + 1 slots) and selected exactly.  *ok = 0 when that bin holds more than
- * scratch_cap keys.  *below receives the number of keys strictly smaller than the result. */
-static uint64_t apr_select_segments(const uint64_t *const *seg, const ptrdiff_t *len, int nseg,
-                                    ptrdiff_t rank, uint64_t base, int shift, int64_t *hist,
-                                    uint64_t *scratch, ptrdiff_t scratch_cap,
-                                    ptrdiff_t *below_out, int *ok) {
-    int g;
-    ptrdiff_t i, b, acc = 0, w = 0, below = 0;
-    uint64_t t;
-    memset(hist, 0, 65536 * sizeof(int64_t));
-    for (g = 0; g < nseg; g++)
-        for (i = 0; i < len[g]; i++) hist[((seg[g][i] - base) >> shift) & 0xffff]++;
-    for (b = 0; b < 65536; b++) {
-        if (acc + hist[b] > rank) break;
-        acc += hist[b];
-    }
-    if (b >= 65536 || hist[b] > scratch_cap) { *ok = 0; return 0; }
-    *ok = 1;
-    for (g = 0; g < nseg; g++)
-        for (i = 0; i < len[g]; i++) {
-            uint64_t v = seg[g][i];
-            scratch[w] = v;
-            w += (ptrdiff_t)((((v - base) >> shift) & 0xffff) == (uint64_t)b);
-        }
-    t = apr_radix_select64(scratch, w, rank - acc, &below);
-    *below_out = acc + below;
-    return t;
-}
 
 /* Non-finite test on raw bits, given the exponent mask of the format. */
 static inline int apr_nonfinite16(uint16_t b, uint16_t expmask) { return (b & expmask) == expmask; }

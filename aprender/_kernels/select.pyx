@@ -3,33 +3,42 @@
 Pipeline for one tensor or many (global scope), all passes parallel and independent of the thread
 count in their result:
 
-1. sample   a stratified, hash-scrambled sample of keys (SAMPLE of them in runs of RUN consecutive
-            keys, proportional to each tensor's size) brackets the k-th key between two sample
-            quantiles lo <= T <= hi (one 16-bit histogram of the sample, then an exact select of
-            the two bins' keys);
-2. range    one pass per tensor counts keys below lo and copies the keys inside [lo, hi] into
-            per-task candidate buffers (under 1 % of n for a smooth distribution, never a
-            full-size copy).  For masks held in memory (threshold_masks) the same pass also
-            writes the provisional mask keep = key > hi and records the candidates' indices;
-3. select   an MSD radix select with branch-free compaction finds T among the candidates
-            exactly, in at most 8 linear passes (several tensors' candidates are selected
-            without concatenating them);
-4. write    in memory: only the candidates' mask bytes are rewritten, in index order, pruning the
-            first r = k - #(key < T) keys equal to T.  Streaming (find_threshold + write_pass):
-            one pass writes keep = key > T and counts keys equal to T per fixed chunk; a prefix
-            over the chunks keeps every equal key after the first r in flat order.
+1. sample   a stratified, hash-scrambled sample of keys (at most SAMPLE of them and at most one
+            key in SAMPLE_DIV, in runs of RUN consecutive keys, proportional to each tensor's
+            size) brackets the k-th key between two sample quantiles lo <= T <= hi (two radix
+            selects in the sample buffer, which holds keys at the input's own width);
+2. mark     for masks held in memory (threshold_masks) one pass per tensor counts keys below lo
+            and inside [lo, hi] and writes the provisional mask: 1 above hi, 0 below lo, 2 for a
+            candidate inside the bracket (under 1 % of n for a smooth distribution).  Nothing is
+            copied during the pass; afterwards the candidates' keys are gathered, in flat order,
+            into one buffer of exactly their number.  Streaming (find_threshold + range_pass):
+            the pass copies the in-bracket keys into per-task buffers sized from the bracket's
+            expected share (about twice it), and reports an overflow instead of growing;
+3. select   a histogram select over 11-bit digits of key - lo finds T among the candidates
+            exactly, in a fixed number of linear passes over them, without moving them (several
+            tensors' candidates are selected without concatenating them);
+4. write    in memory: only the marked bytes are rewritten, in flat order, pruning the first
+            r = k - #(key < T) keys equal to T.  Streaming (write_pass): one pass writes
+            keep = key > T and counts keys equal to T per fixed chunk; a prefix over the chunks
+            keeps every equal key after the first r in flat order.
 
-If the bracket misses (adversarial data) or a candidate buffer overflows, the threshold is found
-instead by 16-bit radix histograms over the keys, top digit first: a fixed number of linear
+If the bracket misses (adversarial data) or the candidates exceed their budget, the threshold is
+found instead by 16-bit radix histograms over the keys, top digit first: a fixed number of linear
 passes (1 for 16-bit floats, 2 for float32, 4 for float64).  Either way the result is the same.
+
+Scratch is sized by the work, never by the thread count: everything a call holds at once stays
+under scratch_budget(input bytes) = max(1 MiB, 4 % of the input's bytes) for smooth data, and the
+number of threads (and of per-task slots) is capped by threads_for (_openmp.pxd).
 
 Sources for the multi-tensor entry points may be arrays or callables that return an array; a
 callable is called once per pass (with sequential=True/False when it accepts that keyword), so
 a caller can stream memory-mapped tensors.
+
+Every def here checks the sizes of the buffers it is given (O(1) checks, typed errors from
+aprender.errors), so no call from Python can read or write out of bounds.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.stdlib cimport malloc, free, calloc
-from libc.string cimport memset, memcpy
+from libc.string cimport memset, memchr
 from libc.math cimport sqrt, ceil, floor
 from cython.parallel cimport prange, threadid
 
@@ -37,102 +46,198 @@ import inspect
 
 import numpy as np
 
-from ._common cimport real_t, key_of, inf_keys, apr_u16_to_f64
+from ._common cimport real_t, key_t, key_of, inf_keys, apr_u16_to_f64
 from ._openmp cimport threads_for
+from ..errors import InvalidArgumentError, InvalidShapeError, ShapeMismatchError
 
 cdef enum:
-    SAMPLE = 262144         # total sample size for the bracket
+    SAMPLE = 262144         # largest sample for the bracket
+    SAMPLE_MIN = 16384      # smallest sample once the keys are not all taken
+    SAMPLE_DIV = 64         # at most one key in SAMPLE_DIV is sampled (1.6 % of the input's bytes)
     CHUNK = 65536           # elements per chunk in the write pass (fixed: results never depend on it)
-    SMALL = 131072          # at or below this many keys, gather them all and select directly
-    NBINS = 65536
+    SMALL = 131072          # at or below this many keys, take them all as the sample
+    NBINS = 65536           # bins of the radix fallback's 16-bit histograms
     PAD = 8                 # int64 slots per task in result arrays (64 bytes: no false sharing)
     RUN = 8                 # consecutive keys per sample stratum
+    DIGIT = 11              # bits per level of the candidates' histogram select
+    SCRATCH_MIN = 1048576   # bytes of scratch any call may hold ...
+    SCRATCH_DIV = 25        # ... else at most 1 / SCRATCH_DIV (4 %) of the input's bytes
 
 
-# ----------------------------------------------------------------------------------------------
-# selection on a key buffer
-# ----------------------------------------------------------------------------------------------
-
-cdef extern from "apr_keys.h" nogil:
-    uint64_t apr_radix_select64(uint64_t* a, Py_ssize_t n, Py_ssize_t rank, Py_ssize_t* below)
-    void apr_quantile_pair(const uint64_t* a, Py_ssize_t n, Py_ssize_t r_lo, Py_ssize_t r_hi,
-                           int width, int64_t* hist, uint64_t* scratch, uint64_t* lo,
-                           uint64_t* hi)
-    uint64_t apr_select_segments(const uint64_t* const* seg, const Py_ssize_t* len, int nseg,
-                                 Py_ssize_t rank, uint64_t base, int shift, int64_t* hist,
-                                 uint64_t* scratch, Py_ssize_t scratch_cap, Py_ssize_t* below,
-                                 int* ok)
+def scratch_budget(Py_ssize_t nbytes):
+    """Bytes of scratch a kernel call over nbytes of input may hold at once, at any thread count:
+    max(1 MiB, 4 % of nbytes)."""
+    if nbytes < 0:
+        raise InvalidArgumentError(f"nbytes must be >= 0, got {nbytes}")
+    return max(<Py_ssize_t>SCRATCH_MIN, nbytes // SCRATCH_DIV)
 
 
-def select_keys(uint64_t[::1] keys, Py_ssize_t rank):
-    """rank-th smallest key (0-based) of a uint64 buffer by the branch-free MSD radix select
-    (worst-case linear); only permutes the buffer."""
-    return select_keys_below(keys, rank)[0]
+cdef object _key_dtype(Py_ssize_t itemsize):
+    return np.uint16 if itemsize == 2 else (np.uint32 if itemsize == 4 else np.uint64)
 
-
-def select_keys_below(uint64_t[::1] keys, Py_ssize_t rank):
-    """(rank-th smallest key, number of keys strictly below it); only permutes keys."""
-    if not 0 <= rank < keys.shape[0]:
-        raise IndexError("rank out of range")
-    cdef uint64_t out
-    cdef Py_ssize_t below = 0
-    with nogil:
-        out = apr_radix_select64(&keys[0], keys.shape[0], rank, &below)
-    return out, below
-
-
-def quantile_pair(const uint64_t[::1] keys, Py_ssize_t r_lo, Py_ssize_t r_hi, int width):
-    """(key of rank r_lo, key of rank r_hi) of keys of the given bit width (16, 32 or 64)."""
-    cdef Py_ssize_t n = keys.shape[0]
-    cdef uint64_t lo = 0, hi = 0
-    if not (0 <= r_lo <= r_hi < n):
-        raise IndexError("ranks out of range")
-    cdef int64_t[::1] hist = np.empty(65536, dtype=np.int64)
-    cdef uint64_t[::1] scratch = np.empty(n, dtype=np.uint64)
-    with nogil:
-        apr_quantile_pair(&keys[0], n, r_lo, r_hi, width, &hist[0], &scratch[0], &lo, &hi)
-    return lo, hi
-
-
-def select_segments(list segments, Py_ssize_t rank, uint64_t lo, uint64_t hi):
-    """(rank-th smallest key over the uint64 arrays in segments, number strictly below it),
-    without concatenating them; every key must lie in [lo, hi].  Falls back to concatenation
-    when one histogram bin holds too many keys (heavy ties)."""
-    cdef int nseg = len(segments), g, ok = 0, shift = 0
-    cdef Py_ssize_t total = 0, below = 0, cap
-    cdef uint64_t t, span = hi - lo
-    cdef uint64_t[::1] view
-    while shift < 48 and (span >> shift) >= 65536:
-        shift += 1
-    ptrs = np.empty(max(nseg, 1), dtype=np.uintp)
-    lens = np.empty(max(nseg, 1), dtype=np.intp)
-    cdef size_t[::1] pv = ptrs
-    cdef Py_ssize_t[::1] lv = lens
-    for g in range(nseg):
-        view = segments[g]
-        lv[g] = view.shape[0]
-        pv[g] = <size_t>&view[0] if view.shape[0] else 0
-        total += view.shape[0]
-    cap = max(4096, total // 16)
-    cdef int64_t[::1] hist = np.empty(65536, dtype=np.int64)
-    cdef uint64_t[::1] scratch = np.empty(cap + 1, dtype=np.uint64)
-    with nogil:
-        t = apr_select_segments(<const uint64_t* const*>&pv[0], &lv[0], nseg, rank, lo, shift,
-                                &hist[0], &scratch[0], cap, &below, &ok)
-    if not ok:
-        cand = np.concatenate(segments)
-        return select_keys_below(cand, rank)
-    return t, below
-
-
-# ----------------------------------------------------------------------------------------------
-# per-tensor passes (raw pointers inside; the def wrappers below expose them per dtype)
-# ----------------------------------------------------------------------------------------------
 
 cdef inline int _tasks(Py_ssize_t n, int n_threads) noexcept nogil:
     # a range pass splits its input into one contiguous task per thread
     return threads_for(n_threads, n, n)
 
+
+cdef _check_out(Py_ssize_t n_out, Py_ssize_t n, str what="out"):
+    if n_out != n:
+        raise ShapeMismatchError(f"{what} holds {n_out} elements, the input {n}")
+
+
+cdef Py_ssize_t _check_counts(const int64_t[::1] counts, Py_ssize_t n, Py_ssize_t nkeys) except -1:
+    """Validate per-task candidate counts of a mark pass; returns their sum."""
+    cdef Py_ssize_t t, total = 0, ntask = counts.shape[0]
+    if ntask < 1 or ntask > max(n, 1):
+        raise InvalidShapeError(f"counts must hold between 1 and {max(n, 1)} tasks, got {ntask}")
+    for t in range(ntask):
+        if counts[t] < 0 or counts[t] > n:
+            raise InvalidArgumentError(f"counts[{t}] = {counts[t]} outside [0, {n}]")
+        total += counts[t]
+    if total != nkeys:
+        raise ShapeMismatchError(f"keys holds {nkeys} keys, the counts add up to {total}")
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# selection on key buffers
+# ----------------------------------------------------------------------------------------------
+
+cdef extern from "apr_keys.h" nogil:
+    uint16_t apr_radix_select16(uint16_t* a, Py_ssize_t n, Py_ssize_t rank, Py_ssize_t* below)
+    uint32_t apr_radix_select32(uint32_t* a, Py_ssize_t n, Py_ssize_t rank, Py_ssize_t* below)
+    uint64_t apr_radix_select64(uint64_t* a, Py_ssize_t n, Py_ssize_t rank, Py_ssize_t* below)
+
+
+cdef inline uint64_t _radix_select(key_t* a, Py_ssize_t n, Py_ssize_t rank,
+                                   Py_ssize_t* below) noexcept nogil:
+    if key_t is uint16_t:
+        return apr_radix_select16(a, n, rank, below)
+    elif key_t is uint32_t:
+        return apr_radix_select32(a, n, rank, below)
+    else:
+        return apr_radix_select64(a, n, rank, below)
+
+
+def select_keys(key_t[::1] keys, Py_ssize_t rank):
+    """rank-th smallest key (0-based) of a key buffer by the branch-free MSD radix select
+    (worst-case linear); only permutes the buffer."""
+    return select_keys_below(keys, rank)[0]
+
+
+def select_keys_below(key_t[::1] keys, Py_ssize_t rank):
+    """(rank-th smallest key, number of keys strictly below it); only permutes keys."""
+    cdef Py_ssize_t n = keys.shape[0], below = 0
+    cdef uint64_t out
+    if not 0 <= rank < n:
+        raise InvalidArgumentError(f"rank {rank} outside [0, {n}) for {n} keys")
+    with nogil:
+        out = _radix_select(&keys[0], n, rank, &below)
+    return out, below
+
+
+def select_pair(key_t[::1] keys, Py_ssize_t r_lo, Py_ssize_t r_hi):
+    """(key of rank r_lo, key of rank r_hi), 0-based, r_lo <= r_hi; only permutes keys."""
+    cdef Py_ssize_t n = keys.shape[0], below = 0
+    cdef uint64_t lo, hi
+    if not 0 <= r_lo <= r_hi < n:
+        raise InvalidArgumentError(f"ranks ({r_lo}, {r_hi}) must satisfy 0 <= r_lo <= r_hi < "
+                                   f"{n} for {n} keys")
+    with nogil:
+        lo = _radix_select(&keys[0], n, r_lo, &below)
+        hi = _radix_select(&keys[0], n, r_hi, &below)
+    return lo, hi
+
+
+cdef void _level_hist(const key_t* a, Py_ssize_t n, uint64_t lo, int shift, uint64_t dmask,
+                      uint64_t pmask, uint64_t prefix, int64_t* hist) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef uint64_t d
+    for i in range(n):
+        d = <uint64_t>a[i] - lo
+        if (d & pmask) == prefix:
+            hist[(d >> shift) & dmask] += 1
+
+
+cdef int _segment_hist(object seg, uint64_t lo, int shift, uint64_t dmask, uint64_t pmask,
+                       uint64_t prefix, int64_t* hist) except -1:
+    cdef const uint16_t[::1] v16
+    cdef const uint32_t[::1] v32
+    cdef const uint64_t[::1] v64
+    if seg.shape[0] == 0:
+        return 0
+    if seg.dtype == np.uint16:
+        v16 = seg
+        with nogil:
+            _level_hist(&v16[0], v16.shape[0], lo, shift, dmask, pmask, prefix, hist)
+    elif seg.dtype == np.uint32:
+        v32 = seg
+        with nogil:
+            _level_hist(&v32[0], v32.shape[0], lo, shift, dmask, pmask, prefix, hist)
+    else:
+        v64 = seg
+        with nogil:
+            _level_hist(&v64[0], v64.shape[0], lo, shift, dmask, pmask, prefix, hist)
+    return 0
+
+
+def select_hist(segments, Py_ssize_t rank, uint64_t lo, uint64_t hi):
+    """(rank-th smallest key over the key arrays in segments, number of keys strictly below it),
+    every key in [lo, hi].  A histogram of 11-bit digits of key - lo per level, top digit first
+    (at most 6 levels for 64-bit keys, 3 for 32-bit): the keys are read, never moved or
+    concatenated."""
+    cdef Py_ssize_t total = 0, acc, below = 0
+    cdef int64_t hist[2048]
+    cdef uint64_t span, dmask, pmask = 0, prefix = 0
+    cdef int top = 0, w, shift, b
+    segs = []
+    dt = None
+    for seg in segments:
+        seg = np.asarray(seg)
+        if seg.ndim != 1 or seg.dtype not in (np.uint16, np.uint32, np.uint64):
+            raise InvalidArgumentError(f"select_hist takes 1-d uint16/uint32/uint64 key arrays, "
+                                       f"got {seg.dtype} of shape {seg.shape}")
+        if dt is None:
+            dt = seg.dtype
+        elif seg.dtype != dt:
+            raise InvalidArgumentError(f"key arrays of one width expected, got {dt} and {seg.dtype}")
+        segs.append(np.ascontiguousarray(seg))
+        total += seg.shape[0]
+    if not 0 <= rank < total:
+        raise InvalidArgumentError(f"rank {rank} outside [0, {total}) for {total} keys")
+    if hi < lo:
+        raise InvalidArgumentError(f"bracket lo={lo} > hi={hi}")
+    span = hi - lo
+    while top < 64 and (span >> top) != 0:
+        top += 1
+    if top == 0:
+        return lo, 0
+    while True:
+        w = DIGIT if top > DIGIT else top
+        shift = top - w
+        dmask = ((<uint64_t>1) << w) - 1
+        memset(hist, 0, sizeof(hist))
+        for seg in segs:
+            _segment_hist(seg, lo, shift, dmask, pmask, prefix, hist)
+        acc = 0
+        b = 0
+        while b <= <int>dmask and acc + hist[b] <= rank:
+            acc += hist[b]
+            b += 1
+        if b > <int>dmask:
+            raise InvalidArgumentError(f"keys outside the bracket [{lo}, {hi}]")
+        rank -= acc
+        below += acc
+        prefix |= (<uint64_t>b) << shift
+        pmask |= dmask << shift
+        if shift == 0:
+            return lo + prefix, below
+        top = shift
+
+# ----------------------------------------------------------------------------------------------
+# per-tensor passes (raw pointers inside; the def wrappers below expose them per dtype)
+# ----------------------------------------------------------------------------------------------
 
 cdef inline uint64_t _mix(uint64_t z) noexcept nogil:
     # splitmix64 finaliser: a fixed, seedless scramble (results are reproducible)
@@ -142,16 +247,16 @@ cdef inline uint64_t _mix(uint64_t z) noexcept nogil:
 
 
 cdef void _sample_stratum(const real_t* x, Py_ssize_t n, Py_ssize_t nstrata, Py_ssize_t j,
-                          uint64_t salt, int magnitude, uint64_t* out) noexcept nogil:
+                          uint64_t salt, int magnitude, key_t* out) noexcept nogil:
     cdef Py_ssize_t a = (j * n) // nstrata, b = ((j + 1) * n) // nstrata, i, start
     start = a + <Py_ssize_t>(_mix(salt * 0x9e3779b97f4a7c15ULL + <uint64_t>j)
                              % <uint64_t>(b - a - RUN + 1))
     for i in range(RUN):
-        out[j * RUN + i] = key_of(x[start + i], magnitude)
+        out[j * RUN + i] = <key_t>key_of(x[start + i], magnitude)
 
 
 cdef Py_ssize_t _sample(const real_t* x, Py_ssize_t n, Py_ssize_t s, uint64_t salt, int magnitude,
-                        uint64_t* out, int nt) noexcept nogil:
+                        key_t* out, int nt) noexcept nogil:
     """At most s keys (all n when s >= n): s / RUN equal strata of x, from each a run of RUN
     consecutive keys starting at a hashed position inside the stratum (runs keep the reads
     cache-friendly; every stratum holds more than RUN keys because s < n).  Writes at most
@@ -159,16 +264,14 @@ cdef Py_ssize_t _sample(const real_t* x, Py_ssize_t n, Py_ssize_t s, uint64_t sa
     cdef Py_ssize_t j, i, nstrata
     if s >= n:
         for i in range(n):
-            out[i] = key_of(x[i], magnitude)
+            out[i] = <key_t>key_of(x[i], magnitude)
         return n
     if s < RUN or n < 2 * RUN:
         # too few for runs: s single keys, one from each of s equal strata (never more than s)
         for j in range(s):
-            out[j] = key_of(x[(j * n) // s], magnitude)
+            out[j] = <key_t>key_of(x[(j * n) // s], magnitude)
         return s
     nstrata = s // RUN
-    if nstrata * RUN >= n:
-        nstrata = n // (2 * RUN)
     for j in prange(nstrata, schedule="static", num_threads=nt):
         _sample_stratum(x, n, nstrata, j, salt, magnitude, out)
     return nstrata * RUN
@@ -176,14 +279,20 @@ cdef Py_ssize_t _sample(const real_t* x, Py_ssize_t n, Py_ssize_t s, uint64_t sa
 
 cdef extern from "apr_keys.h" nogil:
     void apr_range16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint16_t lo,
-                     uint16_t hi, uint16_t khi, uint16_t klo, uint64_t* buf, Py_ssize_t cap,
+                     uint16_t hi, uint16_t khi, uint16_t klo, uint16_t* buf, Py_ssize_t cap,
                      int64_t* res)
     void apr_range32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint32_t lo,
-                     uint32_t hi, uint32_t khi, uint32_t klo, uint64_t* buf, Py_ssize_t cap,
+                     uint32_t hi, uint32_t khi, uint32_t klo, uint32_t* buf, Py_ssize_t cap,
                      int64_t* res)
     void apr_range64(const uint64_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint64_t lo,
                      uint64_t hi, uint64_t khi, uint64_t klo, uint64_t* buf, Py_ssize_t cap,
                      int64_t* res)
+    void apr_mark16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint16_t lo,
+                    uint16_t hi, uint16_t khi, uint16_t klo, uint8_t* out, int64_t* res)
+    void apr_mark32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint32_t lo,
+                    uint32_t hi, uint32_t khi, uint32_t klo, uint8_t* out, int64_t* res)
+    void apr_mark64(const uint64_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint64_t lo,
+                    uint64_t hi, uint64_t khi, uint64_t klo, uint8_t* out, int64_t* res)
     int64_t apr_write16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint16_t t,
                         uint8_t* out)
     int64_t apr_write32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint32_t t,
@@ -209,15 +318,29 @@ cdef extern from "apr_keys.h" nogil:
 
 cdef inline void _range_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
                              uint64_t lo, uint64_t hi, uint64_t khi, uint64_t klo,
-                             uint64_t* buf, Py_ssize_t cap, int64_t* res) noexcept nogil:
+                             void* buf, Py_ssize_t cap, int64_t* res) noexcept nogil:
     if real_t is float:
         apr_range32(<const uint32_t*>x, s, e, magnitude, <uint32_t>lo, <uint32_t>hi,
-                    <uint32_t>khi, <uint32_t>klo, buf, cap, res)
+                    <uint32_t>khi, <uint32_t>klo, <uint32_t*>buf, cap, res)
     elif real_t is double:
-        apr_range64(<const uint64_t*>x, s, e, magnitude, lo, hi, khi, klo, buf, cap, res)
+        apr_range64(<const uint64_t*>x, s, e, magnitude, lo, hi, khi, klo, <uint64_t*>buf, cap,
+                    res)
     else:
         apr_range16(x, s, e, magnitude, <uint16_t>lo, <uint16_t>hi, <uint16_t>khi,
-                    <uint16_t>klo, buf, cap, res)
+                    <uint16_t>klo, <uint16_t*>buf, cap, res)
+
+
+cdef inline void _mark_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
+                            uint64_t lo, uint64_t hi, uint64_t khi, uint64_t klo,
+                            uint8_t* out, int64_t* res) noexcept nogil:
+    if real_t is float:
+        apr_mark32(<const uint32_t*>x, s, e, magnitude, <uint32_t>lo, <uint32_t>hi,
+                   <uint32_t>khi, <uint32_t>klo, out, res)
+    elif real_t is double:
+        apr_mark64(<const uint64_t*>x, s, e, magnitude, lo, hi, khi, klo, out, res)
+    else:
+        apr_mark16(x, s, e, magnitude, <uint16_t>lo, <uint16_t>hi, <uint16_t>khi,
+                   <uint16_t>klo, out, res)
 
 
 cdef inline void _hist_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, int shift,
@@ -255,20 +378,33 @@ cdef inline void _keep_equals_from(const real_t* x, Py_ssize_t s, Py_ssize_t e, 
 
 # ---- def wrappers: one typed pass over one contiguous 1-D tensor --------------------------------
 
-def sample_keys(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude,
-                int n_threads=1, uint64_t[::1] out=None):
-    """Stratified sample of about s keys (all of them if x is not longer) as a uint64 array;
-    written into out (which must hold max(s, 8) keys) when given.  Returns the filled part."""
-    cdef Py_ssize_t n = x.shape[0], w
+def sample_keys(x, Py_ssize_t s, uint64_t salt, int magnitude, int n_threads=1, out=None):
+    """Stratified sample of about s keys (all of them if x is not longer), written into out
+    (keys at least as wide as x's elements, holding at least min(s, len(x)) of them; a new
+    buffer of x's own width when None).  Returns the filled part."""
+    x = np.asarray(x)
     if out is None:
-        out = np.empty(max(min(s, n), RUN), dtype=np.uint64)
-    cdef uint64_t[::1] o = out
-    if n == 0 or s <= 0:
-        return np.asarray(out)[:0]
-    cdef int nt = threads_for(n_threads, min(s, n), (min(s, n) + RUN - 1) // RUN)
-    with nogil:
-        w = _sample(&x[0], n, s, salt, magnitude, &o[0], nt)
+        out = np.empty(max(min(s, x.shape[0] if x.ndim == 1 else 0), 0), _key_dtype(x.itemsize))
+    w = sample_into(x, s, salt, magnitude, n_threads, out)
     return np.asarray(out)[:w]
+
+
+def sample_into(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude, int n_threads,
+                key_t[::1] out):
+    """Write the sample_keys sample into out; returns how many keys it wrote."""
+    cdef Py_ssize_t n = x.shape[0], w, want
+    if sizeof(key_t) < sizeof(real_t):
+        raise InvalidArgumentError(f"out holds {8 * sizeof(key_t)}-bit keys; keys of "
+                                   f"{8 * sizeof(real_t)}-bit values do not fit")
+    if n == 0 or s <= 0:
+        return 0
+    want = min(s, n)
+    if out.shape[0] < want:
+        raise ShapeMismatchError(f"out holds {out.shape[0]} keys, the sample needs {want}")
+    cdef int nt = threads_for(n_threads, want, (want + RUN - 1) // RUN)
+    with nogil:
+        w = _sample(&x[0], n, s, salt, magnitude, &out[0], nt)
+    return w
 
 
 cdef tuple _sum_tasks(int64_t[::1] res, Py_ssize_t ntask, Py_ssize_t per):
@@ -285,45 +421,183 @@ cdef tuple _sum_tasks(int64_t[::1] res, Py_ssize_t ntask, Py_ssize_t per):
 
 
 def range_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uint16_t inf16,
-               Py_ssize_t cap, int n_threads):
-    """Count keys < lo and copy keys in [lo, hi] (at most cap in all).
-    Returns (n_below, n_inside, n_nonfinite, candidates or None when more than cap fell inside)."""
-    cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads)
+               Py_ssize_t cap, int n_threads, double expect=1.0):
+    """Count keys < lo and copy keys in [lo, hi] (native keys, at most cap in all).  Each task
+    of the pass holds at most its share of cap, and no more than about twice what ``expect``
+    (the expected fraction of keys inside the bracket) predicts for it.  Returns (n_below,
+    n_inside, n_nonfinite, candidates or None when a task's buffer overflowed or more than cap
+    fell inside)."""
+    cdef Py_ssize_t n = x.shape[0], t, w = 0, ntask = _tasks(n, n_threads), per, guess
     cdef uint64_t khi, klo
-    cdef Py_ssize_t per = cap if cap > 0 else 1
-    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
-    cdef uint64_t[::1] buf = np.empty(ntask * (per + 1), dtype=np.uint64)
-    cdef Py_ssize_t below = 0, inside = 0, bad = 0, w = 0
+    cdef Py_ssize_t below = 0, inside = 0, bad = 0
     cdef bint overflow = False
+    if not expect >= 0.0:  # also refuses NaN
+        raise InvalidArgumentError(f"expect must be a fraction >= 0, got {expect}")
     if n == 0:
-        return 0, 0, 0, np.empty(0, np.uint64)
+        return 0, 0, 0, np.empty(0, _key_dtype(sizeof(real_t)))
+    expect = min(expect, 1.0)
+    per = cap // ntask + 1 if cap > 0 else 1
+    guess = <Py_ssize_t>(2.0 * expect * (<double>n / ntask)) + 64
+    if guess < per:
+        per = guess
+    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
+    buf = np.empty(ntask * (per + 1), dtype=_key_dtype(sizeof(real_t)))
+    cdef uint8_t[::1] bytes_ = buf.view(np.uint8)
+    cdef char* bp = <char*>&bytes_[0]
     inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
     with nogil:
         for t in prange(ntask, schedule="static", num_threads=ntask):
             _range_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
-                        khi, klo, &buf[t * (per + 1)], per, &res[t * PAD])
+                        khi, klo, bp + t * (per + 1) * sizeof(real_t), per, &res[t * PAD])
     below, inside, bad, overflow = _sum_tasks(res, ntask, per)
     if overflow or inside > cap:
         return below, inside, bad, None
-    arr = np.asarray(buf)
     for t in range(ntask):
         if res[t * PAD + 1]:
-            arr[w:w + res[t * PAD + 1]] = arr[t * (per + 1):t * (per + 1) + res[t * PAD + 1]]
+            buf[w:w + res[t * PAD + 1]] = buf[t * (per + 1):t * (per + 1) + res[t * PAD + 1]]
             w += res[t * PAD + 1]
-    return below, inside, bad, arr[:w].copy()
+    return below, inside, bad, buf[:w]  # a view: the buffer is about twice the candidates
+
+
+def mark_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uint16_t inf16,
+              uint8_t[::1] out, int n_threads):
+    """out[i] = 1 (key > hi), 0 (key < lo) or 2 (key in [lo, hi]: a candidate).  Returns
+    (n_below, n_inside, n_nonfinite, counts): counts[t] candidates lie in task t's part
+    [t * n // T, (t + 1) * n // T) of x, T = len(counts) (for gather_marked and fix_marked)."""
+    cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads)
+    cdef Py_ssize_t below = 0, inside = 0, bad = 0
+    cdef uint64_t khi, klo
+    _check_out(out.shape[0], n)
+    if n == 0:
+        return 0, 0, 0, np.zeros(1, np.int64)
+    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
+    counts = np.empty(ntask, dtype=np.int64)
+    cdef int64_t[::1] cv = counts
+    inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
+    with nogil:
+        for t in prange(ntask, schedule="static", num_threads=ntask):
+            _mark_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
+                       khi, klo, &out[0], &res[t * PAD])
+    for t in range(ntask):
+        below += res[t * PAD]
+        inside += res[t * PAD + 1]
+        bad += res[t * PAD + 2]
+        cv[t] = res[t * PAD + 1]
+    return below, inside, bad, counts
+
+
+def gather_marked(const real_t[::1] x, const uint8_t[::1] out, const int64_t[::1] counts,
+                  int magnitude, key_t[::1] keys, int n_threads):
+    """The keys of the candidates marked 2 by mark_pass, in flat order, into keys (exactly
+    sum(counts) of them, keys of x's own width)."""
+    cdef Py_ssize_t n = x.shape[0], ntask = counts.shape[0], t, i, j, s, e, lim
+    cdef const uint8_t* base
+    cdef const void* p
+    _check_out(out.shape[0], n)
+    if sizeof(key_t) != sizeof(real_t):
+        raise InvalidArgumentError(f"keys must be {8 * sizeof(real_t)}-bit for these values, "
+                                   f"got {8 * sizeof(key_t)}-bit")
+    _check_counts(counts, n, keys.shape[0])
+    if keys.shape[0] == 0:
+        return 0
+    cdef int64_t[::1] off = np.zeros(ntask + 1, dtype=np.int64)
+    cdef int64_t[::1] got = np.zeros(ntask, dtype=np.int64)
+    for t in range(ntask):
+        off[t + 1] = off[t] + counts[t]
+    cdef int nt = threads_for(n_threads, n, ntask)
+    base = &out[0]
+    with nogil:
+        for t in prange(ntask, schedule="static", num_threads=nt):
+            s = (t * n) // ntask
+            e = ((t + 1) * n) // ntask
+            j = off[t]
+            lim = off[t + 1]
+            i = s
+            while j < lim and i < e:
+                p = memchr(base + i, 2, e - i)
+                if p == NULL:
+                    break
+                i = <const uint8_t*>p - base
+                keys[j] = <key_t>key_of(x[i], magnitude)
+                j = j + 1
+                i = i + 1
+            got[t] = j - off[t]
+    for t in range(ntask):
+        if got[t] != counts[t]:
+            raise InvalidArgumentError(f"task {t} holds {got[t]} marked candidates, counts says "
+                                       f"{counts[t]}")
+    return keys.shape[0]
+
+
+def fix_marked(uint8_t[::1] out, const int64_t[::1] counts, const key_t[::1] keys,
+               uint64_t thresh, Py_ssize_t r, int n_threads):
+    """Decide the candidates marked 2, in flat order: keep key > thresh, prune key < thresh,
+    prune the first r keys equal to thresh and keep the others.  keys: the candidates' keys in
+    flat order (gather_marked).  Returns how many equal keys it pruned (min(r, number equal))."""
+    cdef Py_ssize_t n = out.shape[0], ntask = counts.shape[0], t, i, j, s, e, lim, eqs = 0
+    cdef Py_ssize_t seen
+    cdef uint8_t* base
+    cdef void* p
+    cdef key_t kk, tk = <key_t>thresh
+    cdef int eq
+    _check_counts(counts, n, keys.shape[0])
+    if r < 0:
+        r = 0
+    if keys.shape[0] == 0:
+        return 0
+    cdef int64_t[::1] off = np.zeros(ntask + 1, dtype=np.int64)
+    cdef int64_t[::1] eqb = np.zeros(ntask + 1, dtype=np.int64)
+    for t in range(ntask):
+        off[t + 1] = off[t] + counts[t]
+    with nogil:
+        for t in range(ntask):
+            for j in range(off[t], off[t + 1]):
+                eqs += keys[j] == tk
+            eqb[t + 1] = eqs
+    cdef int nt = threads_for(n_threads, n, ntask)
+    base = &out[0]
+    with nogil:
+        for t in prange(ntask, schedule="static", num_threads=nt):
+            s = (t * n) // ntask
+            e = ((t + 1) * n) // ntask
+            j = off[t]
+            lim = off[t + 1]
+            seen = eqb[t]
+            i = s
+            while j < lim and i < e:
+                p = memchr(base + i, 2, e - i)
+                if p == NULL:
+                    break
+                i = <uint8_t*>p - base
+                kk = keys[j]
+                eq = kk == tk
+                base[i] = <uint8_t>((kk > tk) | (eq & (seen >= r)))
+                seen = seen + eq
+                j = j + 1
+                i = i + 1
+    return min(r, eqs)
 
 
 def hist_pass(const real_t[::1] x, int shift, uint64_t prefix, uint64_t pmask, int magnitude,
               uint16_t inf16, int64_t[::1] hist, int n_threads):
     """Add to hist (65536 bins) the 16-bit digit at shift of every key whose bits under pmask
-    equal prefix.  Returns the number of non-finite values."""
-    cdef Py_ssize_t n = x.shape[0], t, i, ntask = _tasks(n, n_threads)
+    equal prefix.  Returns the number of non-finite values.  Per-task histograms (512 KiB each)
+    are bounded by the scratch budget, so the task count may be below the thread count."""
+    cdef Py_ssize_t n = x.shape[0], t, i, ntask = _tasks(n, n_threads), fit
     cdef uint64_t khi, klo
-    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
-    cdef int64_t[::1] local
     cdef Py_ssize_t bad = 0
+    if hist.shape[0] != NBINS:
+        raise ShapeMismatchError(f"hist must hold {NBINS} bins, got {hist.shape[0]}")
+    if not 0 <= shift < 8 * <int>sizeof(real_t):
+        raise InvalidArgumentError(f"shift {shift} outside [0, {8 * sizeof(real_t)}) for "
+                                   f"{8 * sizeof(real_t)}-bit keys")
     if n == 0:
         return 0
+    fit = scratch_budget(n * <Py_ssize_t>sizeof(real_t)) // (NBINS * 8) - 1
+    if ntask > fit:
+        ntask = max(fit, 1)
+    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
+    cdef int64_t[::1] local
     inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
     if ntask == 1:
         with nogil:
@@ -347,10 +621,13 @@ def write_pass(const real_t[::1] x, uint64_t thresh, Py_ssize_t r, int magnitude
     and the rest kept.  Returns how many equal keys it pruned (min(r, number equal))."""
     cdef Py_ssize_t n = x.shape[0], c, nch = (n + CHUNK - 1) // CHUNK, total = 0, first
     cdef int nt = threads_for(n_threads, n, nch)
-    cdef int64_t[::1] eq = np.zeros(max(nch, 1) * 1, dtype=np.int64)
-    cdef int64_t[::1] before = np.zeros(max(nch, 1), dtype=np.int64)
+    _check_out(out.shape[0], n)
     if n == 0:
         return 0
+    if r < 0:
+        r = 0
+    cdef int64_t[::1] eq = np.zeros(nch, dtype=np.int64)
+    cdef int64_t[::1] before = np.zeros(nch, dtype=np.int64)
     with nogil:
         for c in prange(nch, schedule="static", num_threads=nt):
             eq[c] = _write_task(&x[0], c * CHUNK, min(n, (c + 1) * CHUNK), magnitude, thresh,
@@ -367,105 +644,15 @@ def write_pass(const real_t[::1] x, uint64_t thresh, Py_ssize_t r, int magnitude
     return min(r, total)
 
 
-cdef extern from "apr_keys.h" nogil:
-    void apr_rangew16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint16_t lo,
-                      uint16_t hi, uint16_t khi, uint16_t klo, uint64_t* kbuf, int64_t* ibuf,
-                      Py_ssize_t cap, uint8_t* out, int64_t* res)
-    void apr_rangew32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint32_t lo,
-                      uint32_t hi, uint32_t khi, uint32_t klo, uint64_t* kbuf, int64_t* ibuf,
-                      Py_ssize_t cap, uint8_t* out, int64_t* res)
-    void apr_rangew64(const uint64_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint64_t lo,
-                      uint64_t hi, uint64_t khi, uint64_t klo, uint64_t* kbuf, int64_t* ibuf,
-                      Py_ssize_t cap, uint8_t* out, int64_t* res)
-    Py_ssize_t apr_fix16(const uint16_t* x, const int64_t* idx, Py_ssize_t m, int magnitude,
-                         uint16_t t, Py_ssize_t r, uint8_t* out)
-    Py_ssize_t apr_fix32(const uint32_t* x, const int64_t* idx, Py_ssize_t m, int magnitude,
-                         uint32_t t, Py_ssize_t r, uint8_t* out)
-    Py_ssize_t apr_fix64(const uint64_t* x, const int64_t* idx, Py_ssize_t m, int magnitude,
-                         uint64_t t, Py_ssize_t r, uint8_t* out)
-
-
-cdef inline void _rangew_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
-                              uint64_t lo, uint64_t hi, uint64_t khi, uint64_t klo,
-                              uint64_t* kbuf, int64_t* ibuf, Py_ssize_t cap, uint8_t* out,
-                              int64_t* res) noexcept nogil:
-    if real_t is float:
-        apr_rangew32(<const uint32_t*>x, s, e, magnitude, <uint32_t>lo, <uint32_t>hi,
-                     <uint32_t>khi, <uint32_t>klo, kbuf, ibuf, cap, out, res)
-    elif real_t is double:
-        apr_rangew64(<const uint64_t*>x, s, e, magnitude, lo, hi, khi, klo, kbuf, ibuf, cap, out,
-                     res)
-    else:
-        apr_rangew16(x, s, e, magnitude, <uint16_t>lo, <uint16_t>hi, <uint16_t>khi,
-                     <uint16_t>klo, kbuf, ibuf, cap, out, res)
-
-
-def range_write_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude,
-                     uint16_t inf16, Py_ssize_t cap, uint8_t[::1] out, int n_threads,
-                     double expect=1.0):
-    """range_pass fused with a provisional mask write (out = key > hi).  Returns
-    (n_below, n_inside, n_nonfinite, candidate keys, candidate indices); the last two are None
-    when more than cap keys fell inside the bracket."""
-    cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads)
-    cdef uint64_t khi, klo
-    # each task's buffers hold twice the candidates the bracket predicts for its share (more
-    # means the sample was unlucky: the caller falls back to the exact histogram path)
-    cdef Py_ssize_t per = min(cap, <Py_ssize_t>(2.0 * expect * n / ntask) + 4096)
-    if per < 1:
-        per = 1
-    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
-    cdef uint64_t[::1] kbuf = np.empty(ntask * (per + 1), dtype=np.uint64)
-    cdef int64_t[::1] ibuf = np.empty(ntask * (per + 1), dtype=np.int64)
-    cdef Py_ssize_t below = 0, inside = 0, bad = 0, w = 0, c
-    cdef bint overflow = False
-    if n == 0:
-        return 0, 0, 0, np.empty(0, np.uint64), np.empty(0, np.int64)
-    inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
-    with nogil:
-        for t in prange(ntask, schedule="static", num_threads=ntask):
-            _rangew_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
-                         khi, klo, &kbuf[t * (per + 1)], &ibuf[t * (per + 1)], per, &out[0],
-                         &res[t * PAD])
-    below, inside, bad, overflow = _sum_tasks(res, ntask, per)
-    if overflow or inside > cap:
-        return below, inside, bad, None, None
-    ka = np.asarray(kbuf)
-    ia = np.asarray(ibuf)
-    for t in range(ntask):
-        c = res[t * PAD + 1]
-        if c:
-            ka[w:w + c] = ka[t * (per + 1):t * (per + 1) + c]
-            ia[w:w + c] = ia[t * (per + 1):t * (per + 1) + c]
-            w += c
-    return below, inside, bad, ka[:w], ia[:w]  # views: untouched buffer pages cost no memory
-
-
-def fix_candidates(const real_t[::1] x, const int64_t[::1] idx, uint64_t thresh, Py_ssize_t r,
-                   int magnitude, uint8_t[::1] out):
-    """Final mask bytes of the candidates (ascending indices): keep key > thresh, prune the first
-    r keys equal to thresh.  Returns how many equal keys it pruned."""
-    cdef Py_ssize_t m = idx.shape[0], used
-    if m == 0:
-        return 0
-    with nogil:
-        if real_t is float:
-            used = apr_fix32(<const uint32_t*>&x[0], &idx[0], m, magnitude, <uint32_t>thresh, r,
-                             &out[0])
-        elif real_t is double:
-            used = apr_fix64(<const uint64_t*>&x[0], &idx[0], m, magnitude, thresh, r, &out[0])
-        else:
-            used = apr_fix16(&x[0], &idx[0], m, magnitude, <uint16_t>thresh, r, &out[0])
-    return used
-
-
 def fill_pass(const real_t[::1] x, uint8_t value, int magnitude, uint16_t inf16,
               uint8_t[::1] out, int n_threads):
     """out[:] = value; returns the number of non-finite inputs (k == 0 or k == n)."""
     cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads), bad = 0
     cdef uint64_t khi, klo
-    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
+    _check_out(out.shape[0], n)
     if n == 0:
         return 0
+    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
     inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
     with nogil:
         for t in prange(ntask, schedule="static", num_threads=ntask):
@@ -475,7 +662,6 @@ def fill_pass(const real_t[::1] x, uint8_t value, int magnitude, uint16_t inf16,
         for t in range(ntask):
             bad += res[t * PAD + 2]
     return bad
-
 
 # ----------------------------------------------------------------------------------------------
 # threshold over one or many tensors
@@ -494,108 +680,187 @@ def _get(src, bint sequential=False):
     return src(sequential=sequential) if "sequential" in params else src()
 
 
-def _bracket(sources, sizes, Py_ssize_t total, Py_ssize_t k, int magnitude, int n_threads=1):
+cdef class _Sources:
+    """The sources of a multi-tensor selection, checked as they are read: 1-d, contiguous, one
+    float dtype (float32, float64 or 16-bit bit patterns) and exactly the sizes announced."""
+    cdef public list sources, sizes
+    cdef public object dtype
+    cdef public Py_ssize_t total
+
+    def __init__(self, sources, sizes):
+        self.sources = list(sources)
+        self.sizes = [int(v) for v in sizes]
+        if len(self.sources) != len(self.sizes):
+            raise ShapeMismatchError(f"{len(self.sources)} sources but {len(self.sizes)} sizes")
+        for i, v in enumerate(self.sizes):
+            if v < 0:
+                raise InvalidArgumentError(f"sizes[{i}] = {v} is negative")
+        self.total = sum(self.sizes)
+        self.dtype = None
+
+    def get(self, Py_ssize_t i, bint sequential=False):
+        x = _get(self.sources[i], sequential)
+        if not isinstance(x, np.ndarray) or x.ndim != 1 or not x.flags.c_contiguous:
+            raise InvalidShapeError(f"source {i} must be a 1-d C-contiguous numpy array, got "
+                                    f"{type(x).__name__} {getattr(x, 'shape', '')}")
+        if x.dtype not in (np.float32, np.float64, np.uint16):
+            raise InvalidArgumentError(f"source {i} has dtype {x.dtype}; the kernels take "
+                                       "float32, float64 or uint16 bit patterns")
+        if self.dtype is None:
+            self.dtype = x.dtype
+        elif x.dtype != self.dtype:
+            raise InvalidArgumentError(f"sources of one dtype expected, got {self.dtype} and "
+                                       f"{x.dtype} (source {i})")
+        if x.shape[0] != self.sizes[i]:
+            raise ShapeMismatchError(f"source {i} holds {x.shape[0]} elements, sizes says "
+                                     f"{self.sizes[i]}")
+        return x
+
+    def itemsize(self):
+        """Bytes per element (reads the first non-empty source if none was read yet)."""
+        if self.dtype is None:
+            for i, v in enumerate(self.sizes):
+                if v:
+                    self.get(i)
+                    break
+        return self.dtype.itemsize if self.dtype is not None else 4
+
+
+cdef Py_ssize_t _count_range(const key_t* a, Py_ssize_t n, uint64_t lo, uint64_t hi) noexcept nogil:
+    cdef Py_ssize_t i, c = 0
+    for i in range(n):
+        c += (<uint64_t>a[i] >= lo) & (<uint64_t>a[i] <= hi)
+    return c
+
+
+cdef Py_ssize_t _count_in(object keys, uint64_t lo, uint64_t hi) except -1:
+    """Keys of a 1-d uint16/uint32/uint64 array inside [lo, hi]."""
+    cdef const uint16_t[::1] v16
+    cdef const uint32_t[::1] v32
+    cdef const uint64_t[::1] v64
+    cdef Py_ssize_t c = 0
+    if keys.shape[0] == 0:
+        return 0
+    if keys.dtype == np.uint16:
+        v16 = keys
+        with nogil:
+            c = _count_range(&v16[0], v16.shape[0], lo, hi)
+    elif keys.dtype == np.uint32:
+        v32 = keys
+        with nogil:
+            c = _count_range(&v32[0], v32.shape[0], lo, hi)
+    else:
+        v64 = keys
+        with nogil:
+            c = _count_range(&v64[0], v64.shape[0], lo, hi)
+    return c
+
+
+def _bracket(_Sources src, Py_ssize_t k, int magnitude, int n_threads=1):
     """Keys lo <= hi that bracket the k-th smallest key with high probability, from a stratified
-    sample proportional to each source's size (every key when the total is small)."""
-    cdef Py_ssize_t j, s_t, lo_r, hi_r, delta
+    sample proportional to each source's size (every key when the total is small).  Returns
+    (lo, hi, the fraction of the sample inside [lo, hi]: what the passes should expect)."""
+    cdef Py_ssize_t j, s_t, lo_r, hi_r, delta, total = src.total, sample, s = 0, n_t
     cdef double q, sig
-    cdef Py_ssize_t sample = SAMPLE
-    itemsize = 8
-    # every source's sample goes straight into one buffer (no concatenation copy)
-    buf = np.empty(sum(min(max(n_t if total <= SMALL else (sample * n_t) // total, 1), n_t) + RUN
-                       for n_t in sizes), dtype=np.uint64)
-    s = 0
-    for j, (src, n_t) in enumerate(zip(sources, sizes)):
+    if total <= SMALL:
+        sample = total
+    else:
+        sample = min(<Py_ssize_t>SAMPLE, max(<Py_ssize_t>SAMPLE_MIN, total // SAMPLE_DIV))
+    shares = []
+    for n_t in src.sizes:
         if n_t == 0:
-            continue
-        if total <= SMALL:
-            s_t = n_t
+            shares.append(0)
+        elif total <= SMALL:
+            shares.append(n_t)
         else:
-            s_t = max(1, (sample * n_t) // total)
-        x = _get(src)
-        itemsize = x.dtype.itemsize
-        s += sample_keys(x, s_t, j + 1, magnitude, n_threads, buf[s:]).shape[0]
+            shares.append(min(max(1, (sample * n_t) // total), n_t))
+    # every source's sample goes straight into one buffer of the keys' own width
+    buf = np.empty(sum(shares) + RUN, dtype=_key_dtype(src.itemsize()))
+    for j in range(len(src.sizes)):
+        if shares[j]:
+            s += sample_into(src.get(j), shares[j], j + 1, magnitude, n_threads, buf[s:])
     smp = buf[:s]
     if total <= SMALL and s == total:
-        lo_key, hi_key, band = 0, np.iinfo(np.uint64).max, 1.0
-    else:
-        q = k / <double>total
-        sig = sqrt(s * q * (1.0 - q))
-        delta = <Py_ssize_t>ceil(3.5 * sig) + 16
-        lo_r = <Py_ssize_t>floor(q * s) - delta
-        hi_r = <Py_ssize_t>ceil(q * s) + delta
-        width = 16 if itemsize == 2 else 8 * itemsize
-        qlo, qhi = quantile_pair(smp, max(lo_r, 0), min(hi_r, s - 1), width)
-        lo_key = 0 if lo_r < 0 else int(qlo)
-        hi_key = np.iinfo(np.uint64).max if hi_r >= s else int(qhi)
-        band = (min(hi_r, s - 1) - max(lo_r, 0) + 1) / <double>s
-    return lo_key, hi_key, band
+        return 0, np.iinfo(np.uint64).max, 1.0
+    q = k / <double>total
+    sig = sqrt(s * q * (1.0 - q))
+    delta = <Py_ssize_t>ceil(3.5 * sig) + 16
+    lo_r = <Py_ssize_t>floor(q * s) - delta
+    hi_r = <Py_ssize_t>ceil(q * s) + delta
+    qlo, qhi = select_pair(smp, max(lo_r, 0), min(hi_r, s - 1))
+    lo_key = 0 if lo_r < 0 else int(qlo)
+    hi_key = np.iinfo(np.uint64).max if hi_r >= s else int(qhi)
+    # the sample's share inside the bracket, ties at its ends included, estimates the keys'
+    return lo_key, hi_key, _count_in(smp, lo_key, hi_key) / <double>s
 
 
-def _select_candidates(segments, Py_ssize_t rank, uint64_t lo, uint64_t hi):
-    """(rank-th smallest candidate key, number below it) over per-source candidate arrays, all
-    inside [lo, hi]; several sources are selected without concatenating them."""
-    present = [c for c in segments if c is not None and c.shape[0]]
-    if len(present) == 1:
-        return select_keys_below(present[0], rank)
-    return select_segments(present, rank, lo, hi)
+cdef Py_ssize_t _default_budget(Py_ssize_t total, Py_ssize_t itemsize):
+    """Candidate keys a selection may hold: the scratch budget in keys of the input's width."""
+    return max(<Py_ssize_t>1, scratch_budget(total * itemsize) // itemsize)
 
 
 def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t inf16,
                     int n_threads, Py_ssize_t cand_budget=-1):
     """Write keep-masks (uint8, 1 = keep) pruning exactly the k smallest keys over the sources
-    (ties: earlier source, then lower index, pruned first).  One fused pass counts against the
-    sample bracket, writes provisional mask bytes and gathers the in-bracket keys with their
-    indices; only those candidates are rewritten once the threshold is known.  Returns the
-    number of non-finite values (then the masks are not meaningful)."""
-    cdef Py_ssize_t total = sum(sizes)
+    (ties: earlier source, then lower index, pruned first).  One pass marks the mask (kept,
+    pruned, or a candidate inside the sample's bracket); the candidates' keys are gathered into
+    one buffer of exactly their number, the threshold is selected among them, and only the
+    marked bytes are rewritten.  cand_budget bounds the candidate keys (default: the scratch
+    budget).  Returns the number of non-finite values (then the masks are not meaningful)."""
+    src = _Sources(sources, sizes)
+    outs = list(outs)
+    if len(outs) != len(src.sizes):
+        raise ShapeMismatchError(f"{len(src.sizes)} sources but {len(outs)} outputs")
+    cdef Py_ssize_t total = src.total, below = 0, inside = 0, bad = 0, off, c, r, i
     if not 1 <= k <= total:
-        raise ValueError(f"k={k} outside [1, {total}]")
+        raise InvalidArgumentError(f"k={k} outside [1, {total}]")
+    for i in range(len(outs)):
+        if not isinstance(outs[i], np.ndarray) or outs[i].dtype != np.uint8 \
+                or outs[i].ndim != 1 or outs[i].shape[0] != src.sizes[i]:
+            raise ShapeMismatchError(f"outs[{i}] must be a 1-d uint8 array of {src.sizes[i]} "
+                                     "elements")
     if cand_budget < 0:
-        cand_budget = max(65536, total // 48, total if total <= SMALL else 0)
-    lo_key, hi_key, band = _bracket(sources, sizes, total, k, magnitude, n_threads)
-    expect = band  # expected fraction of keys inside the bracket
-    width = 64
-    below = 0
-    inside = 0
-    bad = 0
-    keys = []
-    idxs = []
-    ok = True
-    for src, out, n_t in zip(sources, outs, sizes):
-        if n_t == 0:
-            keys.append(None)
-            idxs.append(None)
+        cand_budget = _default_budget(total, src.itemsize())
+    lo_key, hi_key, _ = _bracket(src, k, magnitude, n_threads)
+    counts = []
+    for i in range(len(outs)):
+        if src.sizes[i] == 0:
+            counts.append(None)
             continue
-        x = _get(src, True)
-        width = 16 if x.dtype.itemsize == 2 else 8 * x.dtype.itemsize
-        b_t, i_t, bad_t, k_t, x_t = range_write_pass(x, lo_key, hi_key, magnitude, inf16,
-                                                     cand_budget - inside, out, n_threads,
-                                                     expect)
+        b_t, i_t, bad_t, c_t = mark_pass(src.get(i, True), lo_key, hi_key, magnitude, inf16,
+                                         outs[i], n_threads)
         below += b_t
         inside += i_t
         bad += bad_t
-        if k_t is None:
-            ok = False
-            break
-        keys.append(k_t)
-        idxs.append(x_t)
+        counts.append(c_t)
     if bad:
         return bad
-    if ok and below < k <= below + inside:
-        thresh, cbelow = _select_candidates(keys, k - below - 1, lo_key, hi_key)
+    if below < k <= below + inside and inside <= cand_budget:
+        keys = np.empty(inside, dtype=_key_dtype(src.itemsize()))
+        off = 0
+        for i in range(len(outs)):
+            if counts[i] is not None:
+                c = int(counts[i].sum())
+                gather_marked(src.get(i), outs[i], counts[i], magnitude, keys[off:off + c],
+                              n_threads)
+                off += c
+        thresh, cbelow = select_hist([keys], k - below - 1, lo_key, hi_key)
         r = k - below - cbelow
-        for src, out, x_t, n_t in zip(sources, outs, idxs, sizes):
-            if n_t and x_t is not None and x_t.shape[0]:
-                r -= fix_candidates(_get(src), x_t, thresh, r, magnitude, out)
+        off = 0
+        for i in range(len(outs)):
+            if counts[i] is not None:
+                c = int(counts[i].sum())
+                r -= fix_marked(outs[i], counts[i], keys[off:off + c], thresh, r, n_threads)
+                off += c
         return 0
-    thresh, below, bad = _radix_threshold(sources, sizes, k, magnitude, inf16, n_threads)
+    del counts
+    thresh, below, bad = _radix_threshold(src, k, magnitude, inf16, n_threads)
     if bad:
         return bad
     r = k - below
-    for src, out, n_t in zip(sources, outs, sizes):
-        if n_t:
-            r -= write_pass(_get(src, True), thresh, r, magnitude, out, n_threads)
+    for i in range(len(outs)):
+        if src.sizes[i]:
+            r -= write_pass(src.get(i, True), thresh, r, magnitude, outs[i], n_threads)
     return 0
 
 
@@ -605,25 +870,25 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
 
     Returns (thresh, n_below, n_nonfinite, method): n_below keys are strictly smaller than thresh,
     so the first k - n_below keys equal to thresh (in source order, then flat order) are pruned.
-    cand_budget bounds the candidate keys held at once (default: about 2 % of the elements).
+    cand_budget bounds the candidate keys held at once (default: the scratch budget).
     """
-    cdef Py_ssize_t total = sum(sizes)
+    src = _Sources(sources, sizes)
+    cdef Py_ssize_t total = src.total, i
     if not 1 <= k <= total:
-        raise ValueError(f"k={k} outside [1, {total}]")
+        raise InvalidArgumentError(f"k={k} outside [1, {total}]")
     if cand_budget < 0:
-        cand_budget = max(65536, total // 48, total if total <= SMALL else 0)
-    lo_key, hi_key, _ = _bracket(sources, sizes, total, k, magnitude, n_threads)
-    # 2. range pass
+        cand_budget = _default_budget(total, src.itemsize())
+    lo_key, hi_key, band = _bracket(src, k, magnitude, n_threads)
     below = 0
     inside = 0
     bad = 0
     cands = []
     ok = True
-    for src, n_t in zip(sources, sizes):
-        if n_t == 0:
+    for i in range(len(src.sizes)):
+        if src.sizes[i] == 0:
             continue
-        b_t, i_t, bad_t, c_t = range_pass(_get(src, True), lo_key, hi_key, magnitude, inf16,
-                                          cand_budget - inside, n_threads)
+        b_t, i_t, bad_t, c_t = range_pass(src.get(i, True), lo_key, hi_key, magnitude, inf16,
+                                          cand_budget - inside, n_threads, band)
         below += b_t
         inside += i_t
         bad += bad_t
@@ -634,34 +899,37 @@ def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, 
     if bad:
         return 0, 0, bad, "nonfinite"
     if ok and below < k <= below + inside:
-        thresh, cbelow = _select_candidates(cands, k - below - 1, lo_key, hi_key)
+        thresh, cbelow = select_hist(cands, k - below - 1, lo_key, hi_key)
         return int(thresh), below + cbelow, 0, "sample"
-    # 3. fallback: radix histograms, top digit first
-    return _radix_threshold(sources, sizes, k, magnitude, inf16, n_threads) + ("radix",)
+    del cands
+    # fallback: radix histograms, top digit first
+    return _radix_threshold(src, k, magnitude, inf16, n_threads) + ("radix",)
 
 
-def _radix_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, int n_threads):
-    cdef int shift = -1
-    cdef Py_ssize_t rank = k - 1, below = 0, b
+def _radix_threshold(_Sources src, Py_ssize_t k, int magnitude, uint16_t inf16, int n_threads):
+    cdef int shift = 8 * <int>src.itemsize() - 16
+    cdef Py_ssize_t rank = k - 1, below = 0, acc, b, i
+    cdef int64_t[::1] hv
     prefix = 0
     pmask = 0
     bad = 0
+    hist = np.zeros(NBINS, dtype=np.int64)
+    hv = hist
     while True:
-        hist = np.zeros(NBINS, dtype=np.int64)
-        for src, n_t in zip(sources, sizes):
-            if n_t == 0:
-                continue
-            x = _get(src, True)
-            if shift < 0:
-                shift = 8 * x.dtype.itemsize - 16
-            bad += hist_pass(x, shift, prefix, pmask, magnitude, inf16, hist, n_threads)
+        hist[:] = 0
+        for i in range(len(src.sizes)):
+            if src.sizes[i]:
+                bad += hist_pass(src.get(i, True), shift, prefix, pmask, magnitude, inf16, hist,
+                                 n_threads)
         if bad:
             return 0, 0, bad
-        cum = np.cumsum(hist)
-        b = int(np.searchsorted(cum, rank, side="right"))
-        lower = int(cum[b - 1]) if b > 0 else 0
-        rank -= lower
-        below += lower
+        acc = 0
+        b = 0
+        while b < NBINS - 1 and acc + hv[b] <= rank:
+            acc += hv[b]
+            b += 1
+        rank -= acc
+        below += acc
         prefix |= int(b) << int(shift)
         pmask |= int(0xffff) << int(shift)
         if shift == 0:
@@ -683,12 +951,12 @@ cdef extern from "apr_keys.h" nogil:
 
 
 cdef inline Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int magnitude,
-                            uint64_t khi, uint64_t klo, uint64_t* buf, uint8_t* out) noexcept nogil:
+                            uint64_t khi, uint64_t klo, char* buf, uint8_t* out) noexcept nogil:
     if real_t is float:
         return apr_row32(<const uint32_t*>x, ncols, k, magnitude, <uint32_t>khi, <uint32_t>klo,
                          <uint32_t*>buf, out)
     elif real_t is double:
-        return apr_row64(<const uint64_t*>x, ncols, k, magnitude, khi, klo, buf, out)
+        return apr_row64(<const uint64_t*>x, ncols, k, magnitude, khi, klo, <uint64_t*>buf, out)
     else:
         return apr_row16(x, ncols, k, magnitude, <uint16_t>khi, <uint16_t>klo, <uint16_t*>buf,
                          out)
@@ -697,25 +965,41 @@ cdef inline Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int
 def rows_mask(const real_t[:, ::1] x, Py_ssize_t k, int magnitude, uint16_t inf16,
               uint8_t[:, ::1] out, int n_threads):
     """Prune the k smallest keys of every row (ties: lowest column first).
-    Returns the number of rows holding non-finite values (their mask is left unwritten)."""
-    cdef Py_ssize_t nrows = x.shape[0], ncols = x.shape[1], i, bad = 0
+    Returns the number of rows holding non-finite values (their mask is not meaningful).
+
+    Each thread selects whole rows in a key buffer of one row; the threads are capped so that
+    their buffers fit the scratch budget.  Rows so long that one buffer would not fit are
+    selected one after the other like whole tensors (threshold_masks, parallel inside)."""
+    cdef Py_ssize_t nrows = x.shape[0], ncols = x.shape[1], i, bad = 0, rowbytes, fit
     cdef int nt = threads_for(n_threads, nrows * ncols, nrows)
     cdef uint64_t khi, klo
-    cdef uint64_t[::1] bufs
+    cdef uint8_t[::1] bufs
     cdef int64_t[::1] badrow
+    if out.shape[0] != nrows or out.shape[1] != ncols:
+        raise ShapeMismatchError(f"out has shape ({out.shape[0]}, {out.shape[1]}), the input "
+                                 f"({nrows}, {ncols})")
     if nrows == 0 or ncols == 0:
         return 0
-    inf_keys(<real_t*>&x[0, 0], inf16, magnitude, &khi, &klo)
     if k <= 0 or k >= ncols:
-        flat = np.asarray(x).reshape(-1)
-        return fill_pass(flat, 1 if k <= 0 else 0, magnitude, inf16,
+        return fill_pass(np.asarray(x).reshape(-1), 1 if k <= 0 else 0, magnitude, inf16,
                          np.asarray(out).reshape(-1), n_threads)
-    bufs = np.empty(nt * ncols, dtype=np.uint64)
+    rowbytes = ncols * <Py_ssize_t>sizeof(real_t)
+    fit = scratch_budget(nrows * rowbytes) // rowbytes
+    if fit == 0:
+        xa = np.asarray(x)
+        oa = np.asarray(out)
+        for i in range(nrows):
+            bad += threshold_masks([xa[i]], [oa[i]], [ncols], k, magnitude, inf16, n_threads) != 0
+        return bad
+    if nt > fit:
+        nt = <int>fit
+    inf_keys(<real_t*>&x[0, 0], inf16, magnitude, &khi, &klo)
+    bufs = np.empty(nt * rowbytes, dtype=np.uint8)
     badrow = np.zeros(nrows, dtype=np.int64)
     with nogil:
         for i in prange(nrows, schedule="static", num_threads=nt):
             badrow[i] = _row(&x[i, 0], ncols, k, magnitude, khi, klo,
-                             &bufs[threadid() * ncols], &out[i, 0])
+                             <char*>&bufs[threadid() * rowbytes], &out[i, 0])
         for i in range(nrows):
             bad += badrow[i]
     return bad
@@ -736,6 +1020,11 @@ def block_sums(const real_t[:, ::1] x, Py_ssize_t bh, Py_ssize_t bw, int fmt,
                double[:, ::1] out, int n_threads):
     """out[I, J] = sum of x over block (I, J) of shape (bh, bw), accumulated in float64."""
     cdef Py_ssize_t nbr = out.shape[0], nbc = out.shape[1], I, i, j
+    if bh < 1 or bw < 1:
+        raise InvalidArgumentError(f"block ({bh}, {bw}) must have sides >= 1")
+    if nbr * bh != x.shape[0] or nbc * bw != x.shape[1]:
+        raise ShapeMismatchError(f"out ({nbr}, {nbc}) of ({bh}, {bw}) blocks does not tile the "
+                                 f"input ({x.shape[0]}, {x.shape[1]})")
     cdef int nt = threads_for(n_threads, x.shape[0] * x.shape[1], nbr)
     with nogil:
         for I in prange(nbr, schedule="static", num_threads=nt):
@@ -748,7 +1037,13 @@ def block_sums(const real_t[:, ::1] x, Py_ssize_t bh, Py_ssize_t bw, int fmt,
 
 def expand_blocks(const uint8_t[:, ::1] bmask, Py_ssize_t bh, Py_ssize_t bw,
                   uint8_t[:, ::1] out, int n_threads):
+    """out[i, j] = bmask[i // bh, j // bw]."""
     cdef Py_ssize_t i, j
+    if bh < 1 or bw < 1:
+        raise InvalidArgumentError(f"block ({bh}, {bw}) must have sides >= 1")
+    if bmask.shape[0] * bh != out.shape[0] or bmask.shape[1] * bw != out.shape[1]:
+        raise ShapeMismatchError(f"bmask ({bmask.shape[0]}, {bmask.shape[1]}) of ({bh}, {bw}) "
+                                 f"blocks does not tile out ({out.shape[0]}, {out.shape[1]})")
     cdef int nt = threads_for(n_threads, out.shape[0] * out.shape[1], out.shape[0])
     with nogil:
         for i in prange(out.shape[0], schedule="static", num_threads=nt):
