@@ -2,51 +2,17 @@
 import math
 import numbers
 import operator
-import sys
 
 import numpy as np
 
 from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
                              InvalidShapeError, InvalidSparsityError, NumericalInstabilityError)
 from ._threads import MAX_THREADS, effective_n_threads  # noqa: F401 - re-exported
+from ._adapters import Bits16, is_cupy, is_torch, to_numpy_view  # noqa: F401 - re-exported
 
 # 16-bit float formats: +inf bit pattern (also the exponent mask) and the kernel format code
 F16, BF16 = 1, 2
 INF16 = {F16: 0x7C00, BF16: 0x7F80}
-
-
-class Bits16:
-    """A uint16 array holding raw 16-bit float bit patterns, tagged with its format.
-
-    ``Bits16(raw, "bfloat16")`` or ``Bits16(raw, "float16")`` lets callers without ml_dtypes pass
-    bfloat16 weights (say, a safetensors buffer) to every aprender entry point without a copy.
-    """
-
-    __slots__ = ("bits", "format")
-
-    def __init__(self, bits, format="bfloat16"):
-        bits = np.asarray(bits)
-        if bits.dtype != np.uint16:
-            raise InvalidDTypeError(f"Bits16 needs a uint16 array of bit patterns, got {bits.dtype}")
-        if format not in ("bfloat16", "float16"):
-            raise InvalidArgumentError(f"Bits16 format must be 'bfloat16' or 'float16', got {format!r}")
-        self.bits = bits
-        self.format = format
-
-    @property
-    def shape(self):
-        return self.bits.shape
-
-    @property
-    def size(self):
-        return self.bits.size
-
-    @property
-    def ndim(self):
-        return self.bits.ndim
-
-    def __repr__(self):
-        return f"Bits16(shape={self.bits.shape}, format={self.format!r})"
 
 
 class Floats:
@@ -80,12 +46,6 @@ class Floats:
 
 def _is_bf16(dtype):
     return dtype.kind == "V" and dtype.name == "bfloat16" or str(dtype) == "bfloat16"
-
-
-def is_cupy(x):
-    """True for a CuPy array, decided without importing CuPy."""
-    cp = sys.modules.get("cupy")
-    return cp is not None and isinstance(x, cp.ndarray)
 
 
 def short_repr(value, limit=80):
@@ -139,9 +99,7 @@ def as_floats(x, name="values", *, allow_empty=True, min_ndim=1):
         if is_cupy(x):
             raise InvalidDTypeError(f"{name}: CuPy arrays are only accepted by aprender.sparse24; "
                                     "call .get() to bring the array to the host")
-        if type(x).__module__.startswith("torch"):
-            from .torch import to_numpy_view  # optional interop, imported on demand
-
+        if is_torch(x):
             x = to_numpy_view(x)
             if isinstance(x, Bits16):
                 return as_floats(x, name, allow_empty=allow_empty, min_ndim=min_ndim)

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from . import __version__
+from ._threads import MAX_THREADS
 from .checkpoints import DEFAULT_EXCLUDE, WARN_SPARSITY, CheckpointPruner
 from .errors import PruningError, UnsafePathError
 from .io.checkpoint import INDEX_NAME, Checkpoint
@@ -24,7 +25,6 @@ from .io.files import display
 from .io.safetensors import FLOAT_DTYPES
 
 CHUNK = 1 << 22  # elements per inspect chunk
-MAX_THREADS = 4096
 
 SELECTION_HELP = (
     "By default every 2-D floating tensor whose name ends in '.weight' is pruned, except "

@@ -10,7 +10,8 @@ import re
 
 import numpy as np
 
-from ._validation import Bits16, check_bool, prune_count, resolve_threads, short_repr
+from ._adapters import _dtype_name, to_numpy_view
+from ._validation import check_bool, prune_count, resolve_threads, short_repr
 from .errors import (DeviceError, InvalidArgumentError, InvalidDTypeError,  # noqa: F401
                      InvalidPatternError, PruningError)
 
@@ -25,40 +26,7 @@ def _torch():
     return torch
 
 
-def to_numpy_view(tensor):
-    """A zero-copy numpy view of a CPU tensor (writes go to the tensor's memory).
-
-    bfloat16 tensors become ``Bits16(uint16 bit patterns, "bfloat16")``.  Gradients are ignored
-    (the view is of the detached data).  Non-CPU tensors raise DeviceError; sparse or quantized
-    tensors raise InvalidDTypeError."""
-    torch = _torch()
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidDTypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu":
-        raise DeviceError(f"tensor is on device '{tensor.device}'; aprender works on CPU memory: "
-                          "move it with .cpu() first (and back with .to(device) afterwards)")
-    if tensor.layout != torch.strided or tensor.is_quantized:
-        raise InvalidDTypeError(f"expected a dense (strided) tensor, got layout {tensor.layout}"
-                                + (" (quantized)" if tensor.is_quantized else ""))
-    t = tensor.detach()
-    if t.is_conj() or t.is_neg():
-        raise InvalidDTypeError("tensor has a lazy conjugate/negative bit; call .resolve_conj() "
-                                "and .resolve_neg() first")
-    if t.dtype == torch.bfloat16:
-        return Bits16(t.view(torch.int16).numpy().view(np.uint16), "bfloat16")
-    try:
-        return t.numpy()
-    except TypeError:  # float8, complex32, ...: no numpy dtype to view them as
-        raise InvalidDTypeError(f"tensor dtype {_dtype_name(t.dtype)} has no numpy equivalent; "
-                                "aprender reads float16, bfloat16, float32 and float64 tensors "
-                                "(cast with .to(...) first)") from None
-
-
 _PRUNABLE = ("float16", "bfloat16", "float32", "float64")
-
-
-def _dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def _pattern(pattern):

@@ -9,6 +9,7 @@ import numpy as np
 from .._kernels import apply as _apply
 from .._kernels import nm as _nmk
 from .._kernels import select as _select
+from .._adapters import is_torch, to_numpy_view
 from .._validation import (Floats, as_array, as_floats, check_axis, check_bool, check_int,
                            check_nm, check_sparsity, decode16, prune_count, raise_nonfinite, resolve_threads,
                            short_repr)
@@ -384,9 +385,7 @@ class SparsityMask:
             arr = weights
         elif hasattr(weights, "bits") and hasattr(weights, "format"):
             arr = weights.bits
-        elif type(weights).__module__.startswith("torch"):
-            from ..torch import to_numpy_view
-
+        elif is_torch(weights):
             view = to_numpy_view(weights)
             arr = view.bits if hasattr(view, "bits") else view
         else:
