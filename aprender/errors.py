@@ -17,6 +17,9 @@ __all__ = [
     "DeviceError",
     "CalibrationError",
     "InvalidCalibrationError",
+    "CalibrationRequiredError",
+    "MissingActivationStatsError",
+    "CalibrationFileError",
 ]
 
 
@@ -87,3 +90,25 @@ class CalibrationError(PruningError, ValueError):
 class InvalidCalibrationError(PruningError, TypeError):
     """A ``calibration`` argument that is not calibration data (a string, an array, a dict...):
     importance methods take None or an ``aprender.pruning.CalibrationContext``."""
+
+
+class CalibrationRequiredError(PruningError, ValueError):
+    """An importance method that needs calibration statistics (Wanda) was called without them;
+    collect them with ``aprender.torch.collect_calibration`` or load a calibration file."""
+
+
+class MissingActivationStatsError(CalibrationError, KeyError):
+    """A CalibrationContext holds no statistics for the layer asked for (``layer`` names it).
+    A KeyError too, so ``context[name]`` behaves like a mapping lookup."""
+
+    def __init__(self, message, layer=None):
+        super().__init__(message)
+        self.layer = layer
+
+    def __str__(self):  # KeyError would print the message quoted, as a repr
+        return str(self.args[0]) if self.args else ""
+
+
+class CalibrationFileError(CheckpointError, CalibrationError):
+    """A calibration file that is malformed (names, dtypes, shapes, metadata) or holds invalid
+    statistics (negative counts, non-finite or negative sums, a Hessian of the wrong size)."""
