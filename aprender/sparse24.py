@@ -44,34 +44,30 @@ Layouts (``rows`` = product of all but the last dimension, ``cols`` = the last d
 for the others) instead of raising; ``padded_shape`` records it and ``to_dense()`` returns the
 original shape.
 
-CuPy arrays are compressed on the GPU by ``aprender.cuda`` (same bytes as the CPU path).
+CuPy arrays are compressed on the GPU by ``aprender.cuda`` (same bytes as the CPU path); the
+layout rules both paths follow live in ``aprender._sparse24_plan``.
 """
-import math
-
 import numpy as np
 
+from . import _sparse24_plan as _p
+from ._sparse24_plan import LAYOUTS
 from ._validation import Bits16, is_cupy, resolve_threads
-from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
-                             LayoutError, NumericalInstabilityError, ShapeMismatchError)
+from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError, LayoutError,
+                     ShapeMismatchError)
 
 __all__ = ["compress", "Sparse24Tensor", "LAYOUTS"]
-
-LAYOUTS = ("cutlass", "bitmask", "raw")
-_LAYOUT_CODE = {"cutlass": 0, "bitmask": 1, "raw": 2}
-# dtype name -> (bit-pattern dtype, +inf key for selection, nonzero mask)
-_FORMATS = {
-    "float16": (np.uint16, 0x7C00),
-    "bfloat16": (np.uint16, 0x7F80),
-    "int8": (np.int8, 0),
-    "float32": (np.uint32, 0x7F800000),
-}
-_MODE_NONZERO, _MODE_MASK, _MODE_SELECT = 0, 1, 2
 
 
 def _kernels():
     from ._kernels import sparse24 as k
 
     return k
+
+
+def _cuda():
+    from . import cuda  # optional: imported only when a CuPy array arrives
+
+    return cuda
 
 
 def _bf16_dtype():
@@ -98,6 +94,10 @@ def _torch_to_numpy(t):
     return t.numpy()
 
 
+_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.int8): "int8",
+          np.dtype(np.float32): "float32"}
+
+
 class _Host:
     """A host weight as bit patterns: bits (C-contiguous), the dtype to give values back in."""
 
@@ -122,12 +122,8 @@ class _Host:
             dt = arr.dtype
             if _is_bf16(dt):
                 self.name = "bfloat16"
-            elif dt == np.float16:
-                self.name = "float16"
-            elif dt == np.int8:
-                self.name = "int8"
-            elif dt == np.float32:
-                self.name = "float32"
+            elif dt in _NAMES:
+                self.name = _NAMES[dt]
             else:
                 hint = " (wrap raw bfloat16 bits in aprender.Bits16)" if dt == np.uint16 else ""
                 raise InvalidDTypeError(f"{name}: 2:4 layouts take float16, bfloat16, int8 or "
@@ -136,42 +132,9 @@ class _Host:
         if not arr.dtype.isnative:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         arr = np.ascontiguousarray(arr)
-        self.bits_dtype = np.dtype(_FORMATS[self.name][0])
+        self.bits_dtype = np.dtype(_p.FORMATS[self.name][0])
         self.bits = arr.view(self.bits_dtype)
         self.shape = tuple(arr.shape)
-
-
-def _plan(shape, name, layout, pad):
-    """(rows, cols, padded_rows, padded_cols) for a weight of this shape, or a typed error."""
-    if layout not in LAYOUTS:
-        raise InvalidArgumentError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    ndim = len(shape)
-    if layout == "cutlass":
-        if ndim != 2:
-            raise InvalidShapeError(f"the cutlass layout needs a 2-D weight, got shape {shape}")
-        if name == "float32":
-            raise InvalidDTypeError("the cutlass layout takes float16, bfloat16 or int8 (PyTorch "
-                                    "encodes float32 as 1:2 pairs); use layout='bitmask' or "
-                                    "'raw' for float32")
-    elif ndim == 0:
-        raise InvalidShapeError("a 2:4 layout needs at least a 1-d weight, got a 0-d array")
-    cols = shape[-1]
-    rows = math.prod(shape[:-1]) if ndim > 1 else 1
-    if layout == "cutlass":
-        rmul, cmul = (16, 64) if name == "int8" else (32, 32)
-        rule = (f"the cutlass layout for {name} needs rows a multiple of {rmul} and columns a "
-                f"multiple of {cmul}")
-    else:
-        rmul, cmul = 1, 4
-        rule = f"the {layout} layout needs the last dimension to be a multiple of 4"
-    prow = -(-rows // rmul) * rmul
-    pcol = -(-cols // cmul) * cmul
-    if (prow, pcol) != (rows, cols) or rows == 0 or cols == 0:
-        if rows == 0 or cols == 0:
-            raise InvalidShapeError(f"weight of shape {shape} is empty; nothing to compress")
-        if not pad:
-            raise InvalidShapeError(f"{rule}; got shape {shape} (pass pad=True to pad with zeros)")
-    return rows, cols, prow, pcol
 
 
 def _padded(a, rows, cols, prow, pcol):
@@ -199,34 +162,18 @@ def _keep_of(mask, shape):
     return np.ascontiguousarray(keep, dtype=np.bool_).view(np.uint8)
 
 
-def _raise_status(status, shape, cols, mode, bits, keep):
-    bad = np.flatnonzero(status >= 0)
-    if bad.size == 0:
-        return
-    r = int(bad[0])
-    s = int(status[r])
-    g, kind = s // 4, s % 4
-    where = f"row {r}" if len(shape) <= 2 else f"row {r} (index {np.unravel_index(r, shape[:-1])})"
-    span = f"group {g} (columns {4 * g}..{4 * g + 3})"
-    if kind == 2:
-        raise NumericalInstabilityError(
-            f"weight {where} {span} contains inf or NaN; select=True needs finite values",
-            index=(r, 4 * g))
-    if kind == 3:
-        raise LayoutError(f"bitmask {where} {span} does not have exactly two bits set")
-    grp = bits.reshape(-1, cols)[r, 4 * g:4 * g + 4] if r * cols < bits.size else None
-    if grp is not None and is_cupy(grp):
-        grp = grp.get()
-    detail = ""
-    if grp is not None:
-        n = int(np.count_nonzero(grp if grp.dtype == np.int8 else
-                                 grp & (0x7FFF if grp.dtype == np.uint16 else 0x7FFFFFFF)))
-        detail = f" has {n} non-zeros"
-    if mode == _MODE_MASK:
-        raise LayoutError(f"weight {where} {span}{detail}, and the mask keeps more than two of "
-                          "them; a 2:4 layout stores at most two per group of four")
-    raise LayoutError(f"weight {where} {span}{detail}; a 2:4 layout stores at most two non-zeros "
-                      "per group of four (pass select=True to keep the two largest, or a mask)")
+def _host_array(a, what):
+    """numpy (or CuPy, left as it is) view of a part handed to the constructor."""
+    if a is None or is_cupy(a) or isinstance(a, np.ndarray):
+        return a
+    if type(a).__module__.startswith("torch"):
+        a = _torch_to_numpy(a)
+        return a.bits if isinstance(a, Bits16) else a
+    try:
+        return np.asarray(a)
+    except Exception as exc:  # noqa: BLE001 - anything numpy cannot take
+        raise InvalidDTypeError(f"{what}: cannot convert {type(a).__name__} to an array "
+                                f"({exc})") from None
 
 
 class Sparse24Tensor:
@@ -234,21 +181,34 @@ class Sparse24Tensor:
 
     Attributes: ``layout``, ``shape`` (dense, original), ``dtype`` (name: "float16", "bfloat16",
     "int8", "float32"), ``values``, ``metadata`` (cutlass, raw) or ``bitmask`` (bitmask layout),
-    ``padded_shape`` (the 2-D shape actually compressed)."""
+    ``padded_shape`` (the 2-D shape actually compressed).  The constructor checks that every
+    part has exactly the shape and element size its layout needs (``padded_shape`` defaults to
+    the layout's padding of ``shape``); raw 16-bit bits may come as an ``aprender.Bits16``."""
 
     __slots__ = ("layout", "shape", "dtype", "values", "metadata", "bitmask", "padded_shape",
                  "_wrap16")
 
     def __init__(self, layout, shape, dtype, values, metadata=None, bitmask=None,
                  padded_shape=None, _wrap16=False):
+        if isinstance(values, Bits16):
+            if dtype != values.format:
+                raise InvalidDTypeError(f"values are {values.format} bits, dtype says {dtype!r}")
+            values, _wrap16 = values.bits, True
+        values = _host_array(values, "values")
+        if isinstance(values, np.ndarray) and not values.dtype.isnative:
+            values = values.astype(values.dtype.newbyteorder("="))  # decoded as native bits
+        metadata = _host_array(metadata, "metadata")
+        bitmask = _host_array(bitmask, "bitmask")
+        shape, padded_shape = _p.check_parts(layout, shape, dtype, values, metadata, bitmask,
+                                             padded_shape)
         self.layout = layout
-        self.shape = tuple(int(s) for s in shape)
+        self.shape = shape
         self.dtype = dtype
         self.values = values
         self.metadata = metadata
         self.bitmask = bitmask
-        self.padded_shape = tuple(padded_shape) if padded_shape is not None else None
-        self._wrap16 = _wrap16
+        self.padded_shape = padded_shape
+        self._wrap16 = bool(_wrap16)
 
     def __repr__(self):
         pad = f", padded_shape={self.padded_shape}" if self.is_padded else ""
@@ -256,35 +216,31 @@ class Sparse24Tensor:
 
     @property
     def is_padded(self):
-        rows = math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
-        return self.padded_shape != (rows, self.shape[-1])
+        return self.padded_shape != (_p.rows_of(self.shape), self.shape[-1])
 
     def to_dense(self, *, n_threads=None):
         """The dense weight, in the original shape and dtype (Bits16 in, Bits16 out)."""
         if is_cupy(self.values):
-            from . import cuda
-
-            return cuda.decompress24(self)
+            return _cuda().decompress24(self.layout, self.shape, self.dtype, self.values,
+                                        self.metadata, self.bitmask, self.padded_shape)
         nt = resolve_threads(n_threads)
         k = _kernels()
         prow, pcol = self.padded_shape
         vals = np.ascontiguousarray(self.values)
-        bits_dtype = np.dtype(_FORMATS[self.dtype][0])
+        bits_dtype = np.dtype(_p.FORMATS[self.dtype][0])
         vbits = vals.view(bits_dtype).reshape(prow, pcol // 2)
         out = np.empty((prow, pcol), dtype=bits_dtype)
-        ngroups = pcol // 4
-        scratch = np.empty((max(nt, 1), (ngroups + 1) // 2), dtype=np.uint8)
-        code = _LAYOUT_CODE[self.layout]
+        code = _p.LAYOUT_CODE[self.layout]
         wide = int(self.dtype == "int8")
         if code == 0:
             status = k.decompress(vbits, None, np.ascontiguousarray(self.metadata).reshape(-1)
-                                  .view(np.uint8), code, wide, out, scratch, nt)
+                                  .view(np.uint8), code, wide, out, nt)
         else:
             src = self.bitmask if code == 1 else self.metadata
-            status = k.decompress(vbits, np.ascontiguousarray(src, dtype=np.uint8), None, code,
-                                  wide, out, scratch, nt)
-        _raise_status(status, (prow, pcol), pcol, _MODE_NONZERO, out, None)
-        rows = math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+            status = k.decompress(vbits, np.ascontiguousarray(src).view(np.uint8), None, code,
+                                  wide, out, nt)
+        _p.raise_status(status, (prow, pcol), pcol, _p.MODE_NONZERO, out, None)
+        rows = _p.rows_of(self.shape)
         if (prow, pcol) != (rows, self.shape[-1]):
             out = np.ascontiguousarray(out[:rows, :self.shape[-1]])
         out = out.reshape(self.shape)
@@ -345,7 +301,7 @@ class Sparse24Tensor:
                                     f"{bm.shape}")
         if min(shape) < 0:
             raise InvalidShapeError(f"{names[0]} holds a negative dimension: {shape}")
-        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        rows = _p.rows_of(shape)
         vshape = host.bits.shape
         if host.bits.ndim != 2 or vshape[0] < rows or vshape[1] * 2 < shape[-1] or vshape[1] % 2:
             raise InvalidShapeError(f"{names[1]} has shape {vshape}; dense shape {shape} needs "
@@ -366,47 +322,47 @@ def compress(weight, *, layout="cutlass", mask=None, select=False, pad=False, n_
     if mask is not None and select:
         raise InvalidArgumentError("pass either mask= or select=True, not both")
     if is_cupy(weight):
-        from . import cuda
-
-        return cuda.compress24(weight, layout=layout, mask=mask, select=select, pad=pad)
+        keep = None
+        if mask is not None:
+            keep = mask if is_cupy(mask) else _keep_of(mask, tuple(weight.shape))
+        parts = _cuda().compress24(weight, layout=layout, keep=keep, select=bool(select),
+                                   pad=pad)
+        return Sparse24Tensor(**parts)
     nt = resolve_threads(n_threads)
     host = _Host(weight)
-    rows, cols, prow, pcol = _plan(host.shape, host.name, layout, pad)
-    mode = _MODE_NONZERO
+    rows, cols, prow, pcol = _p.plan(host.shape, host.name, layout, pad)
+    mode = _p.MODE_NONZERO
     keep = None
     if mask is not None:
-        mode = _MODE_MASK
+        mode = _p.MODE_MASK
         keep = _padded(_keep_of(mask, host.shape), rows, cols, prow, pcol)
     elif select:
-        mode = _MODE_SELECT
+        mode = _p.MODE_SELECT
     x = _padded(host.bits, rows, cols, prow, pcol)
-    return _compress_host(x, keep, mode, host, layout, rows, cols, prow, pcol, nt)
+    return _compress_host(x, keep, mode, host, layout, prow, pcol, nt)
 
 
-def _compress_host(x, keep, mode, host, layout, rows, cols, prow, pcol, nt):
+def _compress_host(x, keep, mode, host, layout, prow, pcol, nt):
     k = _kernels()
-    code = _LAYOUT_CODE[layout]
+    code = _p.LAYOUT_CODE[layout]
     ngroups = pcol // 4
     nbytes = (ngroups + 1) // 2
     wide = int(host.name == "int8")
-    kinf = _FORMATS[host.name][1]
+    kinf = _p.FORMATS[host.name][1]
     vals = np.empty((prow, pcol // 2), dtype=host.bits_dtype)
-    meta = bitmask = None
+    meta = bitmask = codes = None
     meta_bytes = bits = None
     if code == 2:
-        codes = np.empty((prow, nbytes), dtype=np.uint8)
-        meta = codes
-    else:
-        codes = np.empty((max(nt, 1), nbytes), dtype=np.uint8)
+        codes = meta = np.empty((prow, nbytes), dtype=np.uint8)
     if code == 1:
         bits = bitmask = np.empty((prow, nbytes), dtype=np.uint8)
     if code == 0:
         nwords = ngroups // 8 if wide else ngroups // 4
         meta = np.empty((prow, nwords), dtype=np.int32 if wide else np.int16)
         meta_bytes = meta.reshape(-1).view(np.uint8)
-    status = k.compress(x, keep, mode, kinf if mode == _MODE_SELECT else 0, code, wide, vals,
+    status = k.compress(x, keep, mode, kinf if mode == _p.MODE_SELECT else 0, code, wide, vals,
                         codes, bits, meta_bytes, nt)
-    _raise_status(status, host.shape if len(host.shape) > 1 else (1,) + host.shape, pcol, mode,
-                  x, keep)
+    _p.raise_status(status, host.shape if len(host.shape) > 1 else (1,) + host.shape, pcol, mode,
+                    x, keep)
     return Sparse24Tensor(layout, host.shape, host.name, vals.view(host.out_dtype), metadata=meta,
                           bitmask=bitmask, padded_shape=(prow, pcol), _wrap16=host.wrap16)

@@ -45,6 +45,8 @@ cdef extern from *:
     int apr_forked_serial
     int apr_register_atfork()
 
+from ._guard import guard
+
 if apr_register_atfork() != 0:  # pragma: no cover - pthread_atfork only fails without memory
     raise ImportError("aprender: pthread_atfork failed; cannot make the kernels fork-safe")
 
@@ -102,3 +104,6 @@ def team_size(int n_threads):
     with nogil:
         team = apr_openmp_team(nt)
     return int(team)
+
+
+guard(globals(), ["work_threads", "team_size"])

@@ -15,6 +15,7 @@ import numpy as np
 
 from ._common cimport real_t, inf_keys
 from ._openmp cimport threads_for
+from ._guard import guard
 from ..errors import InvalidArgumentError, InvalidShapeError, ShapeMismatchError
 
 cdef enum:
@@ -92,8 +93,9 @@ cdef _check_layout(Py_ssize_t size, Py_ssize_t outer, Py_ssize_t length, Py_ssiz
                                  f"length={length}, inner={inner}) {outer * length * inner}")
 
 
-def nm_mask(const real_t[::1] x, Py_ssize_t outer, Py_ssize_t length, Py_ssize_t inner, int n,
-            int m, int magnitude, uint16_t inf16, uint8_t[::1] out, int n_threads):
+def nm_mask(const real_t[::1] x not None, Py_ssize_t outer, Py_ssize_t length,
+            Py_ssize_t inner, int n, int m, int magnitude, uint16_t inf16,
+            uint8_t[::1] out not None, int n_threads):
     """Write the N:M keep-mask of x (flat C-order view of an (outer, length, inner) array).
     Returns the number of non-finite values seen."""
     cdef Py_ssize_t size = x.shape[0], groups, ng, c, nch, g, t, o, base, bad = 0, b_t, g0, g1
@@ -136,8 +138,8 @@ def nm_mask(const real_t[::1] x, Py_ssize_t outer, Py_ssize_t length, Py_ssize_t
     return bad
 
 
-def nm_check(const uint8_t[::1] keep, Py_ssize_t outer, Py_ssize_t length, Py_ssize_t inner,
-             int n, int m, int exact):
+def nm_check(const uint8_t[::1] keep not None, Py_ssize_t outer, Py_ssize_t length,
+             Py_ssize_t inner, int n, int m, int exact):
     """Count groups that break N:M: more than n kept (exact=0) or not exactly n kept (exact=1).
     Returns (bad_groups, first_bad_group_flat_index or -1)."""
     cdef Py_ssize_t groups, g, o, i, t, base, cnt, bad = 0, first = -1
@@ -156,3 +158,6 @@ def nm_check(const uint8_t[::1] keep, Py_ssize_t outer, Py_ssize_t length, Py_ss
                         if first < 0:
                             first = (o * groups + g) * inner + i
     return bad, first
+
+
+guard(globals(), ["nm_mask", "nm_check"])

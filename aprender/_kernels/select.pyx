@@ -37,6 +37,7 @@ a caller can stream memory-mapped tensors.
 Every def here checks the sizes of the buffers it is given (O(1) checks, typed errors from
 aprender.errors), so no call from Python can read or write out of bounds.
 """
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memset, memchr
 from libc.math cimport sqrt, ceil, floor
@@ -48,6 +49,7 @@ import numpy as np
 
 from ._common cimport real_t, key_t, key_of, inf_keys, apr_u16_to_f64
 from ._openmp cimport threads_for
+from ._guard import guard
 from ..errors import InvalidArgumentError, InvalidShapeError, ShapeMismatchError
 
 cdef enum:
@@ -120,13 +122,13 @@ cdef inline uint64_t _radix_select(key_t* a, Py_ssize_t n, Py_ssize_t rank,
         return apr_radix_select64(a, n, rank, below)
 
 
-def select_keys(key_t[::1] keys, Py_ssize_t rank):
+def select_keys(key_t[::1] keys not None, Py_ssize_t rank):
     """rank-th smallest key (0-based) of a key buffer by the branch-free MSD radix select
     (worst-case linear); only permutes the buffer."""
     return select_keys_below(keys, rank)[0]
 
 
-def select_keys_below(key_t[::1] keys, Py_ssize_t rank):
+def select_keys_below(key_t[::1] keys not None, Py_ssize_t rank):
     """(rank-th smallest key, number of keys strictly below it); only permutes keys."""
     cdef Py_ssize_t n = keys.shape[0], below = 0
     cdef uint64_t out
@@ -137,7 +139,7 @@ def select_keys_below(key_t[::1] keys, Py_ssize_t rank):
     return out, below
 
 
-def select_pair(key_t[::1] keys, Py_ssize_t r_lo, Py_ssize_t r_hi):
+def select_pair(key_t[::1] keys not None, Py_ssize_t r_lo, Py_ssize_t r_hi):
     """(key of rank r_lo, key of rank r_hi), 0-based, r_lo <= r_hi; only permutes keys."""
     cdef Py_ssize_t n = keys.shape[0], below = 0
     cdef uint64_t lo, hi
@@ -201,7 +203,8 @@ def select_hist(segments, Py_ssize_t rank, uint64_t lo, uint64_t hi):
         if dt is None:
             dt = seg.dtype
         elif seg.dtype != dt:
-            raise InvalidArgumentError(f"key arrays of one width expected, got {dt} and {seg.dtype}")
+            raise InvalidArgumentError(f"key arrays of one width expected, got {dt} and "
+                                       f"{seg.dtype}")
         segs.append(np.ascontiguousarray(seg))
         total += seg.shape[0]
     if not 0 <= rank < total:
@@ -389,8 +392,8 @@ def sample_keys(x, Py_ssize_t s, uint64_t salt, int magnitude, int n_threads=1, 
     return np.asarray(out)[:w]
 
 
-def sample_into(const real_t[::1] x, Py_ssize_t s, uint64_t salt, int magnitude, int n_threads,
-                key_t[::1] out):
+def sample_into(const real_t[::1] x not None, Py_ssize_t s, uint64_t salt, int magnitude,
+                int n_threads, key_t[::1] out not None):
     """Write the sample_keys sample into out; returns how many keys it wrote."""
     cdef Py_ssize_t n = x.shape[0], w, want
     if sizeof(key_t) < sizeof(real_t):
@@ -420,8 +423,8 @@ cdef tuple _sum_tasks(int64_t[::1] res, Py_ssize_t ntask, Py_ssize_t per):
     return below, inside, bad, overflow
 
 
-def range_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uint16_t inf16,
-               Py_ssize_t cap, int n_threads, double expect=1.0):
+def range_pass(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magnitude,
+               uint16_t inf16, Py_ssize_t cap, int n_threads, double expect=1.0):
     """Count keys < lo and copy keys in [lo, hi] (native keys, at most cap in all).  Each task
     of the pass holds at most its share of cap, and no more than about twice what ``expect``
     (the expected fraction of keys inside the bracket) predicts for it.  Returns (n_below,
@@ -459,8 +462,8 @@ def range_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uin
     return below, inside, bad, buf[:w]  # a view: the buffer is about twice the candidates
 
 
-def mark_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uint16_t inf16,
-              uint8_t[::1] out, int n_threads):
+def mark_pass(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magnitude,
+              uint16_t inf16, uint8_t[::1] out not None, int n_threads):
     """out[i] = 1 (key > hi), 0 (key < lo) or 2 (key in [lo, hi]: a candidate).  Returns
     (n_below, n_inside, n_nonfinite, counts): counts[t] candidates lie in task t's part
     [t * n // T, (t + 1) * n // T) of x, T = len(counts) (for gather_marked and fix_marked)."""
@@ -486,8 +489,9 @@ def mark_pass(const real_t[::1] x, uint64_t lo, uint64_t hi, int magnitude, uint
     return below, inside, bad, counts
 
 
-def gather_marked(const real_t[::1] x, const uint8_t[::1] out, const int64_t[::1] counts,
-                  int magnitude, key_t[::1] keys, int n_threads):
+def gather_marked(const real_t[::1] x not None, const uint8_t[::1] out not None,
+                  const int64_t[::1] counts not None, int magnitude, key_t[::1] keys not None,
+                  int n_threads):
     """The keys of the candidates marked 2 by mark_pass, in flat order, into keys (exactly
     sum(counts) of them, keys of x's own width)."""
     cdef Py_ssize_t n = x.shape[0], ntask = counts.shape[0], t, i, j, s, e, lim
@@ -529,8 +533,8 @@ def gather_marked(const real_t[::1] x, const uint8_t[::1] out, const int64_t[::1
     return keys.shape[0]
 
 
-def fix_marked(uint8_t[::1] out, const int64_t[::1] counts, const key_t[::1] keys,
-               uint64_t thresh, Py_ssize_t r, int n_threads):
+def fix_marked(uint8_t[::1] out not None, const int64_t[::1] counts not None,
+               const key_t[::1] keys not None, uint64_t thresh, Py_ssize_t r, int n_threads):
     """Decide the candidates marked 2, in flat order: keep key > thresh, prune key < thresh,
     prune the first r keys equal to thresh and keep the others.  keys: the candidates' keys in
     flat order (gather_marked).  Returns how many equal keys it pruned (min(r, number equal))."""
@@ -578,8 +582,8 @@ def fix_marked(uint8_t[::1] out, const int64_t[::1] counts, const key_t[::1] key
     return min(r, eqs)
 
 
-def hist_pass(const real_t[::1] x, int shift, uint64_t prefix, uint64_t pmask, int magnitude,
-              uint16_t inf16, int64_t[::1] hist, int n_threads):
+def hist_pass(const real_t[::1] x not None, int shift, uint64_t prefix, uint64_t pmask,
+              int magnitude, uint16_t inf16, int64_t[::1] hist not None, int n_threads):
     """Add to hist (65536 bins) the 16-bit digit at shift of every key whose bits under pmask
     equal prefix.  Returns the number of non-finite values.  Per-task histograms (512 KiB each)
     are bounded by the scratch budget, so the task count may be below the thread count."""
@@ -615,8 +619,8 @@ def hist_pass(const real_t[::1] x, int shift, uint64_t prefix, uint64_t pmask, i
     return bad
 
 
-def write_pass(const real_t[::1] x, uint64_t thresh, Py_ssize_t r, int magnitude,
-               uint8_t[::1] out, int n_threads):
+def write_pass(const real_t[::1] x not None, uint64_t thresh, Py_ssize_t r, int magnitude,
+               uint8_t[::1] out not None, int n_threads):
     """keep = key > thresh, except that the first r keys equal to thresh (flat order) are pruned
     and the rest kept.  Returns how many equal keys it pruned (min(r, number equal))."""
     cdef Py_ssize_t n = x.shape[0], c, nch = (n + CHUNK - 1) // CHUNK, total = 0, first
@@ -644,8 +648,8 @@ def write_pass(const real_t[::1] x, uint64_t thresh, Py_ssize_t r, int magnitude
     return min(r, total)
 
 
-def fill_pass(const real_t[::1] x, uint8_t value, int magnitude, uint16_t inf16,
-              uint8_t[::1] out, int n_threads):
+def fill_pass(const real_t[::1] x not None, uint8_t value, int magnitude, uint16_t inf16,
+              uint8_t[::1] out not None, int n_threads):
     """out[:] = value; returns the number of non-finite inputs (k == 0 or k == n)."""
     cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads), bad = 0
     cdef uint64_t khi, klo
@@ -680,12 +684,13 @@ def _get(src, bint sequential=False):
     return src(sequential=sequential) if "sequential" in params else src()
 
 
+@cython.auto_pickle(False)
 cdef class _Sources:
     """The sources of a multi-tensor selection, checked as they are read: 1-d, contiguous, one
     float dtype (float32, float64 or 16-bit bit patterns) and exactly the sizes announced."""
-    cdef public list sources, sizes
-    cdef public object dtype
-    cdef public Py_ssize_t total
+    cdef readonly list sources, sizes
+    cdef readonly object dtype
+    cdef readonly Py_ssize_t total
 
     def __init__(self, sources, sizes):
         self.sources = list(sources)
@@ -699,6 +704,8 @@ cdef class _Sources:
         self.dtype = None
 
     def get(self, Py_ssize_t i, bint sequential=False):
+        if not 0 <= i < len(self.sources):
+            raise InvalidArgumentError(f"source {i} outside [0, {len(self.sources)})")
         x = _get(self.sources[i], sequential)
         if not isinstance(x, np.ndarray) or x.ndim != 1 or not x.flags.c_contiguous:
             raise InvalidShapeError(f"source {i} must be a 1-d C-contiguous numpy array, got "
@@ -962,8 +969,8 @@ cdef inline Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int
                          out)
 
 
-def rows_mask(const real_t[:, ::1] x, Py_ssize_t k, int magnitude, uint16_t inf16,
-              uint8_t[:, ::1] out, int n_threads):
+def rows_mask(const real_t[:, ::1] x not None, Py_ssize_t k, int magnitude, uint16_t inf16,
+              uint8_t[:, ::1] out not None, int n_threads):
     """Prune the k smallest keys of every row (ties: lowest column first).
     Returns the number of rows holding non-finite values (their mask is not meaningful).
 
@@ -1016,8 +1023,8 @@ cdef inline double _val(real_t v, int fmt) noexcept nogil:
         return v
 
 
-def block_sums(const real_t[:, ::1] x, Py_ssize_t bh, Py_ssize_t bw, int fmt,
-               double[:, ::1] out, int n_threads):
+def block_sums(const real_t[:, ::1] x not None, Py_ssize_t bh, Py_ssize_t bw, int fmt,
+               double[:, ::1] out not None, int n_threads):
     """out[I, J] = sum of x over block (I, J) of shape (bh, bw), accumulated in float64."""
     cdef Py_ssize_t nbr = out.shape[0], nbc = out.shape[1], I, i, j
     if bh < 1 or bw < 1:
@@ -1035,8 +1042,8 @@ def block_sums(const real_t[:, ::1] x, Py_ssize_t bh, Py_ssize_t bw, int fmt,
                     out[I, j // bw] += _val(x[i, j], fmt)
 
 
-def expand_blocks(const uint8_t[:, ::1] bmask, Py_ssize_t bh, Py_ssize_t bw,
-                  uint8_t[:, ::1] out, int n_threads):
+def expand_blocks(const uint8_t[:, ::1] bmask not None, Py_ssize_t bh, Py_ssize_t bw,
+                  uint8_t[:, ::1] out not None, int n_threads):
     """out[i, j] = bmask[i // bh, j // bw]."""
     cdef Py_ssize_t i, j
     if bh < 1 or bw < 1:
@@ -1049,3 +1056,10 @@ def expand_blocks(const uint8_t[:, ::1] bmask, Py_ssize_t bh, Py_ssize_t bw,
         for i in prange(out.shape[0], schedule="static", num_threads=nt):
             for j in range(out.shape[1]):
                 out[i, j] = bmask[i // bh, j // bw]
+
+
+guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "select_pair",
+                  "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass", "gather_marked",
+                  "fix_marked", "hist_pass", "write_pass", "fill_pass", "_get", "_bracket",
+                  "threshold_masks", "find_threshold", "_radix_threshold", "rows_mask",
+                  "block_sums", "expand_blocks"])

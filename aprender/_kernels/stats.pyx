@@ -12,6 +12,8 @@ from cython.parallel cimport prange
 import numpy as np
 
 from ._openmp cimport threads_for
+from ._guard import guard
+from ..errors import ShapeMismatchError
 from ._common cimport (real_t, apr_bf16_to_f32, apr_f32_to_bf16, apr_f16_to_f32, apr_f32_to_f16,
                        apr_nonfinite16, apr_nonfinite32, apr_nonfinite64, APR_FMT_BF16)
 
@@ -97,11 +99,15 @@ cdef void _chunk(const real_t* x, Py_ssize_t n, int pk, double p, int fmt, real_
     res[4] = bad
 
 
-def scores_stats(const real_t[::1] x, int pk, double p, int fmt, real_t[::1] out, int n_threads):
+def scores_stats(const real_t[::1] x not None, int pk, double p, int fmt,
+                 real_t[::1] out not None, int n_threads):
     """Write the scores of x into out (skipped when out is empty) and return
     (min, max, mean, std, n_nonfinite) of the scores (population std)."""
     cdef Py_ssize_t n = x.shape[0], nch = (n + CHUNK - 1) // CHUNK, c, s, e
     cdef int nt = threads_for(n_threads, n, nch)
+    if out.shape[0] != 0 and out.shape[0] != n:
+        raise ShapeMismatchError(f"out holds {out.shape[0]} elements; it must be empty (no "
+                                 f"scores written) or hold the input's {n}")
     cdef bint write = out.shape[0] == n and n > 0
     cdef double[:, ::1] res
     cdef double mean, m2, cnt, delta, cn, mn, mx, bad = 0
@@ -131,3 +137,6 @@ def scores_stats(const real_t[::1] x, int pk, double p, int fmt, real_t[::1] out
             if res[c, 1] > mx:
                 mx = res[c, 1]
     return mn, mx, mean, sqrt(m2 / cnt), int(bad)
+
+
+guard(globals(), ["scores_stats"])
