@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from ._validation import is_cupy
+from ._adapters import is_cupy
 from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError, LayoutError,
                      NumericalInstabilityError, ShapeMismatchError)
 

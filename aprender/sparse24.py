@@ -51,7 +51,8 @@ import numpy as np
 
 from . import _sparse24_plan as _p
 from ._sparse24_plan import LAYOUTS
-from ._validation import Bits16, is_cupy, resolve_threads
+from ._adapters import Bits16, is_cupy
+from ._validation import resolve_threads
 from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError, LayoutError,
                      ShapeMismatchError)
 
@@ -99,7 +100,8 @@ _NAMES = {np.dtype(np.float16): "float16", np.dtype(np.int8): "int8",
 
 
 class _Host:
-    """A host weight as bit patterns: bits (C-contiguous), the dtype to give values back in."""
+    """A host weight as bit patterns: bits (C-contiguous, native byte order), the dtype to give
+    values back in.  Byte-swapped input (say ``>f2``) is converted to native order once."""
 
     def __init__(self, weight, name="weight"):
         self.wrap16 = False
@@ -120,15 +122,16 @@ class _Host:
                 raise InvalidDTypeError(f"{name}: cannot convert {type(weight).__name__} to an "
                                         f"array ({exc})")
             dt = arr.dtype
+            native = dt if dt.isnative else dt.newbyteorder("=")
             if _is_bf16(dt):
                 self.name = "bfloat16"
-            elif dt in _NAMES:
-                self.name = _NAMES[dt]
+            elif native in _NAMES:
+                self.name = _NAMES[native]
             else:
                 hint = " (wrap raw bfloat16 bits in aprender.Bits16)" if dt == np.uint16 else ""
                 raise InvalidDTypeError(f"{name}: 2:4 layouts take float16, bfloat16, int8 or "
                                         f"float32, got dtype {dt}{hint}")
-            self.out_dtype = arr.dtype.newbyteorder("=")
+            self.out_dtype = native
         if not arr.dtype.isnative:
             arr = arr.astype(arr.dtype.newbyteorder("="))
         arr = np.ascontiguousarray(arr)

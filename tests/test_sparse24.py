@@ -323,6 +323,91 @@ def test_hypothesis_round_trip():
     check()
 
 
+@pytest.mark.parametrize("layout, swapped", [(layout, swapped) for layout in sparse24.LAYOUTS
+                                              for swapped in (">f2", ">f4")
+                                              if (layout, swapped) != ("cutlass", ">f4")])
+def test_byte_swapped_input_matches_native(layout, swapped):
+    """Big-endian (byte-swapped) float16/float32, which every other entry point accepts, is
+    converted to native order once: same bytes as the native weight, values in native order.
+    (The cutlass layout takes no float32.)"""
+    native = np.dtype(swapped).newbyteorder("=")
+    rng = np.random.default_rng(4)
+    w = _weight(rng, (64, 64), native, "ties")
+    ws = w.astype(swapped)
+    assert not ws.dtype.isnative and np.array_equal(ws, w)
+    mask = magnitude_nm_mask(_as_f32(w), 2, 4)
+    for kw in ({"select": True}, {"mask": mask}, {}):
+        dense = w if kw else _select_ref(w)
+        a = sparse24.compress(dense.astype(swapped), layout=layout, **kw)
+        b = sparse24.compress(dense, layout=layout, **kw)
+        assert a.values.dtype == native and a.values.dtype.isnative
+        np.testing.assert_array_equal(_bits(a.values), _bits(b.values))
+        extra = "bitmask" if layout == "bitmask" else "metadata"
+        np.testing.assert_array_equal(getattr(a, extra), getattr(b, extra))
+        np.testing.assert_array_equal(_bits(a.to_dense()), _bits(b.to_dense()))
+
+
+def test_constructor_takes_the_parts_compress_makes_and_defaults_the_padding():
+    rng = np.random.default_rng(6)
+    w = _select_ref(_weight(rng, (3, 5, 20), np.float16))
+    for layout in ("bitmask", "raw"):
+        s = sparse24.compress(w, layout=layout, pad=True)
+        again = sparse24.Sparse24Tensor(s.layout, s.shape, s.dtype, s.values, metadata=s.metadata,
+                                        bitmask=s.bitmask)  # padded_shape from the layout
+        assert again.padded_shape == s.padded_shape == (15, 20)
+        np.testing.assert_array_equal(_bits(again.to_dense()), _bits(w))
+    raw = Bits16(np.zeros((64, 32), np.uint16), "bfloat16")
+    t = sparse24.Sparse24Tensor("cutlass", (64, 64), "bfloat16", raw,
+                                metadata=np.full((64, 4), 0x4444, np.int16))
+    assert isinstance(t.to_dense(), Bits16)
+    with pytest.raises(InvalidDTypeError, match="float16 bits, dtype says 'bfloat16'"):
+        sparse24.Sparse24Tensor("raw", (4, 8), "bfloat16", Bits16(np.zeros((4, 4), np.uint16),
+                                                                  "float16"),
+                                metadata=np.zeros((4, 1), np.uint8))
+
+
+def _imports(path):
+    """(module-level imports, imports inside functions) of a Python file, as dotted names."""
+    import ast
+
+    tree = ast.parse(open(path).read())
+    top, inner = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [("." * node.level) + (node.module or "") + ":" + a.name for a in node.names]
+            (top if node in tree.body else inner).update(names)
+    return top, inner
+
+
+def test_cpu_and_gpu_paths_share_the_plan_module_and_never_import_each_other():
+    cuda_top, cuda_inner = _imports(os.path.join(ROOT, "aprender", "cuda", "__init__.py"))
+    s24_top, s24_inner = _imports(os.path.join(ROOT, "aprender", "sparse24.py"))
+    plan_top, plan_inner = _imports(os.path.join(ROOT, "aprender", "_sparse24_plan.py"))
+    assert not any("sparse24" in n and "_sparse24_plan" not in n for n in cuda_top | cuda_inner)
+    assert "..:_sparse24_plan" in cuda_top and ".:_sparse24_plan" in s24_top
+    assert not any("cuda" in n for n in s24_top)  # only imported when a CuPy array arrives
+    assert any("cuda" in n for n in s24_inner)
+    assert not any("sparse24:" in n or "cuda" in n for n in plan_top | plan_inner)
+
+
+def test_cuda_package_imports_without_the_cpu_2to4_module(tmp_path):
+    """With a stand-in CuPy, importing aprender.cuda loads the plan module, not sparse24.py."""
+    stub = tmp_path / "cupy"
+    stub.mkdir()
+    (stub / "__init__.py").write_text("class ndarray:\n    pass\n")
+    code = ("import sys, aprender.cuda\n"
+            "assert 'aprender._sparse24_plan' in sys.modules\n"
+            "assert 'aprender.sparse24' not in sys.modules, 'cuda imported sparse24'\n"
+            "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
 # --- CUDA -----------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
