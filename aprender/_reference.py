@@ -14,7 +14,8 @@ import numpy as np
 
 __all__ = ["to_float64", "prune_count", "unstructured_mask", "per_row_mask", "nm_mask",
            "global_masks", "block_mask", "row_mask", "column_mask", "scores", "stats",
-           "apply_mask"]
+           "apply_mask", "sum_squares_chunk_rows", "sum_squares", "hessian", "wanda_scores",
+           "score_sum", "outlier_ratio", "owl_layer_sparsities"]
 
 
 def to_float64(values):
@@ -158,3 +159,98 @@ def apply_mask(weights, keep):
     out = np.array(weights, copy=True)
     out[~np.asarray(keep, dtype=bool)] = 0
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration
+# ----------------------------------------------------------------------------------------------
+
+def sum_squares_chunk_rows(d):
+    """Rows per chunk of the sum-of-squares kernel for rows of d elements."""
+    return max(16, min(4096, (1 << 20) // max(d, 1)))
+
+
+def sum_squares(x, where=None, start=None):
+    """start + Σ_rows x**2 per feature (last axis), float64, in the kernel's documented order:
+    the selected rows split into chunks of sum_squares_chunk_rows(d) rows, each chunk summed
+    row after row, the chunk sums folded in order and added to ``start``."""
+    v = to_float64(x)
+    d = v.shape[-1]
+    rows = v.reshape(-1, d)
+    if where is not None:
+        rows = rows[np.asarray(where, dtype=bool).reshape(-1)]
+    out = np.zeros(d) if start is None else np.array(start, dtype=np.float64)
+    r = sum_squares_chunk_rows(d)
+    chunks = []
+    for c in range(0, rows.shape[0], r):
+        acc = np.zeros(d)
+        for row in rows[c:c + r]:
+            acc = acc + row * row
+        chunks.append(acc)
+    if chunks:
+        total = chunks[0]
+        for p in chunks[1:]:
+            total = total + p
+        out = out + total
+    return out
+
+
+def hessian(x, where=None):
+    """XᵀX of the selected rows in float64 (exact products, float64 sums)."""
+    v = to_float64(x)
+    rows = v.reshape(-1, v.shape[-1])
+    if where is not None:
+        rows = rows[np.asarray(where, dtype=bool).reshape(-1)]
+    return rows.T @ rows
+
+
+def wanda_scores(weights, sum_sq):
+    """|w| * sqrt(sum_sq) per input feature: float32(|w|) * float32(sqrt(sum_sq)) rounded once
+    to float32 for 16/32-bit weights, float64 for float64 weights."""
+    arr = np.asarray(weights.bits if hasattr(weights, "bits") else weights)
+    w = to_float64(weights)
+    norms = np.sqrt(np.asarray(sum_sq, dtype=np.float64))
+    if arr.dtype == np.float64:
+        return np.abs(w) * norms
+    # the product of two float32 values is exact in float64; one rounding to float32
+    return (np.abs(w).astype(np.float32).astype(np.float64)
+            * norms.astype(np.float32).astype(np.float64)).astype(np.float32)
+
+
+def score_sum(values):
+    """Σ values in float64: chunks of 65536 elements summed in order, chunk sums folded in
+    order (the kernel's order)."""
+    v = to_float64(values).reshape(-1)
+    total = 0.0
+    for c in range(0, v.size, 65536):
+        s = 0.0
+        for e in v[c:c + 65536].tolist():
+            s += e
+        total = s if c == 0 else total + s
+    return total
+
+
+def outlier_ratio(groups, m):
+    """OWL: fraction of the scores (all arrays of the group together) > m * their mean."""
+    vs = [to_float64(g).reshape(-1) for g in groups]
+    n = sum(v.size for v in vs)
+    if n == 0:
+        return 0.0
+    total = 0.0
+    for v in vs:
+        total += score_sum(v)
+    thr = m * (total / n)
+    return sum(int((v > thr).sum()) for v in vs) / n
+
+
+def owl_layer_sparsities(ratios, sizes, target, lam):
+    """OWL layer sparsities before clamping: target - 2*lam*(N_l - weighted mean of N), with
+    N the ratios min-max normalised over the non-empty layers (all 0 if they are equal)."""
+    live = [i for i, n in enumerate(sizes) if n > 0]
+    if not live:
+        return [float(target)] * len(ratios)
+    lo = min(ratios[i] for i in live)
+    hi = max(ratios[i] for i in live)
+    norm = [(r - lo) / (hi - lo) if hi > lo else 0.0 for r in ratios]
+    mean = sum(norm[i] * sizes[i] for i in live) / sum(sizes[i] for i in live)
+    return [target - 2.0 * lam * (v - mean) for v in norm]
