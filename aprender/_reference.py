@@ -167,7 +167,7 @@ def apply_mask(weights, keep):
 
 def sum_squares_chunk_rows(d):
     """Rows per chunk of the sum-of-squares kernel for rows of d elements."""
-    return max(16, min(4096, (1 << 20) // max(d, 1)))
+    return max(256, min(4096, (1 << 20) // max(d, 1)))
 
 
 def sum_squares(x, where=None, start=None):

@@ -40,7 +40,7 @@ cdef extern from "apr_keys.h" nogil:
 
 cdef enum:
     CHUNK_ELEMS = 1 << 20    # elements per row chunk of sum_squares (rows = this // row length)
-    MIN_CHUNK_ROWS = 16
+    MIN_CHUNK_ROWS = 256     # scratch (one float64 row per chunk) <= 8/256 bytes per element
     MAX_CHUNK_ROWS = 4096
     COL_BLOCK = 2048         # columns per task of sum_squares (does not change any result)
     SUM_CHUNK = 65536        # elements per chunk of score_sum (fixed: results never depend on it)
