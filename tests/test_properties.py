@@ -608,6 +608,19 @@ def _calls():
         ("SparsityMask", lambda a: SparsityMask(a > 0)),
         ("SparsityMask", lambda a: SparsityMask(np.abs(ref.to_float64(a)) >= 0,
                                                 SparsityPattern.unstructured())),
+        # calibration-aware pruning: activations, weights and scores are read, never written
+        ("ActivationStats", lambda a: pruning.ActivationStats(8, hessian=True).update(
+            a, where=np.ones(8, bool))),
+        ("CalibrationContext", lambda a: pruning.CalibrationContext(
+            {"l": pruning.ActivationStats(8).update(a)})),
+        ("WandaImportance", lambda a: pruning.WandaImportance().compute(
+            a, pruning.ActivationStats(8).update(np.ones((2, 8), np.float32)))),
+        ("wanda_scale", lambda a: pruning.wanda_scale(pruning.ActivationStats(8).update(a))),
+        ("wanda_scores", lambda a: pruning.wanda_scores(
+            a, np.ones(8, np.float64 if a.dtype.itemsize == 8 else np.float32))),
+        ("owl_outlier_ratio", lambda a: pruning.owl_outlier_ratio([a, a], 2.0)),
+        ("owl_sparsities", lambda a: pruning.owl_sparsities({"x": a, "y": [a, a]}, 0.5)),
+        ("owl_allocation", lambda a: pruning.owl_allocation([0.5, 0.25], [a.size, 3], 0.5)),
     ]
 
 
@@ -648,7 +661,7 @@ def test_public_functions_are_all_covered_by_the_mutation_test():
         if callable(obj):
             public.add(n)
     # the protocol and the plain data classes take no arrays of their own
-    public -= {"Importance", "ImportanceScores", "ImportanceStats"}
+    public -= {"Importance", "ImportanceScores", "ImportanceStats", "OwlAllocation"}
     assert public <= covered, f"add these to the mutation test: {sorted(public - covered)}"
 
 

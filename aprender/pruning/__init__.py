@@ -1,15 +1,23 @@
-"""The object API: importance, masks, patterns and errors."""
-from ..errors import (CalibrationError, CheckpointError, DeviceError, InvalidArgumentError,
+"""The object API: importance, calibration, masks, patterns and errors."""
+from ..errors import (CalibrationError, CalibrationFileError, CalibrationRequiredError,
+                      CheckpointError, DeviceError, InvalidArgumentError,
                       InvalidCalibrationError, InvalidDTypeError, InvalidPatternError,
                       InvalidShapeError, InvalidSparsityError, LayoutError,
-                      NumericalInstabilityError, PruningError, ReadOnlyError, ShapeMismatchError)
-from .importance import Importance, ImportanceScores, ImportanceStats, MagnitudeImportance
+                      MissingActivationStatsError, NumericalInstabilityError, PruningError,
+                      ReadOnlyError, ShapeMismatchError)
+from .calibration import ActivationStats, CalibrationContext
+from .importance import (Importance, ImportanceScores, ImportanceStats, MagnitudeImportance,
+                         WandaImportance, wanda_scale, wanda_scores)
+from .owl import OwlAllocation, owl_allocation, owl_outlier_ratio, owl_sparsities
 from .mask import (SparsityMask, SparsityPattern, generate_block_mask, generate_column_mask,
                    generate_global_mask, generate_nm_mask, generate_row_mask,
                    generate_unstructured_mask, magnitude_mask, magnitude_nm_mask)
 
 __all__ = [
     "Importance", "ImportanceScores", "ImportanceStats", "MagnitudeImportance",
+    "WandaImportance", "wanda_scale", "wanda_scores",
+    "ActivationStats", "CalibrationContext",
+    "owl_outlier_ratio", "owl_allocation", "owl_sparsities", "OwlAllocation",
     "SparsityMask", "SparsityPattern",
     "generate_unstructured_mask", "generate_nm_mask", "generate_global_mask",
     "generate_block_mask", "generate_row_mask", "generate_column_mask",
@@ -17,5 +25,6 @@ __all__ = [
     "PruningError", "InvalidSparsityError", "InvalidPatternError", "ShapeMismatchError",
     "InvalidShapeError", "InvalidDTypeError", "NumericalInstabilityError", "InvalidArgumentError",
     "ReadOnlyError", "LayoutError", "CheckpointError", "DeviceError", "CalibrationError",
-    "InvalidCalibrationError",
+    "InvalidCalibrationError", "CalibrationRequiredError", "MissingActivationStatsError",
+    "CalibrationFileError",
 ]

@@ -1,0 +1,599 @@
+"""Calibration statistics: what Wanda (and later SparseGPT) need to know about a layer's inputs.
+
+:class:`ActivationStats` accumulates, for one layer with ``in_features`` inputs, the float64 sum
+of squares of every input feature over the tokens seen and the token count (and, on request,
+XᵀX in float64).  :class:`CalibrationContext` maps layer names to their statistics and reads
+and writes them as one safetensors file, so statistics collected on several machines can be
+merged.
+
+Precision and reproducibility of the sums of squares: the squares of float16, bfloat16 and
+float32 activations are exact in float64; the sums round in a fixed order (rows in chunks of a
+size fixed by the row length, each chunk summed row after row, chunks folded in order), so a
+result never depends on the thread count or the machine's core count.  Statistics of one batch
+split in two and merged equal those of one pass up to float64 rounding of the sums (relative
+differences of order 1e-16 times the number of chunks), not bit for bit; the float32 Wanda
+scales derived from them practically always agree exactly.
+"""
+import difflib
+import math
+import numbers
+import os
+import re
+import stat
+from collections.abc import Mapping
+
+import numpy as np
+
+from .._adapters import is_torch, to_numpy_view
+from .._kernels import calib as _calib
+from .._validation import (BF16, F16, Bits16, _is_bf16, as_array, check_int, decode16,
+                           resolve_threads, short_repr)
+from ..errors import (CalibrationError, CalibrationFileError, CheckpointError, InvalidArgumentError,
+                      InvalidDTypeError, InvalidShapeError, MissingActivationStatsError,
+                      NumericalInstabilityError, ShapeMismatchError, UnsafePathError)
+
+__all__ = ["ActivationStats", "CalibrationContext", "CALIBRATION_FORMAT"]
+
+CALIBRATION_FORMAT = "aprender.calibration/1"
+_SUFFIXES = ("sum_squares", "count", "hessian")
+_INT64_MAX = (1 << 63) - 1
+_HESSIAN_BLOCK = 1 << 22  # elements of one float32/float64 block of rows for XᵀX
+
+
+class _Rows:
+    """Activations as a 2-D (rows, in_features) kernel view without a float64 copy: float32,
+    float64 or uint16 bit patterns (fmt F16/BF16), inner axis contiguous."""
+
+    __slots__ = ("kernel", "fmt", "dtype_name", "shape", "inf16")
+
+    def __init__(self, x, in_features, name):
+        if is_torch(x):
+            x = to_numpy_view(x)
+        if isinstance(x, Bits16):
+            arr = x.bits
+            self.fmt = BF16 if x.format == "bfloat16" else F16
+            self.dtype_name = x.format
+        else:
+            arr = as_array(x, name)
+            dt = arr.dtype
+            if _is_bf16(dt):
+                self.fmt, self.dtype_name = BF16, "bfloat16"
+            elif dt.kind == "f" and dt.itemsize in (2, 4, 8):
+                self.fmt = F16 if dt.itemsize == 2 else 0
+                self.dtype_name = {2: "float16", 4: "float32", 8: "float64"}[dt.itemsize]
+            else:
+                raise InvalidDTypeError(
+                    f"{name}: expected floating activations (float16, bfloat16, float32 or "
+                    f"float64), got dtype {dt}" + (" (wrap raw bfloat16 bits in aprender.Bits16)"
+                                                   if dt == np.uint16 else ""))
+        if arr.ndim == 0:
+            raise InvalidShapeError(f"{name}: expected activations of shape (..., "
+                                    f"{in_features}), got a 0-d array")
+        if arr.shape[-1] != in_features:
+            raise ShapeMismatchError(
+                f"{name} has shape {tuple(arr.shape)} but the statistics are of {in_features} "
+                f"input features: expected shape (..., {in_features})")
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        self.shape = tuple(arr.shape)
+        if self.fmt:
+            arr = arr.view(np.uint16)
+        x2 = arr.reshape(-1, in_features)  # a view where the strides allow it
+        if x2.shape[1] > 1 and x2.strides[1] != x2.itemsize:
+            x2 = np.ascontiguousarray(x2)  # one copy in the input's own dtype
+        self.kernel = x2
+        self.inf16 = {F16: 0x7C00, BF16: 0x7F80}.get(self.fmt, 0)
+
+    def floats(self, rows):
+        """The rows (an index array or slice) as float32 (float64 for float64 input)."""
+        blk = self.kernel[rows]
+        return decode16(np.ascontiguousarray(blk), self.fmt) if self.fmt else blk
+
+    def raise_nonfinite(self, rows, name):
+        """NumericalInstabilityError naming the first NaN/infinity among ``rows`` (None: all),
+        or the float64 overflow when there is none."""
+        sel = self.kernel if rows is None else self.kernel[rows]
+        bad = (sel & self.inf16) == self.inf16 if self.fmt else ~np.isfinite(sel)
+        if bad.any():
+            r, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            row = int(r) if rows is None else int(rows[r])
+            idx = tuple(int(v) for v in np.unravel_index(row, self.shape[:-1])) + (int(j),)
+            if self.fmt:
+                raw = int(sel[r, j])
+                kind = "NaN" if raw & 0x7FFF > self.inf16 else ("-inf" if raw & 0x8000 else "inf")
+            else:
+                v = float(sel[r, j])
+                kind = "NaN" if math.isnan(v) else ("-inf" if v < 0 else "inf")
+            raise NumericalInstabilityError(
+                f"{name} contains {kind} at index {idx}; activation statistics need finite "
+                "values", index=idx, value=kind)
+        raise NumericalInstabilityError(
+            f"the sum of squares of {name} overflows float64 (activations of magnitude above "
+            "about 1e154)", value="inf")
+
+
+def _where_rows(where, shape, name):
+    """Row indices selected by a boolean (or 0/1 integer) mask of shape ``shape``."""
+    if is_torch(where):
+        where = where.detach().cpu().numpy()
+    w = as_array(where, "where")
+    if tuple(w.shape) != tuple(shape):
+        raise ShapeMismatchError(f"where has shape {tuple(w.shape)} but {name} has leading "
+                                 f"shape {tuple(shape)} (one flag per token)")
+    if w.dtype != np.bool_:
+        if w.dtype.kind not in "iu":
+            raise InvalidDTypeError(f"where must be a boolean (or 0/1 integer) mask, got dtype "
+                                    f"{w.dtype}")
+        if w.size and ((w != 0) & (w != 1)).any():
+            raise InvalidArgumentError("where must hold only 0 and 1 (or True and False)")
+    return np.flatnonzero(w.reshape(-1)).astype(np.intp, copy=False)
+
+
+class ActivationStats:
+    """Running statistics of one layer's inputs (activations of shape ``(..., in_features)``).
+
+    ``update(x)`` adds a batch: float16, bfloat16 (ml_dtypes, ``aprender.Bits16`` or
+    ``torch.bfloat16``), float32 or float64 numpy arrays or CPU torch tensors, read in place
+    (16-bit floats are converted in registers, never copied to float64).  Kept in float64:
+    ``sum_squares[j] = Σ_tokens x[t, j]²``, ``count`` (tokens), and with ``hessian=True`` also
+    ``hessian = XᵀX`` (each block of rows multiplied by numpy's BLAS in float32 — float64 for
+    float64 activations — and the blocks summed in float64; as BLAS-dependent as any matmul).
+
+    The arrays returned by ``sum_squares`` and ``hessian`` are read-only views of the running
+    sums (later updates change them: copy to keep a snapshot).  Not thread-safe: one updater
+    at a time.  An update that fails (a NaN, a shape mismatch) leaves the statistics unchanged.
+    """
+
+    __slots__ = ("_d", "_ss", "_count", "_h")
+
+    def __init__(self, in_features, *, hessian=False):
+        d = check_int(in_features, "in_features", minimum=1)
+        if not isinstance(hessian, (bool, np.bool_)):
+            raise InvalidArgumentError(f"hessian must be True or False, got "
+                                       f"{short_repr(hessian)}")
+        self._d = d
+        self._ss = np.zeros(d, dtype=np.float64)
+        self._count = 0
+        self._h = np.zeros((d, d), dtype=np.float64) if hessian else None
+
+    # -- construction from stored arrays ----------------------------------------------------
+    @classmethod
+    def from_arrays(cls, sum_squares, count, hessian=None):
+        """Statistics from stored arrays (copied), validated: a 1-D float64 array of finite,
+        non-negative sums; an integer count >= 0 (0 only with all sums 0); an optional
+        (in, in) Hessian of finite values with a non-negative diagonal.  Raises
+        CalibrationError naming the problem."""
+        ss = np.asarray(sum_squares)
+        if ss.ndim != 1 or ss.size == 0:
+            raise CalibrationError(f"sum_squares must be a non-empty 1-D array, got shape "
+                                   f"{ss.shape}")
+        if ss.dtype != np.float64:
+            raise CalibrationError(f"sum_squares must be float64, got {ss.dtype}")
+        if not np.isfinite(ss).all():
+            raise CalibrationError("sum_squares holds NaN or infinity")
+        if (ss < 0).any():
+            raise CalibrationError(f"sum_squares holds a negative sum "
+                                   f"({float(ss[np.argmax(ss < 0)])!r}); sums of squares are "
+                                   ">= 0")
+        if isinstance(count, np.ndarray) and count.ndim == 0:
+            count = count[()]
+        if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
+            raise CalibrationError(f"count must be an integer, got {short_repr(count)}")
+        count = int(count)
+        if count < 0 or count > _INT64_MAX:
+            raise CalibrationError(f"count must be in [0, 2**63), got {count}")
+        if count == 0 and ss.any():
+            raise CalibrationError("count is 0 but sum_squares is not all zero")
+        out = cls(ss.size, hessian=hessian is not None)
+        out._ss[:] = ss
+        out._count = count
+        if hessian is not None:
+            h = np.asarray(hessian)
+            if h.shape != (ss.size, ss.size):
+                raise CalibrationError(f"hessian has shape {h.shape}, expected "
+                                       f"({ss.size}, {ss.size}) for {ss.size} input features")
+            if h.dtype not in (np.float32, np.float64):
+                raise CalibrationError(f"hessian must be float32 or float64, got {h.dtype}")
+            if not np.isfinite(h).all():
+                raise CalibrationError("hessian holds NaN or infinity")
+            if (np.diagonal(h) < 0).any():
+                raise CalibrationError("hessian has a negative diagonal entry (XᵀX has none)")
+            if count == 0 and h.any():
+                raise CalibrationError("count is 0 but the hessian is not all zero")
+            out._h[...] = h
+        return out
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def in_features(self):
+        return self._d
+
+    @property
+    def count(self):
+        """Tokens (rows of activations) accumulated."""
+        return self._count
+
+    @property
+    def sum_squares(self):
+        """float64 (in_features,): Σ x[t, j]² over the tokens (read-only view)."""
+        v = self._ss.view()
+        v.flags.writeable = False
+        return v
+
+    @property
+    def input_norms(self):
+        """float64 (in_features,): ‖X_j‖₂ = sqrt(sum_squares), the column norms Wanda uses."""
+        return np.sqrt(self._ss)
+
+    @property
+    def squared_mean(self):
+        """float64 (in_features,): sum_squares / count, the mean square of each feature."""
+        if self._count == 0:
+            raise CalibrationError("squared_mean of statistics with no tokens (count is 0)")
+        return self._ss / self._count
+
+    @property
+    def has_hessian(self):
+        return self._h is not None
+
+    @property
+    def hessian(self):
+        """float64 (in_features, in_features) XᵀX (read-only view), or None when the
+        statistics were created with ``hessian=False``."""
+        if self._h is None:
+            return None
+        v = self._h.view()
+        v.flags.writeable = False
+        return v
+
+    # -- accumulation -----------------------------------------------------------------------
+    def update(self, x, *, where=None, n_threads=None):
+        """Add the tokens of ``x`` (shape ``(..., in_features)``); returns self.
+
+        ``where``: optional boolean (or 0/1) mask of shape ``x.shape[:-1]``; only tokens where
+        it is true are counted (padding excluded).  ``update(x, where=m)`` gives exactly the
+        statistics of ``update(x[m])``.  Non-finite activations raise
+        NumericalInstabilityError naming the first one; the statistics are then unchanged."""
+        rows = _Rows(x, self._d, "x")
+        nt = resolve_threads(n_threads)
+        sel = None if where is None else _where_rows(where, rows.shape[:-1], "x")
+        n_sel = rows.kernel.shape[0] if sel is None else sel.size
+        if n_sel == 0:
+            return self
+        if self._count + n_sel > _INT64_MAX:
+            raise CalibrationError("token count would exceed 2**63 - 1")
+        ss = self._ss.copy()
+        empty = np.empty(0, np.intp)
+        bad = _calib.sum_squares(rows.kernel, rows.fmt, empty if sel is None else sel,
+                                 sel is None, ss, nt)
+        if bad:
+            rows.raise_nonfinite(sel, "x")
+        if self._h is not None:
+            self._add_hessian(rows, sel, n_sel)
+        self._ss = ss
+        self._count += n_sel
+        return self
+
+    def _add_hessian(self, rows, sel, n_sel):
+        d = self._d
+        wide = rows.kernel.dtype == np.float64
+        dt = np.float64 if wide else np.float32
+        step = max(1, _HESSIAN_BLOCK // d)
+        prod = np.empty((d, d), dtype=dt)  # allocated before the running sum is touched
+        for s in range(0, n_sel, step):
+            idx = slice(s, min(n_sel, s + step)) if sel is None else sel[s:s + step]
+            blk = rows.floats(idx)
+            if blk.dtype != dt:
+                blk = blk.astype(dt)
+            np.matmul(blk.T, blk, out=prod)
+            self._h += prod
+
+    def merge(self, other):
+        """A new ActivationStats holding the statistics of both (self and other unchanged)."""
+        return self.copy().merge_(other)
+
+    def merge_(self, other):
+        """Add other's statistics to self in place; returns self."""
+        if not isinstance(other, ActivationStats):
+            raise InvalidArgumentError(f"merge needs an ActivationStats, got "
+                                       f"{type(other).__name__}")
+        if other._d != self._d:
+            raise ShapeMismatchError(f"cannot merge statistics of {other._d} input features "
+                                     f"into statistics of {self._d}")
+        if (self._h is None) != (other._h is None):
+            raise CalibrationError("cannot merge statistics with a Hessian and statistics "
+                                   "without one")
+        if self._count + other._count > _INT64_MAX:
+            raise CalibrationError("merged token count would exceed 2**63 - 1")
+        self._ss = self._ss + other._ss
+        if self._h is not None:
+            self._h += other._h
+        self._count += other._count
+        return self
+
+    def copy(self):
+        out = ActivationStats(self._d)
+        out._ss = self._ss.copy()
+        out._count = self._count
+        out._h = None if self._h is None else self._h.copy()
+        return out
+
+    def __eq__(self, other):
+        if not isinstance(other, ActivationStats):
+            return NotImplemented
+        return (self._d == other._d and self._count == other._count
+                and np.array_equal(self._ss, other._ss)
+                and (self._h is None) == (other._h is None)
+                and (self._h is None or np.array_equal(self._h, other._h)))
+
+    __hash__ = None
+
+    def __repr__(self):
+        return (f"ActivationStats(in_features={self._d}, count={self._count}"
+                f"{', hessian=True' if self._h is not None else ''})")
+
+
+def _check_name(name):
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"layer names are strings, got {type(name).__name__} "
+                                   f"{short_repr(name)}")
+    return name
+
+
+class CalibrationContext(Mapping):
+    """Calibration statistics of a model: layer name -> :class:`ActivationStats`.
+
+    A read-only mapping (``ctx[name]`` raises MissingActivationStatsError, a KeyError, for an
+    unknown layer) with ``add_layer_stats`` to fill it.  Layer names are the module names of
+    ``torch.nn.Module.named_modules()`` (e.g. ``"model.layers.0.mlp.down_proj"``).
+    ``num_samples`` counts the calibration samples (sequences) the statistics came from.
+
+    ``save(path)`` / ``CalibrationContext.load(path)`` write and read one safetensors file (bit
+    exact); ``merge`` adds contexts collected on different machines or data shards."""
+
+    def __init__(self, stats=None, *, num_samples=0):
+        self._stats = {}
+        self.num_samples = num_samples
+        if stats is not None:
+            if not isinstance(stats, Mapping):
+                raise InvalidArgumentError(f"stats must be a mapping layer name -> "
+                                           f"ActivationStats, got {type(stats).__name__}")
+            for name, st in stats.items():
+                self.add_layer_stats(name, st)
+
+    # -- num_samples ----------------------------------------------------------------------
+    @property
+    def num_samples(self):
+        return self._num_samples
+
+    @num_samples.setter
+    def num_samples(self, value):
+        value = check_int(value, "num_samples", minimum=0)
+        if value > _INT64_MAX:
+            raise InvalidArgumentError(f"num_samples must be below 2**63, got {value}")
+        self._num_samples = value
+
+    # -- layers -----------------------------------------------------------------------------
+    def add_layer_stats(self, name, stats, *, replace=False):
+        """Register ``stats`` (an ActivationStats, kept by reference) under ``name``.  A name
+        already present raises CalibrationError unless ``replace=True`` (to add statistics
+        together, use ``ctx[name].merge_(stats)`` or :meth:`merge`)."""
+        _check_name(name)
+        if not isinstance(stats, ActivationStats):
+            raise InvalidArgumentError(f"stats for layer {name!r} must be an ActivationStats, "
+                                       f"got {type(stats).__name__}")
+        if name in self._stats and not replace:
+            raise CalibrationError(f"layer {name!r} already has statistics (pass replace=True "
+                                   "to replace them, or merge)")
+        self._stats[name] = stats
+        return stats
+
+    def get_stats(self, name):
+        """The statistics of layer ``name``, or None."""
+        return self._stats.get(name) if isinstance(name, str) else None
+
+    def require_stats(self, name):
+        """The statistics of layer ``name``; MissingActivationStatsError (a KeyError and a
+        CalibrationError) naming the layer, and the closest names held, when absent."""
+        st = self.get_stats(name)
+        if st is None:
+            raise self._missing(name)
+        return st
+
+    def _missing(self, name):
+        names = list(self._stats)
+        hint = ""
+        if isinstance(name, str):
+            close = difflib.get_close_matches(name, names, n=3)
+            if close:
+                hint = f"; did you mean {', '.join(map(repr, close))}?"
+        held = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+        return MissingActivationStatsError(
+            f"no activation statistics for layer {short_repr(name)} (the calibration holds "
+            f"{len(names)} layer(s){': ' + held if names else ''}){hint}", layer=name)
+
+    @property
+    def layer_names(self):
+        """Layer names, in the order they were added."""
+        return list(self._stats)
+
+    def __getitem__(self, name):
+        return self.require_stats(name)
+
+    def __iter__(self):
+        return iter(self._stats)
+
+    def __len__(self):
+        return len(self._stats)
+
+    def __contains__(self, name):
+        return isinstance(name, str) and name in self._stats
+
+    def __eq__(self, other):
+        if not isinstance(other, CalibrationContext):
+            return NotImplemented
+        return (self._num_samples == other._num_samples
+                and list(self._stats) == list(other._stats)
+                and all(self._stats[k] == other._stats[k] for k in self._stats))
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"CalibrationContext({len(self._stats)} layers, num_samples={self._num_samples})"
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, other):
+        """A new context with the statistics of both: layers in either are copied, layers in
+        both are merged (ActivationStats.merge), num_samples are added.  Neither input
+        changes."""
+        out = CalibrationContext(num_samples=self._num_samples)
+        for name, st in self._stats.items():
+            out._stats[name] = st.copy()
+        return out.merge_(other)
+
+    def merge_(self, other):
+        """Merge ``other`` into this context in place; returns self.  Checks every shared
+        layer before changing any, so a mismatch leaves self unchanged."""
+        if not isinstance(other, CalibrationContext):
+            raise InvalidArgumentError(f"merge needs a CalibrationContext, got "
+                                       f"{type(other).__name__}")
+        total = self._num_samples + other._num_samples
+        if total > _INT64_MAX:
+            raise CalibrationError("merged num_samples would exceed 2**63 - 1")
+        for name, st in other._stats.items():
+            mine = self._stats.get(name)
+            if mine is None:
+                continue
+            if mine.in_features != st.in_features:
+                raise ShapeMismatchError(f"layer {name!r}: {mine.in_features} input features "
+                                         f"here, {st.in_features} in the other context")
+            if mine.has_hessian != st.has_hessian:
+                raise CalibrationError(f"layer {name!r}: one context has a Hessian, the other "
+                                       "not")
+            if mine.count + st.count > _INT64_MAX:
+                raise CalibrationError(f"layer {name!r}: merged token count would exceed "
+                                       "2**63 - 1")
+        for name, st in other._stats.items():
+            if name in self._stats:
+                self._stats[name].merge_(st)
+            else:
+                self._stats[name] = st.copy()
+        self._num_samples = total
+        return self
+
+    # -- files ------------------------------------------------------------------------------
+    def save(self, path):
+        """Write the context to ``path`` as a safetensors file (format
+        ``aprender.calibration/1``, see the README), through a temporary file renamed into
+        place.  An existing regular file at ``path`` is replaced; a folder or special file is
+        refused with CheckpointError."""
+        from ..io.files import display, file_kind, remove_tree, replace_path, temp_name
+        from ..io.safetensors import dtype_code, encode_header, write_all
+
+        path = os.fspath(path)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise CheckpointError(f"{display(path)}: cannot use ({exc.strerror or exc})") \
+                from None
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise UnsafePathError(f"{display(path)} is a {file_kind(st.st_mode)}; a calibration "
+                                  "file is never written over it")
+        tensors = {}
+        for name, s in self._stats.items():
+            tensors[f"{name}.sum_squares"] = s._ss
+            tensors[f"{name}.count"] = np.asarray(s._count, dtype=np.int64)
+            if s._h is not None:
+                tensors[f"{name}.hessian"] = s._h
+        metadata = {"format": CALIBRATION_FORMAT, "num_samples": str(self._num_samples)}
+        try:
+            tmp = temp_name(path, "file")
+        except OSError as exc:
+            raise CheckpointError(f"{display(path)}: cannot create a file next to it "
+                                  f"({exc.strerror or exc})") from None
+        try:
+            # written here rather than by io.safetensors.write_safetensors, whose
+            # np.ascontiguousarray turns the 0-d count tensors into shape [1]
+            entries, pos = {}, 0
+            for name, a in tensors.items():
+                entries[name] = {"dtype": dtype_code(a), "shape": list(a.shape),
+                                 "data_offsets": [pos, pos + a.nbytes]}
+                pos += a.nbytes
+            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0))
+            try:
+                write_all(fd, encode_header(entries, metadata))
+                for a in tensors.values():
+                    write_all(fd, np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+            finally:
+                os.close(fd)
+            replace_path(tmp, path)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path):
+        """Read a calibration file written by :meth:`save` (or any file in the documented
+        format).  Everything is validated: the safetensors structure (by aprender's hardened
+        reader), the format tag, tensor names, dtypes and shapes, counts >= 0, finite and
+        non-negative sums, Hessians of the right size; problems raise CalibrationFileError (a
+        CheckpointError and a CalibrationError) naming the file, layer and tensor."""
+        from ..io.files import display
+        from ..io.safetensors import SafetensorsFile
+
+        shown = display(path)
+        sf = SafetensorsFile(path)
+
+        def fail(msg):
+            return CalibrationFileError(f"{shown}: {msg}")
+
+        fmt = sf.metadata.get("format")
+        if fmt != CALIBRATION_FORMAT:
+            if isinstance(fmt, str) and fmt.startswith("aprender.calibration/"):
+                raise fail(f"calibration format {display(fmt)!r} is not supported (this aprender "
+                           f"reads {CALIBRATION_FORMAT!r})")
+            raise fail(f"not an aprender calibration file (__metadata__ format is "
+                       f"{display(short_repr(fmt))}, expected {CALIBRATION_FORMAT!r})")
+        ns = sf.metadata.get("num_samples")
+        if not isinstance(ns, str) or not re.fullmatch(r"[0-9]{1,19}", ns, re.ASCII) \
+                or int(ns) > _INT64_MAX:
+            raise fail(f"__metadata__ num_samples must be a decimal integer in [0, 2**63), got "
+                       f"{display(short_repr(ns))}")
+        layers = {}
+        for info in sf.infos:
+            layer, dot, suffix = info.name.rpartition(".")
+            if not dot or suffix not in _SUFFIXES:
+                raise fail(f"unexpected tensor {display(short_repr(info.name))} (calibration "
+                           f"tensors are named '<layer>.{{{','.join(_SUFFIXES)}}}')")
+            layers.setdefault(layer, {})[suffix] = info
+        out = cls(num_samples=int(ns))
+        for layer, parts in layers.items():
+            where = f"layer {display(short_repr(layer))}"
+            for need in ("sum_squares", "count"):
+                if need not in parts:
+                    raise fail(f"{where}: tensor {display(short_repr(layer + '.' + need))} is "
+                               "missing")
+            ssi, ci, hi = parts["sum_squares"], parts["count"], parts.get("hessian")
+            if ssi.dtype != "F64" or len(ssi.shape) != 1 or ssi.shape[0] < 1:
+                raise fail(f"{where}: sum_squares must be F64 of shape [in_features >= 1], got "
+                           f"{ssi.dtype} {list(ssi.shape)}")
+            if ci.dtype != "I64" or ci.shape != ():
+                raise fail(f"{where}: count must be an I64 scalar (shape []), got {ci.dtype} "
+                           f"{list(ci.shape)}")
+            d = ssi.shape[0]
+            if hi is not None and (hi.dtype not in ("F32", "F64") or hi.shape != (d, d)):
+                raise fail(f"{where}: hessian must be F32 or F64 of shape [{d}, {d}], got "
+                           f"{hi.dtype} {list(hi.shape)}")
+            ss = np.array(sf.array(ssi.name), dtype=np.float64)
+            count = int(np.array(sf.array(ci.name)).reshape(()))
+            h = None if hi is None else np.array(sf.array(hi.name))
+            try:
+                st = ActivationStats.from_arrays(ss, count, h)
+            except CalibrationError as exc:
+                raise fail(f"{where}: {exc}") from None
+            out._stats[layer] = st
+        return out

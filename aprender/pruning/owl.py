@@ -1,0 +1,269 @@
+"""OWL: Outlier Weighed Layerwise sparsity (Yin et al., 2024, "Outlier Weighed Layerwise
+Sparsity (OWL): A Missing Secret Sauce for Pruning LLMs to High Sparsity").
+
+Layers with more outliers in their Wanda scores are pruned less.  For each layer l:
+
+1. the outlier ratio ``D_l``: the fraction of the layer's scores strictly greater than
+   ``m`` times the layer's mean score (:func:`owl_outlier_ratio`);
+2. the ratios are normalised over the layers to ``[0, 1]``: ``N_l = (D_l - min D) / (max D -
+   min D)`` (all 0 when every layer has the same ratio);
+3. the layer sparsity is ``s_l = s - 2λ (N_l - N̄)`` where ``N̄`` is the mean of ``N`` weighted
+   by the layers' sizes: the sparsities span an interval of width 2λ (``[s - λ, s + λ]`` when
+   the normalised ratios average 1/2, as in the paper) and their size-weighted mean is
+   exactly ``s`` (the published code centres an unweighted mean over equal-sized blocks);
+4. integer prune counts (:func:`owl_allocation`): each ``s_l`` is clamped to ``[0, 1]``, one
+   common shift restores the total after clamping, and the counts are rounded by largest
+   remainder (ties: lower layer index first) so that they add up to exactly
+   ``round(s * total)`` (halves down), the count every aprender function prunes for a
+   fraction ``s`` of ``total`` elements.
+
+The paper's "layer" is a transformer block (all its Linear weights together): pass a group of
+score arrays per block to get that, or one array per weight for a per-weight allocation.
+"""
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._kernels import calib as _calib
+from .._validation import (as_floats, as_real, check_sparsity, prune_count, raise_nonfinite,
+                           resolve_threads, short_repr)
+from ..errors import InvalidArgumentError, InvalidShapeError, NumericalInstabilityError
+
+__all__ = ["owl_outlier_ratio", "owl_allocation", "owl_sparsities", "OwlAllocation"]
+
+
+def _check_m(m):
+    value = as_real(m, "OWL m (the outlier threshold, a multiple of the mean score)")
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(f"OWL m must be a finite number > 0, got {short_repr(m)}")
+    return value
+
+
+def _check_lam(lam):
+    value = as_real(lam, "OWL lam (λ, the half-width of the sparsity range)")
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InvalidArgumentError(f"OWL lam must be in [0, 1], got {short_repr(lam)}")
+    return value
+
+
+def _group(scores):
+    """A single score array (ndarray, ImportanceScores, Bits16, tensor) or a list/tuple of them."""
+    if isinstance(scores, (list, tuple)):
+        return list(scores)
+    return [scores]
+
+
+def _outliers(scores, m, nt, label):
+    """(elements, elements above m x mean) of one group of score arrays."""
+    floats = [as_floats(s, label) for s in _group(scores)]
+    total, n = 0.0, 0
+    for f in floats:
+        s, bad = _calib.score_sum(f.kernel.reshape(-1), f.fmt, nt)
+        if bad:
+            if f.fmt or not np.isfinite(f.kernel).all():
+                raise_nonfinite(f, label)
+            raise NumericalInstabilityError(f"{label}: the sum of the scores overflows float64")
+        total += s
+        n += f.size
+    if n == 0:
+        return 0, 0
+    threshold = m * (total / n)
+    above = sum(_calib.count_above(f.kernel.reshape(-1), f.fmt, threshold, nt) for f in floats)
+    return n, above
+
+
+def owl_outlier_ratio(scores, m=5.0, *, n_threads=None):
+    """OWL's layer outlier ratio: the fraction of ``scores`` strictly greater than ``m`` times
+    their mean (in float64; 0.0 for no scores).
+
+    ``scores``: one array of importance scores (numpy, ImportanceScores, aprender.Bits16 or a
+    CPU tensor; Wanda scores for OWL) or a list of them, taken together as one layer (the
+    paper's layer is a transformer block: all its Linear weights)."""
+    m = _check_m(m)
+    n, above = _outliers(scores, m, resolve_threads(n_threads), "scores")
+    return above / n if n else 0.0
+
+
+def _check_sizes(sizes):
+    arr = []
+    for i, v in enumerate(sizes):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 0:
+            raise InvalidArgumentError(f"sizes[{i}] must be an integer >= 0, got {short_repr(v)}")
+        arr.append(int(v))
+    return arr
+
+
+def _apportion(targets, caps, k):
+    """Integers c with 0 <= c <= caps, sum(c) == k, close to the real ``targets``: floors, then
+    the remainder one by one to the largest fractional parts (ties: lower index first)."""
+    counts = np.clip(np.floor(targets), 0, caps).astype(np.int64)
+    frac = targets - counts
+    while True:
+        r = k - int(counts.sum())
+        if r == 0:
+            return counts
+        if r > 0:
+            open_ = np.flatnonzero(counts < caps)
+            order = open_[np.argsort(-frac[open_], kind="stable")][:r]
+            counts[order] += 1
+            frac[order] -= 1.0
+        else:
+            open_ = np.flatnonzero(counts > 0)
+            order = open_[np.argsort(frac[open_], kind="stable")][:-r]
+            counts[order] -= 1
+            frac[order] += 1.0
+
+
+def _layer_sparsities(ratios, sizes, target, lam):
+    """The real-valued OWL sparsities s_l (before clamping), size-weighted mean == target."""
+    d = np.asarray(ratios, dtype=np.float64)
+    n = np.asarray(sizes, dtype=np.float64)
+    live = n > 0
+    if not live.any():
+        return np.full(d.shape, target)
+    lo, hi = d[live].min(), d[live].max()
+    norm = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
+    mean = float(np.dot(norm[live], n[live]) / n[live].sum())
+    return target - 2.0 * lam * (norm - mean)
+
+
+def owl_allocation(ratios, sizes, target, lam=0.08):
+    """Per-layer prune counts (int64 array) from outlier ratios: the OWL sparsities (see the
+    module docstring) clamped to [0, 1] and made exact: ``counts.sum() ==
+    round(target * sum(sizes))`` (halves down), ``0 <= counts <= sizes``.
+
+    ``ratios``: outlier ratios in [0, 1] (from :func:`owl_outlier_ratio`); ``sizes``: the
+    elements of each layer; ``lam``: λ in [0, 1] (the paper's 0.08 by default).  λ = 0 gives
+    the uniform allocation.  Layers of size 0 get 0 and do not take part in the
+    normalisation."""
+    target = check_sparsity(target, "target sparsity")
+    lam = _check_lam(lam)
+    d = [as_real(r, f"ratios[{i}]") for i, r in enumerate(ratios)]
+    n = _check_sizes(sizes)
+    if len(d) != len(n):
+        raise InvalidShapeError(f"{len(d)} outlier ratios for {len(n)} layer sizes")
+    for i, r in enumerate(d):
+        if not 0.0 <= r <= 1.0:  # NaN fails too
+            raise InvalidArgumentError(f"ratios[{i}] must be a fraction in [0, 1], got {r!r}")
+    caps = np.asarray(n, dtype=np.int64)
+    total = int(sum(n))
+    k = prune_count(target, total)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    s = _layer_sparsities(d, n, target, lam)
+    nf = caps.astype(np.float64)
+    if total:
+        # one shift delta with sum(clip(s + delta, 0, 1) * n) == k (bisection on a monotone,
+        # piecewise linear function; exact integers come from _apportion below)
+        def filled(delta):
+            return float(np.dot(np.clip(s + delta, 0.0, 1.0), nf))
+
+        lo_d, hi_d = -1.0 - float(s.max()), 1.0 - float(s.min())
+        if abs(filled(0.0) - k) > 0.5:
+            for _ in range(200):
+                mid = 0.5 * (lo_d + hi_d)
+                if filled(mid) < k:
+                    lo_d = mid
+                else:
+                    hi_d = mid
+            delta = hi_d
+        else:
+            delta = 0.0
+        targets = np.clip(s + delta, 0.0, 1.0) * nf
+    else:
+        targets = np.zeros(len(n))
+    return _apportion(targets, caps, k)
+
+
+@dataclass(frozen=True)
+class OwlAllocation:
+    """What :func:`owl_sparsities` decided.  Sequences are in the layers' order.
+
+    ``counts[i]`` elements of layer ``names[i]`` (of ``sizes[i]``) are to be pruned;
+    ``sparsities[i] = counts[i] / sizes[i]`` (0 for an empty layer) is the fraction to pass to
+    a layer mask function: ``generate_unstructured_mask(scores, sparsities[i])`` prunes exactly
+    ``counts[i]`` elements.  (A per-row or N:M mask prunes a multiple of the row count or the
+    pattern's fraction instead, so the total is then only approximately ``target``.)"""
+
+    names: tuple
+    sizes: tuple
+    outlier_ratios: tuple
+    counts: tuple
+    target: float
+    m: float
+    lam: float
+
+    @property
+    def sparsities(self):
+        return tuple(c / n if n else 0.0 for c, n in zip(self.counts, self.sizes))
+
+    @property
+    def total(self):
+        return sum(self.sizes)
+
+    @property
+    def pruned(self):
+        """Elements pruned in all: ``round(target * total)``, halves down."""
+        return sum(self.counts)
+
+    def as_dict(self):
+        """{name: sparsity fraction}."""
+        return dict(zip(self.names, self.sparsities))
+
+    def __getitem__(self, name):
+        """The sparsity fraction of layer ``name``."""
+        try:
+            return self.sparsities[self.names.index(name)]
+        except ValueError:
+            raise KeyError(name) from None
+
+
+def owl_sparsities(scores_or_layers, target_sparsity, *, m=5.0, lam=0.08, weights=None,
+                   n_threads=None):
+    """OWL layer sparsities whose element-weighted mean is ``target_sparsity`` exactly (to the
+    element): returns an :class:`OwlAllocation`.
+
+    ``scores_or_layers``: a mapping layer name -> importance scores (Wanda scores for OWL:
+    ``WandaImportance(name).compute(weight, ctx)``), or a sequence of them (named by index);
+    each value is one array (numpy, ImportanceScores, aprender.Bits16, CPU tensor) or a list of
+    arrays taken together as one layer (a transformer block, as in the paper).  ``m``: the
+    outlier threshold as a multiple of the layer's mean score (paper: 5); ``lam``: λ, the
+    sparsities span 2λ around the target (paper: 0.08).  ``weights``: the elements each layer
+    prunes from (a mapping or a sequence in the same order; default: the size of its scores) —
+    for when the scores were computed on a sample of each layer."""
+    if hasattr(scores_or_layers, "keys") and callable(scores_or_layers.keys):
+        names = list(scores_or_layers.keys())
+        groups = [scores_or_layers[k] for k in names]
+    elif isinstance(scores_or_layers, (list, tuple)):
+        names = list(range(len(scores_or_layers)))
+        groups = list(scores_or_layers)
+    else:
+        raise InvalidArgumentError(f"owl_sparsities needs a mapping layer name -> scores or a "
+                                   f"sequence of scores, got {type(scores_or_layers).__name__}")
+    target = check_sparsity(target_sparsity, "target sparsity")
+    m = _check_m(m)
+    lam = _check_lam(lam)
+    nt = resolve_threads(n_threads)
+    ratios, sizes = [], []
+    for name, g in zip(names, groups):
+        n, above = _outliers(g, m, nt, f"scores of layer {short_repr(name)}")
+        ratios.append(above / n if n else 0.0)
+        sizes.append(n)
+    if weights is not None:
+        if hasattr(weights, "keys") and callable(weights.keys):
+            missing = [k for k in names if k not in weights]
+            if missing:
+                raise InvalidArgumentError(f"weights has no size for layer "
+                                           f"{short_repr(missing[0])}")
+            sizes = [weights[k] for k in names]
+        else:
+            sizes = list(weights)
+            if len(sizes) != len(names):
+                raise InvalidShapeError(f"weights holds {len(sizes)} sizes for {len(names)} "
+                                        "layers")
+        sizes = _check_sizes(sizes)
+    counts = owl_allocation(ratios, sizes, target, lam)
+    return OwlAllocation(tuple(names), tuple(sizes), tuple(ratios),
+                         tuple(int(c) for c in counts), target, m, lam)
