@@ -1,4 +1,5 @@
-"""PyTorch interop: zero-copy numpy views of CPU tensors and in-place pruning of modules.
+"""PyTorch interop: zero-copy numpy views of CPU tensors, calibration statistics collected with
+forward hooks, and in-place pruning of modules (by magnitude or by Wanda).
 
 torch is optional and imported only when these functions run (never at ``import aprender``).
 
@@ -11,11 +12,12 @@ import re
 import numpy as np
 
 from ._adapters import _dtype_name, to_numpy_view
-from ._validation import check_bool, prune_count, resolve_threads, short_repr
-from .errors import (DeviceError, InvalidArgumentError, InvalidDTypeError,  # noqa: F401
-                     InvalidPatternError, PruningError)
+from ._validation import check_bool, check_sparsity, prune_count, resolve_threads, short_repr
+from .errors import (CalibrationError, CalibrationRequiredError,  # noqa: F401
+                     DeviceError, InvalidArgumentError, InvalidCalibrationError,
+                     InvalidDTypeError, InvalidPatternError, InvalidSparsityError, PruningError)
 
-__all__ = ["DeviceError", "to_numpy_view", "prune_"]
+__all__ = ["DeviceError", "to_numpy_view", "prune_", "collect_calibration"]
 
 
 def _torch():
@@ -202,9 +204,9 @@ def _global_keeps(views, sparsity, nt):
     return keeps
 
 
-def prune_(module, sparsity=None, pattern="unstructured", scope="layer", include=None,
-           importance="l1", keep_mask=False, n_threads=None):
-    """Prune a module's weights in place by magnitude; returns a per-weight report.
+def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
+           importance="l1", keep_mask=False, n_threads=None, calibration=None):
+    """Prune a module's weights in place by magnitude or by Wanda; returns a per-weight report.
 
     Targets: every ``nn.Linear`` weight, or with ``include`` (a regex or list of regexes searched
     in the parameter name, e.g. ``"layers\\.0\\."``) the Linear weights and other 2-D weights
@@ -212,9 +214,17 @@ def prune_(module, sparsity=None, pattern="unstructured", scope="layer", include
     ``pattern``: any text :meth:`aprender.SparsityPattern.parse` reads as "unstructured",
     "per-row" (per-row unstructured: the same fraction in every row, Wanda's grouping) or "N:M"
     such as "2:4" (``sparsity`` then implied), or such a SparsityPattern; "row" is accepted as a
-    deprecated spelling of "per-row" here (elsewhere "row" prunes whole rows).  ``scope``: "layer"
-    (each weight pruned to ``sparsity``) or "global" (one exact count over all targets,
-    unstructured only).  ``importance``: "l1" or "l2" (the same ranking for magnitude pruning).
+    deprecated spelling of "per-row" here (elsewhere "row" prunes whole rows).  "auto" (the
+    default) is "unstructured" for magnitude importance and "per-row" for Wanda.  ``scope``:
+    "layer" (each weight pruned to ``sparsity``) or "global" (one exact count over all targets,
+    unstructured only).  ``sparsity``: a fraction, or for layer scope a mapping from module (or weight) name
+    to fraction, such as ``owl_sparsities(...).as_dict()``; every target must be in it.
+
+    ``importance``: "l1" or "l2" (the same ranking for magnitude pruning), or "wanda": scores
+    ``|W| * ‖X_j‖₂`` (:class:`aprender.pruning.WandaImportance`) from ``calibration``, a
+    :class:`aprender.pruning.CalibrationContext` (see :func:`collect_calibration`) whose layer
+    names are the modules' names in ``module.named_modules()``.  N:M groups run along the input
+    dimension (the last axis of a Linear weight), per-row prunes each output row.
 
     ``keep_mask=False`` zeros the weights through a zero-copy view.  ``keep_mask=True`` leaves
     the data alone and registers the mask with ``torch.nn.utils.prune.custom_from_mask`` (the
@@ -230,7 +240,8 @@ def prune_(module, sparsity=None, pattern="unstructured", scope="layer", include
     the forward pass.
 
     Tied weights (one tensor shared by several modules) are selected and counted once; the
-    report names the first module's weight and lists the others in ``shared_with``.
+    report names the first module's weight and lists the others in ``shared_with``.  With
+    Wanda, the statistics of every module sharing the weight are added together.
 
     Ties are broken by index (lowest flat index pruned first), so on tie-free data the masks equal
     ``torch.nn.utils.prune.l1_unstructured`` (layer) and ``global_unstructured`` (global).
@@ -240,28 +251,47 @@ def prune_(module, sparsity=None, pattern="unstructured", scope="layer", include
 
     if not isinstance(module, torch.nn.Module):
         raise InvalidArgumentError(f"prune_ needs a torch.nn.Module, got {type(module).__name__}")
+    _choice(importance, "importance", ("l1", "l2", "wanda"))
+    wanda = importance == "wanda"
+    if isinstance(pattern, str) and pattern == "auto":
+        pattern = "per-row" if wanda else "unstructured"
     pat = _pattern(pattern)
-    _choice(importance, "importance", ("l1", "l2"))
     _choice(scope, "scope", ("layer", "global"))
     keep_mask = check_bool(keep_mask, "keep_mask")
-    sparsity = pat.resolve_sparsity(sparsity)
+    per_layer = hasattr(sparsity, "keys") and callable(sparsity.keys)
+    if per_layer:
+        if scope != "layer" or pat.is_nm:
+            raise InvalidSparsityError("a mapping of per-layer sparsities needs scope='layer' and "
+                                       f"an unstructured or per-row pattern (got scope={scope!r}, "
+                                       f"pattern {pat})")
+    else:
+        sparsity = pat.resolve_sparsity(sparsity)
     if scope == "global" and not pat.is_unstructured:
         raise InvalidArgumentError(f"scope='global' needs pattern='unstructured', got {pat}")
+    if wanda:
+        ctx = _calibration_context(calibration)
+    elif calibration is not None:
+        from .pruning.importance import check_calibration
+
+        check_calibration(calibration)  # accepted and ignored by magnitude importance
     nt = resolve_threads(n_threads)
     targets = _targets(module, include)
     if not targets:
         raise InvalidArgumentError("prune_: no weight matches (nn.Linear weights, or include="
                                    f"{short_repr(include)})")
+    fractions = [_layer_sparsity(sparsity, t) if per_layer else sparsity for t in targets]
     ranked = [t.ranked() for t in targets]
     views = [to_numpy_view(r) for r in ranked]
-    if scope == "global":
+    if wanda:
+        keeps = _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt)
+    elif scope == "global":
         keeps = [kp.reshape(v.shape).view(np.bool_)
                  for kp, v in zip(_global_keeps(views, sparsity, nt), views)]
     else:
         keeps = []
-        for t, v in zip(targets, views):
+        for t, v, frac in zip(targets, views, fractions):
             try:
-                mk = layer_magnitude_mask(v, pat, sparsity, n_threads=nt)
+                mk = layer_magnitude_mask(v, pat, frac, n_threads=nt)
             except PruningError as exc:
                 raise type(exc)(f"{t.name}: {exc}") from None
             keeps.append(mk.keep)
@@ -278,6 +308,230 @@ def prune_(module, sparsity=None, pattern="unstructured", scope="layer", include
                        "sparsity": (total - kept) / total if total else 0.0,
                        "shared_with": list(t.aliases)})
     return report
+
+
+def _module_names(t):
+    """The names of the modules that hold target t's weight (``a.b.weight`` -> ``a.b``)."""
+    return [n[:-len(".weight")] if n.endswith(".weight") else "" for n in [t.name] + t.aliases]
+
+
+def _layer_sparsity(mapping, t):
+    """Target t's fraction from a mapping keyed by module or weight name."""
+    for key in _module_names(t)[:1] + [t.name]:
+        if key in mapping:
+            return check_sparsity(mapping[key], f"sparsity[{key!r}]")
+    raise InvalidSparsityError(f"the sparsity mapping has no entry for {t.name} (keys are module "
+                               f"names such as {_module_names(t)[0]!r}, or weight names)")
+
+
+def _calibration_context(calibration):
+    from .pruning.importance import check_calibration
+
+    if calibration is None:
+        raise CalibrationRequiredError(
+            "importance='wanda' needs calibration=: a CalibrationContext from "
+            "aprender.torch.collect_calibration(model, batches) or CalibrationContext.load(path)")
+    ctx = check_calibration(calibration)
+    if not hasattr(ctx, "layer_names"):
+        raise InvalidCalibrationError("prune_ needs a CalibrationContext (statistics of every "
+                                      f"layer), got {type(ctx).__name__}")
+    return ctx
+
+
+def _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt):
+    """Keep-masks (bool arrays) from Wanda scores, one per target."""
+    from .pruning.importance import WandaImportance
+    from .pruning.mask import generate_global_mask, generate_nm_mask, generate_unstructured_mask
+
+    out = []
+    for t, v, frac in zip(targets, views, fractions):
+        names = _module_names(t)
+        # tied weights: the statistics of every module that uses the weight, added together
+        stats = [WandaImportance(n).stats_from(ctx) for n in names]
+        st = stats[0]
+        for other in stats[1:]:
+            st = st.merge(other)
+        try:
+            s = WandaImportance(names[0]).compute(v, st, n_threads=nt)
+            if scope == "global":
+                out.append(s.values)
+            elif pat.is_nm:
+                out.append(generate_nm_mask(s, pat.n, pat.m, axis=pat.axis, n_threads=nt).keep)
+            else:
+                out.append(generate_unstructured_mask(s, frac, per_row=pat.is_per_row,
+                                                      n_threads=nt).keep)
+        except PruningError as exc:
+            raise type(exc)(f"{t.name}: {exc}") from None
+    if scope == "global":
+        return [m.keep for m in generate_global_mask(out, fractions[0], n_threads=nt)]
+    return out
+
+
+def _calibration_layers(model, layers):
+    """(name, module) of the nn.Linear modules selected by ``layers``."""
+    torch = _torch()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if layers is None:
+        return linears
+    if callable(layers) and not isinstance(layers, (str, re.Pattern)):
+        return [(n, m) for n, m in linears if layers(n, m)]
+    pats = [layers] if isinstance(layers, (str, re.Pattern)) else layers
+    if not isinstance(pats, (list, tuple)) or \
+            not all(isinstance(p, (str, re.Pattern)) for p in pats):
+        raise InvalidArgumentError(f"layers must be a module name or regular expression, a list "
+                                   f"of them, or a callable (name, module) -> bool; got "
+                                   f"{type(layers).__name__} {short_repr(layers)}")
+    modules = dict(model.named_modules())
+    exact, regs = set(), []
+    for p in pats:
+        if isinstance(p, str) and p in modules:
+            if not isinstance(modules[p], torch.nn.Linear):
+                raise InvalidArgumentError(f"layers: module {p!r} is a "
+                                           f"{type(modules[p]).__name__}, not an nn.Linear")
+            exact.add(p)
+            continue
+        try:
+            regs.append(re.compile(p) if isinstance(p, str) else p)
+        except re.error as exc:
+            raise InvalidArgumentError(f"layers: {short_repr(p)} is neither a module name nor a "
+                                       f"valid regular expression ({exc})") from None
+    return [(n, m) for n, m in linears if n in exact or any(r.search(n) for r in regs)]
+
+
+def _batch_call(batch, torch):
+    """(args, kwargs, samples, attention mask or None) for one calibration batch."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, (int(batch.shape[0]) if batch.dim() else 1), None
+    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__")):
+        kwargs = dict(batch)
+        first = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        key = "input_ids" if isinstance(kwargs.get("input_ids"), torch.Tensor) else None
+        lead = kwargs[key] if key else first
+        samples = int(lead.shape[0]) if lead is not None and lead.dim() else 1
+        return (), kwargs, samples, kwargs.get("attention_mask")
+    if isinstance(batch, (list, tuple)):
+        first = next((v for v in batch if isinstance(v, torch.Tensor)), None)
+        samples = int(first.shape[0]) if first is not None and first.dim() else 1
+        return tuple(batch), {}, samples, None
+    raise InvalidArgumentError(f"a calibration batch must be a tensor, a dict of keyword "
+                               f"arguments or a tuple of positional arguments, got "
+                               f"{type(batch).__name__}")
+
+
+def _token_mask(mask, torch):
+    """The attention mask as a numpy bool array (True = a real token), checked to hold 0/1."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise InvalidArgumentError(f"attention_mask must be a tensor, got {type(mask).__name__}")
+    m = mask.detach()
+    if m.dtype != torch.bool:
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise CalibrationError("attention_mask must hold only 0 (padding) and 1 (tokens); "
+                                   "an additive mask (0 / -inf) is not a padding mask")
+        m = m != 0
+    return m.to("cpu").numpy()
+
+
+def collect_calibration(model, batches, *, layers=None, hessian=False, progress=True,
+                        n_threads=None):
+    """Run ``batches`` through ``model`` and collect the input statistics of its nn.Linear
+    layers: returns a :class:`aprender.pruning.CalibrationContext` (layer name -> ActivationStats,
+    names from ``model.named_modules()``), ready for ``prune_(..., importance="wanda")``,
+    ``WandaImportance`` or ``save``.
+
+    ``batches``: an iterable of tensors (``model(batch)``), dicts (``model(**batch)``, e.g. a
+    tokenizer's output) or tuples (``model(*batch)``), already on the model's device.  Each
+    Linear's input is added to its statistics as it streams through a forward pre-hook (no
+    activation is kept); activations on another device are copied to the CPU one at a time.
+    When a dict batch has an ``attention_mask`` (0/1, shape (batch, seq)), padding tokens are
+    not counted in the inputs whose leading dimensions are (batch, seq); inputs of any other
+    leading shape (a model that flattens or routes tokens) are counted whole.
+    ``num_samples`` of the result counts the sequences (the batches' first dimension).
+
+    ``layers``: which Linear modules (default: all): a module name or regular expression
+    (searched in the name), a list of them, or a callable (name, module) -> bool.  Only the
+    layers that received an input appear in the result.  ``hessian=True`` also accumulates
+    XᵀX (for SparseGPT; memory in_features² float64 per layer).  ``progress``: a tqdm bar when
+    tqdm is installed.
+
+    During collection the model is in eval mode under ``torch.no_grad()``; the hooks are
+    removed and every module's training flag restored afterwards, also on error."""
+    torch = _torch()
+    from .pruning.calibration import ActivationStats, CalibrationContext
+
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(f"collect_calibration needs a torch.nn.Module, got "
+                                   f"{type(model).__name__}")
+    hessian = check_bool(hessian, "hessian")
+    progress = check_bool(progress, "progress")
+    nt = resolve_threads(n_threads)
+    selected = _calibration_layers(model, layers)
+    if not selected:
+        raise InvalidArgumentError(f"collect_calibration: no nn.Linear module matches layers="
+                                   f"{short_repr(layers)}")
+    if isinstance(batches, (torch.Tensor, dict)):
+        raise InvalidArgumentError("batches must be an iterable of batches (a list, a "
+                                   "DataLoader, a generator); wrap a single batch in a list")
+    stats = {}
+    current = {"mask": None}
+
+    def make_hook(name, mod):
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                raise InvalidArgumentError(f"{name}: the Linear's input is not a tensor "
+                                           f"({type(x).__name__})")
+            st = stats.get(name)
+            if st is None:
+                st = stats[name] = ActivationStats(mod.in_features, hessian=hessian)
+            t = x.detach()
+            if t.device.type != "cpu":
+                t = t.to("cpu")
+            mask = current["mask"]
+            where = mask if mask is not None and tuple(t.shape[:-1]) == mask.shape else None
+            try:
+                st.update(t, where=where, n_threads=nt)
+            except PruningError as exc:
+                exc.args = (f"layer {name}: {exc.args[0] if exc.args else exc}",) \
+                    + exc.args[1:]
+                raise
+            return None
+        return hook
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = []
+    samples = 0
+    try:
+        for name, mod in selected:
+            handles.append(mod.register_forward_pre_hook(make_hook(name, mod), with_kwargs=True))
+        model.eval()
+        it = batches
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                total = len(batches) if hasattr(batches, "__len__") else None
+                it = tqdm(batches, total=total, desc="calibration", unit="batch")
+        with torch.no_grad():
+            for batch in it:
+                args, kwargs, n, mask = _batch_call(batch, torch)
+                current["mask"] = _token_mask(mask, torch)
+                model(*args, **kwargs)
+                samples += n
+    finally:
+        current["mask"] = None
+        for h in handles:
+            h.remove()
+        for m, flag in modes:
+            m.training = flag
+    ctx = CalibrationContext(num_samples=samples)
+    for name, _ in selected:
+        if name in stats:
+            ctx.add_layer_stats(name, stats[name])
+    return ctx
 
 
 def _apply_keep(t, keep, keep_mask, nt, torch):

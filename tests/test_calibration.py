@@ -435,7 +435,8 @@ def write_raw(path, tensors, metadata=None):
     """tensors: name -> (dtype code, shape, bytes)."""
     entries, pos, blobs = {}, 0, []
     for name, (code, shape, data) in tensors.items():
-        entries[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + len(data)]}
+        entries[name] = {"dtype": code, "shape": list(shape),
+                         "data_offsets": [pos, pos + len(data)]}
         pos += len(data)
         blobs.append(data)
     meta = {"format": "aprender.calibration/1", "num_samples": "1"} if metadata is None \

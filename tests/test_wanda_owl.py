@@ -210,7 +210,8 @@ def test_outlier_ratio_details():
     assert owl_outlier_ratio(np.zeros(10, np.float32)) == 0.0  # nothing > 5 * 0
     s = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 11], np.float32)  # mean 2: 11 > 10
     assert owl_outlier_ratio(s) == 0.1
-    assert owl_outlier_ratio(np.array([1, 1, 1, 1, 6], np.float32)) == 0.0  # mean 2: 6 is not above 10
+    # mean 2: 6 is not above 10
+    assert owl_outlier_ratio(np.array([1, 1, 1, 1, 6], np.float32)) == 0.0
     big = heavy_tailed(200_000, 1000, seed=3)  # several kernel chunks
     assert owl_outlier_ratio(big, n_threads=1) == owl_outlier_ratio(big, n_threads=4) == \
         ref.outlier_ratio([big], 5.0)
