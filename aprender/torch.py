@@ -217,8 +217,9 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     deprecated spelling of "per-row" here (elsewhere "row" prunes whole rows).  "auto" (the
     default) is "unstructured" for magnitude importance and "per-row" for Wanda.  ``scope``:
     "layer" (each weight pruned to ``sparsity``) or "global" (one exact count over all targets,
-    unstructured only).  ``sparsity``: a fraction, or for layer scope a mapping from module (or weight) name
-    to fraction, such as ``owl_sparsities(...).as_dict()``; every target must be in it.
+    unstructured only).  ``sparsity``: a fraction, or for layer scope a mapping from module (or
+    weight) name to fraction, such as ``owl_sparsities(...).as_dict()``; every target must be
+    in it.
 
     ``importance``: "l1" or "l2" (the same ranking for magnitude pruning), or "wanda": scores
     ``|W| * ‖X_j‖₂`` (:class:`aprender.pruning.WandaImportance`) from ``calibration``, a
