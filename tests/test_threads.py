@@ -295,3 +295,30 @@ def test_streaming_threshold_handles_a_huge_tie_class():
     assert method == "sample" and bad == 0
     assert np.float32(keys[k - 1]).view(np.uint32) | 0x80000000 == t
     assert below == np.count_nonzero(np.abs(x) < keys[k - 1])
+
+
+def test_streaming_candidates_of_a_tensor_denser_than_the_sample_said():
+    """A tensor whose keys crowd the threshold overflows the buffers sized from the pooled
+    sample; a second pass over that tensor alone copies exactly its candidates (no fallback to
+    the radix passes over every tensor), and the threshold is exact."""
+    from aprender._kernels import select
+
+    rng = np.random.default_rng(21)
+    a = rng.standard_normal(2_000_000).astype(np.float32)
+    med = np.median(np.abs(a))
+    b = (med + rng.uniform(-1e-4, 1e-4, 300_000)).astype(np.float32)
+    k = (a.size + b.size) // 2
+    for nt in (1, 3):
+        t, below, bad, method = select.find_threshold([a, b], [a.size, b.size], k, 1, 0, nt)
+        keys = np.sort(np.abs(np.concatenate([a, b])))
+        assert (method, bad) == ("sample", 0)
+        assert t == int(keys[k - 1].view(np.uint32)) | 2**31
+        assert below == np.count_nonzero(keys < keys[k - 1])
+    # the pass itself: buffers sized for nothing inside, then the exact second pass
+    x = np.abs(rng.standard_normal(300_000)).astype(np.float32)
+    lo, hi = np.float32(0.5), np.float32(0.6)
+    klo, khi = int(lo.view(np.uint32)) | 2**31, int(hi.view(np.uint32)) | 2**31
+    below, inside, bad, cands = select.range_pass(x, klo, khi, 1, 0, 10**6, 4, 0.0)
+    want = x[(x >= lo) & (x <= hi)].view(np.uint32) | np.uint32(2**31)
+    assert below == np.count_nonzero(x < lo) and inside == want.size and bad == 0
+    np.testing.assert_array_equal(cands, want)  # in flat order

@@ -427,13 +427,15 @@ def range_pass(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magni
                uint16_t inf16, Py_ssize_t cap, int n_threads, double expect=1.0):
     """Count keys < lo and copy keys in [lo, hi] (native keys, at most cap in all).  Each task
     of the pass holds at most its share of cap, and no more than about twice what ``expect``
-    (the expected fraction of keys inside the bracket) predicts for it.  Returns (n_below,
-    n_inside, n_nonfinite, candidates or None when a task's buffer overflowed or more than cap
-    fell inside)."""
+    (the expected fraction of keys inside the bracket) predicts for it; when a task finds more
+    (this tensor is denser around the threshold than the sample said) a second pass copies the
+    candidates into a buffer of exactly their number.  Returns (n_below, n_inside, n_nonfinite,
+    candidates, or None when more than cap fell inside)."""
     cdef Py_ssize_t n = x.shape[0], t, w = 0, ntask = _tasks(n, n_threads), per, guess
     cdef uint64_t khi, klo
-    cdef Py_ssize_t below = 0, inside = 0, bad = 0
+    cdef Py_ssize_t below = 0, inside = 0, bad = 0, c
     cdef bint overflow = False
+    cdef int64_t[::1] off, res2
     if not expect >= 0.0:  # also refuses NaN
         raise InvalidArgumentError(f"expect must be a fraction >= 0, got {expect}")
     if n == 0:
@@ -453,8 +455,31 @@ def range_pass(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magni
             _range_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
                         khi, klo, bp + t * (per + 1) * sizeof(real_t), per, &res[t * PAD])
     below, inside, bad, overflow = _sum_tasks(res, ntask, per)
-    if overflow or inside > cap:
+    if inside > cap or bad:
         return below, inside, bad, None
+    if overflow:
+        # exact shares: task t copies its res[t] candidates to off[t] (+1 slot each, unused)
+        del buf, bytes_
+        off = np.zeros(ntask + 1, dtype=np.int64)
+        for t in range(ntask):
+            off[t + 1] = off[t] + res[t * PAD + 1] + 1
+        buf = np.empty(off[ntask], dtype=_key_dtype(sizeof(real_t)))
+        bytes_ = buf.view(np.uint8)
+        bp = <char*>&bytes_[0]
+        res2 = np.zeros(ntask * PAD, dtype=np.int64)
+        with nogil:
+            for t in prange(ntask, schedule="static", num_threads=ntask):
+                _range_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
+                            khi, klo, bp + off[t] * sizeof(real_t), off[t + 1] - off[t] - 1,
+                            &res2[t * PAD])
+        for t in range(ntask):
+            c = res[t * PAD + 1]
+            if res2[t * PAD + 1] != c:  # the values changed under us (a memory map rewritten)
+                return below, inside, bad, None
+            if c:
+                buf[w:w + c] = buf[off[t]:off[t] + c]
+                w += c
+        return below, inside, bad, buf[:w]
     for t in range(ntask):
         if res[t * PAD + 1]:
             buf[w:w + res[t * PAD + 1]] = buf[t * (per + 1):t * (per + 1) + res[t * PAD + 1]]
