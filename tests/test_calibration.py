@@ -291,18 +291,19 @@ def test_kernel_checks_buffers():
         calib.sum_squares(x, 0, e, True, None, 1)
     w = np.ones((2, 3), np.float32)
     bad = np.zeros(2, np.uint8)
+    f32 = np.ones(3, np.float32)
     with pytest.raises(ShapeMismatchError):
-        calib.wanda_scores32(w, 0, np.ones(2, np.float32), np.empty((2, 3), np.float32), bad, 1)
+        calib.wanda_scores32(w, 0, f32[:2], np.empty((2, 3), np.float32), bad, False, 1)
     with pytest.raises(ShapeMismatchError):
-        calib.wanda_scores32(w, 0, np.ones(3, np.float32), np.empty((3, 3), np.float32), bad, 1)
+        calib.wanda_scores32(w, 0, f32, np.empty((3, 3), np.float32), bad, False, 1)
     with pytest.raises(ShapeMismatchError):
         calib.wanda_scores32(w, 0, np.ones(3, np.float32), np.empty((2, 3), np.float32),
-                             np.zeros(1, np.uint8), 1)
+                             np.zeros(1, np.uint8), False, 1)
     with pytest.raises(InvalidDTypeError):
         calib.wanda_scores32(w.astype(np.float64), 0, np.ones(3, np.float32),
-                             np.empty((2, 3), np.float32), bad, 1)
+                             np.empty((2, 3), np.float32), bad, False, 1)
     with pytest.raises(ShapeMismatchError):
-        calib.wanda_scores64(w.astype(np.float64), np.ones(4), np.empty((2, 3)), bad, 1)
+        calib.wanda_scores64(w.astype(np.float64), np.ones(4), np.empty((2, 3)), bad, False, 1)
     with pytest.raises(InvalidArgumentError):
         calib.score_sum(np.ones(3, np.uint16), 0, 1)
     with pytest.raises(InvalidArgumentError):

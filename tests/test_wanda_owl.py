@@ -371,3 +371,19 @@ def test_owl_sparsities_end_to_end():
     with pytest.raises(InvalidSparsityError):
         owl_sparsities(scores, 2)
     assert math.isclose(sum(c for c in alloc.counts) / alloc.total, 0.6, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_wanda_statistics(dtype):
+    """The statistics come from the scoring pass: float64, independent of the thread count."""
+    st = stats_for(257, seed=8)
+    w = weights((301, 257), dtype, seed=9)
+    base = WandaImportance().compute(w, st, n_threads=1)
+    v = base.values.astype(np.float64)
+    assert base.stats.min == v.min() and base.stats.max == v.max()
+    assert base.stats.mean == pytest.approx(v.mean(), rel=1e-13)
+    assert base.stats.std == pytest.approx(v.std(), rel=1e-11)
+    for nt in (2, 3, 64):
+        assert WandaImportance().compute(w, st, n_threads=nt).stats == base.stats
+    empty = WandaImportance().compute(np.zeros((0, 257), DTYPES[dtype]), st).stats
+    assert empty.count == 0 and math.isnan(empty.mean)

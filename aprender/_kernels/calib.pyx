@@ -23,7 +23,7 @@ Every def checks the sizes of its buffers and raises typed errors, so nothing re
 Python reads or writes out of bounds.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t
-from libc.math cimport fabs, fabsf
+from libc.math cimport fabs, fabsf, sqrt
 from cython.parallel cimport prange
 
 import numpy as np
@@ -192,11 +192,77 @@ def sum_squares(const real_t[:, :] x not None, int fmt, const Py_ssize_t[::1] ro
     return int(any_bad)
 
 
+ctypedef fused score_t:
+    float
+    double
+
+
+cdef void _row_stats(const score_t* s, Py_ssize_t n, double* res) noexcept nogil:
+    """res[0:4] = min, max, mean and the sum of squared deviations of s[0:n] (n >= 1), in
+    float64: deviations from s[0] summed in four interleaved lanes (j % 4), then
+    ((l0 + l1) + (l2 + l3)); a fixed order, so the result never depends on the thread count."""
+    cdef double shift = s[0], d0, d1, d2, d3, v
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0, s1, s2
+    cdef double mn = shift, mx = shift
+    cdef Py_ssize_t j = 0
+    while j + 4 <= n:
+        d0 = s[j] - shift
+        d1 = s[j + 1] - shift
+        d2 = s[j + 2] - shift
+        d3 = s[j + 3] - shift
+        a0 += d0
+        a1 += d1
+        a2 += d2
+        a3 += d3
+        b0 += d0 * d0
+        b1 += d1 * d1
+        b2 += d2 * d2
+        b3 += d3 * d3
+        j += 4
+    while j < n:
+        d0 = s[j] - shift
+        a0 += d0
+        b0 += d0 * d0
+        j += 1
+    for j in range(n):
+        v = s[j]
+        mn = v if v < mn else mn
+        mx = v if v > mx else mx
+    s1 = (a0 + a1) + (a2 + a3)
+    s2 = (b0 + b1) + (b2 + b3)
+    res[0] = mn
+    res[1] = mx
+    res[2] = shift + s1 / n
+    res[3] = s2 - s1 * s1 / n
+    if res[3] < 0:
+        res[3] = 0
+
+
+cdef tuple _combine_rows(double[:, ::1] rs, Py_ssize_t cols):
+    """(min, max, mean, population std) of all rows from per-row results, merged in row order
+    with Chan's formula."""
+    cdef Py_ssize_t i, rows = rs.shape[0]
+    cdef double mn = rs[0, 0], mx = rs[0, 1], mean = rs[0, 2], m2 = rs[0, 3]
+    cdef double cnt = cols, delta
+    for i in range(1, rows):
+        delta = rs[i, 2] - mean
+        mean = mean + delta * cols / (cnt + cols)
+        m2 = m2 + rs[i, 3] + delta * delta * cnt * cols / (cnt + cols)
+        cnt = cnt + cols
+        mn = rs[i, 0] if rs[i, 0] < mn else mn
+        mx = rs[i, 1] if rs[i, 1] > mx else mx
+    return mn, mx, mean, sqrt(m2 / cnt)
+
+
 def wanda_scores32(const real_t[:, ::1] w not None, int fmt, const float[::1] scale not None,
-                   float[:, ::1] out not None, uint8_t[::1] bad_rows not None, int n_threads):
+                   float[:, ::1] out not None, uint8_t[::1] bad_rows not None, bint stats,
+                   int n_threads):
     """out[i, j] = float32(|w[i, j]|) * scale[j] (float32 multiply) for float32 and 16-bit w;
-    bad_rows[i] = 1 where a score of row i is not finite (NaN or infinite weight, overflow)."""
+    bad_rows[i] = 1 where a score of row i is not finite (NaN or infinite weight, overflow).
+    Returns (min, max, mean, population std) of the scores in float64 when ``stats`` (and none
+    is bad), else None."""
     cdef Py_ssize_t rows = w.shape[0], cols = w.shape[1], i, j
+    cdef double[:, ::1] rs
     cdef int nt
     cdef float a, s
     cdef uint32_t nb
@@ -217,7 +283,8 @@ def wanda_scores32(const real_t[:, ::1] w not None, int fmt, const float[::1] sc
     if bad_rows.shape[0] != rows:
         raise ShapeMismatchError(f"bad_rows holds {bad_rows.shape[0]} flags for {rows} rows")
     if rows == 0 or cols == 0:
-        return
+        return None
+    rs = np.empty((rows if stats else 1, 4), dtype=np.float64)
     nt = threads_for(n_threads, rows * cols, rows)
     with nogil:
         for i in prange(rows, schedule="static", num_threads=nt):
@@ -235,12 +302,23 @@ def wanda_scores32(const real_t[:, ::1] w not None, int fmt, const float[::1] sc
                 out[i, j] = s
                 nb = nb | <uint32_t>((apr_f32_bits(s) & 0x7f800000u) == 0x7f800000u)
             bad_rows[i] = <uint8_t>(nb != 0)
+            if stats:
+                _row_stats(&out[i, 0], cols, &rs[i, 0])
+    if not stats:
+        return None
+    for i in range(rows):
+        if bad_rows[i]:
+            return None
+    return _combine_rows(rs, cols)
 
 
 def wanda_scores64(const double[:, ::1] w not None, const double[::1] scale not None,
-                   double[:, ::1] out not None, uint8_t[::1] bad_rows not None, int n_threads):
-    """out[i, j] = |w[i, j]| * scale[j] in float64; bad_rows as in wanda_scores32."""
+                   double[:, ::1] out not None, uint8_t[::1] bad_rows not None, bint stats,
+                   int n_threads):
+    """out[i, j] = |w[i, j]| * scale[j] in float64; bad_rows and the result as in
+    wanda_scores32."""
     cdef Py_ssize_t rows = w.shape[0], cols = w.shape[1], i, j
+    cdef double[:, ::1] rs
     cdef int nt, nb
     cdef double s
     if scale.shape[0] != cols:
@@ -251,7 +329,8 @@ def wanda_scores64(const double[:, ::1] w not None, const double[::1] scale not 
     if bad_rows.shape[0] != rows:
         raise ShapeMismatchError(f"bad_rows holds {bad_rows.shape[0]} flags for {rows} rows")
     if rows == 0 or cols == 0:
-        return
+        return None
+    rs = np.empty((rows if stats else 1, 4), dtype=np.float64)
     nt = threads_for(n_threads, rows * cols, rows)
     with nogil:
         for i in prange(rows, schedule="static", num_threads=nt):
@@ -261,6 +340,14 @@ def wanda_scores64(const double[:, ::1] w not None, const double[::1] scale not 
                 out[i, j] = s
                 nb = nb | apr_nonfinite64(s)
             bad_rows[i] = <uint8_t>(nb != 0)
+            if stats:
+                _row_stats(&out[i, 0], cols, &rs[i, 0])
+    if not stats:
+        return None
+    for i in range(rows):
+        if bad_rows[i]:
+            return None
+    return _combine_rows(rs, cols)
 
 
 cdef inline double _val(real_t v, int fmt) noexcept nogil:

@@ -190,10 +190,11 @@ def wanda_scores(weights, scale, *, out=None, n_threads=None):
     ``out`` (optional) receives the scores (C-contiguous, the weights' shape).  Non-finite
     weights or scores that overflow raise NumericalInstabilityError naming the element."""
     f = as_floats(weights, "weights")
-    return _wanda_values(f, scale, out, resolve_threads(n_threads))
+    return _wanda_values(f, scale, out, resolve_threads(n_threads))[0]
 
 
-def _wanda_values(f, scale, out, nt):
+def _wanda_values(f, scale, out, nt, stats=False):
+    """(scores, (min, max, mean, std) or None) for a Floats f and a scale."""
     if f.array.ndim == 0:
         raise InvalidShapeError("weights: expected an array with at least 1 dimension")
     wide = f.dtype_name == "float64"
@@ -219,9 +220,9 @@ def _wanda_values(f, scale, out, nt):
     o = out.reshape(rows, cols)
     bad = np.zeros(rows, dtype=np.uint8)
     if wide:
-        _calib.wanda_scores64(k, sc, o, bad, nt)
+        res = _calib.wanda_scores64(k, sc, o, bad, stats, nt)
     else:
-        _calib.wanda_scores32(k, f.fmt, sc, o, bad, nt)
+        res = _calib.wanda_scores32(k, f.fmt, sc, o, bad, stats, nt)
     if bad.any():
         if f.fmt:
             weights_bad = bool(((f.kernel & f.inf16) == f.inf16).any())
@@ -234,7 +235,7 @@ def _wanda_values(f, scale, out, nt):
         raise NumericalInstabilityError(
             f"the Wanda score of the weight at index {idx} overflows {sdt.name}",
             index=idx, value="inf")
-    return out
+    return out, res
 
 
 class WandaImportance:
@@ -313,8 +314,8 @@ class WandaImportance:
         wide = f.dtype_name == "float64"
         scale = wanda_scale(stats, np.float64 if wide else np.float32)
         nt = resolve_threads(n_threads)
-        values = _wanda_values(f, scale, None, nt)
-        flat = values.reshape(-1)
-        mn, mx, mean, std, _ = _stats.scores_stats(flat, 1, 1.0, 0, flat[:0], nt)
+        values, res = _wanda_values(f, scale, None, nt, stats=True)
+        # statistics from the same pass (float64, per row in a fixed order, rows merged in order)
+        mn, mx, mean, std = res if res is not None else (float("nan"),) * 4
         return ImportanceScores(values, self.name,
                                 ImportanceStats(mn, mx, mean, std, int(values.size)))
