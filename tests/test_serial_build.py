@@ -34,6 +34,10 @@ CHECK = textwrap.dedent("""
                           ref.block_mask(np.abs(w), 0.5, (4, 4)))
     s = MagnitudeImportance.l2().compute(w)
     assert s.stats.max == float((w.astype(np.float64) ** 2).max())
+    from aprender.pruning import ActivationStats
+    x = rng.standard_normal((3000, 70)).astype(np.float32)
+    assert np.array_equal(ActivationStats(70).update(x, n_threads=2).sum_squares,
+                          ref.sum_squares(x))
     print("serial build ok")
 """)
 
