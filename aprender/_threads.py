@@ -12,8 +12,9 @@
 (d) for ``None``, ``omp_get_max_threads()``: what OMP_NUM_THREADS and
     ``threadpoolctl.threadpool_limits(limits=N, user_api="openmp")`` allow;
 
-and answers 1 in a process forked after a parallel region (GNU OpenMP's thread pool does not
-survive fork(); a parallel region in such a child would wait forever).
+and answers 1 in a forked child (GNU OpenMP's thread pool does not survive fork(): in a child of
+a process that ran a parallel region, ours or another library's on the same libgomp such as
+PyTorch's, the first parallel region would wait forever).
 
 (b) is applied inside each kernel by the same rule (``threads_for`` in
 ``aprender/_kernels/_openmp.pyx``, one constant ``GRAIN``); the Python layer resolves (a), (c)
@@ -89,7 +90,7 @@ def _requested(n_threads):
 
 def effective_n_threads(n_threads=None, work=None, tasks=None):
     """Threads a kernel uses: the request (None: the minimum of omp_get_max_threads() and the
-    available CPUs), 1 in a child forked after a parallel region, and when ``work`` (elements)
+    available CPUs), 1 in a forked child, and when ``work`` (elements)
     is given never more than ``min(tasks, work // GRAIN)`` (tasks defaults to unbounded)."""
     if n_threads is None:
         n = max(1, min(_openmp.max_threads(), available_cpus()))

@@ -199,8 +199,8 @@ def check_int(value, name, *, minimum=None):
 
 def resolve_threads(n_threads):
     """The thread count for a call (see aprender._threads): None -> what OpenMP, the CPU
-    affinity and the cgroup quota allow now; else an int in [1, MAX_THREADS]; 1 in a process
-    forked after a parallel region.  Kernels lower it further to their work's chunk count."""
+    affinity and the cgroup quota allow now; else an int in [1, MAX_THREADS]; 1 in a forked
+    child.  Kernels lower it further to their work's chunk count."""
     return effective_n_threads(n_threads)
 
 

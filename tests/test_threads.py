@@ -31,23 +31,15 @@ def _mask_digest_in_child(a, n_threads):
     return _digest(magnitude_mask(a, 0.5, n_threads=n_threads))
 
 
-# ----------------------------------------------------------------------------------------------
-# fork safety
-# ----------------------------------------------------------------------------------------------
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
-@pytest.mark.parametrize("child_threads", [2, None])
-def test_kernels_work_in_a_child_forked_after_a_parallel_region(child_threads):
-    a = _work_array()
-    parent = _digest(magnitude_mask(a, 0.5, n_threads=2))  # starts OpenMP's thread pool
+def _in_child(fn):
+    """Run fn() in a forked child; return its bytes output (bounded wait, then a failure)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
         code = 1
         try:
             os.close(r)
-            os.write(w, _mask_digest_in_child(a, child_threads).encode()
-                     + b" %d" % _threads.effective_n_threads(child_threads))
+            os.write(w, fn())
             code = 0
         finally:
             os._exit(code)
@@ -66,12 +58,39 @@ def test_kernels_work_in_a_child_forked_after_a_parallel_region(child_threads):
         os.close(r)
         pytest.fail(f"the forked child did not finish within {CHILD_TIMEOUT} s (OpenMP hang)")
     with os.fdopen(r, "rb") as fh:
-        reply = fh.read().decode()
+        reply = fh.read()
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, reply
-    digest, threads = reply.split()
+    return reply
+
+
+# ----------------------------------------------------------------------------------------------
+# fork safety
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+@pytest.mark.parametrize("child_threads", [2, None])
+def test_kernels_work_in_a_child_forked_after_a_parallel_region(child_threads):
+    a = _work_array()
+    parent = _digest(magnitude_mask(a, 0.5, n_threads=2))  # starts OpenMP's thread pool
+    reply = _in_child(lambda: _mask_digest_in_child(a, child_threads).encode()
+                      + b" %d" % _threads.effective_n_threads(child_threads, work=10**7))
+    digest, threads = reply.decode().split()
     assert digest == parent
-    if _openmp.openmp_enabled():
-        assert int(threads) == 1  # the child runs serial
+    assert int(threads) == 1  # the child runs serial
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+def test_kernels_work_in_a_child_of_a_process_whose_openmp_pool_another_library_started():
+    """PyTorch shares libgomp: its parallel regions in the parent leave a pool the child lacks,
+    although aprender never ran one there."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(2)
+    x = torch.randn(1024, 1024)
+    _ = torch.sort((x @ x).reshape(-1))  # torch's own OpenMP regions
+    a = _work_array()
+    want = np.asarray(magnitude_mask(a, 0.5, n_threads=1))  # serial: starts no pool of ours
+    reply = _in_child(lambda: _mask_digest_in_child(a, 2).encode())
+    assert reply.decode() == _digest(want)
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),

@@ -2,8 +2,9 @@
 thread policy (threads_for, cimported by every kernel module; see _openmp.pxd).
 
 Fork safety: GNU OpenMP keeps its worker threads in a pool that a forked child does not have, so
-the first parallel region in a child of a process that ran one waits forever.  A pthread_atfork
-handler marks such a child, and threads_for then answers 1 there (serial), whatever was asked.
+the first parallel region in a child of a process that ran one waits forever.  The region may
+have been anyone's (PyTorch, for one, shares libgomp with us), so a pthread_atfork handler marks
+every forked child, and threads_for then answers 1 there (serial), whatever was asked.
 """
 
 cdef extern from *:
@@ -26,22 +27,20 @@ cdef extern from *:
     static int apr_openmp_team(int n) { (void)n; return 1; }
     #endif
 
-    /* apr_parallel_used: a parallel region with more than one thread may have run here.
-     * apr_forked_serial: this process was forked after that, so OpenMP's pool is gone. */
-    static volatile int apr_parallel_used = 0;
+    /* apr_forked_serial: this process is a forked child; if its parent ran a parallel region
+     * (ours or another library's on the same libgomp) OpenMP's thread pool is gone. */
     static volatile int apr_forked_serial = 0;
     #if defined(_WIN32)
     static int apr_register_atfork(void) { return 0; }
     #else
     #include <pthread.h>
-    static void apr_atfork_child(void) { if (apr_parallel_used) apr_forked_serial = 1; }
+    static void apr_atfork_child(void) { apr_forked_serial = 1; }
     static int apr_register_atfork(void) { return pthread_atfork(NULL, NULL, apr_atfork_child); }
     #endif
     """
     int apr_openmp_built() nogil
     int apr_openmp_max_threads() nogil
     int apr_openmp_team(int n) nogil
-    int apr_parallel_used
     int apr_forked_serial
     int apr_register_atfork()
 
@@ -56,14 +55,12 @@ GRAIN = PARALLEL_GRAIN
 cdef int threads_for(int n_threads, Py_ssize_t n_items, Py_ssize_t n_tasks) noexcept nogil:
     """Threads for a kernel over n_items elements split into n_tasks independent tasks, given
     the count the Python layer resolved: min(n_threads, n_tasks, n_items // PARALLEL_GRAIN),
-    at least 1; always 1 in a child forked after a parallel region."""
+    at least 1; always 1 in a forked child."""
     cdef Py_ssize_t chunks = n_items // PARALLEL_GRAIN
     if n_tasks < chunks:
         chunks = n_tasks
     if n_threads <= 1 or chunks <= 1 or apr_forked_serial:
         return 1
-    global apr_parallel_used
-    apr_parallel_used = 1
     return <int>(n_threads if n_threads < chunks else chunks)
 
 
@@ -78,7 +75,7 @@ def max_threads():
 
 
 def forked_serial():
-    """True in a process forked after a parallel region (its kernels run on one thread)."""
+    """True in a forked child (its kernels run on one thread: see the module docstring)."""
     return bool(apr_forked_serial)
 
 
