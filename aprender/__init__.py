@@ -1,4 +1,5 @@
-"""aprender: magnitude pruning with exact, fast Cython+OpenMP kernels."""
+"""aprender: magnitude and calibration-aware (Wanda, OWL) pruning with exact, fast Cython+OpenMP
+kernels."""
 import importlib.util
 import sys
 
@@ -8,11 +9,13 @@ from . import pruning  # noqa: E402,F401
 from ._validation import Bits16  # noqa: E402
 from .pruning import (SparsityMask, SparsityPattern, MagnitudeImportance,  # noqa: E402,F401
                       generate_unstructured_mask, generate_nm_mask, generate_global_mask,
-                      magnitude_mask, magnitude_nm_mask, PruningError)
+                      magnitude_mask, magnitude_nm_mask, PruningError, WandaImportance,
+                      ActivationStats, CalibrationContext, owl_sparsities)
 
 __all__ = ["__version__", "show_config", "Bits16", "pruning", "SparsityMask", "SparsityPattern",
            "MagnitudeImportance", "generate_unstructured_mask", "generate_nm_mask",
-           "generate_global_mask", "magnitude_mask", "magnitude_nm_mask", "PruningError"]
+           "generate_global_mask", "magnitude_mask", "magnitude_nm_mask", "PruningError",
+           "WandaImportance", "ActivationStats", "CalibrationContext", "owl_sparsities"]
 
 
 def show_config(print_out=True):
