@@ -349,6 +349,8 @@ def test_context_mapping():
     assert ctx["lm_head"] is new
     with pytest.raises(InvalidArgumentError):
         ctx.add_layer_stats(3, ActivationStats(8))
+    with pytest.raises(InvalidArgumentError, match="surrogate"):
+        ctx.add_layer_stats("\ud800", ActivationStats(8))
     with pytest.raises(InvalidArgumentError):
         ctx.add_layer_stats("x", np.ones(3))
     for bad in (-1, 1.5, "3", True):
@@ -364,6 +366,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, hessian):
     ctx = make_context(hessian)
     ctx.add_layer_stats("", ActivationStats(2).update(np.array([[1e-160, 1e150]])))  # root module
     ctx.add_layer_stats("ünïcode.名前", ActivationStats(1).update(np.array([[5e-324]])))
+    ctx.add_layer_stats("a\nb\x1b[31m", ActivationStats(1))  # control characters survive
     path = tmp_path / "calib.safetensors"
     ctx.save(path)
     back = CalibrationContext.load(path)

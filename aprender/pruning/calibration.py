@@ -337,6 +337,11 @@ def _check_name(name):
     if not isinstance(name, str):
         raise InvalidArgumentError(f"layer names are strings, got {type(name).__name__} "
                                    f"{short_repr(name)}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no safetensors header can hold it
+        raise InvalidArgumentError(f"layer name {short_repr(name)} is not valid Unicode (a lone "
+                                   "surrogate)") from None
     return name
 
 
