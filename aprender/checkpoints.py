@@ -18,12 +18,13 @@ import numpy as np
 from . import __version__
 from ._validation import resolve_threads
 from .errors import (CheckpointError, InvalidArgumentError, InvalidPatternError,
-                     InvalidShapeError, PruningError)
+                     InvalidShapeError, PruningError, ShapeMismatchError)
 from .io.checkpoint import Checkpoint, CheckpointWriter
 from .io.export import bitmask_tensors, masked_chunks
 from .io.files import OutputTarget, atomic_write_text, display
-from .pruning.mask import SparsityPattern, layer_magnitude_mask
-from .pruning.streaming import GlobalPlan
+from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
+                           layer_magnitude_mask)
+from .pruning.streaming import GlobalPlan, MappedUnit, wanda_units
 
 __all__ = ["prune_checkpoint", "CheckpointPruner", "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE"]
 
@@ -33,10 +34,11 @@ DEFAULT_EXCLUDE = (r"embed|(^|\.)(wte|wpe|shared)\.|norm|(^|\.)ln_|lm_head|"
                    r"(^|\.)(output|head|classifier)\.weight$")
 
 
-def prune_checkpoint(input, output=None, *, sparsity=None, pattern="unstructured",
+def prune_checkpoint(input, output=None, *, sparsity=None, pattern=None,
                      scope="layer", importance="l1", include=(), exclude=(), format="dense",
                      max_tensor_sparsity=None, dry_run=False, report=None, n_threads=None,
-                     force=False, progress=None):
+                     force=False, progress=None, calibration=None, allocation="uniform",
+                     owl_m=5.0, owl_lambda=0.08):
     """Prune the checkpoint ``input`` (a .safetensors file or a folder) into ``output`` with the
     command line's rules and safety guarantees; returns the report (a dict).  ``progress``:
     called as ``progress(bytes_done_now, total_bytes)`` after each tensor."""
@@ -45,7 +47,9 @@ def prune_checkpoint(input, output=None, *, sparsity=None, pattern="unstructured
         sparsity=sparsity, pattern=pattern, scope=scope, importance=importance,
         include=list(include), exclude=list(exclude), format=format,
         max_tensor_sparsity=max_tensor_sparsity, dry_run=dry_run,
-        report=None if report is None else os.fspath(report), threads=n_threads, force=force)
+        report=None if report is None else os.fspath(report), threads=n_threads, force=force,
+        calibration=None if calibration is None else os.fspath(calibration),
+        allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
     if job.output is None and not dry_run:
         raise InvalidArgumentError("output is required unless dry_run=True")
     return CheckpointPruner(job, progress).run()
@@ -109,6 +113,23 @@ class CheckpointPruner:
     def __init__(self, job, progress=None):
         self.args = args = job
         self.progress = progress
+        if args.importance not in ("l1", "l2", "wanda"):
+            raise InvalidArgumentError(f"--importance must be l1, l2 or wanda, got "
+                                       f"{args.importance!r}")
+        self.wanda = args.importance == "wanda"
+        if self.wanda and not args.calibration:
+            raise InvalidArgumentError("--importance wanda needs --calibration FILE (from "
+                                       "'aprender calibrate')")
+        if args.calibration and not self.wanda:
+            raise InvalidArgumentError("--calibration is used by --importance wanda only")
+        if args.allocation not in ("uniform", "owl"):
+            raise InvalidArgumentError(f"--allocation must be uniform or owl, got "
+                                       f"{args.allocation!r}")
+        if args.allocation == "owl" and (not self.wanda or args.scope != "layer"):
+            raise InvalidArgumentError("--allocation owl needs --importance wanda and --scope "
+                                       "layer")
+        if args.pattern is None:  # Wanda compares weights within each output row
+            args.pattern = "per-row" if self.wanda else "unstructured"
         try:
             text = args.pattern.strip()
             # 'row' was this option's first name for per-row (Wanda) grouping
@@ -133,6 +154,11 @@ class CheckpointPruner:
         self.include = _compile(args.include, "--include")
         self.exclude = _compile(args.exclude, "--exclude")
         self.nt = resolve_threads(args.threads)
+        if args.allocation == "owl":
+            from .pruning.owl import _check_lam, _check_m
+
+            self.owl_m = _check_m(args.owl_m)
+            self.owl_lam = _check_lam(args.owl_lambda)
 
     @property
     def pattern_text(self):
@@ -142,13 +168,14 @@ class CheckpointPruner:
     def _check_paths(self, ckpt):
         """Every path that will be written is checked against every input before any work."""
         a = self.args
+        inputs = ckpt.inputs + ([a.calibration] if a.calibration else [])
         self.target = None
         if not a.dry_run:
-            self.target = OutputTarget(a.output, ckpt.inputs, force=a.force,
+            self.target = OutputTarget(a.output, inputs, force=a.force,
                                        kind="dir" if ckpt.is_dir else "file")
         if a.report:
             avoid = [] if a.dry_run else [("OUTPUT", a.output)]
-            OutputTarget(a.report, ckpt.inputs, force=a.force, what="--report", avoid=avoid)
+            OutputTarget(a.report, inputs, force=a.force, what="--report", avoid=avoid)
 
     def run(self):
         a = self.args
@@ -158,21 +185,22 @@ class CheckpointPruner:
         selected, skipped = select(ckpt, self.include, self.exclude)
         if not selected:
             raise CheckpointError(f"{display(a.input)}: no tensor matches the selection"
-                          + (f" (--include {a.include})" if a.include else "")
-                          + (f" (--exclude {a.exclude})" if a.exclude else ""))
+                                  + (f" (--include {a.include})" if a.include else "")
+                                  + (f" (--exclude {a.exclude})" if a.exclude else ""))
         if self.pattern.is_nm:
             for shard, t in selected:
                 if t.shape[-1] % self.pattern.m:
-                    raise InvalidShapeError(f"{display(ckpt.shard_path(shard))}: tensor "
-                                            f"{t.name!r} of "
-                                  f"shape {list(t.shape)}: last dimension is not divisible by "
-                                  f"{self.pattern.m} (pattern {self.pattern_text})")
+                    raise InvalidShapeError(
+                        f"{self._label(ckpt, shard, t)} of shape {list(t.shape)}: last "
+                        f"dimension is not divisible by {self.pattern.m} (pattern "
+                        f"{self.pattern_text})")
         self.ckpt = ckpt
         self.sel_index = {(s, t.name): i for i, (s, t) in enumerate(selected)}
+        self.layer_sparsity = {}
+        if self.wanda:
+            self._prepare_wanda(ckpt, selected)
         if a.scope == "global":
-            self.plan = GlobalPlan([(ckpt.files[s], t, f"{display(ckpt.shard_path(s))}: tensor "
-                                    f"{t.name!r}") for s, t in selected],
-                                   self.sparsity, a.max_tensor_sparsity, self.nt)
+            self._plan_global(ckpt, selected)
         self.rows = []
         total_bytes = sum(t.nbytes for _, t in ckpt.items())
         self.total_bytes = total_bytes
@@ -189,17 +217,104 @@ class CheckpointPruner:
         return report
 
     # -- per tensor --------------------------------------------------------------------------
+    @staticmethod
+    def _label(ckpt, shard, t):
+        return f"{display(ckpt.shard_path(shard))}: tensor {t.name!r}"
+
+    def _prepare_wanda(self, ckpt, selected):
+        """Load the calibration, check every selected tensor has matching statistics (before
+        anything is written) and, with OWL, allocate the layers' sparsities."""
+        from .pruning.calibration import CalibrationContext
+        from .pruning.importance import wanda_scale
+
+        self.ctx = CalibrationContext.load(self.args.calibration)
+        self.scales = {}
+        for shard, t in selected:
+            label = self._label(ckpt, shard, t)
+            if len(t.shape) != 2:
+                raise InvalidShapeError(f"{label}: Wanda needs a 2-D weight (out, in), got "
+                                        f"shape {list(t.shape)}")
+            layer = t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
+            stats = self.ctx.require_stats(layer)
+            if stats.in_features != t.shape[1]:
+                raise ShapeMismatchError(f"{label} of shape {list(t.shape)} has {t.shape[1]} "
+                                         f"inputs, but the calibration statistics of {layer!r} "
+                                         f"have {stats.in_features}")
+            self.scales[t.name] = wanda_scale(
+                stats, np.float64 if t.dtype == "F64" else np.float32)
+        if self.args.allocation == "owl":
+            self._owl(ckpt, selected)
+
+    def _units(self, ckpt, shard, t, common=None):
+        sf, label = ckpt.files[shard], self._label(ckpt, shard, t)
+        if not self.wanda:
+            return [MappedUnit(sf, t, label, common)]
+        return wanda_units(sf, t, self.scales[t.name], label, self.nt, common)
+
+    def _plan_global(self, ckpt, selected):
+        codes = {t.dtype for _, t in selected}
+        if self.wanda:  # float32 scores, float64 when a float64 weight is among them
+            common = "float64" if "F64" in codes and len(codes) > 1 else None
+        else:
+            common = None if len(codes) == 1 else ("float64" if "F64" in codes else "float32")
+        units, groups = [], []
+        for shard, t in selected:
+            us = self._units(ckpt, shard, t, common)
+            groups.append(list(range(len(units), len(units) + len(us))))
+            units += us
+        self.plan = GlobalPlan(units, self.sparsity, self.args.max_tensor_sparsity, self.nt,
+                               groups)
+
+    def _owl(self, ckpt, selected):
+        """OWL (Yin et al. 2024): each layer's outlier ratio (Wanda scores above m times the
+        layer's mean), streamed chunk by chunk, then sparsities spread over [s - lam, s + lam]
+        whose element-weighted mean is the target."""
+        from .pruning.owl import owl_allocation, streamed_outlier_ratio
+
+        ratios, sizes = [], []
+        for shard, t in selected:
+            units = self._units(ckpt, shard, t)
+            ratios.append(streamed_outlier_ratio(lambda: (u.scores() for u in units),
+                                                 self.owl_m, self.nt))
+            sizes.append(t.size)
+        counts = owl_allocation(ratios, sizes, self.sparsity, self.owl_lam)
+        for (shard, t), c in zip(selected, counts):
+            self.layer_sparsity[t.name] = int(c) / t.size if t.size else 0.0
+        self.owl_ratios = {t.name: r for (_, t), r in zip(selected, ratios)}
+
     def _keep(self, shard, t):
         i = self.sel_index[(shard, t.name)]
         if self.args.scope == "global":
-            return self.plan.keep(i)
+            return self.plan.group_keep(i)
+        sparsity = self.layer_sparsity.get(t.name, self.sparsity)
+        if self.wanda:
+            return self._wanda_layer_keep(shard, t, sparsity)
         arr = self.ckpt.files[shard].array(t.name)
         try:
-            mask = layer_magnitude_mask(arr, self.pattern, self.sparsity, n_threads=self.nt)
+            mask = layer_magnitude_mask(arr, self.pattern, sparsity, n_threads=self.nt)
         except PruningError as exc:
-            raise type(exc)(f"{display(self.ckpt.shard_path(shard))}: tensor {t.name!r}: "
-                            f"{exc}") from None
+            raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}") from None
         return mask.keep.reshape(-1).view(np.uint8)
+
+    def _wanda_layer_keep(self, shard, t, sparsity):
+        """Layer-scope Wanda mask from scores computed chunk by chunk: per-row and N:M select
+        inside each row chunk; unstructured runs the exact streaming selection over the
+        tensor's chunks."""
+        units = self._units(self.ckpt, shard, t)
+        if self.pattern.is_unstructured:
+            return GlobalPlan(units, sparsity, None, self.nt, [list(range(len(units)))]) \
+                .group_keep(0, np.empty(t.size, np.uint8))
+        keep = np.empty(t.size, np.uint8)
+        pos = 0
+        for u in units:
+            s = u.scores()
+            if self.pattern.is_per_row:
+                m = generate_unstructured_mask(s, sparsity, per_row=True, n_threads=self.nt)
+            else:
+                m = generate_nm_mask(s, self.pattern.n, self.pattern.m, n_threads=self.nt)
+            keep[pos:pos + u.size] = m.keep.reshape(-1).view(np.uint8)
+            pos += u.size
+        return keep
 
     def _row(self, shard, t, keep):
         kept = int(np.count_nonzero(keep))
@@ -288,6 +403,12 @@ class CheckpointPruner:
         }, separators=(",", ":"))
         return meta
 
+    def _allocation_report(self):
+        if self.args.allocation != "owl":
+            return {"method": "uniform"}
+        return {"method": "owl", "m": self.owl_m, "lambda": self.owl_lam,
+                "outlier_ratio": self.owl_ratios, "sparsity": self.layer_sparsity}
+
     def _tick(self, nbytes):
         if self.progress is not None:
             self.progress(nbytes, self.total_bytes)
@@ -311,6 +432,8 @@ class CheckpointPruner:
             "importance": self.args.importance,
             "format": self.args.format,
             "max_tensor_sparsity": self.args.max_tensor_sparsity,
+            "calibration": self.args.calibration,
+            "allocation": self._allocation_report(),
             "threads": self.nt,
             "selection": {
                 "rule": ("--include" if self.args.include else

@@ -21,7 +21,7 @@ from ._threads import MAX_THREADS
 from .checkpoints import DEFAULT_EXCLUDE, WARN_SPARSITY, CheckpointPruner
 from .errors import PruningError, UnsafePathError
 from .io.checkpoint import INDEX_NAME, Checkpoint
-from .io.files import display
+from .io.files import OutputTarget, display
 from .io.safetensors import FLOAT_DTYPES
 
 CHUNK = 1 << 22  # elements per inspect chunk
@@ -70,6 +70,14 @@ def _threads(text):
     return v
 
 
+def _count(text):
+    t = text.strip()
+    v = int(t) if t.isascii() and t.isdigit() and len(t) <= 9 else 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return v
+
+
 def build_parser():
     p = _Parser(prog="aprender", description="Magnitude pruning for safetensors checkpoints.")
     p.add_argument("--version", action="version", version=f"aprender {__version__}")
@@ -88,16 +96,28 @@ def build_parser():
     pr.add_argument("--sparsity", type=_fraction, metavar="FRACTION",
                     help="fraction of the selected weights to prune (unstructured and per-row "
                          "patterns; implied by N:M)")
-    pr.add_argument("--pattern", default="unstructured", metavar="unstructured|per-row|N:M",
-                    help="'unstructured' (default), 'per-row' (same fraction in every row, "
-                         "Wanda grouping; 'row' is accepted as an alias) or N:M such as 2:4 "
-                         "(keep N of every M along the last axis)")
+    pr.add_argument("--pattern", default=None, metavar="unstructured|per-row|N:M",
+                    help="'unstructured' (the default for magnitude), 'per-row' (same fraction "
+                         "in every row; the default for Wanda; 'row' is accepted as an alias) "
+                         "or N:M such as 2:4 (keep N of every M along the last axis)")
     pr.add_argument("--scope", choices=("layer", "global"), default="layer",
                     help="layer: each tensor pruned to the fraction on its own (default); "
                          "global: one exact count over every selected tensor (unstructured only)")
-    pr.add_argument("--importance", choices=("l1", "l2"), default="l1",
-                    help="magnitude score; |w| and w^2 rank alike, so both give the same mask "
-                         "(recorded in the metadata)")
+    pr.add_argument("--importance", choices=("l1", "l2", "wanda"), default="l1",
+                    help="l1/l2: magnitude (|w| and w^2 rank alike, so both give the same "
+                         "mask); wanda: |w| * ||X_j||_2 from --calibration, computed chunk by "
+                         "chunk while streaming (Sun et al. 2023)")
+    pr.add_argument("--calibration", metavar="FILE",
+                    help="calibration statistics from 'aprender calibrate' (for --importance "
+                         "wanda); a tensor 'a.b.weight' uses the statistics of layer 'a.b'")
+    pr.add_argument("--allocation", choices=("uniform", "owl"), default="uniform",
+                    help="uniform: every tensor pruned to --sparsity (default); owl: layer "
+                         "sparsities spread over [s - lambda, s + lambda] by their share of "
+                         "outlier Wanda scores (Yin et al. 2024), same mean")
+    pr.add_argument("--owl-m", type=float, default=5.0, metavar="M",
+                    help="OWL: a score is an outlier above M times its layer's mean (default 5)")
+    pr.add_argument("--owl-lambda", type=float, default=0.08, metavar="L",
+                    help="OWL: sparsities spread over [s - L, s + L] (default 0.08)")
     pr.add_argument("--include", action="append", default=[], metavar="REGEX",
                     help="select tensors whose name matches (repeatable; replaces the default "
                          "rule)")
@@ -122,6 +142,32 @@ def build_parser():
                     help="replace an existing OUTPUT (or --report) file or folder; never one "
                          "that holds the input, nor a device, FIFO or socket")
     pr.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+    cal = sub.add_parser(
+        "calibrate", help="collect activation statistics for calibration-aware pruning",
+        description="Run calibration text through a local Hugging Face model folder (offline, "
+                    "on the CPU) and save the per-layer input statistics of its Linear layers, "
+                    "named as the checkpoint's weights, for 'aprender prune --importance wanda "
+                    "--calibration FILE'.  Needs pip install \"aprender[calibrate]\".",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 130/143 interrupted.")
+    cal.add_argument("model", metavar="MODEL_DIR", help="local model folder (config, tokenizer, "
+                                                        "safetensors weights)")
+    cal.add_argument("--text", metavar="FILE", required=True,
+                     help="UTF-8 text file: one calibration sample per non-empty line")
+    cal.add_argument("-o", "--output", metavar="FILE", required=True,
+                     help="calibration file to write (safetensors; see the README)")
+    cal.add_argument("--samples", type=_count, default=128, metavar="N",
+                     help="use the first N samples (default 128)")
+    cal.add_argument("--max-length", type=_count, default=512, metavar="L",
+                     help="truncate each sample to L tokens (default 512)")
+    cal.add_argument("--batch-size", type=_count, default=8, metavar="B",
+                     help="samples per forward pass (default 8)")
+    cal.add_argument("--hessian", action="store_true",
+                     help="also accumulate X^T X per layer (for SparseGPT; in_features^2 values "
+                          "per layer)")
+    cal.add_argument("--threads", type=_threads, metavar="N", help="threads for the kernels")
+    cal.add_argument("--force", action="store_true", help="replace an existing output file")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
     ins = sub.add_parser("inspect", help="per-tensor shape, dtype, zero fraction, N:M pattern",
                          description="List every tensor of a .safetensors file or checkpoint "
@@ -280,6 +326,28 @@ def run_prune(args):
     return 0
 
 
+def run_calibrate(args):
+    from .hf import calibrate_folder, read_text_samples
+
+    if args.output == "":
+        raise UsageError("--output is empty")
+    ckpt = Checkpoint(args.model)
+    OutputTarget(args.output, ckpt.inputs + [args.text], force=args.force, what="--output")
+    samples = read_text_samples(args.text, args.samples)
+    ctx, left_out = calibrate_folder(args.model, samples, max_length=args.max_length,
+                                     batch_size=args.batch_size, hessian=args.hessian,
+                                     progress=sys.stderr.isatty() and not args.quiet,
+                                     n_threads=args.threads)
+    ctx.save(args.output)
+    if not args.quiet:
+        print(f"{len(ctx.layer_names)} layers, {ctx.num_samples} samples -> "
+              f"{display(args.output)}")
+        if left_out:
+            print(f"left out (no weight of that name and shape in the checkpoint): "
+                  f"{display(', '.join(left_out))}")
+    return 0
+
+
 def _error(message):
     print(f"aprender: error: {display(str(message))}", file=sys.stderr)
 
@@ -296,6 +364,8 @@ def main(argv=None):
         try:
             if args.command == "inspect":
                 return run_inspect(args)
+            if args.command == "calibrate":
+                return run_calibrate(args)
             return run_prune(args)
         finally:
             sys.stdout.flush()
@@ -303,6 +373,9 @@ def main(argv=None):
         _error(exc)
         return 2
     except PruningError as exc:
+        _error(exc)
+        return 1
+    except ImportError as exc:  # an optional extra is missing: the message names it
         _error(exc)
         return 1
     except BrokenPipeError:

@@ -212,24 +212,29 @@ class SafetensorsFile:
             raise CheckpointError(f"{display(self.path)}: file changed size while being read")
         return f
 
-    def words(self, name, populate=True):
-        """Read-only flat view of the raw elements as unsigned words (uint8/16/32/64).
-        ``populate``: fault the whole tensor in at once (for full passes; False for sparse
+    def words(self, name, populate=True, first=0, count=None):
+        """Read-only flat view of the raw elements as unsigned words (uint8/16/32/64): the
+        whole tensor, or ``count`` elements from element ``first`` (only that range is mapped).
+        ``populate``: fault the mapped range in at once (for full passes; False for sparse
         access such as sampling)."""
         t = self.tensors[name]
         dt = _WORDS[t.itemsize]
-        if t.size == 0:
+        count = t.size - first if count is None else count
+        if first < 0 or count < 0 or first + count > t.size:
+            raise CheckpointError(f"elements [{first}, {first + count}) outside tensor {name!r} "
+                                  f"of {t.size} elements")
+        if count == 0:
             return np.empty(0, dt)
-        start = self.data_start + t.begin
+        start = self.data_start + t.begin + first * t.itemsize
         base = start - start % mmap.ALLOCATIONGRANULARITY
         with self._open() as f:
-            # MAP_POPULATE: one syscall faults the whole tensor in (page cache permitting)
+            # MAP_POPULATE: one syscall faults the whole range in (page cache permitting)
             # instead of a page fault per 4 KiB; the map is released with the last view
-            mm = mmap.mmap(f.fileno(), start - base + t.nbytes, offset=base,
+            mm = mmap.mmap(f.fileno(), start - base + count * t.itemsize, offset=base,
                            flags=mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate
                                                     else 0),
                            prot=mmap.PROT_READ)
-        return np.frombuffer(mm, dtype=dt, count=t.size, offset=start - base)
+        return np.frombuffer(mm, dtype=dt, count=count, offset=start - base)
 
     def read_into(self, name, first, out):
         """Read elements [first, first + len(out)) of the tensor into the array ``out``

@@ -86,6 +86,47 @@ def owl_outlier_ratio(scores, m=5.0, *, n_threads=None):
     return above / n if n else 0.0
 
 
+_SUM_BLOCK = 65536  # the fixed chunk of calib.score_sum (SUM_CHUNK): partial sums fold in order
+
+
+def streamed_outlier_ratio(chunks, m=5.0, n_threads=None):
+    """owl_outlier_ratio of one layer whose scores arrive in pieces, bit-identical to the
+    ratio of the whole array: ``chunks()`` returns a fresh iterator over the score arrays (it
+    is called twice: once for the mean, once for the count).  The float64 sum folds the same
+    fixed blocks in the same order as the in-memory kernel, whatever the pieces' sizes, and
+    only one piece (plus less than one block) is held at a time."""
+    m = _check_m(m)
+    nt = resolve_threads(n_threads)
+    total, n, carry = None, 0, None
+    for piece in chunks():
+        f = as_floats(piece, "scores")
+        x = f.kernel.reshape(-1)
+        n += x.size
+        if carry is not None and carry.size:
+            x = np.concatenate([carry, x])
+        full = (x.size // _SUM_BLOCK) * _SUM_BLOCK
+        for a in range(0, full, _SUM_BLOCK):
+            part, bad = _calib.score_sum(x[a:a + _SUM_BLOCK], f.fmt, nt)
+            if bad:
+                raise_nonfinite(f, "scores")
+            total = part if total is None else total + part
+        carry = x[full:].copy()
+        fmt = f.fmt
+    if carry is not None and carry.size:
+        part, bad = _calib.score_sum(carry, fmt, nt)
+        total = part if total is None else total + part
+    if not n:
+        return 0.0
+    if not np.isfinite(total):
+        raise NumericalInstabilityError("scores: the sum of the scores overflows float64")
+    threshold = m * (total / n)
+    above = 0
+    for piece in chunks():
+        f = as_floats(piece, "scores")
+        above += _calib.count_above(f.kernel.reshape(-1), f.fmt, threshold, nt)
+    return above / n
+
+
 def _check_sizes(sizes):
     arr = []
     for i, v in enumerate(sizes):
