@@ -197,6 +197,7 @@ class CheckpointPruner:
         self.ckpt = ckpt
         self.sel_index = {(s, t.name): i for i, (s, t) in enumerate(selected)}
         self.layer_sparsity = {}
+        self._buffers = {}
         if self.wanda:
             self._prepare_wanda(ckpt, selected)
         if a.scope == "global":
@@ -304,17 +305,25 @@ class CheckpointPruner:
         if self.pattern.is_unstructured:
             return GlobalPlan(units, sparsity, None, self.nt, [list(range(len(units)))]) \
                 .group_keep(0, np.empty(t.size, np.uint8))
-        keep = np.empty(t.size, np.uint8)
+        keep = np.empty(t.size, np.bool_)
         pos = 0
-        for u in units:
-            s = u.scores()
+        for u in units:  # each chunk's scores and mask go straight into reused buffers
+            s = u.scores(out=self._scratch(u.size, u.dtype, "scores").reshape(u.shape))
+            part = keep[pos:pos + u.size].reshape(u.shape)
             if self.pattern.is_per_row:
-                m = generate_unstructured_mask(s, sparsity, per_row=True, n_threads=self.nt)
+                generate_unstructured_mask(s, sparsity, per_row=True, n_threads=self.nt,
+                                           out=part)
             else:
-                m = generate_nm_mask(s, self.pattern.n, self.pattern.m, n_threads=self.nt)
-            keep[pos:pos + u.size] = m.keep.reshape(-1).view(np.uint8)
+                generate_nm_mask(s, self.pattern.n, self.pattern.m, n_threads=self.nt, out=part)
             pos += u.size
-        return keep
+        return keep.view(np.uint8)
+
+    def _scratch(self, n, dtype, what):
+        """A buffer of at least n elements reused across tensors (its pages stay mapped)."""
+        buf = self._buffers.get(what)
+        if buf is None or buf.size < n or buf.dtype != dtype:
+            buf = self._buffers[what] = np.empty(n, dtype)
+        return buf[:n]
 
     def _row(self, shard, t, keep):
         kept = int(np.count_nonzero(keep))

@@ -289,3 +289,22 @@ def test_layer_magnitude_mask_takes_patterns():
     np.testing.assert_array_equal(layer_magnitude_mask(x, "nm", None, 2, 4).keep, nm.keep)
     with pytest.raises(InvalidPatternError, match="block 2x2"):
         layer_magnitude_mask(x, "block:2x2", 0.5)
+
+
+def test_out_buffers_for_masks():
+    from aprender.errors import InvalidArgumentError
+    from aprender.pruning import generate_nm_mask, generate_unstructured_mask
+
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((16, 32)).astype(np.float32)
+    for make in (lambda **kw: generate_unstructured_mask(v, 0.4, **kw),
+                 lambda **kw: generate_unstructured_mask(v, 0.4, per_row=True, **kw),
+                 lambda **kw: generate_nm_mask(v, 2, 4, **kw)):
+        out = np.ones(v.shape, np.bool_)
+        m = make(out=out)
+        assert m.keep is out or np.shares_memory(m.keep, out)
+        np.testing.assert_array_equal(out, make().keep)
+        for bad in (np.ones(v.shape, np.uint8), np.ones((16, 31), np.bool_),
+                    np.ones(v.shape, np.bool_).T.copy().T, "x"):
+            with pytest.raises(InvalidArgumentError):
+                make(out=bad)

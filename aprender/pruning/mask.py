@@ -424,9 +424,20 @@ class SparsityMask:
 # generation
 # ----------------------------------------------------------------------------------------------
 
-def _unstructured(f: Floats, sparsity, per_row, magnitude, nt, name):
+def _out_mask(out, shape):
+    """A caller's ``out=`` buffer (reused to avoid fresh pages for every mask) or a new one."""
+    if out is None:
+        return np.empty(shape, dtype=np.bool_)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.bool_ and out.shape == tuple(shape)
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise InvalidArgumentError(f"out must be a writeable C-contiguous bool array of shape "
+                                   f"{tuple(shape)}, got {short_repr(out)}")
+    return out
+
+
+def _unstructured(f: Floats, sparsity, per_row, magnitude, nt, name, out=None):
     n = f.size
-    keep = np.empty(f.shape, dtype=np.bool_)
+    keep = _out_mask(out, f.shape)
     if n == 0:
         return keep
     if per_row:
@@ -461,17 +472,19 @@ def _unstructured_pattern(per_row):
     return SparsityPattern.per_row() if per_row else SparsityPattern.unstructured()
 
 
-def generate_unstructured_mask(values, sparsity, *, per_row=False, n_threads=None):
+def generate_unstructured_mask(values, sparsity, *, per_row=False, n_threads=None, out=None):
     """Prune the ``round(sparsity * n)`` smallest importance values (halves round down; among
     equal values the lowest flat C-order index is pruned first).  ``per_row=True`` is per-row
     unstructured: the same count within each row along the last axis, and the mask carries
     ``SparsityPattern.per_row()``.  ``values`` are importance scores (an array or
-    ImportanceScores): larger means more important."""
+    ImportanceScores): larger means more important.  ``out``: a bool array of the values'
+    shape to write the mask into (the SparsityMask then holds it), so callers that prune many
+    tensors reuse its pages."""
     sparsity = check_sparsity(sparsity)
     per_row = check_bool(per_row, "per_row")
     f = as_floats(values, "values")
     nt = resolve_threads(n_threads)
-    keep = _unstructured(f, sparsity, per_row, 0, nt, "values")
+    keep = _unstructured(f, sparsity, per_row, 0, nt, "values", out)
     return SparsityMask(keep, _unstructured_pattern(per_row), _trusted=True)
 
 
@@ -486,9 +499,9 @@ def magnitude_mask(weights, sparsity, *, per_row=False, n_threads=None):
     return SparsityMask(keep, _unstructured_pattern(per_row), _trusted=True)
 
 
-def _nm(f, n, m, axis, magnitude, nt, name):
+def _nm(f, n, m, axis, magnitude, nt, name, out=None):
     n, m = check_nm(n, m)
-    keep = np.empty(f.shape, dtype=np.bool_)
+    keep = _out_mask(out, f.shape)
     given, axis = axis, check_axis(axis, f.array.ndim)
     pattern = SparsityPattern.nm(n, m, axis=int(given))  # the axis as the caller named it
     pattern.check_shape(f.shape)
@@ -504,11 +517,12 @@ def _nm(f, n, m, axis, magnitude, nt, name):
     return SparsityMask(keep, pattern, _trusted=True)
 
 
-def generate_nm_mask(values, n, m, *, axis=-1, n_threads=None):
+def generate_nm_mask(values, n, m, *, axis=-1, n_threads=None, out=None):
     """Keep the n largest values of every group of m consecutive elements along ``axis`` (ties
-    prune the lowest index first).  The axis length must be divisible by m."""
+    prune the lowest index first).  The axis length must be divisible by m.  ``out``: as for
+    :func:`generate_unstructured_mask`."""
     f = as_floats(values, "values")
-    return _nm(f, n, m, axis, 0, resolve_threads(n_threads), "values")
+    return _nm(f, n, m, axis, 0, resolve_threads(n_threads), "values", out)
 
 
 def magnitude_nm_mask(weights, n, m, *, axis=-1, n_threads=None):

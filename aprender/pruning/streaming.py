@@ -65,13 +65,16 @@ class WandaUnit:
         self.sf, self.t, self.scale, self.r0, self.r1 = sf, t, scale, r0, r1
         self.label, self.nt, self.common = label, nt, common
         self.size = (r1 - r0) * t.shape[-1]
+        self.shape = (r1 - r0, t.shape[-1])
+        self.dtype = np.dtype(np.float64 if t.dtype == "F64" else np.float32)
 
-    def scores(self, sequential=True):
+    def scores(self, sequential=True, out=None):
+        """The chunk's scores, shape (rows, cols); ``out``: a buffer to write them into."""
         from .importance import wanda_scores
 
         w = typed_rows(self.sf, self.t, self.r0, self.r1, populate=sequential)
         try:
-            s = wanda_scores(w, self.scale, n_threads=self.nt)
+            s = wanda_scores(w, self.scale, n_threads=self.nt, out=out)
         except NumericalInstabilityError as exc:
             raise NumericalInstabilityError(f"{self.label}: {exc}") from None
         return s if self.common is None else s.astype(self.common)
