@@ -230,6 +230,16 @@ CASES = [
     ("fix-counts-beyond-out", "fix_marked",
      lambda: select.fix_marked(_u(8), np.array([BIG], np.int64), _u(0, np.uint32), 5, 1, 1),
      InvalidArgumentError, r"counts\[0\] = \d+ outside \[0, 8\]"),
+    ("gather-pos-short", "gather_marked",
+     lambda: select.gather_marked(F32, _marked()[0], _marked()[1], 1, _u(10, np.uint32), 1,
+                                  _u(9, np.uint32)),
+     ShapeMismatchError, r"pos holds 9 positions, keys 10"),
+    ("fixpos-pos-short", "fix_positions",
+     lambda: select.fix_positions(_u(64), _u(3, np.uint32), _u(4, np.uint32), 5, 1, 1),
+     ShapeMismatchError, r"pos holds 3 positions, keys 4"),
+    ("fixpos-none", "fix_positions",
+     lambda: select.fix_positions(_u(64), None, _u(4, np.uint32), 5, 1, 1),
+     InvalidArgumentError, r"'pos' must not be None"),
     ("hist-pass-short", "hist_pass",
      lambda: select.hist_pass(F32, 0, 0, 0, 1, 0, _u(100, np.int64), 1), ShapeMismatchError,
      r"hist must hold 65536 bins, got 100"),
@@ -451,8 +461,16 @@ def test_writes_stay_inside_their_buffers():
     big = np.full(16 + 8 * 16 + 16, 0xA5, np.uint8)
     select.rows_mask(x.reshape(8, 16), 5, 1, 0, big[16:144].reshape(8, 16), 4)
     keys = np.full(3 + 10 + 3, 7, np.uint32)
+    pos = np.full(3 + 10 + 3, 7, np.uint32)
     out2, counts, lo, hi = _marked()
-    select.gather_marked(F32, out2, counts, 1, keys[3:13], 4)
+    select.gather_marked(F32, out2, counts, 1, keys[3:13], 4, pos[3:13])
+    np.testing.assert_array_equal(pos[3:13], np.arange(20, 30))
+    # positions beyond the mask are skipped, never written
+    small = np.full(16 + 8 + 16, 0xA5, np.uint8)
+    select.fix_positions(small[16:24], np.array([0, 7, 8, 2**31, 2**32 - 1], np.uint32),
+                         np.arange(5, dtype=np.uint32), 2, 0, 4)
+    assert np.all(small[:16] == 0xA5) and np.all(small[24:] == 0xA5)
+    assert np.all(pos[:3] == 7) and np.all(pos[13:] == 7)
     assert np.all(guard[:64] == 0xA5) and np.all(guard[192:] == 0xA5)
     assert np.all(big[:16] == 0xA5) and np.all(big[144:] == 0xA5)
     assert np.all(keys[:3] == 7) and np.all(keys[13:] == 7)

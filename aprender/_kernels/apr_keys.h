@@ -512,6 +512,76 @@ APR_DEFINE_MARK(16, uint16_t, int16_t, 0x8000u, int16_t)
 APR_DEFINE_MARK(32, uint32_t, int32_t, 0x80000000u, int32_t)
 APR_DEFINE_MARK(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
 
+/* The candidates a mark pass left in out[s:e] (bytes == 2), in flat order.  Most 8-byte words
+ * of the mask hold none (bit 1 is set only in a mark) and are skipped whole; the positions
+ * found are batched so that the loads they lead to do not wait on the scan's branches.
+ * gather: their native keys into keys[0:cap] and, when pos is not NULL, their positions into
+ *         pos[0:cap] (the caller guarantees e <= 2^32); returns how many.
+ * fix:    decide them with their keys (keys[0:cap], gathered in the same order): keep key > t,
+ *         prune key < t, prune the equal keys while fewer than r were seen (seen: equal keys
+ *         before s) and keep the others; returns how many it decided. */
+#define APR_MARK_BATCH 256
+#define APR_MARK_WORDS(VISIT)                                                               \
+    ptrdiff_t at_[APR_MARK_BATCH], np_ = 0, b_;                                             \
+    while (i < e) {                                                                         \
+        if (i + 8 <= e) {                                                                   \
+            uint64_t w;                                                                     \
+            memcpy(&w, out + i, 8);                                                         \
+            w &= 0x0202020202020202ull;                                                     \
+            while (w) {                                                                     \
+                ptrdiff_t q = i + (apr_ctz64(w) >> 3);                                      \
+                at_[np_] = q;                                                               \
+                np_ += out[q] == 2;                                                         \
+                w &= w - 1;                                                                 \
+            }                                                                               \
+            i += 8;                                                                         \
+        } else {                                                                            \
+            at_[np_] = i;                                                                   \
+            np_ += out[i] == 2;                                                             \
+            i++;                                                                            \
+        }                                                                                   \
+        if (np_ > APR_MARK_BATCH - 9 || i >= e) {                                           \
+            if (np_ > cap - j) np_ = cap - j;                                               \
+            for (b_ = 0; b_ < np_; b_++) {                                                  \
+                ptrdiff_t q = at_[b_];                                                      \
+                VISIT;                                                                      \
+                j++;                                                                        \
+            }                                                                               \
+            np_ = 0;                                                                        \
+            if (j >= cap) break;                                                            \
+        }                                                                                   \
+    }
+#define APR_DEFINE_GATHER(W, UT)                                                                \
+    static ptrdiff_t apr_gather##W(const UT *x, const uint8_t *out, ptrdiff_t s, ptrdiff_t e,  \
+                                   int magnitude, UT *keys, uint32_t *pos, ptrdiff_t cap) { \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ptrdiff_t i = s, j = 0;                                                             \
+        if (cap <= 0) return 0;                                                             \
+        if (pos != NULL) {                                                                  \
+            APR_MARK_WORDS({ keys[j] = apr_nkey##W(x[q], am); pos[j] = (uint32_t)q; })      \
+        } else {                                                                            \
+            APR_MARK_WORDS(keys[j] = apr_nkey##W(x[q], am))                                 \
+        }                                                                                   \
+        return j;                                                                           \
+    }                                                                                       \
+    static ptrdiff_t apr_fix_marks##W(uint8_t *out, ptrdiff_t s, ptrdiff_t e, const UT *keys, \
+                                      ptrdiff_t cap, UT t, ptrdiff_t seen, ptrdiff_t r) {   \
+        ptrdiff_t i = s, j = 0;                                                             \
+        if (cap <= 0) return 0;                                                             \
+        {                                                                                   \
+            APR_MARK_WORDS({                                                                \
+                UT kk = keys[j];                                                            \
+                ptrdiff_t eq = kk == t;                                                     \
+                out[q] = (uint8_t)((kk > t) | (eq & (seen >= r)));                          \
+                seen += eq;                                                                 \
+            })                                                                              \
+        }                                                                                   \
+        return j;                                                                           \
+    }
+APR_DEFINE_GATHER(16, uint16_t)
+APR_DEFINE_GATHER(32, uint32_t)
+APR_DEFINE_GATHER(64, uint64_t)
+
 
 /* Non-finite test on raw bits, given the exponent mask of the format. */
 static inline int apr_nonfinite16(uint16_t b, uint16_t expmask) { return (b & expmask) == expmask; }

@@ -10,15 +10,16 @@ count in their result:
 2. mark     for masks held in memory (threshold_masks) one pass per tensor counts keys below lo
             and inside [lo, hi] and writes the provisional mask: 1 above hi, 0 below lo, 2 for a
             candidate inside the bracket (under 1 % of n for a smooth distribution).  Nothing is
-            copied during the pass; afterwards the candidates' keys are gathered, in flat order,
-            into one buffer of exactly their number.  Streaming (find_threshold + range_pass):
+            copied during the pass; afterwards the candidates' keys (and positions, for tensors
+            under 2**32 elements) are gathered, in flat order, into buffers of exactly their
+            number, skipping the mask's words that hold no mark.  Streaming (find_threshold + range_pass):
             the pass copies the in-bracket keys into per-task buffers sized from the bracket's
             expected share (about twice it), and reports an overflow instead of growing;
 3. select   a histogram select over 11-bit digits of key - lo finds T among the candidates
             exactly, in a fixed number of linear passes over them, without moving them (several
             tensors' candidates are selected without concatenating them);
-4. write    in memory: only the marked bytes are rewritten, in flat order, pruning the first
-            r = k - #(key < T) keys equal to T.  Streaming (write_pass): one pass writes
+4. write    in memory: only the marked bytes are rewritten (through their positions), in flat
+            order, pruning the first r = k - #(key < T) keys equal to T.  Streaming (write_pass): one pass writes
             keep = key > T and counts keys equal to T per fixed chunk; a prefix over the chunks
             keeps every equal key after the first r in flat order.
 
@@ -39,7 +40,7 @@ aprender.errors), so no call from Python can read or write out of bounds.
 """
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memset, memchr
+from libc.string cimport memset, memcpy
 from libc.math cimport sqrt, ceil, floor
 from cython.parallel cimport prange, threadid
 
@@ -514,43 +515,75 @@ def mark_pass(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magnit
     return below, inside, bad, counts
 
 
+cdef extern from "apr_keys.h" nogil:
+    Py_ssize_t apr_gather16(const uint16_t* x, const uint8_t* out, Py_ssize_t s, Py_ssize_t e,
+                            int magnitude, uint16_t* keys, uint32_t* pos, Py_ssize_t cap)
+    Py_ssize_t apr_gather32(const uint32_t* x, const uint8_t* out, Py_ssize_t s, Py_ssize_t e,
+                            int magnitude, uint32_t* keys, uint32_t* pos, Py_ssize_t cap)
+    Py_ssize_t apr_gather64(const uint64_t* x, const uint8_t* out, Py_ssize_t s, Py_ssize_t e,
+                            int magnitude, uint64_t* keys, uint32_t* pos, Py_ssize_t cap)
+    Py_ssize_t apr_fix_marks16(uint8_t* out, Py_ssize_t s, Py_ssize_t e, const uint16_t* keys,
+                               Py_ssize_t cap, uint16_t t, Py_ssize_t seen, Py_ssize_t r)
+    Py_ssize_t apr_fix_marks32(uint8_t* out, Py_ssize_t s, Py_ssize_t e, const uint32_t* keys,
+                               Py_ssize_t cap, uint32_t t, Py_ssize_t seen, Py_ssize_t r)
+    Py_ssize_t apr_fix_marks64(uint8_t* out, Py_ssize_t s, Py_ssize_t e, const uint64_t* keys,
+                               Py_ssize_t cap, uint64_t t, Py_ssize_t seen, Py_ssize_t r)
+
+
+cdef inline Py_ssize_t _gather_task(const real_t* x, const uint8_t* out, Py_ssize_t s,
+                                    Py_ssize_t e, int magnitude, void* keys, uint32_t* pos,
+                                    Py_ssize_t cap) noexcept nogil:
+    if real_t is float:
+        return apr_gather32(<const uint32_t*>x, out, s, e, magnitude, <uint32_t*>keys, pos, cap)
+    elif real_t is double:
+        return apr_gather64(<const uint64_t*>x, out, s, e, magnitude, <uint64_t*>keys, pos, cap)
+    else:
+        return apr_gather16(x, out, s, e, magnitude, <uint16_t*>keys, pos, cap)
+
+
+cdef inline Py_ssize_t _fix_task(uint8_t* out, Py_ssize_t s, Py_ssize_t e, const key_t* keys,
+                                 Py_ssize_t cap, key_t t, Py_ssize_t seen,
+                                 Py_ssize_t r) noexcept nogil:
+    if key_t is uint16_t:
+        return apr_fix_marks16(out, s, e, keys, cap, t, seen, r)
+    elif key_t is uint32_t:
+        return apr_fix_marks32(out, s, e, keys, cap, t, seen, r)
+    else:
+        return apr_fix_marks64(out, s, e, keys, cap, t, seen, r)
+
+
 def gather_marked(const real_t[::1] x not None, const uint8_t[::1] out not None,
                   const int64_t[::1] counts not None, int magnitude, key_t[::1] keys not None,
-                  int n_threads):
+                  int n_threads, uint32_t[::1] pos=None):
     """The keys of the candidates marked 2 by mark_pass, in flat order, into keys (exactly
-    sum(counts) of them, keys of x's own width)."""
-    cdef Py_ssize_t n = x.shape[0], ntask = counts.shape[0], t, i, j, s, e, lim
-    cdef const uint8_t* base
-    cdef const void* p
+    sum(counts) of them, keys of x's own width), and their positions into pos when given (as
+    many; only for fewer than 2**32 elements)."""
+    cdef Py_ssize_t n = x.shape[0], ntask = counts.shape[0], t
+    cdef uint32_t* pp = NULL
     _check_out(out.shape[0], n)
     if sizeof(key_t) != sizeof(real_t):
         raise InvalidArgumentError(f"keys must be {8 * sizeof(real_t)}-bit for these values, "
                                    f"got {8 * sizeof(key_t)}-bit")
     _check_counts(counts, n, keys.shape[0])
+    if pos is not None:
+        if pos.shape[0] != keys.shape[0]:
+            raise ShapeMismatchError(f"pos holds {pos.shape[0]} positions, keys {keys.shape[0]}")
+        if n > <Py_ssize_t>0xFFFFFFFF:
+            raise InvalidShapeError(f"32-bit positions cannot index {n} elements")
     if keys.shape[0] == 0:
         return 0
+    if pos is not None:
+        pp = &pos[0]
     cdef int64_t[::1] off = np.zeros(ntask + 1, dtype=np.int64)
     cdef int64_t[::1] got = np.zeros(ntask, dtype=np.int64)
     for t in range(ntask):
         off[t + 1] = off[t] + counts[t]
     cdef int nt = threads_for(n_threads, n, ntask)
-    base = &out[0]
     with nogil:
         for t in prange(ntask, schedule="static", num_threads=nt):
-            s = (t * n) // ntask
-            e = ((t + 1) * n) // ntask
-            j = off[t]
-            lim = off[t + 1]
-            i = s
-            while j < lim and i < e:
-                p = memchr(base + i, 2, e - i)
-                if p == NULL:
-                    break
-                i = <const uint8_t*>p - base
-                keys[j] = <key_t>key_of(x[i], magnitude)
-                j = j + 1
-                i = i + 1
-            got[t] = j - off[t]
+            got[t] = _gather_task(&x[0], &out[0], (t * n) // ntask, ((t + 1) * n) // ntask,
+                                  magnitude, <void*>(&keys[0] + off[t]),
+                                  pp + off[t] if pp != NULL else NULL, off[t + 1] - off[t])
     for t in range(ntask):
         if got[t] != counts[t]:
             raise InvalidArgumentError(f"task {t} holds {got[t]} marked candidates, counts says "
@@ -563,12 +596,8 @@ def fix_marked(uint8_t[::1] out not None, const int64_t[::1] counts not None,
     """Decide the candidates marked 2, in flat order: keep key > thresh, prune key < thresh,
     prune the first r keys equal to thresh and keep the others.  keys: the candidates' keys in
     flat order (gather_marked).  Returns how many equal keys it pruned (min(r, number equal))."""
-    cdef Py_ssize_t n = out.shape[0], ntask = counts.shape[0], t, i, j, s, e, lim, eqs = 0
-    cdef Py_ssize_t seen
-    cdef uint8_t* base
-    cdef void* p
-    cdef key_t kk, tk = <key_t>thresh
-    cdef int eq
+    cdef Py_ssize_t n = out.shape[0], ntask = counts.shape[0], t, j, eqs = 0
+    cdef key_t tk = <key_t>thresh
     _check_counts(counts, n, keys.shape[0])
     if r < 0:
         r = 0
@@ -584,26 +613,49 @@ def fix_marked(uint8_t[::1] out not None, const int64_t[::1] counts not None,
                 eqs += keys[j] == tk
             eqb[t + 1] = eqs
     cdef int nt = threads_for(n_threads, n, ntask)
-    base = &out[0]
     with nogil:
         for t in prange(ntask, schedule="static", num_threads=nt):
-            s = (t * n) // ntask
-            e = ((t + 1) * n) // ntask
-            j = off[t]
-            lim = off[t + 1]
-            seen = eqb[t]
-            i = s
-            while j < lim and i < e:
-                p = memchr(base + i, 2, e - i)
-                if p == NULL:
-                    break
-                i = <uint8_t*>p - base
+            _fix_task(&out[0], (t * n) // ntask, ((t + 1) * n) // ntask, &keys[0] + off[t],
+                      off[t + 1] - off[t], tk, eqb[t], r)
+    return min(r, eqs)
+
+
+def fix_positions(uint8_t[::1] out not None, const uint32_t[::1] pos not None,
+                  const key_t[::1] keys not None, uint64_t thresh, Py_ssize_t r, int n_threads):
+    """fix_marked with the candidates' positions (gather_marked's pos) instead of a scan of
+    the mask: out[pos[j]] = keys[j] > thresh, except that the first r keys equal to thresh (in
+    the order given: flat order from gather_marked) are pruned and the others kept.  Positions
+    outside out are skipped.  Returns how many equal keys it pruned (min(r, number equal))."""
+    cdef Py_ssize_t n = out.shape[0], m = keys.shape[0], nch, c, j, j0, j1, eqs = 0, seen
+    cdef key_t tk = <key_t>thresh, kk
+    cdef int eq
+    cdef uint32_t q
+    if pos.shape[0] != m:
+        raise ShapeMismatchError(f"pos holds {pos.shape[0]} positions, keys {m}")
+    if r < 0:
+        r = 0
+    if m == 0:
+        return 0
+    nch = (m + CHUNK - 1) // CHUNK
+    cdef int64_t[::1] eqb = np.zeros(nch + 1, dtype=np.int64)
+    with nogil:
+        for c in range(nch):
+            for j in range(c * CHUNK, min(m, (c + 1) * CHUNK)):
+                eqs += keys[j] == tk
+            eqb[c + 1] = eqs
+    cdef int nt = threads_for(n_threads, m * 16, nch)  # a random write costs ~16 streamed bytes
+    with nogil:
+        for c in prange(nch, schedule="static", num_threads=nt):
+            j0 = c * CHUNK
+            j1 = min(m, j0 + CHUNK)
+            seen = eqb[c]
+            for j in range(j0, j1):
                 kk = keys[j]
+                q = pos[j]
                 eq = kk == tk
-                base[i] = <uint8_t>((kk > tk) | (eq & (seen >= r)))
+                if q < n:
+                    out[q] = <uint8_t>((kk > tk) | (eq & (seen >= r)))
                 seen = seen + eq
-                j = j + 1
-                i = i + 1
     return min(r, eqs)
 
 
@@ -826,9 +878,10 @@ def _bracket(_Sources src, Py_ssize_t k, int magnitude, int n_threads=1):
     return lo_key, hi_key, _count_in(smp, lo_key, hi_key) / <double>s
 
 
-cdef Py_ssize_t _default_budget(Py_ssize_t total, Py_ssize_t itemsize):
-    """Candidate keys a selection may hold: the scratch budget in keys of the input's width."""
-    return max(<Py_ssize_t>1, scratch_budget(total * itemsize) // itemsize)
+cdef Py_ssize_t _default_budget(Py_ssize_t total, Py_ssize_t itemsize, Py_ssize_t extra=0):
+    """Candidates a selection may hold: the scratch budget in keys of the input's width (plus
+    `extra` bytes each: their positions)."""
+    return max(<Py_ssize_t>1, scratch_budget(total * itemsize) // (itemsize + extra))
 
 
 def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t inf16,
@@ -852,7 +905,7 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
             raise ShapeMismatchError(f"outs[{i}] must be a 1-d uint8 array of {src.sizes[i]} "
                                      "elements")
     if cand_budget < 0:
-        cand_budget = _default_budget(total, src.itemsize())
+        cand_budget = _default_budget(total, src.itemsize(), 4)
     lo_key, hi_key, _ = _bracket(src, k, magnitude, n_threads)
     counts = []
     for i in range(len(outs)):
@@ -869,12 +922,14 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
         return bad
     if below < k <= below + inside and inside <= cand_budget:
         keys = np.empty(inside, dtype=_key_dtype(src.itemsize()))
+        # positions (tensors under 2**32 elements) spare the rewrite a second scan of the mask
+        pos = np.empty(inside, dtype=np.uint32) if max(src.sizes) <= 0xFFFFFFFF else None
         off = 0
         for i in range(len(outs)):
             if counts[i] is not None:
                 c = int(counts[i].sum())
                 gather_marked(src.get(i), outs[i], counts[i], magnitude, keys[off:off + c],
-                              n_threads)
+                              n_threads, pos[off:off + c] if pos is not None else None)
                 off += c
         thresh, cbelow = select_hist([keys], k - below - 1, lo_key, hi_key)
         r = k - below - cbelow
@@ -882,7 +937,11 @@ def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t 
         for i in range(len(outs)):
             if counts[i] is not None:
                 c = int(counts[i].sum())
-                r -= fix_marked(outs[i], counts[i], keys[off:off + c], thresh, r, n_threads)
+                if pos is not None:
+                    r -= fix_positions(outs[i], pos[off:off + c], keys[off:off + c], thresh, r,
+                                       n_threads)
+                else:
+                    r -= fix_marked(outs[i], counts[i], keys[off:off + c], thresh, r, n_threads)
                 off += c
         return 0
     del counts
@@ -1084,7 +1143,7 @@ def expand_blocks(const uint8_t[:, ::1] bmask not None, Py_ssize_t bh, Py_ssize_
 
 
 guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "select_pair",
-                  "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass", "gather_marked",
-                  "fix_marked", "hist_pass", "write_pass", "fill_pass", "_get", "_bracket",
-                  "threshold_masks", "find_threshold", "_radix_threshold", "rows_mask",
-                  "block_sums", "expand_blocks"])
+                  "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass",
+                  "gather_marked", "fix_marked", "fix_positions", "hist_pass", "write_pass",
+                  "fill_pass", "_get", "_bracket", "threshold_masks", "find_threshold",
+                  "_radix_threshold", "rows_mask", "block_sums", "expand_blocks"])
