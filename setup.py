@@ -94,6 +94,9 @@ def extensions():
         link_args += [f"-fsanitize={sanitize}"]
 
     kernel_dir = os.path.join("aprender", "_kernels")
+    # the shared C headers and declarations: a change to one recompiles every kernel
+    shared = sorted(glob.glob(os.path.join(kernel_dir, "*.h"))
+                    + glob.glob(os.path.join(kernel_dir, "*.pxd")))
     exts = []
     for pyx in sorted(glob.glob(os.path.join(kernel_dir, "*.pyx"))):
         name = "aprender._kernels." + os.path.splitext(os.path.basename(pyx))[0]
@@ -101,6 +104,7 @@ def extensions():
             Extension(
                 name,
                 [pyx],
+                depends=shared,
                 include_dirs=[kernel_dir],
                 extra_compile_args=compile_args + compile_omp,
                 extra_link_args=link_args + link_omp,
