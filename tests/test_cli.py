@@ -539,3 +539,11 @@ def test_prune_checkpoint_api_matches_the_command_line(tmp_path, rng):
         prune_checkpoint(src, src, sparsity=0.5, force=True)
     with pytest.raises(CheckpointError):
         prune_checkpoint(tmp_path / "missing", tmp_path / "y", sparsity=0.5)
+
+
+def test_write_safetensors_keeps_scalars_0d(tmp_path):
+    write_safetensors(tmp_path / "s.safetensors", {"a": np.array(3.5, np.float32),
+                                                   "b": np.zeros((2, 0), np.float16)})
+    f = SafetensorsFile(tmp_path / "s.safetensors")
+    assert f.tensors["a"].shape == () and f.tensors["b"].shape == (2, 0)
+    assert load(tmp_path / "s.safetensors")["a"].shape == ()

@@ -332,7 +332,7 @@ def write_safetensors(path, tensors, metadata=None):
     for name, a in tensors.items():
         code = dtype_code(a)
         arr = a.bits if isinstance(a, Bits16) else np.asarray(a)
-        arr = np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)  # keeps 0-d tensors 0-d
         entries[name] = {"dtype": code, "shape": list(arr.shape),
                          "data_offsets": [pos, pos + arr.nbytes]}
         pos += arr.nbytes
