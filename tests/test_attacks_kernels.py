@@ -32,7 +32,8 @@ def _u(n, dtype=np.uint8):
 def _marked():
     """A mask marked by mark_pass over F32 (10 candidates in [21, 30]) and its counts."""
     out = _u(64)
-    lo, hi = int(np.float32(21).view(np.uint32)) | 2**31, int(np.float32(30).view(np.uint32)) | 2**31
+    lo = int(np.float32(21).view(np.uint32)) | 2**31
+    hi = int(np.float32(30).view(np.uint32)) | 2**31
     _, inside, _, counts = select.mark_pass(F32, lo, hi, 1, 0, out, 1)
     assert inside == 10
     return out, counts, lo, hi
@@ -100,8 +101,9 @@ CASES = [
     ("apply-read-only", "apply_mask",
      lambda: apply.apply_mask(np.broadcast_to(np.uint32(1), (8,)), _u(8), 1),
      InvalidArgumentError, r"read-only|writable|contiguous"),
-    ("apply-threads-huge", "apply_mask", lambda: apply.apply_mask(_u(8, np.uint32), _u(8), HUGE_INT),
-     InvalidArgumentError, r"out of range"),
+    ("apply-threads-huge", "apply_mask",
+     lambda: apply.apply_mask(_u(8, np.uint32), _u(8), HUGE_INT), InvalidArgumentError,
+     r"out of range"),
     ("count-none", "count_nonzero_u8", lambda: apply.count_nonzero_u8(None, 1),
      InvalidArgumentError, r"'keep' must not be None"),
     ("count-float", "count_nonzero_u8", lambda: apply.count_nonzero_u8(F32, 1),

@@ -12,16 +12,17 @@ count in their result:
             candidate inside the bracket (under 1 % of n for a smooth distribution).  Nothing is
             copied during the pass; afterwards the candidates' keys (and positions, for tensors
             under 2**32 elements) are gathered, in flat order, into buffers of exactly their
-            number, skipping the mask's words that hold no mark.  Streaming (find_threshold + range_pass):
-            the pass copies the in-bracket keys into per-task buffers sized from the bracket's
-            expected share (about twice it), and reports an overflow instead of growing;
+            number, skipping the mask's words that hold no mark.  Streaming (find_threshold +
+            range_pass): the pass copies the in-bracket keys into per-task buffers sized from
+            the bracket's expected share (about twice it); a task that finds more makes a
+            second, exact pass over that tensor only;
 3. select   a histogram select over 11-bit digits of key - lo finds T among the candidates
             exactly, in a fixed number of linear passes over them, without moving them (several
             tensors' candidates are selected without concatenating them);
 4. write    in memory: only the marked bytes are rewritten (through their positions), in flat
-            order, pruning the first r = k - #(key < T) keys equal to T.  Streaming (write_pass): one pass writes
-            keep = key > T and counts keys equal to T per fixed chunk; a prefix over the chunks
-            keeps every equal key after the first r in flat order.
+            order, pruning the first r = k - #(key < T) keys equal to T.  Streaming (write_pass):
+            one pass writes keep = key > T and counts keys equal to T per fixed chunk; a prefix
+            over the chunks keeps every equal key after the first r in flat order.
 
 If the bracket misses (adversarial data) or the candidates exceed their budget, the threshold is
 found instead by 16-bit radix histograms over the keys, top digit first: a fixed number of linear
@@ -40,7 +41,7 @@ aprender.errors), so no call from Python can read or write out of bounds.
 """
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memset, memcpy
+from libc.string cimport memset
 from libc.math cimport sqrt, ceil, floor
 from cython.parallel cimport prange, threadid
 
@@ -57,7 +58,7 @@ cdef enum:
     SAMPLE = 262144         # largest sample for the bracket
     SAMPLE_MIN = 16384      # smallest sample once the keys are not all taken
     SAMPLE_DIV = 64         # at most one key in SAMPLE_DIV is sampled (1.6 % of the input's bytes)
-    CHUNK = 65536           # elements per chunk in the write pass (fixed: results never depend on it)
+    CHUNK = 65536           # elements per write-pass chunk (fixed: results never depend on it)
     SMALL = 131072          # at or below this many keys, take them all as the sample
     NBINS = 65536           # bins of the radix fallback's 16-bit histograms
     PAD = 8                 # int64 slots per task in result arrays (64 bytes: no false sharing)
