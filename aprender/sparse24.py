@@ -51,8 +51,8 @@ import numpy as np
 
 from . import _sparse24_plan as _p
 from ._sparse24_plan import LAYOUTS
-from ._adapters import Bits16, is_cupy
-from ._validation import resolve_threads
+from ._adapters import Bits16, is_cupy, is_torch, to_numpy_view
+from ._validation import _is_bf16, resolve_threads
 from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError, LayoutError,
                      ShapeMismatchError)
 
@@ -71,28 +71,10 @@ def _cuda():
     return cuda
 
 
-def _bf16_dtype():
-    try:
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    except ImportError:  # pragma: no cover - ml_dtypes is optional
-        return None
-
-
-def _is_bf16(dt):
-    return dt.kind == "V" and dt.name == "bfloat16" or str(dt) == "bfloat16"
-
-
 def _torch_to_numpy(t):
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        bits = t.view(torch.int16).numpy().view(np.uint16)
-        bf = _bf16_dtype()
-        return bits.view(bf) if bf is not None else Bits16(bits, "bfloat16")
-    return t.numpy()
+    """The one torch adapter (aprender._adapters): a zero-copy view of a CPU tensor, Bits16 for
+    bfloat16; CUDA tensors are refused with DeviceError rather than copied silently."""
+    return to_numpy_view(t)
 
 
 _NAMES = {np.dtype(np.float16): "float16", np.dtype(np.int8): "int8",
@@ -111,7 +93,7 @@ class _Host:
             self.out_dtype = np.dtype(np.uint16)
             self.wrap16 = True
         else:
-            if type(weight).__module__.startswith("torch"):
+            if is_torch(weight):
                 weight = _torch_to_numpy(weight)
                 if isinstance(weight, Bits16):
                     self.__init__(weight, name)
@@ -155,8 +137,8 @@ def _keep_of(mask, shape):
     if not isinstance(mask, SparsityMask):
         if is_cupy(mask):
             mask = mask.get()
-        if type(mask).__module__.startswith("torch"):
-            mask = mask.detach().cpu().numpy()
+        if is_torch(mask):
+            mask = to_numpy_view(mask)
         mask = SparsityMask(mask)
     keep = mask.keep
     if tuple(keep.shape) != tuple(shape):
@@ -169,7 +151,7 @@ def _host_array(a, what):
     """numpy (or CuPy, left as it is) view of a part handed to the constructor."""
     if a is None or is_cupy(a) or isinstance(a, np.ndarray):
         return a
-    if type(a).__module__.startswith("torch"):
+    if is_torch(a):
         a = _torch_to_numpy(a)
         return a.bits if isinstance(a, Bits16) else a
     try:
@@ -285,8 +267,8 @@ class Sparse24Tensor:
         if missing:
             raise LayoutError(f"sparse-24-bitmask tensors missing: {', '.join(missing)}")
         shape = tensors[names[0]]
-        if type(shape).__module__.startswith("torch"):
-            shape = shape.detach().cpu().numpy()
+        if is_torch(shape):
+            shape = to_numpy_view(shape)
         shape = np.asarray(shape)
         if shape.dtype.kind not in "iu" or shape.size == 0:
             raise InvalidDTypeError(f"{names[0]} must hold integer dimensions, got {shape!r}")
@@ -296,8 +278,8 @@ class Sparse24Tensor:
             comp = Bits16(comp, "bfloat16")
         host = _Host(comp, names[1])
         bm = tensors[names[2]]
-        if type(bm).__module__.startswith("torch"):
-            bm = bm.detach().cpu().numpy()
+        if is_torch(bm):
+            bm = to_numpy_view(bm)
         bm = np.asarray(bm)
         if bm.dtype != np.uint8 or bm.ndim != 2:
             raise InvalidDTypeError(f"{names[2]} must be a 2-D uint8 array, got {bm.dtype} "

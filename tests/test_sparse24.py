@@ -460,3 +460,12 @@ def test_cuda_import_error_names_extra():
     sys.modules.pop("aprender.cuda", None)
     with pytest.raises(ImportError, match=r"pip install aprender\[cuda\]"):
         import aprender.cuda  # noqa: F401
+
+
+def test_non_cpu_torch_tensors_are_refused_not_copied():
+    torch = pytest.importorskip("torch")
+    from aprender.errors import DeviceError
+
+    w = torch.empty((8, 16), dtype=torch.float16, device="meta")
+    with pytest.raises(DeviceError, match="meta"):
+        sparse24.compress(w, select=True)
