@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from aprender import sparse24
-from aprender._kernels import _openmp, apply, nm, select, stats
+from aprender._kernels import _openmp, apply, jsonscan, nm, select, stats
 from aprender._kernels import sparse24 as s24
 from aprender.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
                              LayoutError, PruningError, ShapeMismatchError)
@@ -88,6 +88,16 @@ def _tensor(layout, **over):
 
 # (id, entry point, call, error type, message pattern)
 CASES = [
+    ("jsonscan-none", "scan", lambda: jsonscan.scan(None, 3, 64, 20, 4096),
+     InvalidArgumentError, "must not be None"),
+    ("jsonscan-2d", "scan", lambda: jsonscan.scan(np.zeros((2, 2), np.uint8), 3, 64, 20, 4096),
+     (InvalidDTypeError, InvalidShapeError), "scan"),
+    ("jsonscan-wrong-dtype", "scan", lambda: jsonscan.scan(np.zeros(4, np.int32), 3, 64, 20, 9),
+     InvalidDTypeError, "scan"),
+    ("jsonscan-negative-limit", "scan", lambda: jsonscan.scan(U8, -1, 64, 20, 4096),
+     InvalidArgumentError, "limits must be >= 0"),
+    ("jsonscan-huge-limit", "scan", lambda: jsonscan.scan(U8, 2 ** 70, 64, 20, 4096),
+     (InvalidArgumentError, InvalidDTypeError), "scan"),
     # --- apply ---------------------------------------------------------------------------------
     ("apply-keep-short", "apply_mask", lambda: apply.apply_mask(_u(8, np.uint32), _u(7), 1),
      ShapeMismatchError, r"keep holds 7 elements, the weights 8"),
@@ -441,7 +451,7 @@ NO_BUFFERS = {"openmp_enabled", "max_threads", "forked_serial", "_get", "guard"}
 
 def test_every_entry_point_is_in_the_catalogue():
     covered = {c[1] for c in CASES}
-    for mod in (apply, nm, select, stats, s24, _openmp):
+    for mod in (apply, nm, select, stats, s24, _openmp, jsonscan):
         for name, value in vars(mod).items():
             if name.startswith("__") or isinstance(value, type) or not callable(value):
                 continue

@@ -10,6 +10,9 @@ strings, so that brackets, commas and digits inside strings are never counted.
 """
 from libc.stdint cimport uint8_t
 
+from ._guard import guard
+from ..errors import InvalidArgumentError
+
 cdef enum:
     MAX_STACK = 256
 
@@ -21,7 +24,7 @@ NUMBER_TOO_LONG = 3
 OBJECT_TOO_LONG = 4
 
 
-def scan(const uint8_t[::1] buf, Py_ssize_t max_depth, Py_ssize_t max_array,
+def scan(const uint8_t[::1] buf not None, Py_ssize_t max_depth, Py_ssize_t max_array,
          Py_ssize_t max_digits, Py_ssize_t max_members):
     """(status, offset): status 0 when the bytes stay within the limits, else TOO_DEEP,
     ARRAY_TOO_LONG, NUMBER_TOO_LONG or OBJECT_TOO_LONG with the byte offset where the limit
@@ -34,7 +37,8 @@ def scan(const uint8_t[::1] buf, Py_ssize_t max_depth, Py_ssize_t max_array,
     cdef uint8_t is_array[MAX_STACK]
     cdef Py_ssize_t count[MAX_STACK]
     if max_depth < 0 or max_array < 0 or max_digits < 0 or max_members < 0:
-        raise ValueError("scan limits must be >= 0")
+        raise InvalidArgumentError(f"scan limits must be >= 0, got depth {max_depth}, array "
+                                   f"{max_array}, digits {max_digits}, members {max_members}")
     if max_depth > MAX_STACK - 1:
         max_depth = MAX_STACK - 1
     with nogil:
@@ -78,3 +82,6 @@ def scan(const uint8_t[::1] buf, Py_ssize_t max_depth, Py_ssize_t max_array,
                             break
             i += 1
     return status, i
+
+
+guard(globals(), ["scan"])
