@@ -3,8 +3,9 @@
 
 One tensor is memory-mapped at a time, so peak memory follows the largest tensor, not the
 model.  Selection of tensors, masks (layer scope through ``layer_magnitude_mask``; global scope
-through the streaming plan of :mod:`aprender.pruning.streaming`) and writing (through
-:mod:`aprender.io.checkpoint`, which owns the safety rules) are each one call here.
+through the streamed plan of the selection engine, :mod:`aprender.pruning.selection`) and
+writing (through :mod:`aprender.io.checkpoint`, which owns the safety rules) are each one call
+here.
 """
 import json
 import os
@@ -24,7 +25,7 @@ from .io.export import bitmask_tensors, masked_chunks
 from .io.files import OutputTarget, atomic_write_text, display
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
                            layer_magnitude_mask)
-from .pruning.streaming import GlobalPlan, MappedUnit, wanda_units
+from .pruning.selection import GlobalPlan, MappedUnit, wanda_units
 
 __all__ = ["prune_checkpoint", "CheckpointPruner", "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE"]
 

@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from ._adapters import _dtype_name, to_numpy_view
-from ._validation import check_bool, check_sparsity, prune_count, resolve_threads, short_repr
+from ._validation import check_bool, check_sparsity, resolve_threads, short_repr
 from .errors import (CalibrationError, CalibrationRequiredError,  # noqa: F401
                      DeviceError, InvalidArgumentError, InvalidCalibrationError,
                      InvalidDTypeError, InvalidPatternError, InvalidSparsityError, PruningError)
@@ -191,17 +191,13 @@ def _refuse_partial_overlaps(targets):
 def _global_keeps(views, sparsity, nt):
     """Exact global magnitude selection over views (Bits16 or float arrays), no concatenation."""
     from ._validation import as_floats
-    from .pruning.mask import _common_dtype, _raise_first_nonfinite, _threshold_mask
+    from .pruning.selection import ArraySource, common_dtype, select_global
 
     # mixed dtypes are compared exactly in float32 (float64 if any tensor is float64)
-    floats = _common_dtype([as_floats(v, "weight") for v in views])
-
-    total = sum(f.size for f in floats)
-    k = prune_count(sparsity, total)
+    floats = common_dtype([as_floats(v, "weight") for v in views])
     keeps = [np.empty(f.size, np.uint8) for f in floats]
-    if _threshold_mask(floats, keeps, k, 1, nt):
-        _raise_first_nonfinite(floats, ["weight"] * len(floats))
-    return keeps
+    return select_global([ArraySource(f, "weight") for f in floats], keeps, sparsity, nt,
+                         magnitude=1)
 
 
 def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,

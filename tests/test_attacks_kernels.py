@@ -8,6 +8,7 @@ an out-of-bounds access would crash the interpreter (pytest's faulthandler then 
 and the run fails) or corrupt the guard bytes checked by test_writes_stay_inside_their_buffers.
 """
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from aprender import sparse24
 from aprender._kernels import _openmp, apply, jsonscan, nm, select, stats
 from aprender._kernels import sparse24 as s24
+from aprender.pruning import selection
 from aprender.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
                              LayoutError, PruningError, ShapeMismatchError)
 
@@ -269,48 +271,52 @@ CASES = [
      ShapeMismatchError, r"out holds 1 elements, the input 64"),
     # --- select: multi-tensor entry points -----------------------------------------------------
     ("threshold-sizes-lie", "threshold_masks",
-     lambda: select.threshold_masks([F32], [_u(128)], [128], 5, 1, 0, 1),
+     lambda: selection.threshold_masks([F32], [_u(128)], [128], 5, 1, 0, 1),
      ShapeMismatchError, r"source 0 holds 64 elements, sizes says 128"),
     ("threshold-out-short", "threshold_masks",
-     lambda: select.threshold_masks([F32], [_u(63)], [64], 5, 1, 0, 1),
+     lambda: selection.threshold_masks([F32], [_u(63)], [64], 5, 1, 0, 1),
      ShapeMismatchError, r"outs\[0\] must be a 1-d uint8 array of 64"),
     ("threshold-outs-missing", "threshold_masks",
-     lambda: select.threshold_masks([F32, F32], [_u(64)], [64, 64], 5, 1, 0, 1),
+     lambda: selection.threshold_masks([F32, F32], [_u(64)], [64, 64], 5, 1, 0, 1),
      ShapeMismatchError, r"2 sources but 1 outputs"),
     ("threshold-k-zero", "threshold_masks",
-     lambda: select.threshold_masks([F32], [_u(64)], [64], 0, 1, 0, 1),
+     lambda: selection.threshold_masks([F32], [_u(64)], [64], 0, 1, 0, 1),
      InvalidArgumentError, r"k=0 outside \[1, 64\]"),
     ("threshold-k-huge", "threshold_masks",
-     lambda: select.threshold_masks([F32], [_u(64)], [64], BIG, 1, 0, 1),
+     lambda: selection.threshold_masks([F32], [_u(64)], [64], BIG, 1, 0, 1),
      InvalidArgumentError, r"k=\d+ outside \[1, 64\]"),
     ("threshold-mixed-dtypes", "threshold_masks",
-     lambda: select.threshold_masks([F32, F32.astype(np.float64)], [_u(64), _u(64)], [64, 64],
-                                    5, 1, 0, 1),
+     lambda: selection.threshold_masks([F32, F32.astype(np.float64)], [_u(64), _u(64)],
+                                       [64, 64], 5, 1, 0, 1),
      InvalidArgumentError, r"one dtype"),
     ("threshold-source-2d", "threshold_masks",
-     lambda: select.threshold_masks([F32.reshape(8, 8)], [_u(64)], [64], 5, 1, 0, 1),
+     lambda: selection.threshold_masks([F32.reshape(8, 8)], [_u(64)], [64], 5, 1, 0, 1),
      InvalidShapeError, r"source 0 must be a 1-d C-contiguous"),
     ("threshold-source-strided", "threshold_masks",
-     lambda: select.threshold_masks([F32[::2]], [_u(32)], [32], 5, 1, 0, 1),
+     lambda: selection.threshold_masks([F32[::2]], [_u(32)], [32], 5, 1, 0, 1),
      InvalidShapeError, r"source 0 must be a 1-d C-contiguous"),
     ("threshold-source-int", "threshold_masks",
-     lambda: select.threshold_masks([np.arange(64)], [_u(64)], [64], 5, 1, 0, 1),
+     lambda: selection.threshold_masks([np.arange(64)], [_u(64)], [64], 5, 1, 0, 1),
      InvalidArgumentError, r"dtype int64"),
     ("find-sizes-negative", "find_threshold",
-     lambda: select.find_threshold([F32, F32], [64, -64], 5, 1, 0, 1),
+     lambda: selection.find_threshold([F32, F32], [64, -64], 5, 1, 0, 1),
      InvalidArgumentError, r"sizes\[1\] = -64 is negative"),
     ("find-sizes-short", "find_threshold",
-     lambda: select.find_threshold([F32], [64, 64], 5, 1, 0, 1),
+     lambda: selection.find_threshold([F32], [64, 64], 5, 1, 0, 1),
      ShapeMismatchError, r"1 sources but 2 sizes"),
-    ("find-k-beyond", "find_threshold", lambda: select.find_threshold([F32], [64], 65, 1, 0, 1),
+    ("find-k-beyond", "find_threshold", lambda: selection.find_threshold([F32], [64], 65, 1, 0, 1),
      InvalidArgumentError, r"k=65 outside \[1, 64\]"),
-    ("find-callable-lies", "find_threshold",
-     lambda: select.find_threshold([lambda: F32[:10]], [64], 5, 1, 0, 1),
+    ("find-source-lies", "find_threshold",
+     lambda: selection.find_threshold([SimpleNamespace(load=lambda sequential=False: F32[:10])],
+                                      [64], 5, 1, 0, 1),
      ShapeMismatchError, r"source 0 holds 10 elements, sizes says 64"),
-    ("bracket-not-sources", "_bracket", lambda: select._bracket([F32], 1, 1),
-     InvalidDTypeError, r"incorrect type"),
-    ("radix-not-sources", "_radix_threshold",
-     lambda: select._radix_threshold([F32], 1, 1, 0, 1), InvalidDTypeError, r"incorrect type"),
+    ("find-source-not-array", "find_threshold",
+     lambda: selection.find_threshold([list(F32)], [64], 5, 1, 0, 1),
+     InvalidShapeError, r"source 0 must be a 1-d C-contiguous numpy array, got list"),
+    ("count-in-none", "count_in", lambda: select.count_in(None, 0, 1),
+     InvalidArgumentError, r"count_in: no kernel takes these buffers.*keys: None"),
+    ("count-in-float", "count_in", lambda: select.count_in(F32, 0, 1),
+     InvalidDTypeError, r"count_in"),
     # --- select: rows and blocks ---------------------------------------------------------------
     ("rows-out-short", "rows_mask",
      lambda: select.rows_mask(F32.reshape(8, 8), 3, 1, 0, np.zeros((8, 7), np.uint8), 1),
@@ -318,6 +324,10 @@ CASES = [
     ("rows-out-fewer-rows", "rows_mask",
      lambda: select.rows_mask(F32.reshape(8, 8), 3, 1, 0, np.zeros((7, 8), np.uint8), 1),
      ShapeMismatchError, r"out has shape \(7, 8\)"),
+    ("rows-longer-than-the-budget", "rows_mask",
+     lambda: select.rows_mask(np.zeros((2, 600_000), np.float32), 3, 1, 0,
+                              np.zeros((2, 600_000), np.uint8), 1),
+     InvalidArgumentError, r"do not fit the scratch budget"),
     ("rows-1d", "rows_mask", lambda: select.rows_mask(F32, 3, 1, 0, _u(64), 1),
      InvalidDTypeError, r"no kernel takes these buffers.*x: float32 array of shape \(64,\)"),
     ("blocks-out-too-big", "block_sums",
@@ -446,7 +456,7 @@ def test_hostile_call_raises_a_typed_error(case):
 
 
 # Entry points that take no buffer (nothing to attack), and the cases' names for the others.
-NO_BUFFERS = {"openmp_enabled", "max_threads", "forked_serial", "_get", "guard"}
+NO_BUFFERS = {"openmp_enabled", "max_threads", "forked_serial", "guard"}
 
 
 def test_every_entry_point_is_in_the_catalogue():
@@ -468,7 +478,7 @@ def test_writes_stay_inside_their_buffers():
     x = np.random.default_rng(0).standard_normal(128).astype(np.float32)
     select.write_pass(x, 0, 5, 1, out, 4)
     select.fill_pass(x, 1, 1, 0, out, 4)
-    assert select.threshold_masks([x], [out], [128], 50, 1, 0, 4) == 0
+    assert selection.threshold_masks([x], [out], [128], 50, 1, 0, 4) == 0
     nm.nm_mask(x, 1, 128, 1, 2, 4, 1, 0, out, 4)
     big = np.full(16 + 8 * 16 + 16, 0xA5, np.uint8)
     select.rows_mask(x.reshape(8, 16), 5, 1, 0, big[16:144].reshape(8, 16), 4)
@@ -493,9 +503,9 @@ def test_huge_caps_and_budgets_allocate_by_the_work():
     x = np.random.default_rng(1).standard_normal(100_000).astype(np.float32)
     below, inside, bad, cands = select.range_pass(x, 0, 2**64 - 1, 1, 0, BIG, 4, 1.0)
     assert (below, inside, bad) == (0, 100_000, 0) and cands.shape == (100_000,)
-    t, _, _, method = select.find_threshold([x], [x.size], 50_000, 1, 0, 4, BIG)
+    t, _, _, method = selection.find_threshold([x], [x.size], 50_000, 1, 0, 4, BIG)
     assert method == "sample"
-    assert select.threshold_masks([x], [_u(x.size)], [x.size], 50_000, 1, 0, 4, BIG) == 0
+    assert selection.threshold_masks([x], [_u(x.size)], [x.size], 50_000, 1, 0, 4, BIG) == 0
 
 
 def test_negative_thread_counts_run_serial():

@@ -6,6 +6,7 @@ import pytest
 import aprender._reference as ref
 from aprender import Bits16
 from aprender._kernels import select
+from aprender.pruning import selection
 from aprender.pruning import (MagnitudeImportance, NumericalInstabilityError, SparsityMask, generate_block_mask,
                               generate_column_mask, generate_global_mask, generate_nm_mask,
                               generate_row_mask, generate_unstructured_mask, magnitude_mask,
@@ -53,8 +54,8 @@ def test_fallback_radix_path_is_exact():
         x = sample(300_000, dtype, seed=9, ties=dtype == np.float16)
         kern = x.view(np.uint16) if x.dtype.itemsize == 2 else x
         k = 123_457
-        t1, b1, bad1, m1 = select.find_threshold([kern], [x.size], k, 1, 0x7C00, 2)
-        t2, b2, bad2, m2 = select.find_threshold([kern], [x.size], k, 1, 0x7C00, 2, 10)
+        t1, b1, bad1, m1 = selection.find_threshold([kern], [x.size], k, 1, 0x7C00, 2)
+        t2, b2, bad2, m2 = selection.find_threshold([kern], [x.size], k, 1, 0x7C00, 2, 10)
         assert (m1, m2) == ("sample", "radix") and (t1, b1) == (t2, b2) and bad1 == bad2 == 0
 
 

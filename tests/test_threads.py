@@ -236,9 +236,8 @@ def _scratch_bytes(fn):
 
 
 def _cases(a):
-    from aprender._kernels import select
     from aprender.pruning import generate_global_mask, generate_unstructured_mask, \
-        magnitude_nm_mask
+        magnitude_nm_mask, selection
 
     rows = a.reshape(2560, 4096)
     wide = a.reshape(5, -1)  # a row of 2 M elements: one row's keys alone are 20 % of the input
@@ -252,7 +251,8 @@ def _cases(a):
         "nm-2:4": lambda nt: magnitude_nm_mask(rows, 2, 4, n_threads=nt),
         "nm-8:16": lambda nt: magnitude_nm_mask(rows, 8, 16, n_threads=nt),
         "nm-axis0": lambda nt: magnitude_nm_mask(rows, 2, 4, axis=0, n_threads=nt),
-        "find_threshold": lambda nt: select.find_threshold([a], [a.size], a.size // 2, 1, 0, nt),
+        "find_threshold": lambda nt: selection.find_threshold([a], [a.size], a.size // 2, 1, 0,
+                                                              nt),
     }
 
 
@@ -304,12 +304,12 @@ def test_nm_along_a_leading_axis_over_column_tiles(inner):
 def test_streaming_threshold_handles_a_huge_tie_class():
     """Per-task candidate buffers are sized from the sample's share inside the bracket, ties at
     its ends included: a tie-heavy tensor still takes the sample path."""
-    from aprender._kernels import select
+    from aprender.pruning import selection
 
     rng = np.random.default_rng(9)
     x = rng.choice(np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0]), 600_000).astype(np.float32)
     k = 250_001
-    t, below, bad, method = select.find_threshold([x], [x.size], k, 1, 0, 2)
+    t, below, bad, method = selection.find_threshold([x], [x.size], k, 1, 0, 2)
     keys = np.sort(np.abs(x))
     assert method == "sample" and bad == 0
     assert np.float32(keys[k - 1]).view(np.uint32) | 0x80000000 == t
@@ -321,6 +321,7 @@ def test_streaming_candidates_of_a_tensor_denser_than_the_sample_said():
     sample; a second pass over that tensor alone copies exactly its candidates (no fallback to
     the radix passes over every tensor), and the threshold is exact."""
     from aprender._kernels import select
+    from aprender.pruning import selection
 
     rng = np.random.default_rng(21)
     a = rng.standard_normal(2_000_000).astype(np.float32)
@@ -328,7 +329,7 @@ def test_streaming_candidates_of_a_tensor_denser_than_the_sample_said():
     b = (med + rng.uniform(-1e-4, 1e-4, 300_000)).astype(np.float32)
     k = (a.size + b.size) // 2
     for nt in (1, 3):
-        t, below, bad, method = select.find_threshold([a, b], [a.size, b.size], k, 1, 0, nt)
+        t, below, bad, method = selection.find_threshold([a, b], [a.size, b.size], k, 1, 0, nt)
         keys = np.sort(np.abs(np.concatenate([a, b])))
         assert (method, bad) == ("sample", 0)
         assert t == int(keys[k - 1].view(np.uint32)) | 2**31

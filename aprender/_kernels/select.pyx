@@ -1,51 +1,36 @@
-"""Exact threshold selection: prune the k smallest order keys, ties broken by the lowest index.
+"""Typed passes of exact threshold selection: prune the k smallest order keys, ties broken by the
+lowest index.
 
-Pipeline for one tensor or many (global scope), all passes parallel and independent of the thread
-count in their result:
+The orchestration of these passes (the sample's bracket, the candidates, the radix fallback, the
+tie rule over several tensors, the capped global loop) lives in one Python module,
+aprender.pruning.selection; this module holds only the def functions over typed memoryviews that
+it calls, each one pass, all parallel and independent of the thread count in their result:
 
-1. sample   a stratified, hash-scrambled sample of keys (at most SAMPLE of them and at most one
-            key in SAMPLE_DIV, in runs of RUN consecutive keys, proportional to each tensor's
-            size) brackets the k-th key between two sample quantiles lo <= T <= hi (two radix
-            selects in the sample buffer, which holds keys at the input's own width);
-2. mark     for masks held in memory (threshold_masks) one pass per tensor counts keys below lo
-            and inside [lo, hi] and writes the provisional mask: 1 above hi, 0 below lo, 2 for a
-            candidate inside the bracket (under 1 % of n for a smooth distribution).  Nothing is
-            copied during the pass; afterwards the candidates' keys (and positions, for tensors
-            under 2**32 elements) are gathered, in flat order, into buffers of exactly their
-            number, skipping the mask's words that hold no mark.  Streaming (find_threshold +
-            range_pass): the pass copies the in-bracket keys into per-task buffers sized from
-            the bracket's expected share (about twice it); a task that finds more makes a
-            second, exact pass over that tensor only;
-3. select   a histogram select over 11-bit digits of key - lo finds T among the candidates
-            exactly, in a fixed number of linear passes over them, without moving them (several
-            tensors' candidates are selected without concatenating them);
-4. write    in memory: only the marked bytes are rewritten (through their positions), in flat
-            order, pruning the first r = k - #(key < T) keys equal to T.  Streaming (write_pass):
-            one pass writes keep = key > T and counts keys equal to T per fixed chunk; a prefix
-            over the chunks keeps every equal key after the first r in flat order.
-
-If the bracket misses (adversarial data) or the candidates exceed their budget, the threshold is
-found instead by 16-bit radix histograms over the keys, top digit first: a fixed number of linear
-passes (1 for 16-bit floats, 2 for float32, 4 for float64).  Either way the result is the same.
+- sample_into / sample_keys: a stratified, hash-scrambled sample of keys (runs of RUN consecutive
+  keys at hashed positions inside equal strata), into a buffer of the keys' own width;
+- select_keys / select_pair / select_hist / count_in: selection and counting on key buffers (a
+  radix select that permutes the buffer; a histogram select over 11-bit digits of key - lo that
+  reads several buffers without moving or concatenating them);
+- mark_pass / gather_marked / fix_positions / fix_marked: the fused in-memory write (mark kept,
+  pruned or candidate; gather the candidates' keys and positions; rewrite only marked bytes);
+- range_pass: the streaming pass (count keys below the bracket, copy the keys inside it into
+  per-task buffers sized from the bracket's expected share, an exact second pass on overflow);
+- hist_pass: one 16-bit digit of the radix fallback (NBINS bins);
+- write_pass / fill_pass: keep = key > T, pruning the first r keys equal to T in flat order
+  (per fixed chunk, then a prefix over the chunks); or a constant mask (k == 0 or k == n);
+- rows_mask: per-row selection of rows whose key buffers fit the scratch budget;
+- block_sums / expand_blocks: structured (block, row, column) scores and masks.
 
 Scratch is sized by the work, never by the thread count: everything a call holds at once stays
 under scratch_budget(input bytes) = max(1 MiB, 4 % of the input's bytes) for smooth data, and the
 number of threads (and of per-task slots) is capped by threads_for (_openmp.pxd).
 
-Sources for the multi-tensor entry points may be arrays or callables that return an array; a
-callable is called once per pass (with sequential=True/False when it accepts that keyword), so
-a caller can stream memory-mapped tensors.
-
 Every def here checks the sizes of the buffers it is given (O(1) checks, typed errors from
 aprender.errors), so no call from Python can read or write out of bounds.
 """
-cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memset
-from libc.math cimport sqrt, ceil, floor
 from cython.parallel cimport prange, threadid
-
-import inspect
 
 import numpy as np
 
@@ -55,17 +40,16 @@ from ._guard import guard
 from ..errors import InvalidArgumentError, InvalidShapeError, ShapeMismatchError
 
 cdef enum:
-    SAMPLE = 262144         # largest sample for the bracket
-    SAMPLE_MIN = 16384      # smallest sample once the keys are not all taken
-    SAMPLE_DIV = 64         # at most one key in SAMPLE_DIV is sampled (1.6 % of the input's bytes)
     CHUNK = 65536           # elements per write-pass chunk (fixed: results never depend on it)
-    SMALL = 131072          # at or below this many keys, take them all as the sample
     NBINS = 65536           # bins of the radix fallback's 16-bit histograms
     PAD = 8                 # int64 slots per task in result arrays (64 bytes: no false sharing)
     RUN = 8                 # consecutive keys per sample stratum
     DIGIT = 11              # bits per level of the candidates' histogram select
     SCRATCH_MIN = 1048576   # bytes of scratch any call may hold ...
     SCRATCH_DIV = 25        # ... else at most 1 / SCRATCH_DIV (4 %) of the input's bytes
+
+RUN_KEYS = RUN      # for the engine: a sample buffer needs RUN spare keys
+HIST_BINS = NBINS   # for the engine: bins of a hist_pass histogram
 
 
 def scratch_budget(Py_ssize_t nbytes):
@@ -746,70 +730,8 @@ def fill_pass(const real_t[::1] x not None, uint8_t value, int magnitude, uint16
     return bad
 
 # ----------------------------------------------------------------------------------------------
-# threshold over one or many tensors
+# counting keys of a sample
 # ----------------------------------------------------------------------------------------------
-
-def _get(src, bint sequential=False):
-    """The array behind a source.  A callable source is called once per pass; if it takes a
-    `sequential` keyword it learns whether the pass reads every element (so a memory map can
-    be populated up front) or samples a few (so it should not be)."""
-    if not callable(src):
-        return src
-    try:
-        params = inspect.signature(src).parameters
-    except (TypeError, ValueError):
-        params = {}
-    return src(sequential=sequential) if "sequential" in params else src()
-
-
-@cython.auto_pickle(False)
-cdef class _Sources:
-    """The sources of a multi-tensor selection, checked as they are read: 1-d, contiguous, one
-    float dtype (float32, float64 or 16-bit bit patterns) and exactly the sizes announced."""
-    cdef readonly list sources, sizes
-    cdef readonly object dtype
-    cdef readonly Py_ssize_t total
-
-    def __init__(self, sources, sizes):
-        self.sources = list(sources)
-        self.sizes = [int(v) for v in sizes]
-        if len(self.sources) != len(self.sizes):
-            raise ShapeMismatchError(f"{len(self.sources)} sources but {len(self.sizes)} sizes")
-        for i, v in enumerate(self.sizes):
-            if v < 0:
-                raise InvalidArgumentError(f"sizes[{i}] = {v} is negative")
-        self.total = sum(self.sizes)
-        self.dtype = None
-
-    def get(self, Py_ssize_t i, bint sequential=False):
-        if not 0 <= i < len(self.sources):
-            raise InvalidArgumentError(f"source {i} outside [0, {len(self.sources)})")
-        x = _get(self.sources[i], sequential)
-        if not isinstance(x, np.ndarray) or x.ndim != 1 or not x.flags.c_contiguous:
-            raise InvalidShapeError(f"source {i} must be a 1-d C-contiguous numpy array, got "
-                                    f"{type(x).__name__} {getattr(x, 'shape', '')}")
-        if x.dtype not in (np.float32, np.float64, np.uint16):
-            raise InvalidArgumentError(f"source {i} has dtype {x.dtype}; the kernels take "
-                                       "float32, float64 or uint16 bit patterns")
-        if self.dtype is None:
-            self.dtype = x.dtype
-        elif x.dtype != self.dtype:
-            raise InvalidArgumentError(f"sources of one dtype expected, got {self.dtype} and "
-                                       f"{x.dtype} (source {i})")
-        if x.shape[0] != self.sizes[i]:
-            raise ShapeMismatchError(f"source {i} holds {x.shape[0]} elements, sizes says "
-                                     f"{self.sizes[i]}")
-        return x
-
-    def itemsize(self):
-        """Bytes per element (reads the first non-empty source if none was read yet)."""
-        if self.dtype is None:
-            for i, v in enumerate(self.sizes):
-                if v:
-                    self.get(i)
-                    break
-        return self.dtype.itemsize if self.dtype is not None else 4
-
 
 cdef Py_ssize_t _count_range(const key_t* a, Py_ssize_t n, uint64_t lo, uint64_t hi) noexcept nogil:
     cdef Py_ssize_t i, c = 0
@@ -818,215 +740,14 @@ cdef Py_ssize_t _count_range(const key_t* a, Py_ssize_t n, uint64_t lo, uint64_t
     return c
 
 
-cdef Py_ssize_t _count_in(object keys, uint64_t lo, uint64_t hi) except -1:
-    """Keys of a 1-d uint16/uint32/uint64 array inside [lo, hi]."""
-    cdef const uint16_t[::1] v16
-    cdef const uint32_t[::1] v32
-    cdef const uint64_t[::1] v64
-    cdef Py_ssize_t c = 0
-    if keys.shape[0] == 0:
+def count_in(const key_t[::1] keys not None, uint64_t lo, uint64_t hi):
+    """Number of keys inside [lo, hi] (the sample's share inside a bracket)."""
+    cdef Py_ssize_t n = keys.shape[0], c = 0
+    if n == 0:
         return 0
-    if keys.dtype == np.uint16:
-        v16 = keys
-        with nogil:
-            c = _count_range(&v16[0], v16.shape[0], lo, hi)
-    elif keys.dtype == np.uint32:
-        v32 = keys
-        with nogil:
-            c = _count_range(&v32[0], v32.shape[0], lo, hi)
-    else:
-        v64 = keys
-        with nogil:
-            c = _count_range(&v64[0], v64.shape[0], lo, hi)
+    with nogil:
+        c = _count_range(&keys[0], n, lo, hi)
     return c
-
-
-def _bracket(_Sources src, Py_ssize_t k, int magnitude, int n_threads=1):
-    """Keys lo <= hi that bracket the k-th smallest key with high probability, from a stratified
-    sample proportional to each source's size (every key when the total is small).  Returns
-    (lo, hi, the fraction of the sample inside [lo, hi]: what the passes should expect)."""
-    cdef Py_ssize_t j, s_t, lo_r, hi_r, delta, total = src.total, sample, s = 0, n_t
-    cdef double q, sig
-    if total <= SMALL:
-        sample = total
-    else:
-        sample = min(<Py_ssize_t>SAMPLE, max(<Py_ssize_t>SAMPLE_MIN, total // SAMPLE_DIV))
-    shares = []
-    for n_t in src.sizes:
-        if n_t == 0:
-            shares.append(0)
-        elif total <= SMALL:
-            shares.append(n_t)
-        else:
-            shares.append(min(max(1, (sample * n_t) // total), n_t))
-    # every source's sample goes straight into one buffer of the keys' own width
-    buf = np.empty(sum(shares) + RUN, dtype=_key_dtype(src.itemsize()))
-    for j in range(len(src.sizes)):
-        if shares[j]:
-            s += sample_into(src.get(j), shares[j], j + 1, magnitude, n_threads, buf[s:])
-    smp = buf[:s]
-    if total <= SMALL and s == total:
-        return 0, np.iinfo(np.uint64).max, 1.0
-    q = k / <double>total
-    sig = sqrt(s * q * (1.0 - q))
-    delta = <Py_ssize_t>ceil(3.5 * sig) + 16
-    lo_r = <Py_ssize_t>floor(q * s) - delta
-    hi_r = <Py_ssize_t>ceil(q * s) + delta
-    qlo, qhi = select_pair(smp, max(lo_r, 0), min(hi_r, s - 1))
-    lo_key = 0 if lo_r < 0 else int(qlo)
-    hi_key = np.iinfo(np.uint64).max if hi_r >= s else int(qhi)
-    # the sample's share inside the bracket, ties at its ends included, estimates the keys'
-    return lo_key, hi_key, _count_in(smp, lo_key, hi_key) / <double>s
-
-
-cdef Py_ssize_t _default_budget(Py_ssize_t total, Py_ssize_t itemsize, Py_ssize_t extra=0):
-    """Candidates a selection may hold: the scratch budget in keys of the input's width (plus
-    `extra` bytes each: their positions)."""
-    return max(<Py_ssize_t>1, scratch_budget(total * itemsize) // (itemsize + extra))
-
-
-def threshold_masks(sources, outs, sizes, Py_ssize_t k, int magnitude, uint16_t inf16,
-                    int n_threads, Py_ssize_t cand_budget=-1):
-    """Write keep-masks (uint8, 1 = keep) pruning exactly the k smallest keys over the sources
-    (ties: earlier source, then lower index, pruned first).  One pass marks the mask (kept,
-    pruned, or a candidate inside the sample's bracket); the candidates' keys are gathered into
-    one buffer of exactly their number, the threshold is selected among them, and only the
-    marked bytes are rewritten.  cand_budget bounds the candidate keys (default: the scratch
-    budget).  Returns the number of non-finite values (then the masks are not meaningful)."""
-    src = _Sources(sources, sizes)
-    outs = list(outs)
-    if len(outs) != len(src.sizes):
-        raise ShapeMismatchError(f"{len(src.sizes)} sources but {len(outs)} outputs")
-    cdef Py_ssize_t total = src.total, below = 0, inside = 0, bad = 0, off, c, r, i
-    if not 1 <= k <= total:
-        raise InvalidArgumentError(f"k={k} outside [1, {total}]")
-    for i in range(len(outs)):
-        if not isinstance(outs[i], np.ndarray) or outs[i].dtype != np.uint8 \
-                or outs[i].ndim != 1 or outs[i].shape[0] != src.sizes[i]:
-            raise ShapeMismatchError(f"outs[{i}] must be a 1-d uint8 array of {src.sizes[i]} "
-                                     "elements")
-    if cand_budget < 0:
-        cand_budget = _default_budget(total, src.itemsize(), 4)
-    lo_key, hi_key, _ = _bracket(src, k, magnitude, n_threads)
-    counts = []
-    for i in range(len(outs)):
-        if src.sizes[i] == 0:
-            counts.append(None)
-            continue
-        b_t, i_t, bad_t, c_t = mark_pass(src.get(i, True), lo_key, hi_key, magnitude, inf16,
-                                         outs[i], n_threads)
-        below += b_t
-        inside += i_t
-        bad += bad_t
-        counts.append(c_t)
-    if bad:
-        return bad
-    if below < k <= below + inside and inside <= cand_budget:
-        keys = np.empty(inside, dtype=_key_dtype(src.itemsize()))
-        # positions (tensors under 2**32 elements) spare the rewrite a second scan of the mask
-        pos = np.empty(inside, dtype=np.uint32) if max(src.sizes) <= 0xFFFFFFFF else None
-        off = 0
-        for i in range(len(outs)):
-            if counts[i] is not None:
-                c = int(counts[i].sum())
-                gather_marked(src.get(i), outs[i], counts[i], magnitude, keys[off:off + c],
-                              n_threads, pos[off:off + c] if pos is not None else None)
-                off += c
-        thresh, cbelow = select_hist([keys], k - below - 1, lo_key, hi_key)
-        r = k - below - cbelow
-        off = 0
-        for i in range(len(outs)):
-            if counts[i] is not None:
-                c = int(counts[i].sum())
-                if pos is not None:
-                    r -= fix_positions(outs[i], pos[off:off + c], keys[off:off + c], thresh, r,
-                                       n_threads)
-                else:
-                    r -= fix_marked(outs[i], counts[i], keys[off:off + c], thresh, r, n_threads)
-                off += c
-        return 0
-    del counts
-    thresh, below, bad = _radix_threshold(src, k, magnitude, inf16, n_threads)
-    if bad:
-        return bad
-    r = k - below
-    for i in range(len(outs)):
-        if src.sizes[i]:
-            r -= write_pass(src.get(i, True), thresh, r, magnitude, outs[i], n_threads)
-    return 0
-
-
-def find_threshold(sources, sizes, Py_ssize_t k, int magnitude, uint16_t inf16, int n_threads,
-                   Py_ssize_t cand_budget=-1):
-    """Exact k-th smallest key over the concatenation of the sources (k >= 1, k <= total).
-
-    Returns (thresh, n_below, n_nonfinite, method): n_below keys are strictly smaller than thresh,
-    so the first k - n_below keys equal to thresh (in source order, then flat order) are pruned.
-    cand_budget bounds the candidate keys held at once (default: the scratch budget).
-    """
-    src = _Sources(sources, sizes)
-    cdef Py_ssize_t total = src.total, i
-    if not 1 <= k <= total:
-        raise InvalidArgumentError(f"k={k} outside [1, {total}]")
-    if cand_budget < 0:
-        cand_budget = _default_budget(total, src.itemsize())
-    lo_key, hi_key, band = _bracket(src, k, magnitude, n_threads)
-    below = 0
-    inside = 0
-    bad = 0
-    cands = []
-    ok = True
-    for i in range(len(src.sizes)):
-        if src.sizes[i] == 0:
-            continue
-        b_t, i_t, bad_t, c_t = range_pass(src.get(i, True), lo_key, hi_key, magnitude, inf16,
-                                          cand_budget - inside, n_threads, band)
-        below += b_t
-        inside += i_t
-        bad += bad_t
-        if c_t is None:
-            ok = False
-            break
-        cands.append(c_t)
-    if bad:
-        return 0, 0, bad, "nonfinite"
-    if ok and below < k <= below + inside:
-        thresh, cbelow = select_hist(cands, k - below - 1, lo_key, hi_key)
-        return int(thresh), below + cbelow, 0, "sample"
-    del cands
-    # fallback: radix histograms, top digit first
-    return _radix_threshold(src, k, magnitude, inf16, n_threads) + ("radix",)
-
-
-def _radix_threshold(_Sources src, Py_ssize_t k, int magnitude, uint16_t inf16, int n_threads):
-    cdef int shift = 8 * <int>src.itemsize() - 16
-    cdef Py_ssize_t rank = k - 1, below = 0, acc, b, i
-    cdef int64_t[::1] hv
-    prefix = 0
-    pmask = 0
-    bad = 0
-    hist = np.zeros(NBINS, dtype=np.int64)
-    hv = hist
-    while True:
-        hist[:] = 0
-        for i in range(len(src.sizes)):
-            if src.sizes[i]:
-                bad += hist_pass(src.get(i, True), shift, prefix, pmask, magnitude, inf16, hist,
-                                 n_threads)
-        if bad:
-            return 0, 0, bad
-        acc = 0
-        b = 0
-        while b < NBINS - 1 and acc + hv[b] <= rank:
-            acc += hv[b]
-            b += 1
-        rank -= acc
-        below += acc
-        prefix |= int(b) << int(shift)
-        pmask |= int(0xffff) << int(shift)
-        if shift == 0:
-            return prefix, below, 0
-        shift -= 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1061,7 +782,8 @@ def rows_mask(const real_t[:, ::1] x not None, Py_ssize_t k, int magnitude, uint
 
     Each thread selects whole rows in a key buffer of one row; the threads are capped so that
     their buffers fit the scratch budget.  Rows so long that one buffer would not fit are
-    selected one after the other like whole tensors (threshold_masks, parallel inside)."""
+    refused (InvalidArgumentError): the selection engine selects those rows one after the other
+    like whole tensors."""
     cdef Py_ssize_t nrows = x.shape[0], ncols = x.shape[1], i, bad = 0, rowbytes, fit
     cdef int nt = threads_for(n_threads, nrows * ncols, nrows)
     cdef uint64_t khi, klo
@@ -1078,11 +800,8 @@ def rows_mask(const real_t[:, ::1] x not None, Py_ssize_t k, int magnitude, uint
     rowbytes = ncols * <Py_ssize_t>sizeof(real_t)
     fit = scratch_budget(nrows * rowbytes) // rowbytes
     if fit == 0:
-        xa = np.asarray(x)
-        oa = np.asarray(out)
-        for i in range(nrows):
-            bad += threshold_masks([xa[i]], [oa[i]], [ncols], k, magnitude, inf16, n_threads) != 0
-        return bad
+        raise InvalidArgumentError(f"rows of {rowbytes} bytes do not fit the scratch budget of "
+                                   f"{nrows} rows; select them one by one like tensors")
     if nt > fit:
         nt = <int>fit
     inf_keys(<real_t*>&x[0, 0], inf16, magnitude, &khi, &klo)
@@ -1146,5 +865,4 @@ def expand_blocks(const uint8_t[:, ::1] bmask not None, Py_ssize_t bh, Py_ssize_
 guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "select_pair",
                   "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass",
                   "gather_marked", "fix_marked", "fix_positions", "hist_pass", "write_pass",
-                  "fill_pass", "_get", "_bracket", "threshold_masks", "find_threshold",
-                  "_radix_threshold", "rows_mask", "block_sums", "expand_blocks"])
+                  "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks"])

@@ -10,12 +10,13 @@ from .._kernels import apply as _apply
 from .._kernels import nm as _nmk
 from .._kernels import select as _select
 from .._adapters import is_torch, to_numpy_view
-from .._validation import (Floats, as_array, as_floats, check_axis, check_bool, check_int,
-                           check_nm, check_sparsity, decode16, prune_count, raise_nonfinite, resolve_threads,
-                           short_repr)
+from .._validation import (as_array, as_floats, check_axis, check_bool, check_int, check_nm,
+                           check_sparsity, prune_count, resolve_threads, short_repr)
 from ..errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError, InvalidShapeError,
                      InvalidSparsityError, NumericalInstabilityError, ReadOnlyError,
                      ShapeMismatchError)
+from .selection import (ArraySource, common_dtype, raise_nonfinite, require_finite,
+                        select_global, select_mask, select_rows)
 
 __all__ = ["SparsityPattern", "SparsityMask", "generate_unstructured_mask", "generate_nm_mask",
            "generate_global_mask", "generate_block_mask", "generate_row_mask",
@@ -435,37 +436,18 @@ def _out_mask(out, shape):
     return out
 
 
-def _unstructured(f: Floats, sparsity, per_row, magnitude, nt, name, out=None):
+def _unstructured(f, sparsity, per_row, magnitude, nt, name, out=None):
     n = f.size
     keep = _out_mask(out, f.shape)
     if n == 0:
         return keep
+    src, flat = ArraySource(f, name), keep.reshape(-1).view(np.uint8)
     if per_row:
         rows, cols = _as_2d_shape(f.shape)
-        k = prune_count(sparsity, cols)
-        bad = _select.rows_mask(f.kernel.reshape(rows, cols), k, magnitude, f.inf16,
-                                keep.view(np.uint8).reshape(rows, cols), nt)
+        select_rows(src, flat, rows, cols, prune_count(sparsity, cols), magnitude, nt)
     else:
-        k = prune_count(sparsity, n)
-        bad = _threshold_mask([f], [keep], k, magnitude, nt)
-    if bad:
-        raise_nonfinite(f, name)
+        select_mask(src, flat, prune_count(sparsity, n), magnitude, nt)
     return keep
-
-
-def _threshold_mask(floats, keeps, k, magnitude, nt, cand_budget=-1):
-    """Write keep-masks pruning exactly k elements over the tensors; returns a non-finite count."""
-    flats = [f.kernel.reshape(-1) for f in floats]
-    outs = [kp.reshape(-1).view(np.uint8) for kp in keeps]
-    inf16 = next((f.inf16 for f in floats if f.size), 0)
-    total = sum(f.size for f in floats)
-    if k <= 0 or k >= total:
-        bad = 0
-        for x, o in zip(flats, outs):
-            bad += _select.fill_pass(x, 1 if k <= 0 else 0, magnitude, inf16, o, nt)
-        return bad
-    return _select.threshold_masks(flats, outs, [x.size for x in flats], k, magnitude, inf16, nt,
-                                   cand_budget)
 
 
 def _unstructured_pattern(per_row):
@@ -513,7 +495,7 @@ def _nm(f, n, m, axis, magnitude, nt, name, out=None):
     bad = _nmk.nm_mask(f.kernel.reshape(-1), outer, shape[axis], inner, n, m, magnitude, f.inf16,
                       keep.reshape(-1).view(np.uint8), nt)
     if bad:
-        raise_nonfinite(f, name)
+        raise_nonfinite([ArraySource(f, name)], nt)
     return SparsityMask(keep, pattern, _trusted=True)
 
 
@@ -572,68 +554,36 @@ def generate_global_mask(values, sparsity, *, n_threads=None, max_tensor_sparsit
                                 f"of arrays, got {type(values).__name__}")
     labels = names if names is not None else [f"values[{i}]" for i in range(len(items))]
     floats = [as_floats(v, str(lbl)) for v, lbl in zip(items, labels)]
-    floats = _common_dtype(floats)
+    floats = common_dtype(floats)
     keeps = [np.empty(f.shape, dtype=np.bool_) for f in floats]
-    total = sum(f.size for f in floats)
-    k = prune_count(sparsity, total)
-    if max_tensor_sparsity is None:
-        bad = _threshold_mask(floats, keeps, k, 0, nt)
-        if bad:
-            _raise_first_nonfinite(floats, labels)
-    else:
+    cap = None
+    if max_tensor_sparsity is not None:
         cap = check_sparsity(max_tensor_sparsity, "max_tensor_sparsity")
-        _capped_global(floats, keeps, labels, k, cap, nt)
+    select_global([ArraySource(f, str(lbl)) for f, lbl in zip(floats, labels)],
+                  [kp.reshape(-1).view(np.uint8) for kp in keeps], sparsity, nt, magnitude=0,
+                  cap=cap)
     masks = [SparsityMask(kp, SparsityPattern.unstructured(), _trusted=True) for kp in keeps]
     return dict(zip(names, masks)) if names is not None else masks
 
 
-def _raise_first_nonfinite(floats, labels):
-    for f, lbl in zip(floats, labels):
-        if f.size and _select.fill_pass(f.kernel.reshape(-1), 1, 0, f.inf16,
-                                        np.empty(f.size, np.uint8), 1):
-            raise_nonfinite(f, str(lbl))
+class _BlockScores(ArraySource):
+    """Float64 block sums as a selection source: a non-finite sum is an overflow, named by
+    block."""
 
+    __slots__ = ("block",)
 
-def _capped_global(floats, keeps, labels, k, cap, nt):
-    """Exact global count with a per-tensor cap: tensors the plain selection would push over the
-    cap are pruned at exactly the cap on their own, and the rest of the count is re-selected over
-    the others, until no tensor exceeds its cap."""
-    caps = [int(np.floor(cap * f.size + 1e-9)) for f in floats]
-    if k > sum(caps):
-        raise InvalidSparsityError(f"cannot prune {k} elements when max_tensor_sparsity={cap} "
-                                   f"allows at most {sum(caps)} in all")
-    fixed = {}
-    while True:
-        free = [i for i in range(len(floats)) if i not in fixed]
-        k_free = k - sum(fixed.values())
-        sub_f = [floats[i] for i in free]
-        sub_k = [keeps[i] for i in free]
-        bad = _threshold_mask(sub_f, sub_k, k_free, 0, nt)
-        if bad:
-            _raise_first_nonfinite(floats, labels)
-        over = [i for i, kp in zip(free, sub_k) if kp.size - np.count_nonzero(kp) > caps[i]]
-        if not over:
-            break
-        for i in over:
-            fixed[i] = caps[i]
-    for i, c in fixed.items():
-        _threshold_mask([floats[i]], [keeps[i]], c, 0, nt)
+    def __init__(self, sums, block):
+        super().__init__(as_floats(sums, "block scores"), "block scores")
+        self.block = block
 
-
-def _common_dtype(floats):
-    kinds = {f.dtype_name for f in floats if f.size}
-    if len(kinds) <= 1:
-        return floats
-    wide = "float64" if "float64" in kinds else "float32"
-    out = []
-    for f in floats:
-        if f.dtype_name == wide:
-            out.append(f)
-            continue
-        arr = f.array if not f.fmt else decode16(f.kernel, f.fmt)
-        arr = np.ascontiguousarray(arr, dtype=wide)
-        out.append(Floats(arr, arr, 0, wide, True))
-    return out
+    def raise_nonfinite(self, nt):
+        sums = self.floats.array
+        i = int(np.argmax(~np.isfinite(sums.reshape(-1))))
+        blk = tuple(int(v) for v in np.unravel_index(i, sums.shape))
+        h, w = self.block
+        raise NumericalInstabilityError(
+            f"the float64 sum of block {blk} (size {h}x{w}) of values overflows; "
+            "scale the values down", index=blk, value="inf")
 
 
 def _structured(values, sparsity, block_of, pattern_of, n_threads):
@@ -647,19 +597,12 @@ def _structured(values, sparsity, block_of, pattern_of, n_threads):
     h, w = block_of(rows, cols)
     pattern = pattern_of(f.shape)
     pattern.check_shape(f.shape)
-    bad = _select.fill_pass(f.kernel.reshape(-1), 1, 0, f.inf16, keep.reshape(-1).view(np.uint8), nt)
-    if bad:
-        raise_nonfinite(f, "values")
+    require_finite([ArraySource(f, "values")], nt)
     sums = np.empty((rows // h, cols // w), dtype=np.float64)
     _select.block_sums(f.kernel.reshape(rows, cols), h, w, f.fmt, sums, nt)
     bkeep = np.empty(sums.shape, dtype=np.bool_)
-    k = prune_count(sparsity, sums.size)
-    if _threshold_mask([as_floats(sums, "block scores")], [bkeep], k, 0, nt):
-        i = int(np.argmax(~np.isfinite(sums.reshape(-1))))
-        blk = tuple(int(v) for v in np.unravel_index(i, sums.shape))
-        raise NumericalInstabilityError(
-            f"the float64 sum of block {blk} (size {h}x{w}) of values overflows; "
-            "scale the values down", index=blk, value="inf")
+    select_mask(_BlockScores(sums, (h, w)), bkeep.reshape(-1).view(np.uint8),
+                prune_count(sparsity, sums.size), 0, nt)
     _select.expand_blocks(bkeep.view(np.uint8), h, w, keep.reshape(rows, cols).view(np.uint8), nt)
     return SparsityMask(keep, pattern, _trusted=True)
 
