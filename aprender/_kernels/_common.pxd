@@ -4,6 +4,11 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 cdef extern from "apr_keys.h" nogil:
     int APR_FMT_F16
     int APR_FMT_BF16
+    # bit patterns of the 16-bit formats (defined once, in apr_keys.h)
+    uint16_t APR_F16_EXP        # exponent field of IEEE half, also its +inf
+    uint16_t APR_BF16_EXP       # exponent field of bfloat16, also its +inf
+    uint16_t APR_U16_ABS        # every bit but the sign
+    uint16_t APR_U16_SIGN       # the sign bit
     uint64_t apr_key16(uint16_t b, int magnitude)
     uint64_t apr_key32(float x, int magnitude)
     uint64_t apr_key64(double x, int magnitude)
@@ -43,7 +48,7 @@ cdef inline uint64_t key_of(real_t x, int magnitude) noexcept nogil:
 cdef inline void inf_keys(real_t* probe, uint16_t inf16, int magnitude,
                           uint64_t* khi, uint64_t* klo) noexcept nogil:
     """Keys at or beyond which a value is not finite: key >= khi or key <= klo.
-    inf16 is the +inf bit pattern of the 16-bit format (0x7c00 half, 0x7f80 bfloat16)."""
+    inf16 is the +inf bit pattern of the 16-bit format (APR_F16_EXP or APR_BF16_EXP)."""
     cdef real_t pinf, ninf
     if real_t is float:
         pinf = <float>1e300 * <float>1e300
@@ -53,6 +58,6 @@ cdef inline void inf_keys(real_t* probe, uint16_t inf16, int magnitude,
         ninf = -pinf
     else:
         pinf = inf16
-        ninf = inf16 | 0x8000
+        ninf = inf16 | APR_U16_SIGN
     khi[0] = key_of(pinf, magnitude)
     klo[0] = 0 if magnitude else key_of(ninf, 0)

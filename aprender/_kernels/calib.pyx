@@ -22,20 +22,20 @@ score_sum / count_above
 Every def checks the sizes of its buffers and raises typed errors, so nothing reachable from
 Python reads or writes out of bounds.
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
 from libc.math cimport fabs, fabsf, sqrt
 from cython.parallel cimport prange
 
 import numpy as np
 
 from ._openmp cimport threads_for
-from ._common cimport real_t, APR_FMT_F16, APR_FMT_BF16, apr_nonfinite32, apr_nonfinite64
+from ._common cimport (real_t, APR_FMT_F16, APR_FMT_BF16, APR_F16_EXP, APR_U16_ABS, apr_nonfinite32,
+                       apr_nonfinite64)
 from ._guard import guard
 from ..errors import InvalidArgumentError, InvalidDTypeError, ShapeMismatchError
 
 cdef extern from "apr_keys.h" nogil:
     float apr_bits_f32(uint32_t b)
-    uint32_t apr_f32_bits(float x)
     double apr_u16_to_f64(uint16_t h, int fmt)
 
 cdef enum:
@@ -68,7 +68,7 @@ cdef inline double _sq(real_t v, int fmt) noexcept nogil:
         if fmt == APR_FMT_BF16:
             d = <double>apr_bits_f32((<uint32_t>v) << 16)
         else:
-            d = <double>(apr_bits_f32((<uint32_t>(v & 0x7fff)) << 13) * APR_F16_SCALE)
+            d = <double>(apr_bits_f32((<uint32_t>(v & APR_U16_ABS)) << 13) * APR_F16_SCALE)
     else:
         d = <double>v
     return d * d
@@ -105,8 +105,10 @@ cdef void _ss_task(const real_t* base, Py_ssize_t rs, const Py_ssize_t* rows, Py
         if real_t is uint16_t:
             if fmt == APR_FMT_F16:
                 for j in range(j0, j1):
-                    nb += ((p0[j] & 0x7c00) == 0x7c00) + ((p1[j] & 0x7c00) == 0x7c00) \
-                        + ((p2[j] & 0x7c00) == 0x7c00) + ((p3[j] & 0x7c00) == 0x7c00)
+                    nb += ((p0[j] & APR_F16_EXP) == APR_F16_EXP) \
+                        + ((p1[j] & APR_F16_EXP) == APR_F16_EXP) \
+                        + ((p2[j] & APR_F16_EXP) == APR_F16_EXP) \
+                        + ((p3[j] & APR_F16_EXP) == APR_F16_EXP)
         i += 4
     while i < r1:
         p0 = base + (rows[i] if rows != NULL else i) * rs
@@ -115,7 +117,7 @@ cdef void _ss_task(const real_t* base, Py_ssize_t rs, const Py_ssize_t* rows, Py
         if real_t is uint16_t:
             if fmt == APR_FMT_F16:
                 for j in range(j0, j1):
-                    nb += (p0[j] & 0x7c00) == 0x7c00
+                    nb += (p0[j] & APR_F16_EXP) == APR_F16_EXP
         i += 1
     # a NaN or infinity anywhere in the block makes its column sum NaN or infinite (for float64
     # inputs an overflow does too: the caller tells the two apart)
@@ -292,15 +294,15 @@ def wanda_scores32(const real_t[:, ::1] w not None, int fmt, const float[::1] sc
             for j in range(cols):
                 if real_t is uint16_t:
                     if fmt == APR_FMT_BF16:
-                        a = apr_bits_f32((<uint32_t>(w[i, j] & 0x7fff)) << 16)
+                        a = apr_bits_f32((<uint32_t>(w[i, j] & APR_U16_ABS)) << 16)
                     else:
-                        a = apr_bits_f32((<uint32_t>(w[i, j] & 0x7fff)) << 13) * APR_F16_SCALE
-                        nb = nb | <uint32_t>((w[i, j] & 0x7c00) == 0x7c00)
+                        a = apr_bits_f32((<uint32_t>(w[i, j] & APR_U16_ABS)) << 13) * APR_F16_SCALE
+                        nb = nb | <uint32_t>((w[i, j] & APR_F16_EXP) == APR_F16_EXP)
                 else:
                     a = fabsf(w[i, j])
                 s = a * scale[j]
                 out[i, j] = s
-                nb = nb | <uint32_t>((apr_f32_bits(s) & 0x7f800000u) == 0x7f800000u)
+                nb = nb | <uint32_t>apr_nonfinite32(s)
             bad_rows[i] = <uint8_t>(nb != 0)
             if stats:
                 _row_stats(&out[i, 0], cols, &rs[i, 0])

@@ -5,7 +5,7 @@ converted in registers and rounded to nearest even); min, max, mean and the popu
 deviation of the stored scores are accumulated in float64 over fixed chunks (shifted sums merged
 with Chan's formula, in chunk order), so the statistics do not depend on the thread count.
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint16_t
 from libc.math cimport fabs, pow, sqrt, fabsf
 from cython.parallel cimport prange
 
@@ -15,7 +15,8 @@ from ._openmp cimport threads_for
 from ._guard import guard
 from ..errors import ShapeMismatchError
 from ._common cimport (real_t, apr_bf16_to_f32, apr_f32_to_bf16, apr_f16_to_f32, apr_f32_to_f16,
-                       apr_nonfinite16, apr_nonfinite32, apr_nonfinite64, APR_FMT_BF16)
+                       apr_nonfinite16, apr_nonfinite32, apr_nonfinite64, APR_FMT_BF16,
+                       APR_F16_EXP, APR_BF16_EXP, APR_U16_ABS)
 
 cdef enum:
     CHUNK = 65536           # elements per statistics chunk (fixed: results never depend on it)
@@ -27,13 +28,13 @@ cdef inline double _score(real_t v, int pk, double p, int fmt, real_t* o, int* b
     cdef uint16_t h
     if real_t is uint16_t:
         if fmt == APR_FMT_BF16:
-            bad[0] += apr_nonfinite16(v, 0x7f80)
+            bad[0] += apr_nonfinite16(v, APR_BF16_EXP)
             f = apr_bf16_to_f32(v)
         else:
-            bad[0] += apr_nonfinite16(v, 0x7c00)
+            bad[0] += apr_nonfinite16(v, APR_F16_EXP)
             f = apr_f16_to_f32(v)
         if pk == 1:
-            h = v & 0x7fff
+            h = v & APR_U16_ABS
             o[0] = h
             return fabsf(f)
         if pk == 2:

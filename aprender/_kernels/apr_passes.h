@@ -1,0 +1,259 @@
+/* Passes over a flat span x[s:e] of raw input bits, one set per key width (16, 32, 64): the
+ * building blocks of the threshold search and of mask writing for unstructured selection (whole
+ * tensors, global selection over many tensors, streamed checkpoint tensors).  Keys are compared in
+ * the signed domain (apr_skey/apr_sdom in apr_keys.h) so that the loops vectorise; the hot ones
+ * carry APR_CLONES.
+ *
+ * range:             count keys < lo, count keys in [lo, hi] and copy them (native keys of the
+ *                    input's width, at most cap) to buf (cap + 1 slots), count non-finite keys
+ *                    (key >= khi or key <= klo); blocks without candidates take a counting loop.
+ * write:             out[i] = key > t; returns the number of keys equal to t.
+ * keep_equals_from:  keep the keys equal to t from the first-th on.
+ * hist:              histogram of one 16-bit digit of the keys that share a prefix, and the
+ *                    non-finite count.
+ * mark:              the in-memory variant of range: a mask byte per key (kept, pruned or
+ *                    candidate), nothing copied.
+ * gather, fix_marks: the candidates a mark pass left, gathered, then decided once t is known.
+ */
+#ifndef APRENDER_PASSES_H
+#define APRENDER_PASSES_H
+
+#include "apr_keys.h"
+
+#define APR_RANGE_BLOCK 64
+
+/* Shared pieces of the range pass (expanded inside apr_range, where j, len, xb,
+ * am, lo, hi, khi, klo, l, q, b and fl are in scope).  COUNT: one block of keys, counting keys
+ * below the bracket, inside it (flagged in fl) and non-finite, with an optional extra store.
+ * GATHER: the flagged keys of a block, lowest index first, via ctz over 8 flag bytes at a time. */
+#define APR_RANGE_COUNT(ST, KEYEXPR, BADEXPR, STORE)                                        \
+    for (j = 0; j < len; j++) {                                                             \
+        ST k = KEYEXPR;                                                                     \
+        uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                                       \
+        b += BADEXPR;                                                                       \
+        l += k < lo;                                                                        \
+        q += f;                                                                             \
+        fl[j] = f;                                                                          \
+        STORE;                                                                              \
+    }
+#define APR_RANGE_GATHER(KEEP_CANDIDATE)                                                    \
+    {                                                                                       \
+        ptrdiff_t j8;                                                                       \
+        for (j8 = len; j8 < APR_RANGE_BLOCK; j8++) fl[j8] = 0;                              \
+        for (j8 = 0; j8 < APR_RANGE_BLOCK; j8 += 8) {                                       \
+            uint64_t word;                                                                  \
+            memcpy(&word, fl + j8, 8);                                                      \
+            while (word) {                                                                  \
+                ptrdiff_t jj = j8 + (apr_ctz64(word) >> 3);                                 \
+                ptrdiff_t slot = inside < cap ? inside : cap;                               \
+                KEEP_CANDIDATE;                                                             \
+                inside++;                                                                   \
+                word &= word - 1;                                                           \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+#define APR_DEFINE_PASSES(W, UT, ST, SIGN, AT)                                                  \
+    APR_CLONES static void apr_range##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
+                                        UT lo_, UT hi_, UT khi_, UT klo_, UT *buf,          \
+                                        ptrdiff_t cap, int64_t *res) {                      \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        int64_t lt = 0, inside = 0, bad = 0;                                                \
+        uint8_t fl[APR_RANGE_BLOCK];                                                        \
+        ptrdiff_t i0, j;                                                                    \
+        for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
+            ptrdiff_t len = e - i0 < APR_RANGE_BLOCK ? e - i0 : APR_RANGE_BLOCK;            \
+            const UT *xb = x + i0;                                                          \
+            AT l = 0, q = 0, b = 0; /* at most 64 per block: fits the key width */      \
+            if (magnitude) /* |x| order: the sign-cleared bits, no flip needed */           \
+                APR_RANGE_COUNT(ST, (ST)(xb[j] & am), k >= khi, (void)0)                    \
+            else                                                                            \
+                APR_RANGE_COUNT(ST, apr_skey##W(xb[j], am), (k >= khi) | (k <= klo), (void)0) \
+            lt += l;                                                                        \
+            bad += b;                                                                       \
+            if (q && buf != NULL) {                                                         \
+                APR_RANGE_GATHER(buf[slot] = (UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN))) \
+            } else {                                                                        \
+                inside += q;                                                                \
+            }                                                                               \
+        }                                                                                   \
+        res[0] = lt;                                                                        \
+        res[1] = inside;                                                                    \
+        res[2] = bad;                                                                       \
+    }                                                                                       \
+    APR_CLONES static int64_t apr_write##W(const UT *x, ptrdiff_t s, ptrdiff_t e,           \
+                                           int magnitude, UT t_, uint8_t *out) {            \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST t = apr_sdom##W(t_);                                                             \
+        int64_t eq = 0;                                                                     \
+        ptrdiff_t i0, i;                                                                    \
+        for (i0 = s; i0 < e; i0 += 4096) {                                                  \
+            ptrdiff_t e0 = i0 + 4096 < e ? i0 + 4096 : e;                                   \
+            int32_t q = 0;                                                                  \
+            if (magnitude) {                                                                \
+                for (i = i0; i < e0; i++) {                                                 \
+                    ST k = (ST)(x[i] & am);                                                 \
+                    out[i] = k > t;                                                         \
+                    q += k == t;                                                            \
+                }                                                                           \
+            } else {                                                                        \
+                for (i = i0; i < e0; i++) {                                                 \
+                    ST k = apr_skey##W(x[i], am);                                           \
+                    out[i] = k > t;                                                         \
+                    q += k == t;                                                            \
+                }                                                                           \
+            }                                                                               \
+            eq += q;                                                                        \
+        }                                                                                   \
+        return eq;                                                                          \
+    }                                                                                       \
+    APR_CLONES static void apr_keep_equals_from##W(const UT *x, ptrdiff_t s, ptrdiff_t e,   \
+                                                   int magnitude, UT t, ptrdiff_t first,    \
+                                                   uint8_t *out) {                          \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ptrdiff_t i, j = 0;                                                                 \
+        if (first <= 0) { /* every equal key in the range is kept: a vectorised OR */       \
+            ST st = apr_sdom##W(t);                                                         \
+            for (i = s; i < e; i++) out[i] |= (uint8_t)(apr_skey##W(x[i], am) == st);        \
+            return;                                                                         \
+        }                                                                                   \
+        for (i = s; i < e; i++) {                                                           \
+            if (apr_nkey##W(x[i], am) == t) {                                               \
+                if (j >= first) out[i] = 1;                                                 \
+                j++;                                                                        \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    static void apr_hist##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude,           \
+                            int shift, UT prefix, UT pmask, UT khi, UT klo,                 \
+                            int64_t *hist, int64_t *res) {                                  \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ptrdiff_t i, bad = 0;                                                               \
+        for (i = s; i < e; i++) {                                                           \
+            UT k = apr_nkey##W(x[i], am);                                                   \
+            bad += (k >= khi) | (k <= klo);                                                 \
+            if ((UT)(k & pmask) == prefix) hist[(k >> shift) & 0xffff] += 1;                \
+        }                                                                                   \
+        res[2] = bad;                                                                       \
+    }
+APR_DEFINE_PASSES(16, uint16_t, int16_t, 0x8000u, int16_t)
+APR_DEFINE_PASSES(32, uint32_t, int32_t, 0x80000000u, int32_t)
+APR_DEFINE_PASSES(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
+
+
+/* Mark pass, for masks held in memory: out[i] = 1 for key > hi (kept whatever the threshold),
+ * 0 for key < lo (pruned), 2 for key in [lo, hi] (a candidate, decided once the threshold is
+ * known); res[0..2] = keys below lo, keys inside [lo, hi], non-finite keys.  Nothing is copied:
+ * the candidates are found again by their mark, so no buffer is sized by a guess. */
+#define APR_MARK_LOOP(ST, KEYEXPR, BADEXPR)                                                 \
+    for (j = 0; j < len; j++) {                                                             \
+        ST k = KEYEXPR;                                                                     \
+        uint8_t f = (uint8_t)((k >= lo) & (k <= hi));                                       \
+        b += BADEXPR;                                                                       \
+        l += k < lo;                                                                        \
+        q += f;                                                                             \
+        ob[j] = (uint8_t)((uint8_t)(k > hi) | (uint8_t)(f << 1));                           \
+    }
+#define APR_DEFINE_MARK(W, UT, ST, SIGN, AT)                                                    \
+    APR_CLONES static void apr_mark##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude,  \
+                                       UT lo_, UT hi_, UT khi_, UT klo_, uint8_t *out,      \
+                                       int64_t *res) {                                      \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        int64_t lt = 0, inside = 0, bad = 0;                                                \
+        ptrdiff_t i0, j;                                                                    \
+        for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
+            ptrdiff_t len = e - i0 < APR_RANGE_BLOCK ? e - i0 : APR_RANGE_BLOCK;            \
+            const UT *xb = x + i0;                                                          \
+            uint8_t *ob = out + i0;                                                         \
+            AT l = 0, q = 0, b = 0; /* at most 64 per block: fits the key width */      \
+            if (magnitude)                                                                  \
+                APR_MARK_LOOP(ST, (ST)(xb[j] & am), k >= khi)                               \
+            else                                                                            \
+                APR_MARK_LOOP(ST, apr_skey##W(xb[j], am), (k >= khi) | (k <= klo))          \
+            lt += l;                                                                        \
+            inside += q;                                                                    \
+            bad += b;                                                                       \
+        }                                                                                   \
+        res[0] = lt;                                                                        \
+        res[1] = inside;                                                                    \
+        res[2] = bad;                                                                       \
+    }
+APR_DEFINE_MARK(16, uint16_t, int16_t, 0x8000u, int16_t)
+APR_DEFINE_MARK(32, uint32_t, int32_t, 0x80000000u, int32_t)
+APR_DEFINE_MARK(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
+
+/* The candidates a mark pass left in out[s:e] (bytes == 2), in flat order.  Most 8-byte words
+ * of the mask hold none (bit 1 is set only in a mark) and are skipped whole; the positions
+ * found are batched so that the loads they lead to do not wait on the scan's branches.
+ * gather: their native keys into keys[0:cap] and, when pos is not NULL, their positions into
+ *         pos[0:cap] (the caller guarantees e <= 2^32); returns how many.
+ * fix:    decide them with their keys (keys[0:cap], gathered in the same order): keep key > t,
+ *         prune key < t, prune the equal keys while fewer than r were seen (seen: equal keys
+ *         before s) and keep the others; returns how many it decided. */
+#define APR_MARK_BATCH 256
+#define APR_MARK_WORDS(VISIT)                                                               \
+    ptrdiff_t at_[APR_MARK_BATCH], np_ = 0, b_;                                             \
+    while (i < e) {                                                                         \
+        if (i + 8 <= e) {                                                                   \
+            uint64_t w;                                                                     \
+            memcpy(&w, out + i, 8);                                                         \
+            w &= 0x0202020202020202ull;                                                     \
+            while (w) {                                                                     \
+                ptrdiff_t q = i + (apr_ctz64(w) >> 3);                                      \
+                at_[np_] = q;                                                               \
+                np_ += out[q] == 2;                                                         \
+                w &= w - 1;                                                                 \
+            }                                                                               \
+            i += 8;                                                                         \
+        } else {                                                                            \
+            at_[np_] = i;                                                                   \
+            np_ += out[i] == 2;                                                             \
+            i++;                                                                            \
+        }                                                                                   \
+        if (np_ > APR_MARK_BATCH - 9 || i >= e) {                                           \
+            if (np_ > cap - j) np_ = cap - j;                                               \
+            for (b_ = 0; b_ < np_; b_++) {                                                  \
+                ptrdiff_t q = at_[b_];                                                      \
+                VISIT;                                                                      \
+                j++;                                                                        \
+            }                                                                               \
+            np_ = 0;                                                                        \
+            if (j >= cap) break;                                                            \
+        }                                                                                   \
+    }
+#define APR_DEFINE_GATHER(W, UT)                                                                \
+    static ptrdiff_t apr_gather##W(const UT *x, const uint8_t *out, ptrdiff_t s, ptrdiff_t e,  \
+                                   int magnitude, UT *keys, uint32_t *pos, ptrdiff_t cap) { \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ptrdiff_t i = s, j = 0;                                                             \
+        if (cap <= 0) return 0;                                                             \
+        if (pos != NULL) {                                                                  \
+            APR_MARK_WORDS({ keys[j] = apr_nkey##W(x[q], am); pos[j] = (uint32_t)q; })      \
+        } else {                                                                            \
+            APR_MARK_WORDS(keys[j] = apr_nkey##W(x[q], am))                                 \
+        }                                                                                   \
+        return j;                                                                           \
+    }                                                                                       \
+    static ptrdiff_t apr_fix_marks##W(uint8_t *out, ptrdiff_t s, ptrdiff_t e, const UT *keys, \
+                                      ptrdiff_t cap, UT t, ptrdiff_t seen, ptrdiff_t r) {   \
+        ptrdiff_t i = s, j = 0;                                                             \
+        if (cap <= 0) return 0;                                                             \
+        {                                                                                   \
+            APR_MARK_WORDS({                                                                \
+                UT kk = keys[j];                                                            \
+                ptrdiff_t eq = kk == t;                                                     \
+                out[q] = (uint8_t)((kk > t) | (eq & (seen >= r)));                          \
+                seen += eq;                                                                 \
+            })                                                                              \
+        }                                                                                   \
+        return j;                                                                           \
+    }
+APR_DEFINE_GATHER(16, uint16_t)
+APR_DEFINE_GATHER(32, uint32_t)
+APR_DEFINE_GATHER(64, uint64_t)
+
+#endif

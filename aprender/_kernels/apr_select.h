@@ -1,0 +1,74 @@
+/* Radix select of the k-th smallest key of a key buffer (the candidates that the range, mark or
+ * gather passes of apr_passes.h collected), one function per key width.  Permutes the buffer.
+ */
+#ifndef APRENDER_SELECT_H
+#define APRENDER_SELECT_H
+
+#include "apr_keys.h"
+
+/* k-th smallest (0-based rank) of a[0:n] by MSD radix select: 8-bit digits from the highest
+ * non-zero byte of the largest key, four split histograms, branch-free compaction.  At most W/8
+ * linear passes (worst case O(n)); only permutes a.  *below receives the number of keys
+ * strictly smaller than the result.  One function per key width (16, 32 and 64 bits). */
+#define APR_DEFINE_SELECT(W, UT)                                                                \
+    APR_CLONES static UT apr_radix_select##W(UT *a, ptrdiff_t n, ptrdiff_t rank,              \
+                                             ptrdiff_t *below_out) {                        \
+        int32_t cnt4[4][256];                                                               \
+        int64_t cnt[256];                                                                   \
+        UT mx = 0, t = 0;                                                                   \
+        ptrdiff_t i, m = n, below = 0;                                                      \
+        int shift, d;                                                                       \
+        for (i = 0; i < n; i++) mx = a[i] > mx ? a[i] : mx;                                 \
+        shift = W - 8;                                                                      \
+        while (shift > 0 && (mx >> shift) == 0) shift -= 8;                                 \
+        for (; shift >= 0; shift -= 8) {                                                    \
+            ptrdiff_t w = 0, acc = 0;                                                       \
+            int b = 0;                                                                      \
+            if (m <= 16) {                                                                  \
+                ptrdiff_t x, c;                                                             \
+                for (x = 1; x < m; x++) {                                                   \
+                    UT v = a[x];                                                            \
+                    for (c = x - 1; c >= 0 && a[c] > v; c--) a[c + 1] = a[c];               \
+                    a[c + 1] = v;                                                           \
+                }                                                                           \
+                t = a[rank];                                                                \
+                for (x = 0; x < rank; x++) below += a[x] < t;                               \
+                *below_out = below;                                                         \
+                return t;                                                                   \
+            }                                                                               \
+            memset(cnt4, 0, sizeof(cnt4));                                                  \
+            for (i = 0; i + 4 <= m; i += 4) {                                               \
+                cnt4[0][(a[i] >> shift) & 0xff]++;                                          \
+                cnt4[1][(a[i + 1] >> shift) & 0xff]++;                                      \
+                cnt4[2][(a[i + 2] >> shift) & 0xff]++;                                      \
+                cnt4[3][(a[i + 3] >> shift) & 0xff]++;                                      \
+            }                                                                               \
+            for (; i < m; i++) cnt4[0][(a[i] >> shift) & 0xff]++;                           \
+            for (d = 0; d < 256; d++)                                                       \
+                cnt[d] = (int64_t)cnt4[0][d] + cnt4[1][d] + cnt4[2][d] + cnt4[3][d];        \
+            for (d = 0; d < 256; d++) {                                                     \
+                if (acc + cnt[d] > rank) { b = d; break; }                                  \
+                acc += cnt[d];                                                              \
+            }                                                                               \
+            rank -= acc;                                                                    \
+            below += acc;                                                                   \
+            t |= (UT)((UT)b << shift);                                                      \
+            if (cnt[b] == m) continue;                                                      \
+            for (i = 0; i < m; i++) {                                                       \
+                UT v = a[i];                                                                \
+                UT tmp = a[w];                                                              \
+                ptrdiff_t hit = (ptrdiff_t)(((v >> shift) & 0xff) == (UT)b);                \
+                a[w] = hit ? v : tmp; /* swap a[i] into slot w when it matches */           \
+                a[i] = hit ? tmp : v;                                                       \
+                w += hit;                                                                   \
+            }                                                                               \
+            m = w;                                                                          \
+        }                                                                                   \
+        *below_out = below;                                                                 \
+        return t;                                                                           \
+    }
+APR_DEFINE_SELECT(16, uint16_t)
+APR_DEFINE_SELECT(32, uint32_t)
+APR_DEFINE_SELECT(64, uint64_t)
+
+#endif
