@@ -9,6 +9,7 @@ import numbers
 import numpy as np
 
 from ._adapters import is_cupy
+from ._validation import ABS16, BF16, F16, INF16
 from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError, LayoutError,
                      NumericalInstabilityError, ShapeMismatchError)
 
@@ -16,8 +17,8 @@ LAYOUTS = ("cutlass", "bitmask", "raw")
 LAYOUT_CODE = {"cutlass": 0, "bitmask": 1, "raw": 2}
 # dtype name -> (bit-pattern dtype, key of +inf for select=True; 0: no check)
 FORMATS = {
-    "float16": (np.uint16, 0x7C00),
-    "bfloat16": (np.uint16, 0x7F80),
+    "float16": (np.uint16, INF16[F16]),
+    "bfloat16": (np.uint16, INF16[BF16]),
     "int8": (np.int8, 0),
     "float32": (np.uint32, 0x7F800000),
 }
@@ -180,7 +181,7 @@ def raise_status(status, shape, cols, mode, bits, keep):
     detail = ""
     if grp is not None:
         n = int(np.count_nonzero(grp if grp.dtype == np.int8 else
-                                 grp & (0x7FFF if grp.dtype == np.uint16 else 0x7FFFFFFF)))
+                                 grp & (ABS16 if grp.dtype == np.uint16 else 0x7FFFFFFF)))
         detail = f" has {n} non-zeros"
     if mode == MODE_MASK:
         raise LayoutError(f"weight {where} {span}{detail}, and the mask keeps more than two of "

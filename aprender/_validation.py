@@ -10,9 +10,12 @@ from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternErro
 from ._threads import MAX_THREADS, effective_n_threads  # noqa: F401 - re-exported
 from ._adapters import Bits16, is_cupy, is_torch, to_numpy_view  # noqa: F401 - re-exported
 
-# 16-bit float formats: +inf bit pattern (also the exponent mask) and the kernel format code
+# 16-bit float formats: the kernel format code, the +inf bit pattern by format (also the exponent
+# mask: a value is not finite when all its bits are set), every bit but the sign, the sign bit.
+# The one Python definition of each (the C one is in aprender/_kernels/apr_keys.h).
 F16, BF16 = 1, 2
 INF16 = {F16: 0x7C00, BF16: 0x7F80}
+ABS16, SIGN16 = 0x7FFF, 0x8000
 
 
 class Floats:
@@ -155,7 +158,7 @@ def raise_nonfinite(f, name="values"):
     idx = tuple(int(v) for v in idx)
     if f.fmt:
         raw = int(flat[i])
-        kind = "NaN" if raw & 0x7FFF > f.inf16 else ("-inf" if raw & 0x8000 else "inf")
+        kind = "NaN" if raw & ABS16 > f.inf16 else ("-inf" if raw & SIGN16 else "inf")
     else:
         v = float(flat[i])
         kind = "NaN" if math.isnan(v) else ("-inf" if v < 0 else "inf")

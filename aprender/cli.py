@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__
 from ._threads import MAX_THREADS
+from ._validation import ABS16
 from .checkpoints import DEFAULT_EXCLUDE, WARN_SPARSITY, CheckpointPruner
 from .errors import PruningError, UnsafePathError
 from .io.checkpoint import INDEX_NAME, Checkpoint
@@ -226,7 +227,7 @@ def print_table(report):
 
 def _zero_words(words, code):
     if code in ("BF16", "F16"):
-        return (words & np.uint16(0x7FFF)) == 0
+        return (words & np.uint16(ABS16)) == 0
     if code in ("F32", "F64"):
         return words.view(np.float32 if code == "F32" else np.float64) == 0
     return words == 0

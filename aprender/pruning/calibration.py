@@ -26,8 +26,8 @@ import numpy as np
 
 from .._adapters import is_torch, to_numpy_view
 from .._kernels import calib as _calib
-from .._validation import (BF16, F16, Bits16, _is_bf16, as_array, check_int, decode16,
-                           resolve_threads, short_repr)
+from .._validation import (ABS16, BF16, F16, INF16, SIGN16, Bits16, _is_bf16, as_array, check_int,
+                           decode16, resolve_threads, short_repr)
 from ..errors import (CalibrationError, CalibrationFileError, CheckpointError, InvalidArgumentError,
                       InvalidDTypeError, InvalidShapeError, MissingActivationStatsError,
                       NumericalInstabilityError, ShapeMismatchError, UnsafePathError)
@@ -82,7 +82,7 @@ class _Rows:
         if x2.shape[1] > 1 and x2.strides[1] != x2.itemsize:
             x2 = np.ascontiguousarray(x2)  # one copy in the input's own dtype
         self.kernel = x2
-        self.inf16 = {F16: 0x7C00, BF16: 0x7F80}.get(self.fmt, 0)
+        self.inf16 = INF16.get(self.fmt, 0)
 
     def floats(self, rows):
         """The rows (an index array or slice) as float32 (float64 for float64 input)."""
@@ -100,7 +100,7 @@ class _Rows:
             idx = tuple(int(v) for v in np.unravel_index(row, self.shape[:-1])) + (int(j),)
             if self.fmt:
                 raw = int(sel[r, j])
-                kind = "NaN" if raw & 0x7FFF > self.inf16 else ("-inf" if raw & 0x8000 else "inf")
+                kind = "NaN" if raw & ABS16 > self.inf16 else ("-inf" if raw & SIGN16 else "inf")
             else:
                 v = float(sel[r, j])
                 kind = "NaN" if math.isnan(v) else ("-inf" if v < 0 else "inf")
