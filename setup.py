@@ -9,10 +9,9 @@ Environment switches (all optional):
 """
 import glob
 import os
-import shutil
+import shlex
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import textwrap
 import warnings
@@ -40,51 +39,63 @@ def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _compiler():
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return cc.split()
+def openmp_flags():
+    """(compile flags, link flags) that turn OpenMP on for this platform's compiler."""
+    if sys.platform == "darwin":  # Apple clang: libomp (e.g. Homebrew's, via CPPFLAGS/LDFLAGS)
+        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    return ["-fopenmp"], ["-fopenmp"]
 
 
 def probe_openmp():
-    """Compile and run a tiny OpenMP program with the real compiler; return the flags or None."""
+    """Compile, link and run a tiny OpenMP program with the compiler that setuptools builds the
+    extensions with, configured the same way (CC, CFLAGS, CPPFLAGS and LDFLAGS from the
+    environment honoured).  Returns (flags, probe output) or (None, why it failed)."""
     if _flag("APRENDER_DISABLE_OPENMP"):
         return None, "disabled by APRENDER_DISABLE_OPENMP"
-    cc = _compiler()
-    if shutil.which(cc[0]) is None:
-        return None, f"compiler {cc[0]!r} not found"
-    if sys.platform == "darwin":
-        flags = (["-Xpreprocessor", "-fopenmp"], ["-lomp"])
-    elif sys.platform == "win32":
-        flags = (["/openmp"], [])
-    else:
-        flags = (["-fopenmp"], ["-fopenmp"])
+    from setuptools.command.build_ext import customize_compiler, new_compiler
+    from setuptools.errors import CCompilerError, ExecError, PlatformError
+
+    flags = openmp_flags()
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.c")
-        exe = os.path.join(tmp, "probe")
         with open(src, "w") as fh:
             fh.write(OPENMP_PROBE)
         try:
-            subprocess.run(cc + flags[0] + [src, "-o", exe] + flags[1], check=True,
-                           capture_output=True, timeout=120)
+            cc = new_compiler()
+            customize_compiler(cc)
+            # the compiler's executable linker omits LDFLAGS (only the shared-object linker that
+            # builds the extensions has them), so pass them here: -L/-rpath for a libomp
+            ldflags = shlex.split(os.environ.get("LDFLAGS", "")) if cc.compiler_type == "unix" \
+                else []
+            objects = cc.compile([src], output_dir=tmp, extra_postargs=flags[0])
+            cc.link_executable(objects, "probe", output_dir=tmp, extra_preargs=ldflags,
+                               extra_postargs=flags[1])
+            exe = os.path.join(tmp, cc.executable_filename("probe"))
             out = subprocess.run([exe], check=True, capture_output=True, timeout=60, text=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", b"") or b""
-            if isinstance(detail, bytes):
-                detail = detail.decode(errors="replace")
-            return None, f"OpenMP probe failed: {exc} {detail.strip()[:300]}"
+        except (CCompilerError, ExecError, PlatformError, OSError,
+                subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or ""
+            return None, f"OpenMP probe failed: {exc} {detail.strip()[:300]}".strip()
     return flags, out.stdout.strip()
 
 
-def extensions():
+def openmp_or_serial():
+    """The OpenMP (compile, link) flags, or ([], []) with a warning when the probe fails (an error
+    under APRENDER_REQUIRE_OPENMP=1)."""
     omp_flags, detail = probe_openmp()
     if omp_flags is None:
         msg = f"aprender: building WITHOUT OpenMP ({detail}); kernels will run on one thread"
         if _flag("APRENDER_REQUIRE_OPENMP"):
             raise RuntimeError(msg + " (APRENDER_REQUIRE_OPENMP is set)")
         warnings.warn(msg)
-        compile_omp, link_omp = [], []
-    else:
-        compile_omp, link_omp = omp_flags
+        return [], []
+    return omp_flags
+
+
+def extensions():
+    compile_omp, link_omp = openmp_or_serial()
 
     compile_args = ["-O3"] if sys.platform != "win32" else ["/O2"]
     link_args = []
@@ -123,8 +134,10 @@ def extensions():
         "cdivision": True,
         "embedsignature": True,
     }
-    return cythonize(exts, compiler_directives=directives,
-                     compile_time_env={"APRENDER_OPENMP": omp_flags is not None})
+    return cythonize(exts, compiler_directives=directives)
 
 
-setup(ext_modules=extensions())
+# pip (setuptools.build_meta) and `python setup.py ...` both run this file as __main__; the tests
+# import it for the probe without building anything
+if __name__ == "__main__":
+    setup(ext_modules=extensions())
