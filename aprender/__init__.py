@@ -20,6 +20,8 @@ __all__ = ["__version__", "show_config", "Bits16", "pruning", "SparsityMask", "S
 
 def show_config(print_out=True):
     """Print and return the build and runtime configuration (CuPy is looked up, not imported)."""
+    import numpy
+
     from ._kernels import _openmp
     from ._threads import effective_n_threads
 
@@ -30,13 +32,8 @@ def show_config(print_out=True):
         "threads": effective_n_threads(),  # OpenMP's limit, CPU affinity, cgroup quota
         "cupy_available": cupy_loaded or importlib.util.find_spec("cupy") is not None,
         "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
     }
-    try:
-        import numpy
-
-        cfg["numpy"] = numpy.__version__
-    except ImportError:  # pragma: no cover - numpy is a hard dependency
-        pass
     if print_out:
         width = max(len(k) for k in cfg)
         for k, v in cfg.items():
