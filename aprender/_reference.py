@@ -6,7 +6,9 @@ the same documented rules as the kernels:
 * counting: prune the integer nearest sparsity * n (computed in float64), halves rounding down;
 * ties: among equal scores the lowest flat C-order index is pruned first;
 * N:M: keep the n largest of each group of m along the axis; ties prune the lowest index first;
-* structured: blocks scored by the float64 sum of their values, then the unstructured rule.
+* structured: blocks scored by the float64 sum of their values, then the unstructured rule;
+* 2:4 layouts: the two largest |w| of each group of four are kept (the N:M rule); a group stores
+  two positions, filled by a fixed table when it has fewer than two non-zeros.
 """
 import math
 
@@ -15,7 +17,8 @@ import numpy as np
 __all__ = ["to_float64", "prune_count", "unstructured_mask", "per_row_mask", "nm_mask",
            "global_masks", "block_mask", "row_mask", "column_mask", "scores", "stats",
            "apply_mask", "sum_squares_chunk_rows", "sum_squares", "hessian", "wanda_scores",
-           "score_sum", "outlier_ratio", "owl_layer_sparsities"]
+           "score_sum", "outlier_ratio", "owl_layer_sparsities", "SPARSE24_FILL", "sparse24_select",
+           "sparse24_stored"]
 
 
 def to_float64(values):
@@ -254,3 +257,34 @@ def owl_layer_sparsities(ratios, sizes, target, lam):
     norm = [(r - lo) / (hi - lo) if hi > lo else 0.0 for r in ratios]
     mean = sum(norm[i] * sizes[i] for i in live) / sum(sizes[i] for i in live)
     return [target - 2.0 * lam * (v - mean) for v in norm]
+
+
+# the positions a 2:4 group with fewer than two non-zeros stores, by its non-zero flags (bit t:
+# element t), as documented in aprender.sparse24 (PyTorch's CUTLASS conversion does the same)
+SPARSE24_FILL = {0b0000: (2, 3), 0b0001: (0, 2), 0b0010: (1, 2), 0b0100: (2, 3), 0b1000: (2, 3)}
+
+
+def sparse24_select(values):
+    """The dense weight 2:4 selection leaves: the two largest |w| of every group of four along the
+    last axis kept (ties: the lowest index pruned), the others zeroed; in the input's dtype."""
+    out = np.array(values, copy=True)
+    out[~nm_mask(values, 2, 4, magnitude=True)] = 0
+    return out
+
+
+def sparse24_stored(dense2d):
+    """The positions a 2:4 layout stores for a 2-D weight with at most two non-zeros in each group
+    of four (bool, same shape): the non-zeros, completed to two per group by SPARSE24_FILL."""
+    nz = to_float64(dense2d) != 0
+    rows, cols = nz.shape
+    stored = np.zeros_like(nz)
+    for r in range(rows):
+        for g in range(cols // 4):
+            f = nz[r, 4 * g:4 * g + 4]
+            idx = tuple(int(i) for i in np.flatnonzero(f))
+            if len(idx) < 2:
+                idx = SPARSE24_FILL[sum(int(b) << t for t, b in enumerate(f))]
+            if len(idx) != 2:
+                raise ValueError(f"row {r}, group {g} has {len(idx)} non-zeros; 2:4 stores two")
+            stored[r, 4 * g + idx[0]] = stored[r, 4 * g + idx[1]] = True
+    return stored

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from aprender import Bits16, magnitude_nm_mask, sparse24
+from aprender._reference import sparse24_select as _select_ref, sparse24_stored as _stored_ref
 from aprender.pruning import SparsityMask, SparsityPattern
 from aprender.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
                                      LayoutError, NumericalInstabilityError, ShapeMismatchError)
@@ -14,9 +15,6 @@ from aprender.errors import (InvalidArgumentError, InvalidDTypeError, InvalidSha
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# the fill rule for groups with fewer than two non-zeros (documented in aprender.sparse24)
-_FILL = {0b0000: (2, 3), 0b0001: (0, 2), 0b0010: (1, 2), 0b0100: (2, 3), 0b1000: (2, 3)}
 
 
 def _weight(rng, shape, dtype, kind="random"):
@@ -33,30 +31,6 @@ def _weight(rng, shape, dtype, kind="random"):
 
 def _as_f32(w):
     return w.astype(np.float32)
-
-
-def _select_ref(w):
-    """2:4 by |w| through aprender.pruning (independent of the sparse24 kernel)."""
-    keep = magnitude_nm_mask(_as_f32(w), 2, 4).keep
-    out = w.copy()
-    out[~keep] = 0
-    return out
-
-
-def _stored_ref(dense2d):
-    """Slow reference of the stored positions of a 2:4 dense weight (bool, same shape)."""
-    rows, cols = dense2d.shape
-    nz = _as_f32(dense2d) != 0
-    stored = np.zeros_like(nz)
-    for r in range(rows):
-        for g in range(cols // 4):
-            f = nz[r, 4 * g:4 * g + 4]
-            idx = tuple(np.flatnonzero(f))
-            if len(idx) < 2:
-                idx = _FILL[sum(int(b) << t for t, b in enumerate(f))]
-            assert len(idx) == 2
-            stored[r, 4 * g + idx[0]] = stored[r, 4 * g + idx[1]] = True
-    return stored
 
 
 def _bits(a):
