@@ -3,7 +3,7 @@
 The array is seen as (outer, L, inner) with the grouped axis in the middle (inner == 1 when it is
 the last axis).  Within a group, element t outranks element u when key_t > key_u, or when the
 keys are equal and t > u: ties prune the lowest index first.  An element is kept when fewer than
-N elements outrank it.  The loops live in apr_keys.h: a branch-free path for M == 4 on the last
+N elements outrank it.  The loops live in apr_nm.h: a branch-free path for M == 4 on the last
 axis, an O(M^2) rank count for other M, and for inner > 1 a rank count vectorised across the
 inner axis in tiles.  Parallel over groups (last axis) or group-rows (other axes).  No heap
 scratch: the per-group keys and rank counts live on the stack (M <= 1024).
@@ -20,10 +20,10 @@ from ..errors import InvalidArgumentError, InvalidShapeError, ShapeMismatchError
 
 cdef enum:
     GROUP_CHUNK = 4096      # groups per parallel task on the last axis
-    MAX_M = 1024            # APR_NM_MAX_M in apr_keys.h: the stack holds one group's keys
+    MAX_M = 1024            # APR_NM_MAX_M in apr_nm.h: the stack holds one group's keys
 
 
-cdef extern from "apr_keys.h" nogil:
+cdef extern from "apr_nm.h" nogil:
     Py_ssize_t apr_nm4_16(const uint16_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int magnitude,
                           uint16_t khi, uint16_t klo, uint8_t* out)
     Py_ssize_t apr_nm4_32(const uint32_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int magnitude,
