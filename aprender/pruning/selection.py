@@ -482,15 +482,15 @@ def select_rows(source, out, rows, cols, k, magnitude, nt):
         raise_nonfinite([source], nt)
 
 
-def _capped(sizes, k, cap, solve):
+def _capped(sizes, k, cap, solve, refusal):
     """The one capped global loop: ``solve(groups, k, count)`` prunes exactly k over the groups
-    (returning each group's pruned count when ``count``).  Groups the plain selection pushes
+    (returning each group's pruned count when ``count``); ``refusal`` words the error when the
+    caps cannot hold k.  Groups the plain selection pushes
     over their cap are pruned at exactly the cap on their own and the rest of the count is
     re-selected over the others, until no group exceeds its cap."""
     caps = [int(math.floor(cap * n + 1e-9)) for n in sizes]
     if k > sum(caps):
-        raise InvalidSparsityError(f"cannot prune {k} elements when max_tensor_sparsity={cap} "
-                                   f"allows at most {sum(caps)} in all")
+        raise InvalidSparsityError(refusal.format(k=k, cap=cap, most=sum(caps)))
     fixed = {}
     while True:
         free = [g for g in range(len(sizes)) if g not in fixed]
@@ -520,7 +520,7 @@ class _Plan:
         if cap is None:
             self._solve(list(range(len(self.groups))), k, False)
         else:
-            _capped(self.sizes, k, cap, self._solve)
+            _capped(self.sizes, k, cap, self._solve, self.REFUSAL)
 
     def _members(self, gidx):
         return [i for g in gidx for i in self.groups[g]]
@@ -528,6 +528,9 @@ class _Plan:
 
 class _MaskPlan(_Plan):
     """Masks held in memory, written at once by the fused passes."""
+
+    REFUSAL = ("cannot prune {k} elements when max_tensor_sparsity={cap} allows at most {most} "
+               "in all")
 
     def __init__(self, sources, outs, nt, magnitude, groups=None):
         super().__init__(sources, nt, magnitude, groups)
@@ -560,6 +563,8 @@ class GlobalPlan(_Plan):
     ``units``: sources (MappedUnit/WandaUnit); ``groups``: the units of each tensor (default:
     one unit per tensor), the granularity of ``cap`` (a cap on each tensor's pruned fraction;
     the total stays exact).  :meth:`keep` must then be called for every unit, in order."""
+
+    REFUSAL = "cannot prune {k} weights when a cap of {cap} per tensor allows at most {most}"
 
     def __init__(self, units, sparsity, cap, nt, groups=None, magnitude=1):
         super().__init__(units, nt, magnitude, groups)
