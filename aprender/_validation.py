@@ -25,14 +25,13 @@ class Floats:
     ``kernel``: the same memory as float32/float64/uint16 for the Cython kernels;
     ``fmt``: 0 for float32/float64, F16 or BF16 for 16-bit formats."""
 
-    __slots__ = ("array", "kernel", "fmt", "dtype_name", "copied")
+    __slots__ = ("array", "kernel", "fmt", "dtype_name")
 
-    def __init__(self, array, kernel, fmt, dtype_name, copied):
+    def __init__(self, array, kernel, fmt, dtype_name):
         self.array = array
         self.kernel = kernel
         self.fmt = fmt
         self.dtype_name = dtype_name
-        self.copied = copied
 
     @property
     def inf16(self):
@@ -123,20 +122,17 @@ def as_floats(x, name="values", *, allow_empty=True, min_ndim=1):
                                 f"got a {arr.ndim}-d array")
     if arr.size == 0 and not allow_empty:
         raise InvalidShapeError(f"{name}: empty array (shape {arr.shape})")
-    copied = False
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
-        copied = True
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-        copied = True
     if isinstance(x, Bits16) or arr.dtype == np.uint16:
         kernel = arr
     elif fmt:
         kernel = arr.view(np.uint16)
     else:
         kernel = arr
-    return Floats(arr, kernel, fmt, dtype_name, copied)
+    return Floats(arr, kernel, fmt, dtype_name)
 
 
 def decode16(bits, fmt):

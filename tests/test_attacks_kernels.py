@@ -155,9 +155,9 @@ CASES = [
      InvalidArgumentError, r"N must be in \[1, M=4\], got -2"),
     ("nm-n-huge", "nm_mask", lambda: nm.nm_mask(F32, 1, 64, 1, HUGE_INT, 4, 1, 0, _u(64), 1),
      InvalidArgumentError, r"out of range"),
-    ("nm-check-short", "nm_check", lambda: nm.nm_check(_u(60), 1, 64, 1, 2, 4, 0),
+    ("nm-check-short", "nm_check", lambda: nm.nm_check(_u(60), 1, 64, 1, 2, 4),
      ShapeMismatchError, r"keep holds 60 elements"),
-    ("nm-check-m-zero", "nm_check", lambda: nm.nm_check(_u(64), 1, 64, 1, 2, 0, 0),
+    ("nm-check-m-zero", "nm_check", lambda: nm.nm_check(_u(64), 1, 64, 1, 2, 0),
      InvalidArgumentError, r"M must be in"),
     # --- select: key buffers -------------------------------------------------------------------
     ("budget-negative", "scratch_budget", lambda: select.scratch_budget(-1),

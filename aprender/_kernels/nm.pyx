@@ -139,10 +139,9 @@ def nm_mask(const real_t[::1] x not None, Py_ssize_t outer, Py_ssize_t length,
 
 
 def nm_check(const uint8_t[::1] keep not None, Py_ssize_t outer, Py_ssize_t length,
-             Py_ssize_t inner, int n, int m, int exact):
-    """Count groups that break N:M: more than n kept (exact=0) or not exactly n kept (exact=1).
-    Returns (bad_groups, first_bad_group_flat_index or -1)."""
-    cdef Py_ssize_t groups, g, o, i, t, base, cnt, bad = 0, first = -1
+             Py_ssize_t inner, int n, int m):
+    """The number of groups that keep more than n of their m elements."""
+    cdef Py_ssize_t groups, g, o, i, t, base, cnt, bad = 0
     _check_layout(keep.shape[0], outer, length, inner, n, m, "keep")
     groups = length // m
     with nogil:
@@ -153,11 +152,9 @@ def nm_check(const uint8_t[::1] keep not None, Py_ssize_t outer, Py_ssize_t leng
                     cnt = 0
                     for t in range(m):
                         cnt += keep[base + i + t * inner] != 0
-                    if cnt > n or (exact and cnt != n):
+                    if cnt > n:
                         bad += 1
-                        if first < 0:
-                            first = (o * groups + g) * inner + i
-    return bad, first
+    return bad
 
 
 guard(globals(), ["nm_mask", "nm_check"])

@@ -247,7 +247,7 @@ class SparsityPattern:
             outer = int(np.prod(shape[:axis], dtype=np.int64))
             inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
             total = keep.size // self.m
-            bad, _ = _nmk.nm_check(keep.reshape(-1), outer, shape[axis], inner, self.n, self.m, 0)
+            bad = _nmk.nm_check(keep.reshape(-1), outer, shape[axis], inner, self.n, self.m)
             return total - bad, total
         rows, cols = _as_2d_shape(shape)
         if self.kind == "per-row":

@@ -43,10 +43,12 @@ import numpy as np
 
 from .._adapters import Bits16
 from .._kernels import select as _select
-from .._validation import BF16, F16, Floats, as_floats, decode16, prune_count
+from .._validation import BF16, F16, INF16, Floats, as_floats, decode16, prune_count
 from .._validation import raise_nonfinite as _raise_at
 from ..errors import (InvalidArgumentError, InvalidShapeError, InvalidSparsityError,
                       NumericalInstabilityError, ShapeMismatchError)
+
+_INF16_OF_CODE = {"BF16": INF16[BF16], "F16": INF16[F16]}  # safetensors dtype code -> +inf bits
 
 __all__ = ["ArraySource", "MappedUnit", "WandaUnit", "GlobalPlan", "wanda_units", "typed_rows",
            "common_dtype", "raise_nonfinite", "require_finite", "find_threshold",
@@ -117,7 +119,7 @@ class MappedUnit:
     def __init__(self, sf, t, label, common=None):
         self.sf, self.t, self.label, self.common = sf, t, label, common
         self.size = t.size
-        self.inf16 = 0 if common is not None else {"BF16": 0x7F80, "F16": 0x7C00}.get(t.dtype, 0)
+        self.inf16 = 0 if common is not None else _INF16_OF_CODE.get(t.dtype, 0)
 
     def load(self, sequential=False):
         w = self.sf.words(self.t.name, populate=sequential)
@@ -186,7 +188,7 @@ def common_dtype(floats):
             continue
         arr = f.array if not f.fmt else decode16(f.kernel, f.fmt)
         arr = np.ascontiguousarray(arr, dtype=wide)
-        out.append(Floats(arr, arr, 0, wide, True))
+        out.append(Floats(arr, arr, 0, wide))
     return out
 
 
