@@ -64,13 +64,30 @@ def cgroup_cpu_quota(root=None):
     return max(1, math.ceil(quota / period))
 
 
+_UNREAD = object()
+_quota = _UNREAD  # the cgroup quota, read once per process (a file read costs ~40 us a call)
+
+
+def _forget_quota():
+    global _quota
+    _quota = _UNREAD
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_quota)
+
+
 def available_cpus():
-    """CPUs this process may run on: the affinity mask, then the cgroup quota."""
+    """CPUs this process may run on: the affinity mask (asked each time: it is one system
+    call and may change), then the cgroup quota (read once per process)."""
+    global _quota
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         n = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
+    if _quota is _UNREAD:
+        _quota = cgroup_cpu_quota()
+    quota = _quota
     if quota is not None:
         n = min(n, quota)
     return max(1, n)

@@ -194,10 +194,12 @@ def test_cgroup_quota(tmp_path, v2, v1, expect):
 
 def test_default_respects_cgroup_quota_and_affinity(tmp_path, monkeypatch):
     monkeypatch.setattr(_threads, "CGROUP_ROOT", _cgroup(tmp_path, "100000 100000\n"))
+    monkeypatch.setattr(_threads, "_quota", _threads._UNREAD)  # read once per process
     assert _threads.available_cpus() == 1
     assert _threads.effective_n_threads() == 1
     assert _threads.effective_n_threads(4, work=10**7) == (1 if _openmp.forked_serial() else 4)
     monkeypatch.setattr(_threads, "CGROUP_ROOT", _cgroup(tmp_path / "b", "max 100000\n"))
+    monkeypatch.setattr(_threads, "_quota", _threads._UNREAD)
     if hasattr(os, "sched_getaffinity"):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
         assert _threads.available_cpus() == 1
@@ -342,3 +344,13 @@ def test_streaming_candidates_of_a_tensor_denser_than_the_sample_said():
     want = x[(x >= lo) & (x <= hi)].view(np.uint32) | np.uint32(2**31)
     assert below == np.count_nonzero(x < lo) and inside == want.size and bad == 0
     np.testing.assert_array_equal(cands, want)  # in flat order
+
+
+def test_cgroup_quota_is_read_once_per_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(_threads, "CGROUP_ROOT", _cgroup(tmp_path, "100000 100000\n"))
+    monkeypatch.setattr(_threads, "_quota", _threads._UNREAD)
+    assert _threads.available_cpus() == 1
+    monkeypatch.setattr(_threads, "CGROUP_ROOT", str(tmp_path / "gone"))
+    assert _threads.available_cpus() == 1  # cached: no second read
+    _threads._forget_quota()  # what a forked child does
+    assert _threads.available_cpus() >= 1 and _threads._quota is None
