@@ -1,8 +1,5 @@
-"""The ``aprender`` command line: ``aprender prune`` and ``aprender inspect`` for safetensors.
-
-Checkpoints are streamed: one tensor is memory-mapped at a time, so peak memory stays a small
-multiple of the largest tensor whatever the checkpoint size.  Output goes to a temporary name
-next to the target and is renamed into place only when complete.
+"""The ``aprender`` command line (prune, calibrate, inspect): argparse, tables, exit codes.
+The work is done by :mod:`aprender.checkpoints`, :mod:`aprender.hf` and :mod:`aprender.io`.
 
 Exit codes: 0 success, 1 failure (unreadable input, shape that does not fit the pattern, nothing
 selected, I/O error), 2 usage error (bad option values), 130/143 interrupted (SIGINT/SIGTERM).
