@@ -397,20 +397,26 @@ class CheckpointPruner:
         cfg["quantization_config"] = qc
         return cfg
 
+    def _settings(self):
+        """What made the masks: recorded in the output's metadata and in the report."""
+        a = self.args
+        return {"pattern": self.pattern_text, "sparsity": self.sparsity, "scope": a.scope,
+                "importance": a.importance, "format": a.format,
+                "max_tensor_sparsity": a.max_tensor_sparsity,
+                "calibration": os.path.basename(a.calibration) if a.calibration else None}
+
+    def _selection(self):
+        a = self.args
+        return {"include": a.include or [DEFAULT_INCLUDE],
+                "exclude": a.exclude if a.include else [DEFAULT_EXCLUDE] + a.exclude}
+
     def _metadata(self, metadata):
         meta = dict(metadata)
-        meta["aprender"] = json.dumps({
-            "version": __version__,
-            "pattern": self.pattern_text,
-            "sparsity": self.sparsity,
-            "scope": self.args.scope,
-            "importance": self.args.importance,
-            "format": self.args.format,
-            "max_tensor_sparsity": self.args.max_tensor_sparsity,
-            "selection": {"include": self.args.include or [DEFAULT_INCLUDE],
-                          "exclude": (self.args.exclude if self.args.include
-                                      else [DEFAULT_EXCLUDE] + self.args.exclude)},
-        }, separators=(",", ":"))
+        allocation = {k: v for k, v in self._allocation_report().items()
+                      if k in ("method", "m", "lambda")}
+        meta["aprender"] = json.dumps({"version": __version__, **self._settings(),
+                                       "allocation": allocation,
+                                       "selection": self._selection()}, separators=(",", ":"))
         return meta
 
     def _allocation_report(self):
@@ -436,22 +442,14 @@ class CheckpointPruner:
             "input": os.path.abspath(self.args.input),
             "output": None if self.args.dry_run else os.path.abspath(self.args.output),
             "dry_run": self.args.dry_run,
-            "pattern": self.pattern_text,
-            "sparsity": self.sparsity,
-            "scope": self.args.scope,
-            "importance": self.args.importance,
-            "format": self.args.format,
-            "max_tensor_sparsity": self.args.max_tensor_sparsity,
-            "calibration": self.args.calibration,
+            **self._settings(),
             "allocation": self._allocation_report(),
             "threads": self.nt,
             "selection": {
                 "rule": ("--include" if self.args.include else
                          "default: 2-D floating '*.weight' tensors; embeddings, norms and the "
                          "output head (lm_head) left alone"),
-                "include": self.args.include or [DEFAULT_INCLUDE],
-                "exclude": (self.args.exclude if self.args.include
-                            else [DEFAULT_EXCLUDE] + self.args.exclude),
+                **self._selection(),
                 "skipped": skipped,
             },
             "tensors": rows,
