@@ -256,6 +256,27 @@ cdef tuple _combine_rows(double[:, ::1] rs, Py_ssize_t cols):
     return mn, mx, mean, sqrt(m2 / cnt)
 
 
+cdef _check_scores(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t n_scale, Py_ssize_t out_rows,
+                   Py_ssize_t out_cols, Py_ssize_t n_bad):
+    """The buffer checks shared by wanda_scores32 and wanda_scores64."""
+    if n_scale != cols:
+        raise ShapeMismatchError(f"scale holds {n_scale} values, the weight rows {cols}")
+    if out_rows != rows or out_cols != cols:
+        raise ShapeMismatchError(f"out has shape ({out_rows}, {out_cols}), the weights "
+                                 f"({rows}, {cols})")
+    if n_bad != rows:
+        raise ShapeMismatchError(f"bad_rows holds {n_bad} flags for {rows} rows")
+
+
+cdef _scores_stats(double[:, ::1] rs, const uint8_t[::1] bad_rows, Py_ssize_t cols):
+    """The scores' (min, max, mean, std) from the per-row results, or None if a row is bad."""
+    cdef Py_ssize_t i
+    for i in range(bad_rows.shape[0]):
+        if bad_rows[i]:
+            return None
+    return _combine_rows(rs, cols)
+
+
 def wanda_scores32(const real_t[:, ::1] w not None, int fmt, const float[::1] scale not None,
                    float[:, ::1] out not None, uint8_t[::1] bad_rows not None, bint stats,
                    int n_threads):
@@ -277,13 +298,7 @@ def wanda_scores32(const real_t[:, ::1] w not None, int fmt, const float[::1] sc
                                        f"{APR_FMT_BF16}, got {fmt}")
     elif fmt != 0:
         raise InvalidArgumentError(f"float32 weights need format 0, got {fmt}")
-    if scale.shape[0] != cols:
-        raise ShapeMismatchError(f"scale holds {scale.shape[0]} values, the weight rows {cols}")
-    if out.shape[0] != rows or out.shape[1] != cols:
-        raise ShapeMismatchError(f"out has shape ({out.shape[0]}, {out.shape[1]}), the weights "
-                                 f"({rows}, {cols})")
-    if bad_rows.shape[0] != rows:
-        raise ShapeMismatchError(f"bad_rows holds {bad_rows.shape[0]} flags for {rows} rows")
+    _check_scores(rows, cols, scale.shape[0], out.shape[0], out.shape[1], bad_rows.shape[0])
     if rows == 0 or cols == 0:
         return None
     rs = np.empty((rows if stats else 1, 4), dtype=np.float64)
@@ -306,12 +321,7 @@ def wanda_scores32(const real_t[:, ::1] w not None, int fmt, const float[::1] sc
             bad_rows[i] = <uint8_t>(nb != 0)
             if stats:
                 _row_stats(&out[i, 0], cols, &rs[i, 0])
-    if not stats:
-        return None
-    for i in range(rows):
-        if bad_rows[i]:
-            return None
-    return _combine_rows(rs, cols)
+    return _scores_stats(rs, bad_rows, cols) if stats else None
 
 
 def wanda_scores64(const double[:, ::1] w not None, const double[::1] scale not None,
@@ -323,13 +333,7 @@ def wanda_scores64(const double[:, ::1] w not None, const double[::1] scale not 
     cdef double[:, ::1] rs
     cdef int nt, nb
     cdef double s
-    if scale.shape[0] != cols:
-        raise ShapeMismatchError(f"scale holds {scale.shape[0]} values, the weight rows {cols}")
-    if out.shape[0] != rows or out.shape[1] != cols:
-        raise ShapeMismatchError(f"out has shape ({out.shape[0]}, {out.shape[1]}), the weights "
-                                 f"({rows}, {cols})")
-    if bad_rows.shape[0] != rows:
-        raise ShapeMismatchError(f"bad_rows holds {bad_rows.shape[0]} flags for {rows} rows")
+    _check_scores(rows, cols, scale.shape[0], out.shape[0], out.shape[1], bad_rows.shape[0])
     if rows == 0 or cols == 0:
         return None
     rs = np.empty((rows if stats else 1, 4), dtype=np.float64)
@@ -344,12 +348,7 @@ def wanda_scores64(const double[:, ::1] w not None, const double[::1] scale not 
             bad_rows[i] = <uint8_t>(nb != 0)
             if stats:
                 _row_stats(&out[i, 0], cols, &rs[i, 0])
-    if not stats:
-        return None
-    for i in range(rows):
-        if bad_rows[i]:
-            return None
-    return _combine_rows(rs, cols)
+    return _scores_stats(rs, bad_rows, cols) if stats else None
 
 
 cdef inline double _val(real_t v, int fmt) noexcept nogil:
