@@ -493,7 +493,7 @@ class CalibrationContext(Mapping):
         place.  An existing regular file at ``path`` is replaced; a folder or special file is
         refused with CheckpointError."""
         from ..io.files import display, file_kind, remove_tree, replace_path, temp_name
-        from ..io.safetensors import dtype_code, encode_header, write_all
+        from ..io.safetensors import write_safetensors
 
         path = os.fspath(path)
         if isinstance(path, bytes):
@@ -521,20 +521,7 @@ class CalibrationContext(Mapping):
             raise CheckpointError(f"{display(path)}: cannot create a file next to it "
                                   f"({exc.strerror or exc})") from None
         try:
-            # written here rather than by io.safetensors.write_safetensors, whose
-            # np.ascontiguousarray turns the 0-d count tensors into shape [1]
-            entries, pos = {}, 0
-            for name, a in tensors.items():
-                entries[name] = {"dtype": dtype_code(a), "shape": list(a.shape),
-                                 "data_offsets": [pos, pos + a.nbytes]}
-                pos += a.nbytes
-            fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0))
-            try:
-                write_all(fd, encode_header(entries, metadata))
-                for a in tensors.values():
-                    write_all(fd, np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-            finally:
-                os.close(fd)
+            write_safetensors(tmp, tensors, metadata)
             replace_path(tmp, path)
         except BaseException:
             remove_tree(tmp)
