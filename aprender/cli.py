@@ -59,21 +59,18 @@ def _fraction(text):
     return v
 
 
-def _threads(text):
+def _count(text, most=999_999_999):
+    """A whole number from 1 to ``most`` (ASCII digits only: no 5,000-digit integers)."""
     t = text.strip()
-    v = int(t) if t.isascii() and t.isdigit() and len(t) <= 6 else 0
-    if not 1 <= v <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, got "
+    v = int(t) if t.isascii() and t.isdigit() and len(t) <= 9 else 0
+    if not 1 <= v <= most:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {most}, got "
                                          f"{text!r}")
     return v
 
 
-def _count(text):
-    t = text.strip()
-    v = int(t) if t.isascii() and t.isdigit() and len(t) <= 9 else 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return v
+def _threads(text):
+    return _count(text, MAX_THREADS)
 
 
 def build_parser():
