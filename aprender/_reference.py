@@ -18,7 +18,7 @@ __all__ = ["to_float64", "prune_count", "unstructured_mask", "per_row_mask", "nm
            "global_masks", "block_mask", "row_mask", "column_mask", "scores", "stats",
            "apply_mask", "sum_squares_chunk_rows", "sum_squares", "hessian", "wanda_scores",
            "score_sum", "outlier_ratio", "owl_layer_sparsities", "SPARSE24_FILL", "sparse24_select",
-           "sparse24_stored"]
+           "sparse24_stored", "sparsegpt"]
 
 
 def to_float64(values):
@@ -288,3 +288,66 @@ def sparse24_stored(dense2d):
                 raise ValueError(f"row {r}, group {g} has {len(idx)} non-zeros; 2:4 stores two")
             stored[r, 4 * g + idx[0]] = stored[r, 4 * g + idx[1]] = True
     return stored
+
+
+def sparsegpt(weights, hessian, sparsity=None, *, n=None, m=None, per_row=False, block_size=128,
+              percdamp=0.01, force_keep=None):
+    """SparseGPT as the paper writes it, in float64 with plain numpy and no lazy batching:
+    H⁻¹ by np.linalg.inv, U = its upper Cholesky factor; for each column in order, the column's
+    error (w - q) / U[c, c] is subtracted, times U[c, c+1:], from every later column at once.
+    Masks: per block of ``block_size`` columns, chosen at the block's start by w² / U[j, j]²
+    (unstructured: the block's share round(2 k c1 + cols) // (2 cols) minus the same at c0 of
+    the layer's count k; per_row: the same share of every row's count; N:M (n kept of every m):
+    each group chosen when the loop reaches it).  Ties prune the lowest index first.
+
+    Returns (weights float64, keep bool, decisions): ``decisions`` lists, per selection, the
+    saliencies compared and the keep flags chosen, so a test can check that a kernel's choice
+    is also a valid one where float32 rounding separates near-equal saliencies.
+    ``force_keep``: use this keep-mask instead of choosing (the decisions are still recorded)."""
+    w = to_float64(weights).copy()
+    h = np.array(hessian, dtype=np.float64)
+    rows, cols = w.shape
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.arange(cols), np.arange(cols)] += percdamp * np.mean(np.diag(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H⁻¹ = Uᵀ U
+    keep = np.ones((rows, cols), dtype=bool)
+    decisions = []
+    k_all = prune_count(sparsity, rows * cols) if n is None else 0
+    k_row = prune_count(sparsity, cols) if n is None else 0
+
+    def share(total, c):
+        return (2 * total * c + cols) // (2 * cols)
+
+    for c0 in range(0, cols, block_size):
+        c1 = min(cols, c0 + block_size)
+        if n is None:
+            sal = w[:, c0:c1] ** 2 / np.diag(u)[c0:c1] ** 2
+            blk = np.ones(sal.shape, dtype=bool)
+            if per_row:
+                kb = share(k_row, c1) - share(k_row, c0)
+                for r in range(rows):
+                    blk[r, np.argsort(sal[r], kind="stable")[:kb]] = False
+            else:
+                kb = share(k_all, c1) - share(k_all, c0)
+                blk.reshape(-1)[np.argsort(sal.reshape(-1), kind="stable")[:kb]] = False
+            if force_keep is not None:
+                blk = np.array(force_keep[:, c0:c1], dtype=bool)
+            decisions.append(("rows" if per_row else "block", sal, blk))
+            keep[:, c0:c1] = blk
+        for c in range(c0, c1):
+            if n is not None and (c - c0) % m == 0:
+                sal = w[:, c:c + m] ** 2 / np.diag(u)[c:c + m] ** 2
+                grp = np.ones(sal.shape, dtype=bool)
+                for r in range(rows):
+                    grp[r, np.argsort(sal[r], kind="stable")[:m - n]] = False
+                if force_keep is not None:
+                    grp = np.array(force_keep[:, c:c + m], dtype=bool)
+                decisions.append(("rows", sal, grp))
+                keep[:, c:c + m] = grp
+            q = np.where(keep[:, c], w[:, c], 0.0)
+            e = (w[:, c] - q) / u[c, c]
+            w[:, c] = q
+            w[:, c + 1:] -= np.outer(e, u[c, c + 1:])
+    return w, keep, decisions

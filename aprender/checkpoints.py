@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from ._validation import resolve_threads
-from .errors import (CheckpointError, InvalidArgumentError, InvalidPatternError,
+from .errors import (CalibrationError, CheckpointError, InvalidArgumentError, InvalidPatternError,
                      InvalidShapeError, PruningError, ShapeMismatchError)
 from .io.checkpoint import Checkpoint, CheckpointWriter
 from .io.export import bitmask_tensors, masked_chunks
@@ -114,15 +114,21 @@ class CheckpointPruner:
     def __init__(self, job, progress=None):
         self.args = args = job
         self.progress = progress
-        if args.importance not in ("l1", "l2", "wanda"):
-            raise InvalidArgumentError(f"--importance must be l1, l2 or wanda, got "
+        if args.importance not in ("l1", "l2", "wanda", "sparsegpt"):
+            raise InvalidArgumentError(f"--importance must be l1, l2, wanda or sparsegpt, got "
                                        f"{args.importance!r}")
         self.wanda = args.importance == "wanda"
-        if self.wanda and not args.calibration:
-            raise InvalidArgumentError("--importance wanda needs --calibration FILE (from "
-                                       "'aprender calibrate')")
-        if args.calibration and not self.wanda:
-            raise InvalidArgumentError("--calibration is used by --importance wanda only")
+        self.sgpt = args.importance == "sparsegpt"
+        if (self.wanda or self.sgpt) and not args.calibration:
+            raise InvalidArgumentError(f"--importance {args.importance} needs --calibration FILE "
+                                       "(from 'aprender calibrate"
+                                       + (" --hessian" if self.sgpt else "") + "')")
+        if args.calibration and not (self.wanda or self.sgpt):
+            raise InvalidArgumentError("--calibration is used by --importance wanda and "
+                                       "sparsegpt only")
+        if self.sgpt and args.scope != "layer":
+            raise InvalidArgumentError("--importance sparsegpt prunes tensor by tensor: --scope "
+                                       "layer")
         if args.allocation not in ("uniform", "owl"):
             raise InvalidArgumentError(f"--allocation must be uniform or owl, got "
                                        f"{args.allocation!r}")
@@ -201,6 +207,8 @@ class CheckpointPruner:
         self._buffers = {}
         if self.wanda:
             self._prepare_wanda(ckpt, selected)
+        if self.sgpt:
+            self._prepare_sparsegpt(ckpt, selected)
         if a.scope == "global":
             self._plan_global(ckpt, selected)
         self.rows = []
@@ -209,7 +217,7 @@ class CheckpointPruner:
         if a.dry_run:
             for shard, t in ckpt.items():
                 if (shard, t.name) in self.sel_index:
-                    self._row(shard, t, self._keep(shard, t))
+                    self._row(shard, t, self._prune(shard, t)[0])
                 self._tick(t.nbytes)
         else:
             self._write_all()
@@ -246,6 +254,60 @@ class CheckpointPruner:
                 stats, np.float64 if t.dtype == "F64" else np.float32)
         if self.args.allocation == "owl":
             self._owl(ckpt, selected)
+
+    @staticmethod
+    def _layer(t):
+        return t.name[:-len(".weight")] if t.name.endswith(".weight") else t.name
+
+    def _prepare_sparsegpt(self, ckpt, selected):
+        """Open the calibration's Hessians (read one tensor at a time, never all at once) and
+        check, before anything is written, that every selected tensor has one of its size."""
+        from .pruning.calibration import CalibrationContext, HessianFile
+        from .pruning.reconstruct import sparsegpt_workspace_bytes
+
+        self.ctx = CalibrationContext.load(self.args.calibration, hessians=False)
+        self.hessians = HessianFile(self.args.calibration)
+        self.workspace = 0
+        for shard, t in selected:
+            label = self._label(ckpt, shard, t)
+            if len(t.shape) != 2:
+                raise InvalidShapeError(f"{label}: SparseGPT needs a 2-D weight (out, in), got "
+                                        f"shape {list(t.shape)}")
+            layer = self._layer(t)
+            stats = self.ctx.require_stats(layer)
+            if stats.in_features != t.shape[1]:
+                raise ShapeMismatchError(f"{label} of shape {list(t.shape)} has {t.shape[1]} "
+                                         f"inputs, but the calibration statistics of {layer!r} "
+                                         f"have {stats.in_features}")
+            if self.hessians.source(layer) is None:
+                raise CalibrationError(f"{label}: the calibration file has no Hessian for layer "
+                                       f"{layer!r} (collect with 'aprender calibrate --hessian')")
+            self.workspace = max(self.workspace, sparsegpt_workspace_bytes(
+                t.shape[0], t.shape[1], t.itemsize))
+
+    def _sparsegpt(self, shard, t):
+        """(keep, words): the SparseGPT mask and the updated weights' bytes of one tensor."""
+        from .pruning.reconstruct import sparsegpt
+
+        layer = self._layer(t)
+        arr = self.ckpt.files[shard].array(t.name)
+        try:
+            new, mask = sparsegpt(arr, self.hessians.get(layer),
+                                  None if self.pattern.is_nm else
+                                  self.layer_sparsity.get(t.name, self.sparsity),
+                                  pattern=self.pattern, n_threads=self.nt, layer=layer)
+        except PruningError as exc:
+            raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}") from None
+        bits = new.bits if hasattr(new, "bits") else new
+        words = bits.reshape(-1).view(f"u{t.itemsize}")
+        return mask.keep.reshape(-1).view(np.uint8), words
+
+    def _prune(self, shard, t):
+        """(keep, words): the tensor's flat uint8 keep-mask and, when the method changes the
+        remaining weights (SparseGPT), their new bytes (else None: the input's are kept)."""
+        if self.sgpt:
+            return self._sparsegpt(shard, t)
+        return self._keep(shard, t), None
 
     def _units(self, ckpt, shard, t, common=None):
         sf, label = ckpt.files[shard], self._label(ckpt, shard, t)
@@ -365,16 +427,18 @@ class CheckpointPruner:
             if (shard, t.name) not in self.sel_index:
                 out.copy(sf, t)
             else:
-                keep = self._keep(shard, t)
+                keep, words = self._prune(shard, t)
                 self._row(shard, t, keep)
                 if bitmask:
-                    for name, code, shape, arr in bitmask_tensors(sf.words(t.name), keep, t,
-                                                                  self.nt):
+                    src = sf.words(t.name) if words is None else words
+                    for name, code, shape, arr in bitmask_tensors(src, keep, t, self.nt):
                         out.add(name, code, shape, [arr], arr.nbytes)
+                elif words is not None:  # SparseGPT: the updated weights, pruned ones +0.0
+                    out.add(t.name, t.dtype, t.shape, [words], t.nbytes)
                 else:
                     out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, self.nt),
                             t.nbytes)
-                del keep
+                del keep, words
             self._tick(t.nbytes)
         out.close()
 
@@ -445,6 +509,7 @@ class CheckpointPruner:
             **self._settings(),
             "allocation": self._allocation_report(),
             "threads": self.nt,
+            **({"sparsegpt_workspace_bytes": self.workspace} if self.sgpt else {}),
             "selection": {
                 "rule": ("--include" if self.args.include else
                          "default: 2-D floating '*.weight' tensors; embeddings, norms and the "

@@ -98,13 +98,17 @@ def build_parser():
     pr.add_argument("--scope", choices=("layer", "global"), default="layer",
                     help="layer: each tensor pruned to the fraction on its own (default); "
                          "global: one exact count over every selected tensor (unstructured only)")
-    pr.add_argument("--importance", choices=("l1", "l2", "wanda"), default="l1",
+    pr.add_argument("--importance", choices=("l1", "l2", "wanda", "sparsegpt"), default="l1",
                     help="l1/l2: magnitude (|w| and w^2 rank alike, so both give the same "
                          "mask); wanda: |w| * ||X_j||_2 from --calibration, computed chunk by "
-                         "chunk while streaming (Sun et al. 2023)")
+                         "chunk while streaming (Sun et al. 2023); sparsegpt: prune and update "
+                         "the remaining weights from the layer's Hessian in --calibration "
+                         "('aprender calibrate --hessian'), one tensor at a time (Frantar & "
+                         "Alistarh 2023)")
     pr.add_argument("--calibration", metavar="FILE",
                     help="calibration statistics from 'aprender calibrate' (for --importance "
-                         "wanda); a tensor 'a.b.weight' uses the statistics of layer 'a.b'")
+                         "wanda and sparsegpt); a tensor 'a.b.weight' uses the statistics of "
+                         "layer 'a.b'")
     pr.add_argument("--allocation", choices=("uniform", "owl"), default="uniform",
                     help="uniform: every tensor pruned to --sparsity (default); owl: layer "
                          "sparsities spread over [s - lambda, s + lambda] by their share of "

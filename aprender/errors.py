@@ -20,6 +20,7 @@ __all__ = [
     "CalibrationRequiredError",
     "MissingActivationStatsError",
     "CalibrationFileError",
+    "HessianError",
 ]
 
 
@@ -112,3 +113,13 @@ class MissingActivationStatsError(CalibrationError, KeyError):
 class CalibrationFileError(CheckpointError, CalibrationError):
     """A calibration file that is malformed (names, dtypes, shapes, metadata) or holds invalid
     statistics (negative counts, non-finite or negative sums, a Hessian of the wrong size)."""
+
+
+class HessianError(CalibrationError):
+    """A layer's input Hessian (XᵀX, for SparseGPT) that cannot be used: not square, not
+    symmetric, holding NaN or infinity or a negative diagonal entry, all zero, or not positive
+    definite after damping.  ``layer`` names the layer when it is known."""
+
+    def __init__(self, message, layer=None):
+        super().__init__(message)
+        self.layer = layer

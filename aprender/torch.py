@@ -17,7 +17,8 @@ from .errors import (CalibrationError, CalibrationRequiredError,  # noqa: F401
                      DeviceError, InvalidArgumentError, InvalidCalibrationError,
                      InvalidDTypeError, InvalidPatternError, InvalidSparsityError, PruningError)
 
-__all__ = ["DeviceError", "to_numpy_view", "prune_", "collect_calibration"]
+__all__ = ["DeviceError", "to_numpy_view", "prune_", "prune_sequential_", "collect_calibration",
+           "layer_blocks"]
 
 
 def _torch():
@@ -222,6 +223,11 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     :class:`aprender.pruning.CalibrationContext` (see :func:`collect_calibration`) whose layer
     names are the modules' names in ``module.named_modules()``.  N:M groups run along the input
     dimension (the last axis of a Linear weight), per-row prunes each output row.
+    "sparsegpt": :func:`aprender.pruning.sparsegpt` per weight (layer scope), from a calibration
+    collected with ``hessian=True``: the mask is chosen and the remaining weights are updated
+    to compensate (written into the weight, or ``weight_orig`` under torch pruning).  For
+    SparseGPT as the paper runs it, where each block's calibration inputs pass through the
+    already-pruned earlier blocks, see :func:`prune_sequential_`.
 
     ``keep_mask=False`` zeros the weights through a zero-copy view.  ``keep_mask=True`` leaves
     the data alone and registers the mask with ``torch.nn.utils.prune.custom_from_mask`` (the
@@ -248,8 +254,9 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
 
     if not isinstance(module, torch.nn.Module):
         raise InvalidArgumentError(f"prune_ needs a torch.nn.Module, got {type(module).__name__}")
-    _choice(importance, "importance", ("l1", "l2", "wanda"))
+    _choice(importance, "importance", ("l1", "l2", "wanda", "sparsegpt"))
     wanda = importance == "wanda"
+    sgpt = importance == "sparsegpt"
     if isinstance(pattern, str) and pattern == "auto":
         pattern = "per-row" if wanda else "unstructured"
     pat = _pattern(pattern)
@@ -265,8 +272,10 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
         sparsity = pat.resolve_sparsity(sparsity)
     if scope == "global" and not pat.is_unstructured:
         raise InvalidArgumentError(f"scope='global' needs pattern='unstructured', got {pat}")
-    if wanda:
-        ctx = _calibration_context(calibration)
+    if sgpt and scope != "layer":
+        raise InvalidArgumentError("importance='sparsegpt' prunes layer by layer: scope='layer'")
+    if wanda or sgpt:
+        ctx = _calibration_context(calibration, importance)
     elif calibration is not None:
         from .pruning.importance import check_calibration
 
@@ -279,7 +288,9 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     fractions = [_layer_sparsity(sparsity, t) if per_layer else sparsity for t in targets]
     ranked = [t.ranked() for t in targets]
     views = [to_numpy_view(r) for r in ranked]
-    if wanda:
+    if sgpt:
+        keeps = _sparsegpt_update(targets, views, ctx, pat, fractions, nt)
+    elif wanda:
         keeps = _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt)
     elif scope == "global":
         keeps = [kp.reshape(v.shape).view(np.bool_)
@@ -321,18 +332,52 @@ def _layer_sparsity(mapping, t):
                                f"names such as {_module_names(t)[0]!r}, or weight names)")
 
 
-def _calibration_context(calibration):
+def _calibration_context(calibration, importance="wanda"):
     from .pruning.importance import check_calibration
 
     if calibration is None:
+        hint = ", hessian=True" if importance == "sparsegpt" else ""
         raise CalibrationRequiredError(
-            "importance='wanda' needs calibration=: a CalibrationContext from "
-            "aprender.torch.collect_calibration(model, batches) or CalibrationContext.load(path)")
+            f"importance={importance!r} needs calibration=: a CalibrationContext from "
+            f"aprender.torch.collect_calibration(model, batches{hint}) or "
+            "CalibrationContext.load(path)")
     ctx = check_calibration(calibration)
     if not hasattr(ctx, "layer_names"):
         raise InvalidCalibrationError("prune_ needs a CalibrationContext (statistics of every "
                                       f"layer), got {type(ctx).__name__}")
     return ctx
+
+
+def _tied_stats(t, ctx):
+    """The statistics of every module that uses target t's weight, added together."""
+    from .pruning.importance import layer_stats
+
+    stats = [layer_stats(n, ctx, "calibration-aware", "prune_") for n in _module_names(t)]
+    st = stats[0]
+    for other in stats[1:]:
+        st = st.merge(other)
+    return st
+
+
+def _sparsegpt_update(targets, views, ctx, pat, fractions, nt):
+    """SparseGPT per target: the updated weights are written into the tensor the forward pass
+    reads (``weight``, or ``weight_orig`` under torch pruning); returns the keep-masks."""
+    from .pruning.reconstruct import sparsegpt
+
+    out = []
+    for t, v, frac in zip(targets, views, fractions):
+        try:
+            new, mask = sparsegpt(v, _tied_stats(t, ctx), None if pat.is_nm else frac,
+                                  pattern=pat, n_threads=nt, layer=_module_names(t)[0])
+        except PruningError as exc:
+            raise type(exc)(f"{t.name}: {exc}") from None
+        dest = to_numpy_view(t.orig if t.reparametrised else t.weight)
+        if hasattr(dest, "bits"):
+            dest.bits[...] = new.bits
+        else:
+            np.copyto(dest, new)
+        out.append(mask.keep)
+    return out
 
 
 def _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt):
@@ -343,11 +388,7 @@ def _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt):
     out = []
     for t, v, frac in zip(targets, views, fractions):
         names = _module_names(t)
-        # tied weights: the statistics of every module that uses the weight, added together
-        stats = [WandaImportance(n).stats_from(ctx) for n in names]
-        st = stats[0]
-        for other in stats[1:]:
-            st = st.merge(other)
+        st = _tied_stats(t, ctx)  # tied weights: every user's statistics, added together
         try:
             s = WandaImportance(names[0]).compute(v, st, n_threads=nt)
             if scope == "global":
@@ -431,7 +472,7 @@ def _token_mask(mask, torch):
 
 
 def collect_calibration(model, batches, *, layers=None, hessian=False, progress=True,
-                        n_threads=None):
+                        n_threads=None, share_hessians=True):
     """Run ``batches`` through ``model`` and collect the input statistics of its nn.Linear
     layers: returns a :class:`aprender.pruning.CalibrationContext` (layer name -> ActivationStats,
     names from ``model.named_modules()``), ready for ``prune_(..., importance="wanda")``,
@@ -449,8 +490,11 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
     ``layers``: which Linear modules (default: all): a module name or regular expression
     (searched in the name), a list of them, or a callable (name, module) -> bool.  Only the
     layers that received an input appear in the result.  ``hessian=True`` also accumulates
-    XᵀX (for SparseGPT; memory in_features² float64 per layer).  ``progress``: a tqdm bar when
-    tqdm is installed.
+    XᵀX (for SparseGPT; memory in_features² float64 per distinct input).  With
+    ``share_hessians`` (the default), Linear layers that receive the very same input tensor in
+    their first batch (query/key/value, gate/up) accumulate one Hessian between them; if a later
+    batch gives them different inputs, CalibrationError says so (collect with
+    ``share_hessians=False`` then).  ``progress``: a tqdm bar when tqdm is installed.
 
     During collection the model is in eval mode under ``torch.no_grad()``; the hooks are
     removed and every module's training flag restored afterwards, also on error."""
@@ -472,6 +516,7 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
                                    "DataLoader, a generator); wrap a single batch in a list")
     stats = {}
     current = {"mask": None}
+    share = _HessianSharing(hessian and check_bool(share_hessians, "share_hessians"))
 
     def make_hook(name, mod):
         def hook(_module, args, kwargs):
@@ -479,9 +524,11 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
             if not isinstance(x, torch.Tensor):
                 raise InvalidArgumentError(f"{name}: the Linear's input is not a tensor "
                                            f"({type(x).__name__})")
+            lead = share.see(name, x)
             st = stats.get(name)
             if st is None:
-                st = stats[name] = ActivationStats(mod.in_features, hessian=hessian)
+                st = stats[name] = ActivationStats(mod.in_features,
+                                                   hessian=hessian and lead == name)
             t = x.detach()
             if t.device.type != "cpu":
                 t = t.to("cpu")
@@ -516,7 +563,9 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
             for batch in it:
                 args, kwargs, n, mask = _batch_call(batch, torch)
                 current["mask"] = _token_mask(mask, torch)
+                share.start_batch()
                 model(*args, **kwargs)
+                share.end_batch()
                 samples += n
     finally:
         current["mask"] = None
@@ -528,7 +577,72 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
     for name, _ in selected:
         if name in stats:
             ctx.add_layer_stats(name, stats[name])
+    for name, lead in share.leader.items():
+        if lead != name:
+            stats[name]._share_hessian_of(stats[lead])
     return ctx
+
+
+class _HessianSharing:
+    """Which Linear layers read the very same input tensor, so that one XᵀX serves them all.
+
+    A layer joins the group of the first layer that received the same tensor object (checked
+    through a weak reference, so a freed tensor's reused address never matches) when both see
+    their first input in the same batch.  Every later batch must give the group's layers the
+    same tensor again (checked whichever runs first), else CalibrationError."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.leader, self.born = {}, {}
+        self.batch = -1
+
+    def start_batch(self):
+        self.batch += 1
+        self.seen, self.ran, self.pending = {}, {}, {}
+
+    def see(self, name, x):
+        """The leader of layer ``name`` (itself when it computes its own Hessian)."""
+        if not self.enabled:
+            return name
+        import weakref
+
+        ref = weakref.ref(x)
+        lead = self.leader.get(name)
+        if lead is None:
+            lead = name
+            e = self.seen.get(id(x))
+            if e is not None and e[0]() is x and self.born[e[1]] == self.batch:
+                lead = self.leader[e[1]]
+            self.leader[name], self.born[name] = lead, self.batch
+        e = self.seen.get(id(x))
+        if e is None or e[0]() is not x:
+            self.seen[id(x)] = (ref, name)
+        self.ran[name] = ref
+        if lead != name:
+            if lead in self.ran:
+                if self.ran[lead]() is not x:
+                    self._differ(name, lead)
+            else:
+                self.pending.setdefault(lead, []).append((name, ref))
+        for follower, fref in self.pending.pop(name, ()):
+            if fref() is not x:
+                self._differ(follower, name)
+        return lead
+
+    def end_batch(self):
+        if not self.enabled:
+            return
+        for lead, waiting in self.pending.items():
+            self._differ(waiting[0][0], lead)
+        for name, lead in self.leader.items():
+            if lead != name and (name in self.ran) != (lead in self.ran):
+                self._differ(name, lead)
+
+    def _differ(self, name, lead):
+        raise CalibrationError(
+            f"layers {name!r} and {lead!r} read the same input tensor in their first batch but "
+            f"not in batch {self.batch}: one Hessian cannot serve both; collect with "
+            "share_hessians=False")
 
 
 def _apply_keep(t, keep, keep_mask, nt, torch):
@@ -554,3 +668,56 @@ def _apply_keep(t, keep, keep_mask, nt, torch):
     else:
         SparsityMask(keep, _trusted=True).apply(t.weight, n_threads=nt)
     return keep
+
+
+def layer_blocks(model, include=None):
+    """The model's nn.Linear modules grouped into blocks, in ``named_modules()`` order: the
+    block of a module is its name up to and including the first all-digit component
+    (``encoder.layer.3.attention.self.query`` -> ``encoder.layer.3``); a Linear outside any
+    numbered block is a block of its own.  ``include``: as for :func:`prune_` (searched in the
+    weight name).  Returns [(block name, [module names])]."""
+    torch = _torch()
+    regs = _include_regexes(include)
+    blocks = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        if regs is not None and not any(r.search(f"{name}.weight") for r in regs):
+            continue
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[:cut + 1]) if cut is not None else name
+        blocks.setdefault(key, []).append(name)
+    return list(blocks.items())
+
+
+def prune_sequential_(model, batches, sparsity=None, pattern="auto", *, importance="sparsegpt",
+                      include=None, n_threads=None, progress=False):
+    """Prune ``model`` block after block (see :func:`layer_blocks`), each block's calibration
+    statistics collected from ``batches`` run through the model whose earlier blocks are already
+    pruned, as SparseGPT and Wanda prune large models.  ``importance``: "sparsegpt" (Hessians
+    collected) or "wanda".  ``batches`` must be re-iterable (a list, a DataLoader): the model
+    runs over them once per block.  Returns the concatenated reports of :func:`prune_`."""
+    torch = _torch()
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(f"prune_sequential_ needs a torch.nn.Module, got "
+                                   f"{type(model).__name__}")
+    _choice(importance, "importance", ("wanda", "sparsegpt"))
+    if iter(batches) is batches:
+        raise InvalidArgumentError("batches must be re-iterable (a list or a DataLoader, not a "
+                                   "generator): the model runs over them once per block")
+    blocks = layer_blocks(model, include)
+    if not blocks:
+        raise InvalidArgumentError(f"prune_sequential_: no nn.Linear module matches include="
+                                   f"{short_repr(include)}")
+    report = []
+    for _, names in blocks:
+        ctx = collect_calibration(model, batches, layers=names,
+                                  hessian=importance == "sparsegpt", progress=progress,
+                                  n_threads=n_threads)
+        if not len(ctx):
+            continue  # the block never ran on these batches
+        exact = [re.escape(n) + r"\.weight$" for n in ctx.layer_names]
+        report += prune_(model, sparsity, pattern, include=[f"^(?:{'|'.join(exact)})"],
+                         importance=importance, n_threads=n_threads, calibration=ctx)
+    return report

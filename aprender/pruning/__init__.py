@@ -1,13 +1,14 @@
 """The object API: importance, calibration, masks, patterns and errors."""
 from ..errors import (CalibrationError, CalibrationFileError, CalibrationRequiredError,
                       CheckpointError, DeviceError, InvalidArgumentError,
-                      InvalidCalibrationError, InvalidDTypeError, InvalidPatternError,
+                      HessianError, InvalidCalibrationError, InvalidDTypeError, InvalidPatternError,
                       InvalidShapeError, InvalidSparsityError, LayoutError,
                       MissingActivationStatsError, NumericalInstabilityError, PruningError,
                       ReadOnlyError, ShapeMismatchError)
 from .calibration import ActivationStats, CalibrationContext
 from .importance import (Importance, ImportanceScores, ImportanceStats, MagnitudeImportance,
                          WandaImportance, wanda_scale, wanda_scores)
+from .reconstruct import SparseGPTImportance, sparsegpt
 from .owl import OwlAllocation, owl_allocation, owl_outlier_ratio, owl_sparsities
 from .mask import (SparsityMask, SparsityPattern, generate_block_mask, generate_column_mask,
                    generate_global_mask, generate_nm_mask, generate_row_mask,
@@ -15,7 +16,7 @@ from .mask import (SparsityMask, SparsityPattern, generate_block_mask, generate_
 
 __all__ = [
     "Importance", "ImportanceScores", "ImportanceStats", "MagnitudeImportance",
-    "WandaImportance", "wanda_scale", "wanda_scores",
+    "WandaImportance", "wanda_scale", "wanda_scores", "SparseGPTImportance", "sparsegpt",
     "ActivationStats", "CalibrationContext",
     "owl_outlier_ratio", "owl_allocation", "owl_sparsities", "OwlAllocation",
     "SparsityMask", "SparsityPattern",
@@ -26,5 +27,5 @@ __all__ = [
     "InvalidShapeError", "InvalidDTypeError", "NumericalInstabilityError", "InvalidArgumentError",
     "ReadOnlyError", "LayoutError", "CheckpointError", "DeviceError", "CalibrationError",
     "InvalidCalibrationError", "CalibrationRequiredError", "MissingActivationStatsError",
-    "CalibrationFileError",
+    "CalibrationFileError", "HessianError",
 ]

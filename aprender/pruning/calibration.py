@@ -13,8 +13,14 @@ result never depends on the thread count or the machine's core count.  Statistic
 split in two and merged equal those of one pass up to float64 rounding of the sums (relative
 differences of order 1e-16 times the number of chunks), not bit for bit; the float32 Wanda
 scales derived from them practically always agree exactly.
+
+Hessians (SparseGPT): layers that read the same input (query/key/value, gate/up) share one XᵀX.
+In memory they hold the same array, copied on the first write that would make them differ (an
+update or merge of one of them alone); in a calibration file it is stored once, in float32, under
+the first such layer, and ``__metadata__["hessian_of"]`` (JSON) maps every other layer to it.
 """
 import difflib
+import json
 import math
 import numbers
 import os
@@ -144,7 +150,7 @@ class ActivationStats:
     at a time.  An update that fails (a NaN, a shape mismatch) leaves the statistics unchanged.
     """
 
-    __slots__ = ("_d", "_ss", "_count", "_h")
+    __slots__ = ("_d", "_ss", "_count", "_h", "_hshared")
 
     def __init__(self, in_features, *, hessian=False):
         d = check_int(in_features, "in_features", minimum=1)
@@ -155,6 +161,7 @@ class ActivationStats:
         self._ss = np.zeros(d, dtype=np.float64)
         self._count = 0
         self._h = np.zeros((d, d), dtype=np.float64) if hessian else None
+        self._hshared = False  # _h is also another layer's: copy before writing to it
 
     # -- construction from stored arrays ----------------------------------------------------
     @classmethod
@@ -274,7 +281,14 @@ class ActivationStats:
         self._count += n_sel
         return self
 
+    def _own_hessian(self):
+        """Make _h this object's own before it is written to (copy on write)."""
+        if self._hshared:
+            self._h = self._h.copy()
+            self._hshared = False
+
     def _add_hessian(self, rows, sel, n_sel):
+        self._own_hessian()
         d = self._d
         wide = rows.kernel.dtype == np.float64
         dt = np.float64 if wide else np.float32
@@ -307,6 +321,7 @@ class ActivationStats:
             raise CalibrationError("merged token count would exceed 2**63 - 1")
         self._ss = self._ss + other._ss
         if self._h is not None:
+            self._own_hessian()
             self._h += other._h
         self._count += other._count
         return self
@@ -317,6 +332,16 @@ class ActivationStats:
         out._count = self._count
         out._h = None if self._h is None else self._h.copy()
         return out
+
+    def shares_hessian_with(self, other):
+        """True when both statistics hold the same Hessian (layers reading the same input)."""
+        return (isinstance(other, ActivationStats) and self._h is not None
+                and self._h is other._h)
+
+    def _share_hessian_of(self, leader):
+        """Hold ``leader``'s Hessian (the same array) from now on; both copy it on write."""
+        self._h = leader._h
+        self._hshared = leader._hshared = True
 
     def __eq__(self, other):
         if not isinstance(other, ActivationStats):
@@ -353,8 +378,8 @@ class CalibrationContext(Mapping):
     ``torch.nn.Module.named_modules()`` (e.g. ``"model.layers.0.mlp.down_proj"``).
     ``num_samples`` counts the calibration samples (sequences) the statistics came from.
 
-    ``save(path)`` / ``CalibrationContext.load(path)`` write and read one safetensors file (bit
-    exact); ``merge`` adds contexts collected on different machines or data shards."""
+    ``save(path)`` / ``CalibrationContext.load(path)`` write and read one safetensors file (sums
+    and counts bit exact, Hessians in float32); ``merge`` adds contexts collected on different machines or data shards."""
 
     def __init__(self, stats=None, *, num_samples=0):
         self._stats = {}
@@ -454,6 +479,9 @@ class CalibrationContext(Mapping):
         out = CalibrationContext(num_samples=self._num_samples)
         for name, st in self._stats.items():
             out._stats[name] = st.copy()
+        for name, lead in _hessian_leaders(self._stats).items():  # copies share as they did
+            if lead != name:
+                out._stats[name]._share_hessian_of(out._stats[lead])
         return out.merge_(other)
 
     def merge_(self, other):
@@ -478,11 +506,21 @@ class CalibrationContext(Mapping):
             if mine.count + st.count > _INT64_MAX:
                 raise CalibrationError(f"layer {name!r}: merged token count would exceed "
                                        "2**63 - 1")
+        mine_groups = _hessian_leaders(self._stats)
+        theirs = _hessian_leaders(other._stats)
         for name, st in other._stats.items():
             if name in self._stats:
                 self._stats[name].merge_(st)
             else:
                 self._stats[name] = st.copy()
+        # layers sharing one Hessian on both sides still share it (the same sums were added)
+        for name, lead in mine_groups.items():
+            if lead != name and theirs.get(name, name) == theirs.get(lead, lead) \
+                    and (name in other._stats) == (lead in other._stats):
+                self._stats[name]._share_hessian_of(self._stats[lead])
+        for name, lead in theirs.items():  # layers new to this context
+            if lead != name and name not in mine_groups and lead not in mine_groups:
+                self._stats[name]._share_hessian_of(self._stats[lead])
         self._num_samples = total
         return self
 
@@ -491,7 +529,8 @@ class CalibrationContext(Mapping):
         """Write the context to ``path`` as a safetensors file (format
         ``aprender.calibration/1``, see the README), through a temporary file renamed into
         place.  An existing regular file at ``path`` is replaced; a folder or special file is
-        refused with CheckpointError."""
+        refused with CheckpointError.  Sums and counts are written exactly; Hessians in float32
+        (rounded once from the float64 sums), once per group of layers sharing one."""
         from ..io.files import display, file_kind, remove_tree, replace_path, temp_name
         from ..io.safetensors import write_safetensors
 
@@ -509,12 +548,16 @@ class CalibrationContext(Mapping):
             raise UnsafePathError(f"{display(path)} is a {file_kind(st.st_mode)}; a calibration "
                                   "file is never written over it")
         tensors = {}
+        leaders = _hessian_leaders(self._stats)
         for name, s in self._stats.items():
             tensors[f"{name}.sum_squares"] = s._ss
             tensors[f"{name}.count"] = np.asarray(s._count, dtype=np.int64)
-            if s._h is not None:
-                tensors[f"{name}.hessian"] = s._h
+            if s._h is not None and leaders[name] == name:
+                tensors[f"{name}.hessian"] = _float32_hessian(s._h)
         metadata = {"format": CALIBRATION_FORMAT, "num_samples": str(self._num_samples)}
+        shared = {k: v for k, v in leaders.items() if k != v}
+        if shared:
+            metadata["hessian_of"] = json.dumps(shared, separators=(",", ":"))
         try:
             tmp = temp_name(path, "file")
         except OSError as exc:
@@ -528,41 +571,24 @@ class CalibrationContext(Mapping):
             raise
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, *, hessians=True):
         """Read a calibration file written by :meth:`save` (or any file in the documented
         format).  Everything is validated: the safetensors structure (by aprender's hardened
         reader), the format tag, tensor names, dtypes and shapes, counts >= 0, finite and
         non-negative sums, Hessians of the right size; problems raise CalibrationFileError (a
-        CheckpointError and a CalibrationError) naming the file, layer and tensor."""
+        CheckpointError and a CalibrationError) naming the file, layer and tensor.
+
+        ``hessians=False`` checks the Hessians' names, dtypes and shapes but leaves them on
+        disk (statistics without Hessians): :class:`HessianFile` reads them one at a time."""
         from ..io.files import display
-        from ..io.safetensors import SafetensorsFile
 
         shown = display(path)
-        sf = SafetensorsFile(path)
+        sf, layers, shared = _read_layout(path)
 
         def fail(msg):
             return CalibrationFileError(f"{shown}: {msg}")
 
-        fmt = sf.metadata.get("format")
-        if fmt != CALIBRATION_FORMAT:
-            if isinstance(fmt, str) and fmt.startswith("aprender.calibration/"):
-                raise fail(f"calibration format {display(fmt)!r} is not supported (this aprender "
-                           f"reads {CALIBRATION_FORMAT!r})")
-            raise fail(f"not an aprender calibration file (__metadata__ format is "
-                       f"{display(short_repr(fmt))}, expected {CALIBRATION_FORMAT!r})")
-        ns = sf.metadata.get("num_samples")
-        if not isinstance(ns, str) or not re.fullmatch(r"[0-9]{1,19}", ns, re.ASCII) \
-                or int(ns) > _INT64_MAX:
-            raise fail(f"__metadata__ num_samples must be a decimal integer in [0, 2**63), got "
-                       f"{display(short_repr(ns))}")
-        layers = {}
-        for info in sf.infos:
-            layer, dot, suffix = info.name.rpartition(".")
-            if not dot or suffix not in _SUFFIXES:
-                raise fail(f"unexpected tensor {display(short_repr(info.name))} (calibration "
-                           f"tensors are named '<layer>.{{{','.join(_SUFFIXES)}}}')")
-            layers.setdefault(layer, {})[suffix] = info
-        out = cls(num_samples=int(ns))
+        out = cls(num_samples=int(sf.metadata["num_samples"]))
         for layer, parts in layers.items():
             where = f"layer {display(short_repr(layer))}"
             for need in ("sum_squares", "count"):
@@ -582,10 +608,118 @@ class CalibrationContext(Mapping):
                            f"{hi.dtype} {list(hi.shape)}")
             ss = np.array(sf.array(ssi.name), dtype=np.float64)
             count = int(np.array(sf.array(ci.name)).reshape(()))
-            h = None if hi is None else np.array(sf.array(hi.name))
+            h = None if hi is None or not hessians else np.array(sf.array(hi.name))
             try:
                 st = ActivationStats.from_arrays(ss, count, h)
             except CalibrationError as exc:
                 raise fail(f"{where}: {exc}") from None
             out._stats[layer] = st
+        for layer, lead in shared.items():
+            if layer not in out._stats:
+                raise fail(f"__metadata__ hessian_of names layer {display(short_repr(layer))}, "
+                           "which has no statistics")
+            if hessians:
+                out._stats[layer]._share_hessian_of(out._stats[lead])
         return out
+
+
+class HessianFile:
+    """The Hessians of a calibration file, read one layer at a time (memory-mapped, never all
+    at once): ``get(layer)`` returns the layer's read-only float32/float64 (d, d) array, following
+    ``hessian_of`` for layers that share one, or None when the file has none for the layer.
+    The file's layout is validated as by ``CalibrationContext.load``; the values are checked
+    where they are used (``aprender.pruning.reconstruct.hessian_array``)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._sf, self._layers, self._shared = _read_layout(path)
+
+    def source(self, layer):
+        """The name of the layer whose ``.hessian`` tensor ``layer`` uses, or None."""
+        lead = self._shared.get(layer, layer)
+        return lead if "hessian" in self._layers.get(lead, {}) else None
+
+    def get(self, layer):
+        lead = self.source(layer)
+        if lead is None:
+            return None
+        return self._sf.array(self._layers[lead]["hessian"].name)
+
+
+def _hessian_leaders(stats):
+    """layer -> the first layer (in order) holding the same Hessian array (itself if none)."""
+    first, out = {}, {}
+    for name, st in stats.items():
+        if st._h is None:
+            continue
+        out[name] = first.setdefault(id(st._h), name)
+    return out
+
+
+def _float32_hessian(h):
+    """A float64 Hessian rounded to float32 for the file, refusing sums beyond its range."""
+    with np.errstate(over="ignore"):
+        h32 = h.astype(np.float32)
+    if not np.isfinite(h32).all():
+        raise CalibrationError("a Hessian entry exceeds the float32 range (about 3.4e38); "
+                               "scale the activations down")
+    return h32
+
+
+def _read_layout(path):
+    """(SafetensorsFile, layer -> {suffix: TensorInfo}, follower -> leader) of a calibration
+    file, with the format tag, num_samples, tensor names and hessian_of checked."""
+    from ..io.files import display
+    from ..io.safetensors import SafetensorsFile
+    from ..io.strictjson import loads
+
+    shown = display(path)
+    sf = SafetensorsFile(path)
+
+    def fail(msg):
+        return CalibrationFileError(f"{shown}: {msg}")
+
+    fmt = sf.metadata.get("format")
+    if fmt != CALIBRATION_FORMAT:
+        if isinstance(fmt, str) and fmt.startswith("aprender.calibration/"):
+            raise fail(f"calibration format {display(fmt)!r} is not supported (this aprender "
+                       f"reads {CALIBRATION_FORMAT!r})")
+        raise fail(f"not an aprender calibration file (__metadata__ format is "
+                   f"{display(short_repr(fmt))}, expected {CALIBRATION_FORMAT!r})")
+    ns = sf.metadata.get("num_samples")
+    if not isinstance(ns, str) or not re.fullmatch(r"[0-9]{1,19}", ns, re.ASCII) \
+            or int(ns) > _INT64_MAX:
+        raise fail(f"__metadata__ num_samples must be a decimal integer in [0, 2**63), got "
+                   f"{display(short_repr(ns))}")
+    layers = {}
+    for info in sf.infos:
+        layer, dot, suffix = info.name.rpartition(".")
+        if not dot or suffix not in _SUFFIXES:
+            raise fail(f"unexpected tensor {display(short_repr(info.name))} (calibration "
+                       f"tensors are named '<layer>.{{{','.join(_SUFFIXES)}}}')")
+        layers.setdefault(layer, {})[suffix] = info
+    shared = {}
+    raw = sf.metadata.get("hessian_of")
+    if raw is not None:
+        try:
+            shared = loads(raw.encode("utf-8"), "__metadata__ hessian_of")
+        except CheckpointError as exc:
+            raise fail(str(exc)) from None
+        if not isinstance(shared, dict) or not all(isinstance(v, str) for v in shared.values()):
+            raise fail("__metadata__ hessian_of must be a JSON object mapping layer names to "
+                       "layer names")
+        for layer, lead in shared.items():
+            where = f"__metadata__ hessian_of[{display(short_repr(layer))}]"
+            lp = layers.get(lead, {})
+            if "hessian" not in lp:
+                raise fail(f"{where} names {display(short_repr(lead))}, which has no hessian "
+                           "tensor")
+            if "hessian" in layers.get(layer, {}):
+                raise fail(f"{where}: layer {display(short_repr(layer))} has a hessian tensor "
+                           "of its own")
+            own = layers.get(layer, {}).get("sum_squares")
+            theirs = lp.get("sum_squares")
+            if own is not None and theirs is not None and tuple(own.shape) != tuple(theirs.shape):
+                raise fail(f"{where}: {display(short_repr(layer))} and "
+                           f"{display(short_repr(lead))} have different input sizes")
+    return sf, layers, shared

@@ -16,7 +16,7 @@ from ..errors import (CalibrationError, CalibrationRequiredError, InvalidArgumen
                       MissingActivationStatsError, NumericalInstabilityError, ShapeMismatchError)
 
 __all__ = ["Importance", "MagnitudeImportance", "WandaImportance", "ImportanceScores",
-           "ImportanceStats", "check_calibration", "wanda_scale", "wanda_scores"]
+           "ImportanceStats", "check_calibration", "layer_stats", "wanda_scale", "wanda_scores"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,39 @@ def check_calibration(calibration):
         f"{kind.__module__}.{kind.__qualname__}"
     raise InvalidCalibrationError(f"calibration must be None or an aprender.pruning."
                                   f"CalibrationContext, got {what} {short_repr(calibration, 60)}")
+
+
+def layer_stats(layer_name, calibration, method, cls_name):
+    """A layer's ActivationStats for an importance method: ``calibration`` is the
+    ActivationStats themselves or a CalibrationContext in which ``layer_name`` is looked up.
+    Raises CalibrationRequiredError without calibration and MissingActivationStatsError for a
+    layer the context does not hold."""
+    from .calibration import ActivationStats
+
+    if calibration is None:
+        raise CalibrationRequiredError(
+            f"{method} importance needs calibration statistics: pass calibration= a "
+            "CalibrationContext (aprender.torch.collect_calibration, or "
+            "CalibrationContext.load) or the layer's ActivationStats")
+    if isinstance(calibration, ActivationStats):
+        return calibration
+    ctx = check_calibration(calibration)
+    if layer_name is None:
+        raise InvalidArgumentError(f"{cls_name}() has no layer_name: pass the layer's "
+                                   f"ActivationStats as calibration, or create "
+                                   f"{cls_name}('<layer name>') to look it up")
+    req = getattr(ctx, "require_stats", None)
+    if callable(req):
+        stats = req(layer_name)
+    else:
+        stats = ctx.get_stats(layer_name)
+        if stats is None:
+            raise MissingActivationStatsError(
+                f"no activation statistics for layer {layer_name!r}", layer=layer_name)
+    if not isinstance(stats, ActivationStats):
+        raise InvalidCalibrationError(f"calibration statistics of layer {layer_name!r} are a "
+                                      f"{type(stats).__name__}, not an ActivationStats")
+    return stats
 
 
 def _weights_of(module_or_array):
@@ -268,34 +301,7 @@ class WandaImportance:
     def stats_from(self, calibration):
         """The layer's ActivationStats from ``calibration`` (a CalibrationContext or the
         ActivationStats themselves)."""
-        from .calibration import ActivationStats
-
-        if calibration is None:
-            raise CalibrationRequiredError(
-                "Wanda importance needs calibration statistics: pass calibration= a "
-                "CalibrationContext (aprender.torch.collect_calibration, or "
-                "CalibrationContext.load) or the layer's ActivationStats")
-        if isinstance(calibration, ActivationStats):
-            return calibration
-        ctx = check_calibration(calibration)
-        if self.layer_name is None:
-            raise InvalidArgumentError("WandaImportance() has no layer_name: pass the layer's "
-                                       "ActivationStats as calibration, or create "
-                                       "WandaImportance('<layer name>') to look it up")
-        req = getattr(ctx, "require_stats", None)
-        if callable(req):
-            stats = req(self.layer_name)
-        else:
-            stats = ctx.get_stats(self.layer_name)
-            if stats is None:
-                raise MissingActivationStatsError(
-                    f"no activation statistics for layer {self.layer_name!r}",
-                    layer=self.layer_name)
-        if not isinstance(stats, ActivationStats):
-            raise InvalidCalibrationError(f"calibration statistics of layer "
-                                          f"{self.layer_name!r} are a {type(stats).__name__}, "
-                                          "not an ActivationStats")
-        return stats
+        return layer_stats(self.layer_name, calibration, "Wanda", "WandaImportance")
 
     def compute(self, layer_or_weights, calibration=None, *, n_threads=None) -> ImportanceScores:
         """Scores of a module's ``weight`` (or of a weight array whose last axis is the input

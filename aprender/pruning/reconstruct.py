@@ -1,0 +1,384 @@
+"""SparseGPT (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot"): prune a layer and update its remaining weights to compensate, from the
+layer's input Hessian ``H = XᵀX``.
+
+The algorithm, as :func:`sparsegpt` runs it on a weight ``W`` of shape (rows, cols):
+
+1. ``H`` is checked (square, symmetric, finite, non-negative diagonal); an input that never
+   fired (``H[j, j] == 0``) gets ``H[j, j] = 1`` and its weights are zeroed; ``percdamp`` times
+   the mean diagonal is added to the diagonal.
+2. ``U``, the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``), in float64: the reversed matrix
+   ``P H P`` is factorised (LAPACK potrf) and its factor inverted (trtri), ``U = P L⁻¹ P`` — half
+   the work of inverting ``H`` and factorising again; then rounded to float32 (float64 weights
+   keep float64) in the same buffer.
+3. Columns in blocks of ``block_size``.  Before a block, the errors of all earlier columns are
+   applied to it at once (``W[:, B] -= E[:, :c0] @ U[:c0, B]``, one BLAS matmul).  The block's
+   mask is chosen by the saliency ``w² / U[j, j]²``: unstructured takes the block's share of
+   the layer's exact count, per-row the block's share of every row's count (both by the
+   selection engine, ties to the lowest index), N:M chooses each group of M input columns when
+   the column loop reaches it.  The column loop (Cython, no GIL, one task per row) sets a pruned
+   weight to +0.0, records its error ``w / U[c, c]`` and subtracts ``error * U[c, c+1:]`` from
+   the block's later columns.
+
+Precision: weights are updated in float32 (float64 for float64 weights) and rounded once to
+their dtype at the end; the factorisation is float64.  Scaling ``H`` (e.g. ``2/n XᵀX``) gives
+the same result: SparseGPT is invariant to it, so the plain sums of a calibration file serve.
+
+Memory beyond the output for float32 weights: ``U`` (the size of ``H`` in float32, after a float64
+factorisation in one buffer of twice that, half of it returned to the system before the weights
+are touched), the error matrix (the size of ``W`` in float32) and two (rows, block_size) blocks.
+16-bit weights also need their float32 working copy.
+
+The factorisation needs SciPy's LAPACK wrappers (``pip install 'aprender[sparsegpt]'``): numpy
+has no in-place Cholesky or triangular inverse, and without them the factorisation would need
+three n x n float64 buffers and twice the arithmetic.
+"""
+import math
+import mmap
+
+import numpy as np
+
+from .._adapters import Bits16, is_torch, to_numpy_view
+from .._kernels import sparsegpt as _k
+from .._validation import (as_floats, as_real, check_int, decode16, raise_nonfinite,
+                           resolve_threads, short_repr)
+from ..errors import (CalibrationError, HessianError, InvalidArgumentError, InvalidDTypeError,
+                      InvalidPatternError, InvalidShapeError, NumericalInstabilityError,
+                      ShapeMismatchError)
+from .importance import ImportanceScores, ImportanceStats, _weights_of, layer_stats
+from .mask import SparsityMask, SparsityPattern
+from .selection import ArraySource, _is_finite, select_mask, select_rows
+
+__all__ = ["sparsegpt", "SparseGPTImportance", "hessian_factor", "sparsegpt_workspace_bytes"]
+
+SYMMETRY_RTOL = 1e-3  # |h_ij - h_ji| <= rtol * sqrt(h_ii h_jj): float32 XᵀX sums pass easily
+
+
+def _lapack():
+    try:
+        from scipy.linalg import lapack
+    except ImportError as exc:
+        raise ImportError("SparseGPT needs SciPy's LAPACK for its Cholesky factorisation; "
+                          "install it with: pip install 'aprender[sparsegpt]'") from exc
+    return lapack
+
+
+def _at(layer):
+    return f"layer {layer!r}: " if layer is not None else ""
+
+
+def _pattern(pattern):
+    p = pattern if isinstance(pattern, SparsityPattern) else SparsityPattern.parse(pattern)
+    if not (p.is_unstructured or p.is_per_row or p.is_nm):
+        raise InvalidPatternError(f"SparseGPT supports the patterns 'unstructured', 'per-row' and "
+                                  f"N:M such as '2:4', got {p}")
+    if p.is_nm and p.axis not in (-1, 1):
+        raise InvalidPatternError(f"SparseGPT N:M groups run along the input dimension (the last "
+                                  f"axis), got {p}")
+    return p
+
+
+def _percdamp(value):
+    v = as_real(value, "percdamp (a finite fraction > 0)")
+    if not math.isfinite(v) or v <= 0:
+        raise InvalidArgumentError(f"percdamp must be a finite number > 0 (a fraction of the "
+                                   f"mean diagonal), got {short_repr(value)}")
+    return v
+
+
+def hessian_array(hessian, cols, layer=None, n_threads=None):
+    """The Hessian as a C-contiguous float32/float64 (cols, cols) array, checked: square, of the
+    weights' input size, finite, non-negative diagonal, symmetric up to float32 summation
+    (``SYMMETRY_RTOL``), not all zero.  Accepts an array, a CPU torch tensor or an
+    ActivationStats collected with ``hessian=True``.  Raises HessianError (ShapeMismatchError
+    for a size that does not match the weights) naming the layer."""
+    from .calibration import ActivationStats
+
+    at = _at(layer)
+    if isinstance(hessian, ActivationStats):
+        if not hessian.has_hessian:
+            raise CalibrationError(f"{at}the calibration statistics have no Hessian (collect "
+                                   "them with hessian=True, or 'aprender calibrate --hessian')")
+        if hessian.count == 0:
+            raise HessianError(f"{at}the calibration statistics hold no tokens", layer=layer)
+        hessian = hessian.hessian
+    if is_torch(hessian):
+        hessian = to_numpy_view(hessian)
+    if isinstance(hessian, Bits16) or not isinstance(hessian, np.ndarray):
+        try:
+            hessian = np.asarray(hessian)
+        except Exception as exc:
+            raise InvalidDTypeError(f"{at}the Hessian must be a float32 or float64 array, got "
+                                    f"{type(hessian).__name__}") from exc
+    h = hessian
+    if h.dtype not in (np.float32, np.float64):
+        raise InvalidDTypeError(f"{at}the Hessian must be float32 or float64, got {h.dtype}")
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise HessianError(f"{at}the Hessian must be a square matrix, got shape {h.shape}",
+                           layer=layer)
+    if h.shape[0] != cols:
+        raise ShapeMismatchError(f"{at}the Hessian is {h.shape[0]} x {h.shape[1]} but the "
+                                 f"weights have {cols} input columns")
+    if not h.dtype.isnative:
+        h = h.astype(h.dtype.newbyteorder("="))
+    h = np.ascontiguousarray(h)
+    code, i, j = _k.check_hessian(h, SYMMETRY_RTOL, resolve_threads(n_threads))
+    if code == 1:
+        raise HessianError(f"{at}the Hessian holds {float(h[i, j])!r} at ({i}, {j}); it must be "
+                           "finite", layer=layer)
+    if code == 3:
+        raise HessianError(f"{at}the Hessian has a negative diagonal entry {float(h[i, i])!r} at "
+                           f"({i}, {i}); XᵀX has none", layer=layer)
+    if code == 2:
+        raise HessianError(f"{at}the Hessian is not symmetric: h[{i}, {j}] = {float(h[i, j])!r} "
+                           f"but h[{j}, {i}] = {float(h[j, i])!r}", layer=layer)
+    if cols and not np.diagonal(h).any():
+        raise HessianError(f"{at}the Hessian is all zero on its diagonal (no input ever "
+                           "fired): there is nothing to prune by", layer=layer)
+    return h
+
+
+class _Factor:
+    """U (the upper Cholesky factor of the damped H⁻¹), the dead inputs, and the anonymous
+    memory holding U (kept alive with it)."""
+
+    __slots__ = ("u", "dead", "_mem")
+
+    def __init__(self, u, dead, mem):
+        self.u, self.dead, self._mem = u, dead, mem
+
+
+def hessian_factor(h, percdamp=0.01, *, wide=False, layer=None, n_threads=None):
+    """The upper Cholesky factor U of ``(H + damp I)⁻¹`` (dead inputs with ``H[j, j] = 1``),
+    float32 (float64 with ``wide``), and the boolean mask of dead inputs.  ``h``: a Hessian
+    checked by :func:`hessian_array`.  Raises HessianError when H is not positive definite after
+    damping."""
+    lapack = _lapack()
+    at = _at(layer)
+    percdamp = _percdamp(percdamp)
+    nt = resolve_threads(n_threads)
+    n = h.shape[0]
+    diag = np.diagonal(h).astype(np.float64)
+    dead = diag == 0
+    damp = percdamp * float(np.where(dead, 1.0, diag).mean()) if n else 0.0
+    if n == 0:
+        return _Factor(np.zeros((0, 0), np.float64 if wide else np.float32), dead, None)
+    nbytes = 8 * n * n
+    mem = mmap.mmap(-1, nbytes)  # anonymous: its second half can be returned after narrowing
+    b = np.frombuffer(mem, dtype=np.float64).reshape(n, n)
+    _k.load_reversed(h, b, damp, nt)
+    c = b.T  # the same bytes as a Fortran-ordered matrix: LAPACK works in place
+    c2, info = lapack.dpotrf(c, lower=0, clean=1, overwrite_a=1)
+    if info > 0:
+        raise HessianError(f"{at}the Hessian is not positive definite even after damping by "
+                           f"{percdamp:g} x its mean diagonal (leading minor {n - int(info) + 1} "
+                           "from the end fails); raise percdamp", layer=layer)
+    if info < 0:  # pragma: no cover - an argument error inside the wrapper
+        raise HessianError(f"{at}LAPACK potrf rejected argument {-int(info)}", layer=layer)
+    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover - SciPy copied after all
+        np.copyto(c, c2)
+    c2, info = lapack.dtrtri(c, lower=0, unitdiag=0, overwrite_c=1)
+    if info != 0:
+        raise HessianError(f"{at}the Cholesky factor of the damped Hessian is singular",
+                           layer=layer)
+    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover
+        np.copyto(c, c2)
+    del c, c2
+    bad = _k.reverse_narrow(b.reshape(-1), n * n, not wide, nt)
+    if bad:
+        raise HessianError(f"{at}the inverse of the damped Hessian overflows "
+                           f"{'float64' if wide else 'float32'}; raise percdamp", layer=layer)
+    if wide:
+        return _Factor(b, dead, mem)
+    del b
+    u = np.frombuffer(mem, dtype=np.float32, count=n * n).reshape(n, n)
+    start = -(-4 * n * n // mmap.PAGESIZE) * mmap.PAGESIZE
+    if start < nbytes and hasattr(mem, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mem.madvise(mmap.MADV_DONTNEED, start, nbytes - start)  # the float64 half's pages
+    return _Factor(u, dead, mem)
+
+
+def _share(total, c, cols):
+    """The count of the first c of cols columns when `total` are spread evenly (round half up),
+    so the blocks' shares add up to `total` exactly."""
+    return (2 * total * c + cols) // (2 * cols)
+
+
+def sparsegpt_workspace_bytes(rows, cols, itemsize, block_size=128):
+    """Peak bytes :func:`sparsegpt` holds beyond the weights it reads and the output it
+    returns (the output being the pruned weights and the bool mask), for a (rows, cols) layer
+    of ``itemsize``-byte floats: the factorisation buffer, or U plus the error matrix, the 16-bit
+    weights' float32 working copy, and the block scratch."""
+    wide = itemsize == 8
+    w = 8 if wide else 4
+    factor = 8 * cols * cols
+    blocks = rows * min(block_size, cols) * (2 * w + 1)
+    work = 0 if itemsize == w else rows * cols * w
+    u = cols * cols * w
+    return max(factor, u + rows * cols * w + work + blocks)
+
+
+def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_size=128,
+              percdamp=0.01, n_threads=None, layer=None):
+    """Prune a layer with SparseGPT; returns ``(pruned_weights, SparsityMask)``.
+
+    ``weights``: (out_features, in_features) float16, bfloat16 (``aprender.Bits16``, ml_dtypes or
+    torch), float32 or float64 — numpy arrays or CPU torch tensors, never modified.
+    ``hessian``: the layer's input Hessian ``XᵀX`` (in_features, in_features), float32 or
+    float64, or the layer's ActivationStats collected with ``hessian=True``.
+    ``pattern``: "unstructured" (an exact count over the layer, spread over the column blocks),
+    "per-row" (an exact count in every row) or N:M such as "2:4" along the input dimension
+    (``sparsity`` then implied).  ``block_size``: columns per block (a multiple of M for N:M).
+    ``percdamp``: the damping, a fraction of the mean diagonal of H (> 0).  ``layer``: a name
+    for error messages.
+
+    The pruned weights have the input's dtype (a numpy array; bfloat16 from Bits16 or torch
+    comes back as Bits16); every pruned position is +0.0 and the mask's count is exact.  See
+    the module documentation for the algorithm, precision and memory."""
+    pat = _pattern(pattern)
+    sparsity = pat.resolve_sparsity(sparsity)
+    block_size = check_int(block_size, "block_size", minimum=1)
+    percdamp = _percdamp(percdamp)
+    f = as_floats(_weights_of(weights), "weights")
+    if f.array.ndim != 2:
+        raise InvalidShapeError(f"{_at(layer)}SparseGPT needs a 2-D weight (out_features, "
+                                f"in_features), got shape {f.shape}")
+    rows, cols = f.shape
+    if pat.is_nm:
+        pat.check_shape(f.shape)
+        if pat.m > 256:
+            raise InvalidPatternError(f"SparseGPT N:M supports M up to 256, got {pat}")
+        if block_size % pat.m:
+            raise InvalidArgumentError(f"block_size {block_size} must be a multiple of M={pat.m} "
+                                       f"for pattern {pat}")
+    nt = resolve_threads(n_threads)
+    if not _is_finite(f.kernel.reshape(-1), f.inf16, nt):
+        raise_nonfinite(f, "weights")
+    h = hessian_array(hessian, cols, layer, nt)
+    wide = f.dtype_name == "float64"
+    wt = np.float64 if wide else np.float32
+    keep = np.empty((rows, cols), dtype=np.bool_)
+    if rows == 0 or cols == 0:
+        return _result(f, np.zeros((rows, cols), wt), weights, nt, layer), \
+            SparsityMask(keep, pat, _trusted=True)
+    factor = hessian_factor(h, percdamp, wide=wide, layer=layer, n_threads=nt)
+    u = factor.u
+    w = decode16(f.kernel, f.fmt) if f.fmt else np.array(f.array, dtype=wt, copy=True)
+    if factor.dead.any():
+        w[:, factor.dead] = 0
+    err = np.empty((rows, cols), dtype=wt)
+    kv = keep.view(np.uint8)
+    bs = min(block_size, cols)
+    tmp = np.empty(rows * bs, dtype=wt)
+    sal = np.empty(rows * bs, dtype=wt)
+    bk = np.empty(rows * bs, dtype=np.uint8)
+    none = np.empty((0, 0), dtype=np.uint8)
+    total = rows * cols
+    k_all = _prune_count(sparsity, total)
+    k_row = _prune_count(sparsity, cols)
+    for c0 in range(0, cols, bs):
+        c1 = min(cols, c0 + bs)
+        width = c1 - c0
+        if c0:  # the lazy update: every earlier column's error at once
+            t = tmp[:rows * width].reshape(rows, width)
+            np.matmul(err[:, :c0], u[:c0, c0:c1], out=t)
+            blk = w[:, c0:c1]
+            np.subtract(blk, t, out=blk)
+        if pat.is_nm:
+            _k.prune_block(w, err, u, c0, c1, none, pat.n, pat.m, kv, nt)
+            continue
+        s = sal[:rows * width].reshape(rows, width)
+        _k.saliency(w, c0, c1, u, s, nt)
+        b = bk[:rows * width]
+        src = ArraySource(as_floats(s, "saliency"), "saliency")
+        if pat.is_per_row:
+            select_rows(src, b, rows, width, _share(k_row, c1, cols) - _share(k_row, c0, cols),
+                        0, nt)
+        else:
+            select_mask(src, b, _share(k_all, c1, cols) - _share(k_all, c0, cols), 0, nt)
+        _k.prune_block(w, err, u, c0, c1, b.reshape(rows, width), 0, 0, kv, nt)
+    del err, tmp, sal, bk, factor, u
+    return _result(f, w, weights, nt, layer), SparsityMask(keep, pat, _trusted=True)
+
+
+def _prune_count(sparsity, n):
+    from .._validation import prune_count
+
+    return prune_count(sparsity, n)
+
+
+def _result(f, w, original, nt, layer):
+    """The updated float32/float64 weights ``w`` in the input's dtype."""
+    if not _is_finite(w.reshape(-1), 0, nt):
+        i = int(np.argmax(~np.isfinite(w.reshape(-1))))
+        idx = tuple(int(v) for v in np.unravel_index(i, w.shape))
+        raise NumericalInstabilityError(f"{_at(layer)}the updated weight at {idx} is not finite "
+                                        "(an ill-conditioned Hessian? raise percdamp)",
+                                        index=idx, value="inf")
+    if not f.fmt:
+        return w if w.dtype == f.array.dtype else w.astype(f.array.dtype)
+    bits = np.empty(w.shape, dtype=np.uint16)
+    if _k.narrow16(w.reshape(-1), bits.reshape(-1), f.fmt, nt):
+        i = int(np.argmax((bits.reshape(-1) & f.inf16) == f.inf16))
+        idx = tuple(int(v) for v in np.unravel_index(i, w.shape))
+        raise NumericalInstabilityError(f"{_at(layer)}the updated weight at {idx} overflows "
+                                        f"{f.dtype_name}", index=idx, value="inf")
+    inner = _weights_of(original)
+    if isinstance(inner, Bits16):
+        return Bits16(bits, f.dtype_name)
+    if isinstance(inner, np.ndarray) and inner.dtype.itemsize == 2 and inner.dtype.kind != "u":
+        return bits.view(f.array.dtype)  # float16, or ml_dtypes bfloat16
+    return Bits16(bits, f.dtype_name) if f.dtype_name == "bfloat16" else bits.view(np.float16)
+
+
+class SparseGPTImportance:
+    """SparseGPT's saliency ``w[i, j]² / U[j, j]²`` as ImportanceScores, ``U`` being the upper
+    Cholesky factor of the damped inverse Hessian (the criterion :func:`sparsegpt` uses for a
+    layer's first block; later blocks see weights already updated).  For users who only want
+    scores: pruning by them alone is not SparseGPT (no weight update).
+
+    ``SparseGPTImportance(layer_name)`` looks the layer's ActivationStats (with a Hessian) up in
+    the CalibrationContext passed to :meth:`compute`; ``SparseGPTImportance()`` takes the
+    ActivationStats directly.  Scores are float32 (float64 for float64 weights)."""
+
+    name = "sparsegpt"
+    requires_calibration = True
+
+    def __init__(self, layer_name=None, *, percdamp=0.01):
+        if layer_name is not None and not isinstance(layer_name, str):
+            raise InvalidArgumentError(f"SparseGPTImportance layer_name must be a string or "
+                                       f"None, got {type(layer_name).__name__} "
+                                       f"{short_repr(layer_name)}")
+        self.layer_name = layer_name
+        self.percdamp = _percdamp(percdamp)
+
+    def __repr__(self):
+        return f"SparseGPTImportance({self.layer_name!r})" if self.layer_name is not None \
+            else "SparseGPTImportance()"
+
+    def compute(self, layer_or_weights, calibration=None, *, n_threads=None) -> ImportanceScores:
+        stats = layer_stats(self.layer_name, calibration, "SparseGPT", "SparseGPTImportance")
+        f = as_floats(_weights_of(layer_or_weights), "weights")
+        if f.array.ndim != 2:
+            raise InvalidShapeError(f"SparseGPT scores need a 2-D weight (out_features, "
+                                    f"in_features), got shape {f.shape}")
+        nt = resolve_threads(n_threads)
+        if not _is_finite(f.kernel.reshape(-1), f.inf16, nt):
+            raise_nonfinite(f, "weights")
+        h = hessian_array(stats, f.shape[1], self.layer_name, nt)
+        wide = f.dtype_name == "float64"
+        factor = hessian_factor(h, self.percdamp, wide=wide, layer=self.layer_name,
+                                n_threads=nt)
+        w = decode16(f.kernel, f.fmt) if f.fmt else np.array(f.array, dtype=np.float64 if wide
+                                                             else np.float32)
+        if factor.dead.any():
+            w[:, factor.dead] = 0
+        out = np.empty(f.shape, dtype=w.dtype)
+        if f.size:
+            _k.saliency(w, 0, f.shape[1], factor.u, out, nt)
+            v = out.astype(np.float64, copy=False)
+            st = ImportanceStats(float(v.min()), float(v.max()), float(v.mean()),
+                                 float(v.std()), int(v.size))
+        else:
+            st = ImportanceStats(float("nan"), float("nan"), float("nan"), float("nan"), 0)
+        return ImportanceScores(out, self.name, st)
