@@ -16,6 +16,7 @@ import pytest
 from aprender import sparse24
 from aprender._kernels import _openmp, apply, jsonscan, nm, select, stats
 from aprender._kernels import sparse24 as s24
+from aprender._kernels import sparsegpt as sg
 from aprender.pruning import selection
 from aprender.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
                              LayoutError, PruningError, ShapeMismatchError)
@@ -29,6 +30,10 @@ HUGE_INT = 2**40  # does not fit a C int
 
 def _u(n, dtype=np.uint8):
     return np.zeros(n, dtype)
+
+
+def _f32(shape):
+    return np.ones(shape, np.float32)
 
 
 def _marked():
@@ -433,6 +438,61 @@ CASES = [
      r"layout must be one of"),
     ("tensor-dtype", "Sparse24Tensor", _tensor("raw", dtype="float64"), InvalidDTypeError,
      r"dtype must be one of"),
+    # --- sparsegpt ------------------------------------------------------------------------------
+    ("sg-check-not-square", "check_hessian", lambda: sg.check_hessian(_f32((4, 3)), 1e-3, 1),
+     ShapeMismatchError, r"must be square, got shape \(4, 3\)"),
+    ("sg-check-none", "check_hessian", lambda: sg.check_hessian(None, 1e-3, 1),
+     InvalidArgumentError, r"check_hessian: no kernel takes these buffers .*h: None"),
+    ("sg-load-out-small", "load_reversed",
+     lambda: sg.load_reversed(_f32((4, 4)), np.zeros((3, 3)), 0.1, 1), ShapeMismatchError,
+     r"output of the same shape"),
+    ("sg-load-out-f32", "load_reversed",
+     lambda: sg.load_reversed(_f32((4, 4)), _f32((4, 4)), 0.1, 1), InvalidDTypeError,
+     r"load_reversed"),
+    ("sg-reverse-count-big", "reverse_narrow",
+     lambda: sg.reverse_narrow(np.zeros(8), 9, True, 1), InvalidArgumentError,
+     r"count 9 is outside the buffer of 8"),
+    ("sg-reverse-count-negative", "reverse_narrow",
+     lambda: sg.reverse_narrow(np.zeros(8), -1, True, 1), InvalidArgumentError,
+     r"count -1 is outside"),
+    ("sg-saliency-cols", "saliency",
+     lambda: sg.saliency(_f32((4, 8)), 4, 12, _f32((8, 8)), _f32((4, 8)), 1),
+     ShapeMismatchError, r"columns \[4, 12\) of weights with 8 columns"),
+    ("sg-saliency-factor", "saliency",
+     lambda: sg.saliency(_f32((4, 8)), 0, 8, _f32((4, 4)), _f32((4, 8)), 1),
+     ShapeMismatchError, r"factor of shape \(4, 4\)"),
+    ("sg-saliency-out", "saliency",
+     lambda: sg.saliency(_f32((4, 8)), 0, 8, _f32((8, 8)), _f32((4, 4)), 1),
+     ShapeMismatchError, r"out has shape \(4, 4\), expected \(4, 8\)"),
+    ("sg-block-cols", "prune_block",
+     lambda: sg.prune_block(_f32((4, 8)), _f32((4, 8)), _f32((8, 8)), 6, 10,
+                            np.ones((4, 4), np.uint8), 0, 0, np.ones((4, 8), np.uint8), 1),
+     ShapeMismatchError, r"columns \[6, 10\) of 8"),
+    ("sg-block-err", "prune_block",
+     lambda: sg.prune_block(_f32((4, 8)), _f32((4, 7)), _f32((8, 8)), 0, 4,
+                            np.ones((4, 4), np.uint8), 0, 0, np.ones((4, 8), np.uint8), 1),
+     ShapeMismatchError, r"err and keep must have the weights' shape"),
+    ("sg-block-keep", "prune_block",
+     lambda: sg.prune_block(_f32((4, 8)), _f32((4, 8)), _f32((8, 8)), 0, 4,
+                            np.ones((4, 3), np.uint8), 0, 0, np.ones((4, 8), np.uint8), 1),
+     ShapeMismatchError, r"block_keep has shape \(4, 3\), expected \(4, 4\)"),
+    ("sg-block-m-huge", "prune_block",
+     lambda: sg.prune_block(_f32((4, 8)), _f32((4, 8)), _f32((8, 8)), 0, 4,
+                            np.ones((0, 0), np.uint8), 2, 100000, np.ones((4, 8), np.uint8), 1),
+     InvalidArgumentError, r"N:M with 0 <= N <= M <= 256"),
+    ("sg-block-n-above-m", "prune_block",
+     lambda: sg.prune_block(_f32((4, 8)), _f32((4, 8)), _f32((8, 8)), 0, 4,
+                            np.ones((0, 0), np.uint8), 5, 4, np.ones((4, 8), np.uint8), 1),
+     InvalidArgumentError, r"got 5:4"),
+    ("sg-block-groups", "prune_block",
+     lambda: sg.prune_block(_f32((4, 8)), _f32((4, 8)), _f32((8, 8)), 2, 6,
+                            np.ones((0, 0), np.uint8), 2, 4, np.ones((4, 8), np.uint8), 1),
+     InvalidArgumentError, r"do not start and end on groups of 4"),
+    ("sg-narrow-short", "narrow16",
+     lambda: sg.narrow16(F32, np.zeros(63, np.uint16), 1, 1), ShapeMismatchError,
+     r"out holds 63 values, w 64"),
+    ("sg-narrow-fmt", "narrow16", lambda: sg.narrow16(F32, np.zeros(64, np.uint16), 7, 1),
+     InvalidArgumentError, r"unknown 16-bit format 7"),
     # --- _openmp ---------------------------------------------------------------------------------
     ("work-threads-zero", "work_threads", lambda: _openmp.work_threads(0, 10, 10),
      InvalidArgumentError, r"n_threads must be >= 1, got 0"),
@@ -461,7 +521,7 @@ NO_BUFFERS = {"openmp_enabled", "max_threads", "forked_serial", "guard"}
 
 def test_every_entry_point_is_in_the_catalogue():
     covered = {c[1] for c in CASES}
-    for mod in (apply, nm, select, stats, s24, _openmp, jsonscan):
+    for mod in (apply, nm, select, stats, s24, sg, _openmp, jsonscan):
         for name, value in vars(mod).items():
             if name.startswith("__") or isinstance(value, type) or not callable(value):
                 continue
