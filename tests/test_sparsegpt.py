@@ -336,3 +336,25 @@ def test_hostile_hessian_of_metadata(tmp_path, meta, pattern):
     write_safetensors(bad, tensors, {**sf.metadata, "hessian_of": meta})
     with pytest.raises(CalibrationFileError, match=pattern):
         CalibrationContext.load(bad)
+
+
+def test_memory_beyond_the_output_is_one_error_matrix_and_blocks():
+    """numpy allocations (tracemalloc sees them; U lives in an anonymous map of 8 n² bytes,
+    half of it released before the weights are touched): the output, the error matrix and
+    block-sized scratch — never a temporary the size of the weights on top."""
+    import tracemalloc
+
+    w, _, h = layer(256, 512, seed=0)
+    sparsegpt(w[:8, :16], h[:16, :16], 0.5)  # imports and first-call allocations
+    tracemalloc.start()
+    try:
+        sparsegpt(w, h, 0.5, block_size=128)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    out = w.nbytes + w.size  # float32 weights and the bool mask
+    block = 256 * 128
+    # scratch: the lazy update's and the saliencies' blocks, the block mask, and the selection
+    # engine's keys of one block (all of them below its sampling threshold)
+    bound = out + w.nbytes + block * (4 + 4 + 1) + 2 * block * 4 + (64 << 10)
+    assert peak <= bound, (peak, bound)

@@ -40,8 +40,8 @@ import numpy as np
 
 from .._adapters import Bits16, is_torch, to_numpy_view
 from .._kernels import sparsegpt as _k
-from .._validation import (as_floats, as_real, check_int, decode16, raise_nonfinite,
-                           resolve_threads, short_repr)
+from .._validation import (as_floats, as_real, check_int, decode16, prune_count,
+                           raise_nonfinite, resolve_threads, short_repr)
 from ..errors import (CalibrationError, HessianError, InvalidArgumentError, InvalidDTypeError,
                       InvalidPatternError, InvalidShapeError, NumericalInstabilityError,
                       ShapeMismatchError)
@@ -274,8 +274,8 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
     bk = np.empty(rows * bs, dtype=np.uint8)
     none = np.empty((0, 0), dtype=np.uint8)
     total = rows * cols
-    k_all = _prune_count(sparsity, total)
-    k_row = _prune_count(sparsity, cols)
+    k_all = prune_count(sparsity, total)
+    k_row = prune_count(sparsity, cols)
     for c0 in range(0, cols, bs):
         c1 = min(cols, c0 + bs)
         width = c1 - c0
@@ -299,12 +299,6 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
         _k.prune_block(w, err, u, c0, c1, b.reshape(rows, width), 0, 0, kv, nt)
     del err, tmp, sal, bk, factor, u
     return _result(f, w, weights, nt, layer), SparsityMask(keep, pat, _trusted=True)
-
-
-def _prune_count(sparsity, n):
-    from .._validation import prune_count
-
-    return prune_count(sparsity, n)
 
 
 def _result(f, w, original, nt, layer):
