@@ -17,7 +17,7 @@ from .errors import (CalibrationError, CalibrationRequiredError,  # noqa: F401
                      DeviceError, InvalidArgumentError, InvalidCalibrationError,
                      InvalidDTypeError, InvalidPatternError, InvalidSparsityError, PruningError)
 
-__all__ = ["DeviceError", "to_numpy_view", "prune_", "collect_calibration"]
+__all__ = ["DeviceError", "to_numpy_view", "prune_", "collect_calibration", "load_state_dict"]
 
 
 def _torch():
@@ -554,3 +554,22 @@ def _apply_keep(t, keep, keep_mask, nt, torch):
     else:
         SparsityMask(keep, _trusted=True).apply(t.weight, n_threads=nt)
     return keep
+
+
+def load_state_dict(path, *, n_threads=None):
+    """A checkpoint (``.safetensors`` file or folder, dense or in any compressed format aprender
+    reads: ``bitmask``, ``sparse-24-bitmask``) as ``{name: CPU tensor}`` of dense tensors in
+    their stored dtype (bfloat16 included), ready for ``module.load_state_dict``."""
+    torch = _torch()
+    from .io.formats import load_dense
+
+    out = {}
+    for name, a in load_dense(path, n_threads=n_threads).items():
+        if hasattr(a, "bits"):  # Bits16: bfloat16 bits
+            out[name] = torch.from_numpy(np.ascontiguousarray(a.bits).view(np.int16)) \
+                .view(torch.bfloat16)
+        elif a.dtype.kind == "u" and a.dtype.itemsize > 1 and not hasattr(torch, "uint16"):
+            out[name] = torch.from_numpy(a.astype(np.int64))
+        else:
+            out[name] = torch.from_numpy(np.ascontiguousarray(a))
+    return out
