@@ -209,9 +209,12 @@ def _decode_sparse24(sf, lt, n_threads):
 
     p = lt.name[:-len(".weight")]
     comp = sf.tensors[p + ".compressed"]
+    bitmask = sf.array(p + ".bitmask")
+    cols = lt.shape[-1]
+    if cols % 8 and bitmask.size and np.any(bitmask[:, -1] >> (cols % 8)):
+        _fail(sf, p + ".bitmask", "padding bits after the last column are not zero")
     tensors = {p + ".shape": np.asarray(lt.shape, np.int64),
-               p + ".compressed": sf.array(comp.name),
-               p + ".bitmask": sf.array(p + ".bitmask")}
+               p + ".compressed": sf.array(comp.name), p + ".bitmask": bitmask}
     try:
         dense = sparse24.Sparse24Tensor.from_tensors(tensors, p).to_dense(n_threads=n_threads)
     except PruningError as exc:
