@@ -396,7 +396,10 @@ def test_shard_named_like_a_spool_file_is_not_clobbered(tmp_path, capsys):
                      "sparse-24-bitmask", "--quiet"], capsys)
     assert code == 0, err
     assert snapshot(ck) == before
-    assert sorted(os.listdir(out)) == ["a.safetensors", "a.safetensors.data", INDEX]
+    # a folder without config.json gets one holding the sparsity config loaders need
+    assert sorted(os.listdir(out)) == ["a.safetensors", "a.safetensors.data", "config.json",
+                                       INDEX]
+    assert list(json.loads((out / "config.json").read_text())) == ["quantization_config"]
     assert "b.compressed" in SafetensorsFile(out / "a.safetensors.data").tensors
 
 
