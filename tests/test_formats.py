@@ -352,3 +352,29 @@ def test_inspect_not_a_safetensors_file(tmp_path, capsys):
     assert main(["inspect", str(p)]) == 1
     err = capsys.readouterr().err
     assert "not a safetensors file" in err and "corrupt" not in err
+
+
+def test_transformers_loads_the_dense_and_densified_output(tmp_path):
+    """The README's compatibility table: the dense output (and a densified bitmask output) loads
+    in the transformers of the main environment with aprender's weights, bit for bit."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from aprender.torch import load_state_dict
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=32)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    prune_checkpoint(tmp_path / "m", tmp_path / "dense", sparsity=0.5)
+    prune_checkpoint(tmp_path / "m", tmp_path / "bm", sparsity=0.5, format="bitmask")
+    densify_checkpoint(tmp_path / "bm", tmp_path / "back")
+    ref = load_state_dict(tmp_path / "dense")
+    for folder in ("dense", "back"):
+        got = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / folder, dtype=torch.bfloat16).state_dict()
+        for n, v in ref.items():
+            assert torch.equal(got[n].view(torch.int16), v.view(torch.int16)), (folder, n)
+    q = ref["model.layers.0.mlp.up_proj.weight"]
+    assert int((q == 0).sum()) == q.numel() // 2
