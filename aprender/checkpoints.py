@@ -22,7 +22,7 @@ from .errors import (CheckpointError, InvalidArgumentError, InvalidPatternError,
                      InvalidShapeError, PruningError, ShapeMismatchError)
 from .io.checkpoint import Checkpoint, CheckpointWriter
 from .io.export import bitmask_tensors, masked_chunks, packed_tensors
-from .io.formats import FORMATS
+from .io.formats import FORMATS, logical_tensors
 from .io.checkpoint import read_json
 from .io.files import (OutputTarget, atomic_write_text, display, remove_tree, replace_path,
                        temp_name)
@@ -69,6 +69,16 @@ def sidecar_config(output, input):
     stem = output[:-len(".safetensors")] if output.endswith(".safetensors") else output
     base = os.path.join(os.path.dirname(os.path.abspath(input)), "config.json")
     return stem + ".config.json", base if os.path.isfile(base) else None
+
+
+def _refuse_compressed(ckpt):
+    """Pruning the parts of a compressed tensor would corrupt it: densify first."""
+    for s in ckpt.shards:
+        for lt in logical_tensors(ckpt.files[s]):
+            if lt.encoding != "dense":
+                raise CheckpointError(f"{display(ckpt.shard_path(s))}: tensor {lt.name!r} is "
+                                      f"stored compressed ({lt.encoding}); run 'aprender "
+                                      "densify' on it first")
 
 
 def _compile(patterns, flag):
@@ -207,6 +217,7 @@ class CheckpointPruner:
         t0 = time.perf_counter()
         ckpt = Checkpoint(a.input)
         self._check_paths(ckpt)
+        _refuse_compressed(ckpt)
         selected, skipped = select(ckpt, self.include, self.exclude)
         if not selected:
             raise CheckpointError(f"{display(a.input)}: no tensor matches the selection"

@@ -277,4 +277,4 @@ def render(report, table):
                      + (f" ({', '.join(c['failing'][:5])}"
                         f"{', ...' if len(c['failing']) > 5 else ''})" if c.get("failing")
                         else ""))
-    return "\n".join(display(x) if "\n" not in x else x for x in lines)
+    return "\n".join([lines[0]] + [display(x) for x in lines[1:]])  # the table is escaped

@@ -568,8 +568,6 @@ def load_state_dict(path, *, n_threads=None):
         if hasattr(a, "bits"):  # Bits16: bfloat16 bits
             out[name] = torch.from_numpy(np.ascontiguousarray(a.bits).view(np.int16)) \
                 .view(torch.bfloat16)
-        elif a.dtype.kind == "u" and a.dtype.itemsize > 1 and not hasattr(torch, "uint16"):
-            out[name] = torch.from_numpy(a.astype(np.int64))
         else:
             out[name] = torch.from_numpy(np.ascontiguousarray(a))
     return out

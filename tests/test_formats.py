@@ -378,3 +378,12 @@ def test_transformers_loads_the_dense_and_densified_output(tmp_path):
             assert torch.equal(got[n].view(torch.int16), v.view(torch.int16)), (folder, n)
     q = ref["model.layers.0.mlp.up_proj.weight"]
     assert int((q == 0).sum()) == q.numel() // 2
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "sparse-24-bitmask"])
+def test_prune_refuses_compressed_input(tmp_path, rng, fmt):
+    d, t = _folder(tmp_path, rng)
+    prune_checkpoint(d, tmp_path / "c", pattern="2:4", format=fmt)
+    with pytest.raises(CheckpointError, match="densify"):
+        prune_checkpoint(tmp_path / "c", tmp_path / "again", sparsity=0.5, include=["values"])
+    assert not (tmp_path / "again").exists()
