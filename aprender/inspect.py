@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from ._validation import prune_count
 from .io.checkpoint import Checkpoint, read_json
 from .io.files import display
 from .io.formats import decode, logical_tensors
@@ -40,23 +41,27 @@ def _zero_and_negzero(words, code):
 
 
 def _scan(words, lt):
-    """zeros, -0.0 count, and for each M dividing the last axis the largest number of non-zeros
-    in any group of M consecutive elements."""
+    """zeros, -0.0 count, the fewest zeros in any row (along the last axis), and for each M
+    dividing the last axis the largest number of non-zeros in any group of M consecutive
+    elements."""
     n = lt.size
     last = lt.shape[-1] if lt.shape else 0
     ms = [m for m in PATTERN_MS if last and last % m == 0]
     worst = {m: 0 for m in ms}
     zeros = negz = 0
-    step = max(16, (CHUNK // 16) * 16)
+    row_min = last
+    step = last * max(1, CHUNK // last) if last else max(n, 1)  # whole rows per chunk
     for a in range(0, n, step):
         z, neg = _zero_and_negzero(words[a:a + step], lt.dtype)
         zeros += int(np.count_nonzero(z))
         negz += neg
+        if last and z.size:
+            row_min = min(row_min, int(z.reshape(-1, last).sum(axis=1, dtype=np.int64).min()))
         for m in ms:
             nz = m - z.reshape(-1, m).sum(axis=1, dtype=np.int64)
             if nz.size:
                 worst[m] = max(worst[m], int(nz.max()))
-    return zeros, negz, worst
+    return zeros, negz, worst, row_min
 
 
 def _pattern(worst, n, zeros):
@@ -160,7 +165,7 @@ def inspect_checkpoint(path, *, check=False, n_threads=None):
         sf = ckpt.files[s]
         for lt in logical_tensors(sf):
             words = decode(sf, lt, n_threads)
-            zeros, negz, worst = _scan(words, lt)
+            zeros, negz, worst, row_min = _scan(words, lt)
             del words
             n = lt.size
             rows.append({"name": lt.name, "file": s, "shape": list(lt.shape),
@@ -170,7 +175,8 @@ def inspect_checkpoint(path, *, check=False, n_threads=None):
                          "sparsity": zeros / n if n else 0.0,
                          "pattern": _pattern(worst, n, zeros) if lt.dtype in FLOAT_DTYPES
                          and n else None,
-                         "max_nonzeros": {str(m): k for m, k in worst.items()}})
+                         "max_nonzeros": {str(m): k for m, k in worst.items()},
+                         "min_row_zeros": row_min})
     cfg, cfg_name = _config(ckpt)
     qc = cfg.get("quantization_config") if cfg else None
     sc = qc.get("sparsity_config") if isinstance(qc, dict) else None
@@ -214,6 +220,7 @@ def _checks(rows, prov, qc, sc):
                        "detail": (f"every group of {m} along the last axis of the "
                                   f"{len(pruned)} pruned tensors holds at most {n} non-zeros"
                                   if not bad else f"{len(bad)} pruned tensors break {declared}")})
+    checks += _sparsity_checks(rows, prov)
     negz = {r["name"]: r["negative_zeros"] for r in pruned if r["negative_zeros"]}
     checks.append({"check": "negative-zeros", "ok": not negz, "count": sum(negz.values()),
                    "failing": sorted(negz),
@@ -230,6 +237,44 @@ def _checks(rows, prov, qc, sc):
         checks.append({"check": "loaders", "ok": True,
                        "detail": "no sparsity_config for loaders to reject"})
     return checks
+
+
+def _sparsity_checks(rows, prov):
+    """The recorded unstructured / per-row sparsity holds: at least the pruned count of zeros
+    per tensor (layer scope), over all pruned tensors (global scope) or per row (per-row).
+    Zeros already in the weights only add to the count, hence "at least"."""
+    out = []
+    for p in prov:
+        st = p["settings"]
+        if not isinstance(st, dict) or st.get("pattern") not in ("unstructured", "per-row"):
+            continue
+        s = st.get("sparsity")
+        alloc = st.get("allocation") if isinstance(st.get("allocation"), dict) else {}
+        mine = [r for r in rows if r["pruned"] and r["file"] in p["shards"]]
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s <= 1:
+            continue
+        if alloc.get("method", "uniform") != "uniform":
+            out.append({"check": "sparsity", "ok": True, "declared": st["pattern"],
+                        "failing": [], "detail": f"{alloc.get('method')} allocation: per-layer "
+                                                 "sparsities are not recorded, not verified"})
+            continue
+        if st["pattern"] == "per-row":
+            bad = [r["name"] for r in mine
+                   if r["shape"] and r["min_row_zeros"] < prune_count(s, r["shape"][-1])]
+            what = f"every row of the {len(mine)} pruned tensors has {s:.2%} zeros or more"
+        elif st.get("scope") == "global":
+            total = sum(r["total"] for r in mine)
+            ok = sum(r["zeros"] for r in mine) >= prune_count(s, total)
+            bad = [] if ok else sorted(r["name"] for r in mine)
+            what = f"the {len(mine)} pruned tensors together have {s:.2%} zeros or more"
+        else:
+            bad = [r["name"] for r in mine if r["zeros"] < prune_count(s, r["total"])]
+            what = f"each of the {len(mine)} pruned tensors has {s:.2%} zeros or more"
+        out.append({"check": "sparsity", "ok": not bad, "declared": f"{st['pattern']} {s}",
+                    "failing": bad,
+                    "detail": what if not bad else f"{len(bad)} pruned tensors have fewer "
+                                                   f"zeros than {st['pattern']} {s} prunes"})
+    return out
 
 
 def _shape(shape):

@@ -387,3 +387,29 @@ def test_prune_refuses_compressed_input(tmp_path, rng, fmt):
     with pytest.raises(CheckpointError, match="densify"):
         prune_checkpoint(tmp_path / "c", tmp_path / "again", sparsity=0.5, include=["values"])
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("pattern, scope, zero_rows, ok", [
+    ("per-row", "layer", [0, 1, 2, 3], True),
+    ("per-row", "layer", [0, 1, 2], False),       # row 3 has no zeros
+    ("unstructured", "layer", [0, 1, 2, 3], True),
+    ("unstructured", "layer", [0], False),        # 25 % zeros, 50 % declared
+    ("unstructured", "global", [0, 1], True),     # the two tensors together hold 50 %
+])
+def test_inspect_check_declared_sparsity(tmp_path, rng, pattern, scope, zero_rows, ok):
+    a = _w(rng, (4, 8), np.float32)
+    b = _w(rng, (4, 8), np.float32)
+    for r in zero_rows:
+        a[r, :4] = 0
+        b[r, 4:] = 0
+    if scope == "global":
+        b[:] = 0  # all of b pruned, none of a's rows 2-3: 75 % together
+    meta = {"aprender": json.dumps({"version": "0", "pattern": pattern, "sparsity": 0.5,
+                                    "scope": scope, "format": "dense",
+                                    "allocation": {"method": "uniform"},
+                                    "selection": {"include": ["weight"], "exclude": []}})}
+    p = tmp_path / "s.safetensors"
+    write_safetensors(p, {"a.weight": a, "b.weight": b}, meta)
+    rep = inspect_checkpoint(p, check=True)
+    c = [c for c in rep["checks"] if c["check"] == "sparsity"]
+    assert len(c) == 1 and c[0]["ok"] is ok and rep["ok"] is ok
