@@ -413,3 +413,16 @@ def test_inspect_check_declared_sparsity(tmp_path, rng, pattern, scope, zero_row
     rep = inspect_checkpoint(p, check=True)
     c = [c for c in rep["checks"] if c["check"] == "sparsity"]
     assert len(c) == 1 and c[0]["ok"] is ok and rep["ok"] is ok
+
+
+def test_cli_warns_once_about_the_legacy_format(tmp_path, rng, capsys):
+    d, t = _folder(tmp_path, rng)
+    assert main(["prune", str(d), "-o", str(tmp_path / "sp"), "--pattern", "2:4", "--format",
+                 "sparse-24-bitmask", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compressed-tensors <= 0.14" in err[0] and "0.19.1" in err[0]
+    assert main(["prune", str(d), "-o", str(tmp_path / "bm"), "--sparsity", "0.5", "--format",
+                 "bitmask", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["densify", str(tmp_path / "bm"), "-o", str(tmp_path / "back")]) == 0
+    assert "3 bitmask" in capsys.readouterr().out
