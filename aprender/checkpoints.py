@@ -20,10 +20,9 @@ from . import __version__
 from ._validation import resolve_threads
 from .errors import (CheckpointError, InvalidArgumentError, InvalidPatternError,
                      InvalidShapeError, PruningError, ShapeMismatchError)
-from .io.checkpoint import Checkpoint, CheckpointWriter
+from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
 from .io.export import bitmask_tensors, masked_chunks, packed_tensors
 from .io.formats import FORMATS, logical_tensors
-from .io.checkpoint import read_json
 from .io.files import (OutputTarget, atomic_write_text, display, remove_tree, replace_path,
                        temp_name)
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,

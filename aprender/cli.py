@@ -1,8 +1,9 @@
-"""The ``aprender`` command line (prune, calibrate, inspect, densify): argparse, tables, exit codes.
-The work is done by :mod:`aprender.checkpoints`, :mod:`aprender.hf` and :mod:`aprender.io`.
+"""The ``aprender`` command line (prune, calibrate, inspect, densify): argparse, tables, exit
+codes.  The work is done by :mod:`aprender.checkpoints`, :mod:`aprender.densify`,
+:mod:`aprender.inspect`, :mod:`aprender.hf` and :mod:`aprender.io`.
 
 Exit codes: 0 success, 1 failure (unreadable input, shape that does not fit the pattern, nothing
-selected, I/O error), 2 usage error (bad option values), 130/143 interrupted (SIGINT/SIGTERM).
+selected, I/O error, a failed ``inspect --check``), 2 usage error (bad option values), 130/143 interrupted (SIGINT/SIGTERM).
 """
 import argparse
 import json
@@ -14,12 +15,12 @@ import sys
 from . import __version__
 from ._threads import MAX_THREADS
 from .checkpoints import DEFAULT_EXCLUDE, WARN_SPARSITY, CheckpointPruner
+from .densify import densify_checkpoint
 from .errors import PruningError, UnsafePathError
+from .inspect import inspect_checkpoint, render
 from .io.checkpoint import INDEX_NAME, Checkpoint
 from .io.files import OutputTarget, display
 from .io.formats import FORMATS
-from .inspect import inspect_checkpoint, render
-from .densify import densify_checkpoint
 
 LEGACY_24_WARNING = ("sparse-24-bitmask is read only by compressed-tensors <= 0.14 and vLLM "
                      "before 0.19.1 (transformers 5 loads it with random weights); use the "
