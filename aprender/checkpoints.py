@@ -406,7 +406,7 @@ class CheckpointPruner:
         sf = self.ckpt.files[shard]
         fmt = self.args.format
         planned = None if fmt != "dense" else {t.name: (t.dtype, t.shape, t.nbytes) for t in sf}
-        out = writer.shard(shard, self._metadata(sf.metadata), planned)
+        out = writer.shard(shard, self._metadata(sf.metadata, shard), planned)
         for t in sf:
             if (shard, t.name) not in self.sel_index:
                 out.copy(sf, t)
@@ -464,13 +464,17 @@ class CheckpointPruner:
         return {"include": a.include or [DEFAULT_INCLUDE],
                 "exclude": a.exclude if a.include else [DEFAULT_EXCLUDE] + a.exclude}
 
-    def _metadata(self, metadata):
+    def _metadata(self, metadata, shard):
+        """The shard's metadata plus aprender's record; ``pruned`` names the shard's pruned
+        tensors, so ``inspect`` never has to run the recorded (untrusted) regexes."""
         meta = dict(metadata)
         allocation = {k: v for k, v in self._allocation_report().items()
                       if k in ("method", "m", "lambda")}
+        pruned = [t.name for t in self.ckpt.files[shard] if (shard, t.name) in self.sel_index]
         meta["aprender"] = json.dumps({"version": __version__, **self._settings(),
                                        "allocation": allocation,
-                                       "selection": self._selection()}, separators=(",", ":"))
+                                       "selection": self._selection(), "pruned": pruned},
+                                      separators=(",", ":"))
         return meta
 
     def _allocation_report(self):

@@ -92,22 +92,31 @@ def _config(ckpt):
 
 
 def _provenance(ckpt):
-    """One record per distinct ``aprender`` metadata, with the shards that carry it."""
+    """One record per distinct aprender setting (the per-shard list of pruned tensors aside):
+    ``shards``, ``settings`` and ``pruned`` (the listed names of all those shards, or None)."""
     seen = {}
     for s in ckpt.shards:
         raw = ckpt.files[s].metadata.get("aprender")
         if raw is None:
             continue
-        seen.setdefault(raw, []).append(s)
-    out = []
-    for raw, shards in sorted(seen.items(), key=lambda kv: kv[1][0]):
         try:
             info = json.loads(raw)
         except ValueError:
             info = None
-        out.append({"shards": sorted(shards), "settings": info if isinstance(info, dict)
-                    else raw})
-    return out
+        listed = None
+        if isinstance(info, dict):
+            info = dict(info)
+            listed = info.pop("pruned", None)
+            key = json.dumps(info, sort_keys=True)
+        else:
+            info, key = raw, raw
+        rec = seen.setdefault(key, {"shards": [], "settings": info, "pruned": None})
+        rec["shards"].append(s)
+        if isinstance(listed, list):
+            rec["pruned"] = (rec["pruned"] or []) + [x for x in listed if isinstance(x, str)]
+    for rec in seen.values():
+        rec["shards"].sort()
+    return sorted(seen.values(), key=lambda r: r["shards"][0])
 
 
 def _declared(prov, sparsity_config):
@@ -125,35 +134,30 @@ def _declared(prov, sparsity_config):
 
 def _pruned_names(rows, prov, sparsity_config):
     """Names of the pruned weights: compressed tensors, the config's targets, and the tensors
-    aprender's recorded selection rule picks."""
+    aprender's metadata lists as pruned.  The regular expressions it records are untrusted
+    (a crafted one backtracks for ever) and are never run; only aprender's own default rule is
+    evaluated, for metadata without the list."""
+    from .checkpoints import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+
     names = {r["name"] for r in rows if r["encoding"] != "dense"}
     if isinstance(sparsity_config, dict) and isinstance(sparsity_config.get("targets"), list):
         t = {x + ".weight" for x in sparsity_config["targets"] if isinstance(x, str)}
         names |= {r["name"] for r in rows if r["name"] in t}
-    if prov:
-        from .checkpoints import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
-
-        for p in prov:
-            sel = p["settings"].get("selection") if isinstance(p["settings"], dict) else None
-            if not isinstance(sel, dict):
-                continue
-            inc = [x for x in sel.get("include", []) if isinstance(x, str)]
-            exc = [x for x in sel.get("exclude", []) if isinstance(x, str)
-                   and x != DEFAULT_EXCLUDE]
-            for r in rows:
-                if r["file"] not in p["shards"] or r["dtype"] not in FLOAT_DTYPES:
-                    continue
-                try:
-                    if inc == [DEFAULT_INCLUDE]:
-                        hit = (len(r["shape"]) == 2 and re.search(r"(^|\.)weight$", r["name"])
-                               and not re.search(DEFAULT_EXCLUDE, r["name"]))
-                    else:
-                        hit = r["shape"] and any(re.search(x, r["name"]) for x in inc)
-                    hit = hit and not any(re.search(x, r["name"]) for x in exc)
-                except re.error:
-                    hit = False
-                if hit:
-                    names.add(r["name"])
+    for p in prov:
+        st = p["settings"] if isinstance(p["settings"], dict) else {}
+        mine = [r for r in rows if r["file"] in p["shards"]]
+        if p["pruned"] is not None:
+            listed = set(p["pruned"])
+            names |= {r["name"] for r in mine if r["name"] in listed}
+            continue
+        sel = st.get("selection")
+        if not isinstance(sel, dict) or sel.get("include") != [DEFAULT_INCLUDE] \
+                or sel.get("exclude") != [DEFAULT_EXCLUDE]:
+            continue
+        names |= {r["name"] for r in mine
+                  if r["dtype"] in FLOAT_DTYPES and len(r["shape"]) == 2
+                  and re.search(r"(^|\.)weight$", r["name"])
+                  and not re.search(DEFAULT_EXCLUDE, r["name"])}
     return names
 
 

@@ -323,7 +323,8 @@ def test_inspect_check_counts_negative_zeros_and_declared_pattern(tmp_path, rng,
     w[:, :2] = -0.0  # pruned positions stored as -0.0
     w[0, 0] = 1.0  # and one group breaks the declared 2:4
     meta = {"aprender": json.dumps({"version": "0", "pattern": "2:4", "format": "dense",
-                                    "selection": {"include": ["weight"], "exclude": []}})}
+                                    "selection": {"include": ["weight"], "exclude": []},
+                                    "pruned": ["w.weight"]})}
     p = tmp_path / "neg.safetensors"
     write_safetensors(p, {"w.weight": w.reshape(8, 16)}, meta)
     assert main(["inspect", str(p), "--check", "--json"]) == 1
@@ -407,7 +408,8 @@ def test_inspect_check_declared_sparsity(tmp_path, rng, pattern, scope, zero_row
     meta = {"aprender": json.dumps({"version": "0", "pattern": pattern, "sparsity": 0.5,
                                     "scope": scope, "format": "dense",
                                     "allocation": {"method": "uniform"},
-                                    "selection": {"include": ["weight"], "exclude": []}})}
+                                    "selection": {"include": ["weight"], "exclude": []},
+                                    "pruned": ["a.weight", "b.weight"]})}
     p = tmp_path / "s.safetensors"
     write_safetensors(p, {"a.weight": a, "b.weight": b}, meta)
     rep = inspect_checkpoint(p, check=True)
@@ -426,3 +428,29 @@ def test_cli_warns_once_about_the_legacy_format(tmp_path, rng, capsys):
     assert capsys.readouterr().err == ""
     assert main(["densify", str(tmp_path / "bm"), "-o", str(tmp_path / "back")]) == 0
     assert "3 bitmask" in capsys.readouterr().out
+
+
+def test_inspect_never_runs_recorded_regexes(tmp_path, rng):
+    """Metadata is untrusted: a recorded --include such as '(a+)+$' could backtrack for ever, so
+    pruned tensors come from the recorded list (or aprender's own default rule), never from it."""
+    d, t = _folder(tmp_path, rng)
+    prune_checkpoint(d, tmp_path / "o", sparsity=0.5, include=["q_proj"])
+    sf = SafetensorsFile(tmp_path / "o" / "model.safetensors")
+    info = json.loads(sf.metadata["aprender"])
+    assert info["pruned"] == ["model.layers.0.q_proj.weight", "model.layers.1.q_proj.weight"]
+    rows = {r["name"]: r["pruned"] for r in inspect_checkpoint(tmp_path / "o")["tensors"]}
+    assert [n for n, p in rows.items() if p] == info["pruned"]
+    del info["pruned"]  # an older or hand-made record: its include regex is not evaluated
+    raw = dict(sf.metadata, aprender=json.dumps(info))
+    write_safetensors(tmp_path / "x.safetensors", load_dense(tmp_path / "o"), raw)
+    assert not any(r["pruned"] for r in inspect_checkpoint(tmp_path / "x.safetensors")["tensors"])
+    prune_checkpoint(d, tmp_path / "default", sparsity=0.5)  # the default rule is aprender's own
+    info = json.loads(SafetensorsFile(tmp_path / "default" / "model.safetensors")
+                      .metadata["aprender"])
+    del info["pruned"]
+    write_safetensors(tmp_path / "y.safetensors", load_dense(tmp_path / "default"),
+                      {"aprender": json.dumps(info)})
+    got = [r["name"] for r in inspect_checkpoint(tmp_path / "y.safetensors")["tensors"]
+           if r["pruned"]]
+    assert got == ["model.layers.0.q_proj.weight", "model.layers.0.up_proj.weight",
+                   "model.layers.1.q_proj.weight"]
