@@ -145,6 +145,8 @@ def test_single_file_sparse24_config_alongside(tmp_path, rng):
     cfg = json.loads((tmp_path / "o.config.json").read_text())
     assert cfg["model_type"] == "llama"  # the config next to the input, extended
     assert cfg["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    rep = inspect_checkpoint(out, check=True)  # inspect finds the sidecar
+    assert rep["config"]["file"] == "o.config.json" and not rep["ok"]
     # an existing sidecar is an output like OUTPUT: replaced only with force
     out.unlink()
     with pytest.raises(CheckpointError, match="config file .* already exists"):
