@@ -20,9 +20,11 @@ from . import __version__
 from ._validation import resolve_threads
 from .errors import (CalibrationError, CheckpointError, InvalidArgumentError, InvalidPatternError,
                      InvalidShapeError, PruningError, ShapeMismatchError)
-from .io.checkpoint import Checkpoint, CheckpointWriter
-from .io.export import bitmask_tensors, masked_chunks
-from .io.files import OutputTarget, atomic_write_text, display
+from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
+from .io.export import bitmask_tensors, masked_chunks, packed_tensors
+from .io.formats import FORMATS, logical_tensors
+from .io.files import (OutputTarget, atomic_write_text, display, remove_tree, replace_path,
+                       temp_name)
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
                            layer_magnitude_mask)
 from .pruning.selection import GlobalPlan, MappedUnit, wanda_units
@@ -54,6 +56,28 @@ def prune_checkpoint(input, output=None, *, sparsity=None, pattern=None,
     if job.output is None and not dry_run:
         raise InvalidArgumentError("output is required unless dry_run=True")
     return CheckpointPruner(job, progress).run()
+
+
+CT_VERSION = "0.14.0.1"  # the compressed-tensors release whose sparse-24-bitmask we write
+
+
+def sidecar_config(output, input):
+    """(path, base) of the config.json written alongside a single-file sparse-24-bitmask
+    OUTPUT (``X.safetensors`` -> ``X.config.json``) and the config.json next to INPUT that it
+    extends (None when there is none)."""
+    stem = output[:-len(".safetensors")] if output.endswith(".safetensors") else output
+    base = os.path.join(os.path.dirname(os.path.abspath(input)), "config.json")
+    return stem + ".config.json", base if os.path.isfile(base) else None
+
+
+def _refuse_compressed(ckpt):
+    """Pruning the parts of a compressed tensor would corrupt it: densify first."""
+    for s in ckpt.shards:
+        for lt in logical_tensors(ckpt.files[s]):
+            if lt.encoding != "dense":
+                raise CheckpointError(f"{display(ckpt.shard_path(s))}: tensor {lt.name!r} is "
+                                      f"stored compressed ({lt.encoding}); run 'aprender "
+                                      "densify' on it first")
 
 
 def _compile(patterns, flag):
@@ -154,6 +178,9 @@ class CheckpointPruner:
                                       "here")
         if args.scope == "global" and not p.is_unstructured:
             raise InvalidArgumentError("--scope global needs --pattern unstructured")
+        if args.format not in FORMATS:
+            raise InvalidArgumentError(f"--format must be one of {', '.join(FORMATS)}, got "
+                                       f"{args.format!r}")
         if args.format == "sparse-24-bitmask" and not (p.is_nm and (p.n, p.m) == (2, 4)):
             raise InvalidArgumentError("--format sparse-24-bitmask needs --pattern 2:4")
         if args.max_tensor_sparsity is not None and args.scope != "global":
@@ -180,6 +207,12 @@ class CheckpointPruner:
         if not a.dry_run:
             self.target = OutputTarget(a.output, inputs, force=a.force,
                                        kind="dir" if ckpt.is_dir else "file")
+        self.config_path = self.config_base = None
+        if a.format == "sparse-24-bitmask" and not ckpt.is_dir and not a.dry_run:
+            self.config_path, self.config_base = sidecar_config(a.output, a.input)
+            inputs += [self.config_base] if self.config_base else []
+            OutputTarget(self.config_path, inputs, force=a.force, what="config file",
+                         avoid=[("OUTPUT", a.output)])
         if a.report:
             avoid = [] if a.dry_run else [("OUTPUT", a.output)]
             OutputTarget(a.report, inputs, force=a.force, what="--report", avoid=avoid)
@@ -189,6 +222,7 @@ class CheckpointPruner:
         t0 = time.perf_counter()
         ckpt = Checkpoint(a.input)
         self._check_paths(ckpt)
+        _refuse_compressed(ckpt)
         selected, skipped = select(ckpt, self.include, self.exclude)
         if not selected:
             raise CheckpointError(f"{display(a.input)}: no tensor matches the selection"
@@ -398,19 +432,31 @@ class CheckpointPruner:
     def _write_all(self):
         ckpt = self.ckpt
         writer = CheckpointWriter(ckpt, self.target.path, pause_hook=_test_pause_hook())
+        sidecar = None
         try:
             for s in ckpt.shards:
                 self._write_shard(writer, s)
             if ckpt.is_dir:
                 writer.copy_others()
                 writer.write_index(rebuild=self.args.format != "dense")
-                if self.args.format != "dense":
+                if self.args.format == "sparse-24-bitmask":
                     cfg = writer.read_output_json("config.json")
-                    if isinstance(cfg, dict):
-                        writer.write_json("config.json", self._update_config(cfg))
+                    if cfg is None or isinstance(cfg, dict):  # absent: one with the config
+                        writer.write_json("config.json", self._update_config(cfg or {}))
+            if self.config_path is not None:  # single file: the config goes alongside
+                cfg = read_json(self.config_base) if self.config_base else {}
+                cfg = cfg if isinstance(cfg, dict) else {}
+                sidecar = temp_name(self.config_path, "file")
+                with open(sidecar, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(self._update_config(cfg), indent=2) + "\n")
             writer.commit()
+            if sidecar is not None:
+                replace_path(sidecar, self.config_path)
+                sidecar = None
         except BaseException as exc:
             writer.abort()
+            if sidecar is not None:
+                remove_tree(sidecar)
             if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
                 # never name the temporary output: say what the user asked for
                 why = exc.strerror or str(exc)
@@ -420,20 +466,23 @@ class CheckpointPruner:
 
     def _write_shard(self, writer, shard):
         sf = self.ckpt.files[shard]
-        bitmask = self.args.format != "dense"
-        planned = None if bitmask else {t.name: (t.dtype, t.shape, t.nbytes) for t in sf}
-        out = writer.shard(shard, self._metadata(sf.metadata), planned)
+        fmt = self.args.format
+        planned = None if fmt != "dense" else {t.name: (t.dtype, t.shape, t.nbytes) for t in sf}
+        out = writer.shard(shard, self._metadata(sf.metadata, shard), planned)
         for t in sf:
             if (shard, t.name) not in self.sel_index:
                 out.copy(sf, t)
             else:
                 keep, words = self._prune(shard, t)
                 self._row(shard, t, keep)
-                if bitmask:
-                    src = sf.words(t.name) if words is None else words
-                    for name, code, shape, arr in bitmask_tensors(src, keep, t, self.nt):
+                if fmt != "dense":
+                    src = sf.words(t.name) if words is None else words  # SparseGPT: updated
+                    enc = (bitmask_tensors(src, keep, t, self.nt) if fmt ==
+                           "sparse-24-bitmask" else packed_tensors(src, keep, t))
+                    for name, code, shape, arr in enc:
                         out.add(name, code, shape, [arr], arr.nbytes)
-                elif words is not None:  # SparseGPT: the updated weights, pruned ones +0.0
+                    del enc
+                elif words is not None:  # the updated weights, pruned ones +0.0
                     out.add(t.name, t.dtype, t.shape, [words], t.nbytes)
                 else:
                     out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, self.nt),
@@ -443,21 +492,27 @@ class CheckpointPruner:
         out.close()
 
     def _update_config(self, cfg):
+        """``cfg`` with the compressed-tensors sparsity config of a sparse-24-bitmask output,
+        as compressed-tensors 0.14 writes it (``quant_method``, ``sparsity_config``,
+        ``transform_config``, ``version``; no quantization keys for a model that is only
+        sparse).  ``global_sparsity``: the fraction of all the checkpoint's elements pruned."""
         pruned = sum(r["total"] - r["kept"] for r in self.rows)
-        total = sum(r["total"] for r in self.rows)
+        everything = sum(t.size for _, t in self.ckpt.items())
         sparsity_config = {
             "format": "sparse-24-bitmask",
-            "global_sparsity": pruned / total if total else 0.0,
-            "registry_requires_subclass": False,
+            "global_sparsity": pruned / everything if everything else 0.0,
             "sparsity_structure": "2:4",
             "targets": sorted({r["name"][:-len(".weight")] if r["name"].endswith(".weight")
                                else r["name"] for r in self.rows}),
             "ignore": [],
         }
         qc = cfg.get("quantization_config")
-        if not isinstance(qc, dict):
-            qc = {"quant_method": "compressed-tensors", "format": "dense"}
-        qc["sparsity_config"] = sparsity_config
+        qc = dict(qc) if isinstance(qc, dict) else {}
+        if qc.get("format") == "dense" and "config_groups" not in qc:
+            del qc["format"]  # left by aprender before 0.1.1: compressed-tensors rejects it
+        qc.update({"quant_method": "compressed-tensors", "sparsity_config": sparsity_config,
+                   "transform_config": qc.get("transform_config") or {},
+                   "version": CT_VERSION})
         cfg["quantization_config"] = qc
         return cfg
 
@@ -474,13 +529,17 @@ class CheckpointPruner:
         return {"include": a.include or [DEFAULT_INCLUDE],
                 "exclude": a.exclude if a.include else [DEFAULT_EXCLUDE] + a.exclude}
 
-    def _metadata(self, metadata):
+    def _metadata(self, metadata, shard):
+        """The shard's metadata plus aprender's record; ``pruned`` names the shard's pruned
+        tensors, so ``inspect`` never has to run the recorded (untrusted) regexes."""
         meta = dict(metadata)
         allocation = {k: v for k, v in self._allocation_report().items()
                       if k in ("method", "m", "lambda")}
+        pruned = [t.name for t in self.ckpt.files[shard] if (shard, t.name) in self.sel_index]
         meta["aprender"] = json.dumps({"version": __version__, **self._settings(),
                                        "allocation": allocation,
-                                       "selection": self._selection()}, separators=(",", ":"))
+                                       "selection": self._selection(), "pruned": pruned},
+                                      separators=(",", ":"))
         return meta
 
     def _allocation_report(self):

@@ -1,8 +1,9 @@
-"""The ``aprender`` command line (prune, calibrate, inspect): argparse, tables, exit codes.
-The work is done by :mod:`aprender.checkpoints`, :mod:`aprender.hf` and :mod:`aprender.io`.
+"""The ``aprender`` command line (prune, calibrate, inspect, densify): argparse, tables, exit
+codes.  The work is done by :mod:`aprender.checkpoints`, :mod:`aprender.densify`,
+:mod:`aprender.inspect`, :mod:`aprender.hf` and :mod:`aprender.io`.
 
 Exit codes: 0 success, 1 failure (unreadable input, shape that does not fit the pattern, nothing
-selected, I/O error), 2 usage error (bad option values), 130/143 interrupted (SIGINT/SIGTERM).
+selected, I/O error, a failed ``inspect --check``), 2 usage error (bad option values), 130/143 interrupted (SIGINT/SIGTERM).
 """
 import argparse
 import json
@@ -11,18 +12,19 @@ import os
 import signal
 import sys
 
-import numpy as np
-
 from . import __version__
 from ._threads import MAX_THREADS
-from ._validation import ABS16
 from .checkpoints import DEFAULT_EXCLUDE, WARN_SPARSITY, CheckpointPruner
+from .densify import densify_checkpoint
 from .errors import PruningError, UnsafePathError
+from .inspect import inspect_checkpoint, render
 from .io.checkpoint import INDEX_NAME, Checkpoint
 from .io.files import OutputTarget, display
-from .io.safetensors import FLOAT_DTYPES
+from .io.formats import FORMATS
 
-CHUNK = 1 << 22  # elements per inspect chunk
+LEGACY_24_WARNING = ("sparse-24-bitmask is read only by compressed-tensors <= 0.14 and vLLM "
+                     "before 0.19.1 (transformers 5 loads it with random weights); use the "
+                     "default dense format or 'aprender densify' for today's loaders")
 
 SELECTION_HELP = (
     "By default every 2-D floating tensor whose name ends in '.weight' is pruned, except "
@@ -122,11 +124,15 @@ def build_parser():
                          "rule)")
     pr.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                     help="leave tensors whose name matches alone (repeatable)")
-    pr.add_argument("--format", choices=("dense", "sparse-24-bitmask"), default="dense",
-                    help="dense: zeros written in place (default); sparse-24-bitmask (with "
-                         "--pattern 2:4): compressed-tensors tensors P.shape/P.compressed/"
-                         "P.bitmask (P: the name without '.weight'), plus the sparsity config "
-                         "in config.json for a folder")
+    pr.add_argument("--format", choices=FORMATS, default="dense",
+                    help="dense: zeros written in place (default; every loader reads it); "
+                         "bitmask: kept values + packed mask + shape per pruned tensor (any "
+                         "pattern, lossless, about 0.56x the bytes at 50%% in bfloat16; read by "
+                         "'aprender densify' and aprender.io.load_dense); sparse-24-bitmask "
+                         "(with --pattern 2:4): compressed-tensors tensors P.shape/P.compressed/"
+                         "P.bitmask plus the sparsity config in config.json (X.config.json "
+                         "beside a single file); read only by compressed-tensors <= 0.14 and "
+                         "vLLM before 0.19.1")
     pr.add_argument("--max-tensor-sparsity", type=_fraction, metavar="F",
                     help="global scope: cap on any one tensor's pruned fraction (the overall "
                          "count stays exact)")
@@ -168,12 +174,38 @@ def build_parser():
     cal.add_argument("--force", action="store_true", help="replace an existing output file")
     cal.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
-    ins = sub.add_parser("inspect", help="per-tensor shape, dtype, zero fraction, N:M pattern",
-                         description="List every tensor of a .safetensors file or checkpoint "
-                                     "folder with its shape, dtype, fraction of zeros and the "
-                                     "sparsest N:M pattern (M in 4, 8, 16) it satisfies.")
+    ins = sub.add_parser("inspect", help="per-tensor shape, dtype, sparsity, N:M pattern",
+                         description="List the tensors of a .safetensors file or checkpoint "
+                                     "folder as a model loads them (compressed tensors read "
+                                     "as one), with shape, dtype, sparsity and the N:M pattern "
+                                     "every group along the last axis satisfies (N <= M/2, M "
+                                     "in 4, 8, 16); the sparsity of the pruned weights apart "
+                                     "from the whole checkpoint; the config's sparsity section; "
+                                     "one provenance line.",
+                         epilog="Exit codes: 0 ok, 1 failure (or a failed --check), 2 usage "
+                                "error.")
     ins.add_argument("path", metavar="PATH")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.add_argument("--check", action="store_true",
+                     help="verify the declared pattern (aprender metadata or config), count -0.0 "
+                          "in the pruned tensors and flag a sparsity_config current loaders "
+                          "reject; exit 1 when a check fails")
+
+    de = sub.add_parser("densify", help="write a compressed checkpoint back as a dense one",
+                        description="Turn aprender's bitmask and sparse-24-bitmask outputs, and "
+                                    "compressed-tensors sparse-24-bitmask checkpoints from other "
+                                    "tools, into a dense checkpoint (the sparsity_config removed "
+                                    "from config.json), streamed tensor by tensor with the "
+                                    "safety rules of 'prune'.",
+                        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 130/143 "
+                               "interrupted.")
+    de.add_argument("input", metavar="INPUT", help=".safetensors file or checkpoint folder")
+    de.add_argument("-o", "--output", metavar="OUTPUT", required=True,
+                    help="output file or folder (written under a temporary name, then renamed)")
+    de.add_argument("--threads", type=_threads, metavar="N", help="threads for the kernels")
+    de.add_argument("--force", action="store_true",
+                    help="replace an existing OUTPUT; never one that holds the input")
+    de.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p
 
 
@@ -223,63 +255,24 @@ def print_table(report):
 # inspect
 # ----------------------------------------------------------------------------------------------
 
-def _zero_words(words, code):
-    if code in ("BF16", "F16"):
-        return (words & np.uint16(ABS16)) == 0
-    if code in ("F32", "F64"):
-        return words.view(np.float32 if code == "F32" else np.float64) == 0
-    return words == 0
-
-
-def inspect_tensor(sf, t):
-    words = sf.words(t.name)
-    n = t.size
-    zeros = 0
-    last = t.shape[-1] if t.shape else 0
-    ms = [m for m in (4, 8, 16) if last and last % m == 0]
-    worst = {m: 0 for m in ms}
-    step = max(16, (CHUNK // 16) * 16)
-    for a in range(0, n, step):
-        z = _zero_words(words[a:a + step], t.dtype)
-        zeros += int(np.count_nonzero(z))
-        for m in ms:
-            nz = m - z.reshape(-1, m).sum(axis=1, dtype=np.int64)
-            if nz.size:
-                worst[m] = max(worst[m], int(nz.max()))
-    nm = None
-    if n and t.dtype in FLOAT_DTYPES:
-        best = None
-        for m in ms:
-            if worst[m] < m:
-                ratio = worst[m] / m
-                if best is None or ratio < best[0]:
-                    best = (ratio, f"{worst[m]}:{m}")
-        nm = best[1] if best else None
-    return {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "total": n,
-            "zeros": zeros, "zero_fraction": zeros / n if n else 0.0, "nm": nm}
-
-
 def run_inspect(args):
-    ckpt = Checkpoint(args.path)
-    rows = []
-    for shard, t in ckpt.items():
-        r = inspect_tensor(ckpt.files[shard], t)
-        r["file"] = shard
-        rows.append(r)
+    report = inspect_checkpoint(args.path, check=args.check)
     if args.json:
-        meta = {s: ckpt.files[s].metadata for s in ckpt.shards}
-        print(json.dumps({"tensors": rows, "metadata": meta}, indent=2))
-        return 0
-    print(_fmt_table(["tensor", "shape", "dtype", "zeros", "N:M"],
-                     [[r["name"], "x".join(map(str, r["shape"])) or "scalar", r["dtype"],
-                       f"{r['zero_fraction']:.2%}", r["nm"] or "-"] for r in rows], right=(3,)))
-    total = sum(r["total"] for r in rows)
-    zeros = sum(r["zeros"] for r in rows)
-    print(f"{len(rows)} tensors, {total} elements, {zeros / total if total else 0:.2%} zeros")
-    for s in ckpt.shards:
-        if "aprender" in ckpt.files[s].metadata:
-            print(f"{display(s)}: pruned by aprender: "
-                  f"{display(ckpt.files[s].metadata['aprender'])}")
+        print(json.dumps(report, indent=2))
+    else:
+        print(render(report, _fmt_table))
+    return 0 if report.get("ok", True) else 1
+
+
+def run_densify(args):
+    if args.output == "":
+        raise UsageError("OUTPUT is empty")
+    rep = densify_checkpoint(args.input, args.output, force=args.force, n_threads=args.threads)
+    if not args.quiet:
+        kinds = ", ".join(f"{v} {k}" for k, v in rep["decoded"].items()) or "none compressed"
+        print(f"{rep['tensors']} tensors ({kinds}); {rep['bytes_read'] / 1e6:.1f} MB -> "
+              f"{rep['bytes_written'] / 1e6:.1f} MB in {rep['wall_s']:.2f} s -> "
+              f"{display(rep['output'])}")
     return 0
 
 
@@ -322,6 +315,8 @@ def run_prune(args):
         print_table(report)
     for w in report["warnings"]:
         print(f"aprender: warning: {display(w)}", file=sys.stderr)
+    if args.format == "sparse-24-bitmask" and not args.dry_run:
+        print(f"aprender: warning: {LEGACY_24_WARNING}", file=sys.stderr)
     return 0
 
 
@@ -365,6 +360,8 @@ def main(argv=None):
                 return run_inspect(args)
             if args.command == "calibrate":
                 return run_calibrate(args)
+            if args.command == "densify":
+                return run_densify(args)
             return run_prune(args)
         finally:
             sys.stdout.flush()

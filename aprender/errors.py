@@ -14,6 +14,7 @@ __all__ = [
     "LayoutError",
     "CheckpointError",
     "UnsafePathError",
+    "CompressedFormatError",
     "DeviceError",
     "CalibrationError",
     "InvalidCalibrationError",
@@ -78,6 +79,13 @@ class CheckpointError(PruningError, ValueError):
 class UnsafePathError(CheckpointError):
     """An output or report path that would overwrite, contain or sit inside an input, or a
     special file (device, FIFO, socket) where a file would be written."""
+
+
+class CompressedFormatError(CheckpointError):
+    """A compressed tensor group in a checkpoint (compressed-tensors ``sparse-24-bitmask``
+    ``P.shape``/``P.compressed``/``P.bitmask``, or aprender's ``bitmask`` ``W.values``/``W.mask``/
+    ``W.shape``) whose parts do not fit together: wrong dtype or shape, a mask whose set bits do
+    not match the stored values, non-zero padding bits."""
 
 
 class DeviceError(PruningError, ValueError):

@@ -18,7 +18,7 @@ from .errors import (CalibrationError, CalibrationRequiredError,  # noqa: F401
                      InvalidDTypeError, InvalidPatternError, InvalidSparsityError, PruningError)
 
 __all__ = ["DeviceError", "to_numpy_view", "prune_", "prune_sequential_", "collect_calibration",
-           "layer_blocks"]
+           "layer_blocks", "load_state_dict"]
 
 
 def _torch():
@@ -721,3 +721,20 @@ def prune_sequential_(model, batches, sparsity=None, pattern="auto", *, importan
         report += prune_(model, sparsity, pattern, include=[f"^(?:{'|'.join(exact)})"],
                          importance=importance, n_threads=n_threads, calibration=ctx)
     return report
+
+
+def load_state_dict(path, *, n_threads=None):
+    """A checkpoint (``.safetensors`` file or folder, dense or in any compressed format aprender
+    reads: ``bitmask``, ``sparse-24-bitmask``) as ``{name: CPU tensor}`` of dense tensors in
+    their stored dtype (bfloat16 included), ready for ``module.load_state_dict``."""
+    torch = _torch()
+    from .io.formats import load_dense
+
+    out = {}
+    for name, a in load_dense(path, n_threads=n_threads).items():
+        if hasattr(a, "bits"):  # Bits16: bfloat16 bits
+            out[name] = torch.from_numpy(np.ascontiguousarray(a.bits).view(np.int16)) \
+                .view(torch.bfloat16)
+        else:
+            out[name] = torch.from_numpy(np.ascontiguousarray(a))
+    return out

@@ -396,7 +396,10 @@ def test_shard_named_like_a_spool_file_is_not_clobbered(tmp_path, capsys):
                      "sparse-24-bitmask", "--quiet"], capsys)
     assert code == 0, err
     assert snapshot(ck) == before
-    assert sorted(os.listdir(out)) == ["a.safetensors", "a.safetensors.data", INDEX]
+    # a folder without config.json gets one holding the sparsity config loaders need
+    assert sorted(os.listdir(out)) == ["a.safetensors", "a.safetensors.data", "config.json",
+                                       INDEX]
+    assert list(json.loads((out / "config.json").read_text())) == ["quantization_config"]
     assert "b.compressed" in SafetensorsFile(out / "a.safetensors.data").tensors
 
 
@@ -650,7 +653,7 @@ def test_unsafe_path_error_is_a_checkpoint_error():
 # fuzz: mutated headers and index files give a CheckpointError or a correct result
 # ----------------------------------------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
 
 _VALID = {"a.weight": {"dtype": "F16", "shape": [2, 4], "data_offsets": [0, 16]},
           "b": {"dtype": "I64", "shape": [3], "data_offsets": [16, 40]},
@@ -733,3 +736,90 @@ def test_fuzz_index_files(tmp_path, index):
         assert os.path.realpath(c.shard_path(s)).startswith(real_root + os.sep)
     for name, s in c.index["weight_map"].items():
         assert name in c.files[s]
+
+
+# ----------------------------------------------------------------------------------------------
+# fuzz: compressed tensor groups (aprender bitmask, sparse-24-bitmask) from hostile files give a
+# CompressedFormatError (a CheckpointError) or exactly the dense tensor the parts describe
+# ----------------------------------------------------------------------------------------------
+
+def _reference_dense(keep_bits, values, shape, n, cols=None):
+    """Values placed at the set bits in C order (bits packed per row of ``cols`` for 2:4)."""
+    if cols is not None:
+        keep = np.unpackbits(keep_bits, axis=-1, count=cols, bitorder="little").reshape(-1)
+    else:
+        keep = np.unpackbits(keep_bits.reshape(-1), bitorder="little")[:n]
+    keep = keep.astype(bool)
+    out = np.zeros(n, values.dtype)
+    out[keep] = values.reshape(-1)
+    return out.reshape(shape)
+
+
+def _valid_group(data, sp24):
+    """Consistent parts of a random tensor (a mask for bitmask, a 2:4 selection for
+    sparse-24-bitmask), to be damaged by the caller."""
+    rows = data.draw(st.integers(1 if sp24 else 0, 3))
+    cols = data.draw(st.integers(1, 3)) * 4 if sp24 else data.draw(st.integers(1, 9))
+    seed = data.draw(st.integers(0, 2 ** 32 - 1))
+    r = np.random.default_rng(seed)
+    w = (r.standard_normal((rows, cols)) + 3).astype(np.float32)
+    if sp24:
+        from aprender.sparse24 import compress
+
+        return compress(w, layout="bitmask", select=True).to_tensors("p")
+    keep = r.random(w.size) < 0.5
+    return {"w.values": w.reshape(-1)[keep], "w.mask": np.packbits(keep, bitorder="little"),
+            "w.shape": np.asarray(w.shape, np.int64)}
+
+
+def _damage(data, tensors):
+    names = sorted(tensors)
+    for _ in range(data.draw(st.integers(0, 2))):
+        name = data.draw(st.sampled_from(names))
+        a = tensors[name]
+        how = data.draw(st.sampled_from(["drop-last", "add", "flip-byte", "retype", "reshape"]))
+        if how == "drop-last" and a.size:
+            a = a.reshape(-1)[:-1] if a.ndim == 1 else a[:-1]
+        elif how == "add":
+            a = np.concatenate([a.reshape(-1), a.reshape(-1)[:1]]) if a.size else \
+                np.zeros(1, a.dtype)
+        elif how == "flip-byte" and a.size:
+            b = a.copy().reshape(-1).view(np.uint8)
+            b[data.draw(st.integers(0, b.size - 1))] ^= data.draw(st.integers(1, 255))
+            a = b.view(a.dtype).reshape(a.shape)
+        elif how == "retype":
+            a = a.astype(data.draw(st.sampled_from([np.int32, np.float32, np.uint8])))
+        elif how == "reshape":
+            a = a.reshape(-1)
+        tensors[name] = a
+    return tensors
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_compressed_groups(tmp_path, data):
+    from aprender.errors import CompressedFormatError
+    from aprender.io.formats import load_dense
+
+    sp24 = data.draw(st.booleans())
+    tensors = _damage(data, _valid_group(data, sp24))
+    meta = {"format": "pt"} if sp24 else {"aprender": json.dumps({"format": "bitmask"})}
+    path = tmp_path / "g.safetensors"
+    write_safetensors(path, tensors, meta)
+    try:
+        got = load_dense(path)
+    except CompressedFormatError:
+        event("refused")
+        return
+    event("decoded sparse-24-bitmask" if sp24 else "decoded bitmask")
+    if sp24:
+        dense = got["p.weight"]
+        shape = tuple(int(x) for x in tensors["p.shape"].reshape(-1))
+        ref = _reference_dense(tensors["p.bitmask"], tensors["p.compressed"], shape,
+                               int(np.prod(shape)), shape[-1])
+    else:
+        dense = got["w"]
+        shape = tuple(int(x) for x in tensors["w.shape"])
+        ref = _reference_dense(tensors["w.mask"], tensors["w.values"], shape, int(np.prod(shape)))
+    assert dense.shape == shape and dense.dtype == ref.dtype
+    assert dense.tobytes() == ref.tobytes()

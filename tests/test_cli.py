@@ -249,9 +249,10 @@ def test_nm_2_4_and_inspect(tmp_path, rng, capsys):
     r = run_cli("inspect", out, "--json", check=0)
     info = {x["name"]: x for x in json.loads(r.stdout)["tensors"]}
     for n in SELECTED:
-        assert info[n]["nm"] == "2:4" and info[n]["zero_fraction"] == 0.5
-        assert info[n]["dtype"] == "BF16"
-    assert info["lm_head.weight"]["nm"] is None and info["lm_head.weight"]["zeros"] == 0
+        assert info[n]["pattern"] == "2:4" and info[n]["sparsity"] == 0.5
+        assert info[n]["dtype"] == "BF16" and info[n]["pruned"]
+    assert info["lm_head.weight"]["pattern"] == "dense" and info["lm_head.weight"]["zeros"] == 0
+    assert not info["lm_head.weight"]["pruned"]
     assert info["position_ids"]["zeros"] == 1  # the 0 in arange
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
@@ -327,13 +328,22 @@ def test_sparse24_bitmask_folder(tmp_path, rng):
     cfg = json.loads((out / "config.json").read_text())
     sc = cfg["quantization_config"]["sparsity_config"]
     assert sc["format"] == "sparse-24-bitmask" and sc["sparsity_structure"] == "2:4"
-    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    # what compressed-tensors 0.14 writes for a sparse-only model: no "format" key (it made
+    # ModelCompressor parse a quantization config and reject it)
+    assert set(qc) == {"quant_method", "sparsity_config", "transform_config", "version"}
+    assert sc["targets"] == sorted(n[:-len(".weight")] for n in SELECTED)
+    everything = sum(a.size for a in t.values())
+    pruned = sum(t[n].size // 2 for n in SELECTED)
+    assert sc["global_sparsity"] == pruned / everything  # the whole model's fraction
     index = json.loads((out / "model.safetensors.index.json").read_text())
     res = {}
     for shard in shards:
         res.update(load(out / shard))
     assert set(index["weight_map"]) == set(res)
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in res.values())
+    assert index["metadata"]["total_parameters"] == sum(a.size for a in res.values())
     for n in SELECTED:
         p = n[:-len(".weight")]
         assert n not in res

@@ -17,6 +17,7 @@ OUTPUT and renames it into place in :meth:`~CheckpointWriter.commit`; on any err
 an anonymous file that no input name can reach.
 """
 import json
+import math
 import os
 import stat
 import tempfile
@@ -197,6 +198,7 @@ class CheckpointWriter:
         self.tmp = temp_name(target, "dir" if ckpt.is_dir else "file")
         self.weight_map = {}
         self.sizes = {}
+        self.elements = {}
         self._pause = pause_hook
 
     def abort(self):
@@ -216,13 +218,14 @@ class CheckpointWriter:
             fd = os.open(self.tmp, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
         return ShardWriter(self, shard, fd, metadata, planned)
 
-    def _done(self, shard, names, size):
+    def _done(self, shard, names, size, elements=0):
         for n in names:
             if n in self.weight_map:
                 raise CheckpointError(f"tensor {n!r} would be written to both "
                                       f"{display(self.weight_map[n])} and {display(shard)}")
             self.weight_map[n] = shard
         self.sizes[shard] = size
+        self.elements[shard] = elements
         if self._pause is not None:
             self._pause()
 
@@ -241,7 +244,9 @@ class CheckpointWriter:
                 os.close(fd)
 
     def write_index(self, rebuild):
-        """Copy the index (dense output) or write it for the new tensor names and sizes."""
+        """Copy the index (dense output) or write it for the new tensor names and sizes:
+        ``total_size`` is the bytes and ``total_parameters`` the elements the output's tensors
+        store (a compressed tensor counts what is stored, not its dense size)."""
         if self.ckpt.index is None:
             return
         if not rebuild:
@@ -251,6 +256,7 @@ class CheckpointWriter:
         meta = index.get("metadata")
         meta = dict(meta) if isinstance(meta, dict) else {}
         meta["total_size"] = sum(self.sizes.values())
+        meta["total_parameters"] = sum(self.elements.values())
         index["metadata"] = meta
         index["weight_map"] = dict(sorted(self.weight_map.items()))
         self.write_json(INDEX_NAME, index)
@@ -280,6 +286,7 @@ class ShardWriter:
         self.metadata = metadata
         self.entries = {}
         self.pos = 0
+        self.elements = 0
         self.planned = planned
         if planned is not None:
             pos, entries = 0, {}
@@ -308,6 +315,7 @@ class ShardWriter:
         self.entries[name] = {"dtype": dtype, "shape": list(shape),
                               "data_offsets": [self.pos, self.pos + nbytes]}
         self.pos += nbytes
+        self.elements += math.prod(shape)
 
     def copy(self, sf, info):
         """Copy an input tensor's bytes unchanged."""
@@ -335,7 +343,7 @@ class ShardWriter:
             os.close(self.fd)
             if self.spool is not None:
                 self.spool.close()
-        self.owner._done(self.shard, list(self.entries), self.pos)
+        self.owner._done(self.shard, list(self.entries), self.pos, self.elements)
 
 
 def _preallocate(fd, size, shard):

@@ -1,5 +1,7 @@
 """Output encodings of a pruned tensor streamed from a checkpoint: dense (zeros written in
-place, chunk by chunk, input untouched) and compressed-tensors ``sparse-24-bitmask``."""
+place, chunk by chunk, input untouched), compressed-tensors ``sparse-24-bitmask`` and aprender's
+compact ``bitmask`` (see :mod:`aprender.io.formats`).  Pruned positions are +0.0 in every
+encoding: zeroing clears every bit, and the compressed ones decode to zeros."""
 import numpy as np
 
 from .._kernels import apply as _apply
@@ -7,7 +9,7 @@ from .._validation import Bits16
 from ..errors import LayoutError
 from .safetensors import dtype_code
 
-__all__ = ["CHUNK", "masked_chunks", "bitmask_tensors", "BITMASK_SUFFIXES"]
+__all__ = ["CHUNK", "masked_chunks", "bitmask_tensors", "packed_tensors", "BITMASK_SUFFIXES"]
 
 CHUNK = 1 << 22  # elements per chunk
 BITMASK_SUFFIXES = (".shape", ".compressed", ".bitmask")
@@ -62,3 +64,16 @@ def bitmask_tensors(words, keep, t, nt):
         a = np.ascontiguousarray(a)
         res.append((name, code, a.shape, a))
     return res
+
+
+def packed_tensors(words, keep, t):
+    """[(name, dtype code, shape, array)] of aprender's lossless ``bitmask`` format for tensor
+    ``t`` (any pattern): ``W.values`` (kept values, 1-D, the tensor's dtype), ``W.mask``
+    (packed keep bits, U8) and ``W.shape`` (I64); W is the tensor's full name."""
+    from .formats import BITMASK_PARTS, pack_bitmask
+
+    values, bits = pack_bitmask(words, keep)
+    shape = np.asarray(t.shape, np.int64)
+    v, m, s = (t.name + x for x in BITMASK_PARTS)
+    return [(v, t.dtype, values.shape, values), (m, "U8", bits.shape, bits),
+            (s, "I64", shape.shape, shape)]
