@@ -621,7 +621,17 @@ def _calls():
         ("owl_outlier_ratio", lambda a: pruning.owl_outlier_ratio([a, a], 2.0)),
         ("owl_sparsities", lambda a: pruning.owl_sparsities({"x": a, "y": [a, a]}, 0.5)),
         ("owl_allocation", lambda a: pruning.owl_allocation([0.5, 0.25], [a.size, 3], 0.5)),
+        # SparseGPT reads the weights and the Hessian and returns new weights
+        ("sparsegpt", lambda a: pruning.sparsegpt(a, _SPD8, 0.5)),
+        ("sparsegpt", lambda a: pruning.sparsegpt(np.ones((3, 8), a.dtype), a.T @ a + np.eye(8),
+                                                  pattern="2:4")
+         if a.dtype.itemsize >= 4 else None),
+        ("SparseGPTImportance", lambda a: pruning.SparseGPTImportance().compute(
+            a, pruning.ActivationStats(8, hessian=True).update(np.eye(8, dtype=np.float32)))),
     ]
+
+
+_SPD8 = np.eye(8) * 4 + 0.5  # a positive definite 8 x 8 Hessian
 
 
 def _mask_calls():

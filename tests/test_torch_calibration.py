@@ -266,8 +266,10 @@ def test_prune_wanda_errors(tmp_path):
         prune_(model, 0.5, importance="wanda", calibration=ctx["layers.0.up"])
     with pytest.raises(InvalidCalibrationError):
         prune_(model, 0.5, importance="wanda", calibration="ctx.safetensors")
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(CalibrationError, match="no Hessian"):  # collected without hessian=True
         prune_(model, 0.5, importance="sparsegpt", calibration=ctx)
+    with pytest.raises(InvalidArgumentError, match="importance must be one of"):
+        prune_(model, 0.5, importance="obs", calibration=ctx)
     # magnitude pruning accepts (and ignores) calibration
     prune_(model, 0.5, importance="l1", calibration=ctx)
     # a file round trip gives the same masks
