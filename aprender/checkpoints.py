@@ -43,6 +43,19 @@ def prune_checkpoint(input, output=None, *, sparsity=None, pattern=None,
     """Prune the checkpoint ``input`` (a .safetensors file or a folder) into ``output`` with the
     command line's rules and safety guarantees; returns the report (a dict).  ``progress``:
     called as ``progress(bytes_done_now, total_bytes)`` after each tensor."""
+    job = make_job(input, output, sparsity=sparsity, pattern=pattern, scope=scope,
+                   importance=importance, include=include, exclude=exclude, format=format,
+                   max_tensor_sparsity=max_tensor_sparsity, dry_run=dry_run, report=report,
+                   n_threads=n_threads, force=force, calibration=calibration,
+                   allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
+    return CheckpointPruner(job, progress).run()
+
+
+def make_job(input, output=None, *, sparsity=None, pattern=None, scope="layer", importance="l1",
+             include=(), exclude=(), format="dense", max_tensor_sparsity=None, dry_run=False,
+             report=None, n_threads=None, force=False, calibration=None, allocation="uniform",
+             owl_m=5.0, owl_lambda=0.08):
+    """The options of :func:`prune_checkpoint` as the job object a CheckpointPruner takes."""
     job = types.SimpleNamespace(
         input=os.fspath(input), output=None if output is None else os.fspath(output),
         sparsity=sparsity, pattern=pattern, scope=scope, importance=importance,
@@ -53,7 +66,7 @@ def prune_checkpoint(input, output=None, *, sparsity=None, pattern=None,
         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
     if job.output is None and not dry_run:
         raise InvalidArgumentError("output is required unless dry_run=True")
-    return CheckpointPruner(job, progress).run()
+    return job
 
 
 def _compile(patterns, flag):
@@ -179,8 +192,18 @@ class CheckpointPruner:
             OutputTarget(a.report, inputs, force=a.force, what="--report", avoid=avoid)
 
     def run(self):
-        a = self.args
         t0 = time.perf_counter()
+        skipped = self.prepare()
+        if self.args.dry_run:
+            self._dry_run()
+        else:
+            self._write_all()
+        return self.finish(skipped, t0)
+
+    def prepare(self):
+        """Everything before the first mask: read the headers, check the output paths, select
+        the tensors, load the calibration, plan global scope.  Returns the skipped tensors."""
+        a = self.args
         ckpt = Checkpoint(a.input)
         self._check_paths(ckpt)
         selected, skipped = select(ckpt, self.include, self.exclude)
@@ -204,18 +227,14 @@ class CheckpointPruner:
         if a.scope == "global":
             self._plan_global(ckpt, selected)
         self.rows = []
-        total_bytes = sum(t.nbytes for _, t in ckpt.items())
-        self.total_bytes = total_bytes
-        if a.dry_run:
-            for shard, t in ckpt.items():
-                if (shard, t.name) in self.sel_index:
-                    self._row(shard, t, self._keep(shard, t))
-                self._tick(t.nbytes)
-        else:
-            self._write_all()
-        report = self._report(skipped, total_bytes, time.perf_counter() - t0)
-        if a.report:
-            atomic_write_text(a.report, json.dumps(report, indent=2) + "\n")
+        self.total_bytes = sum(t.nbytes for _, t in ckpt.items())
+        return skipped
+
+    def finish(self, skipped, t0):
+        """The report (written to --report when asked for)."""
+        report = self._report(skipped, self.total_bytes, time.perf_counter() - t0)
+        if self.args.report:
+            atomic_write_text(self.args.report, json.dumps(report, indent=2) + "\n")
         return report
 
     # -- per tensor --------------------------------------------------------------------------
@@ -264,8 +283,11 @@ class CheckpointPruner:
             us = self._units(ckpt, shard, t, common)
             groups.append(list(range(len(units), len(units) + len(us))))
             units += us
-        self.plan = GlobalPlan(units, self.sparsity, self.args.max_tensor_sparsity, self.nt,
-                               groups)
+        self.plan = self._global_plan(units, groups)
+
+    def _global_plan(self, units, groups):
+        """The plan of a global selection (a distributed run merges per-tensor summaries)."""
+        return GlobalPlan(units, self.sparsity, self.args.max_tensor_sparsity, self.nt, groups)
 
     def _owl(self, ckpt, selected):
         """OWL (Yin et al. 2024): each layer's outlier ratio (Wanda scores above m times the
@@ -337,8 +359,7 @@ class CheckpointPruner:
         ckpt = self.ckpt
         writer = CheckpointWriter(ckpt, self.target.path, pause_hook=_test_pause_hook())
         try:
-            for s in ckpt.shards:
-                self._write_shard(writer, s)
+            self._write_shards(writer)
             if ckpt.is_dir:
                 writer.copy_others()
                 writer.write_index(rebuild=self.args.format != "dense")
@@ -355,6 +376,22 @@ class CheckpointPruner:
                 raise CheckpointError(f"{display(self.target.path)}: cannot write ({why})") \
                     from None
             raise
+
+    def _write_shards(self, writer):
+        """Every shard, in order (a distributed run writes them on its workers)."""
+        for s in self.ckpt.shards:
+            self._write_shard(writer, s)
+
+    def _dry_run(self):
+        for s in self.ckpt.shards:
+            self._dry_shard(s)
+
+    def _dry_shard(self, shard):
+        """A dry run's rows for one shard: the masks are made and counted, nothing written."""
+        for t in self.ckpt.files[shard]:
+            if (shard, t.name) in self.sel_index:
+                self._row(shard, t, self._keep(shard, t))
+            self._tick(t.nbytes)
 
     def _write_shard(self, writer, shard):
         sf = self.ckpt.files[shard]

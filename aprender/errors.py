@@ -20,6 +20,7 @@ __all__ = [
     "CalibrationRequiredError",
     "MissingActivationStatsError",
     "CalibrationFileError",
+    "MissingExtraError",
 ]
 
 
@@ -112,3 +113,8 @@ class MissingActivationStatsError(CalibrationError, KeyError):
 class CalibrationFileError(CheckpointError, CalibrationError):
     """A calibration file that is malformed (names, dtypes, shapes, metadata) or holds invalid
     statistics (negative counts, non-finite or negative sums, a Hessian of the wrong size)."""
+
+
+class MissingExtraError(PruningError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it
+    (``pip install "aprender[dask]"``)."""
