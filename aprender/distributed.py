@@ -260,12 +260,12 @@ def _test_stall(no):
     if not d or no != 0:
         return
     try:
-        fd = os.open(os.path.join(d, "stall-0.tmp"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.close(os.open(os.path.join(d, "claimed-0"), os.O_WRONLY | os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return  # a retry
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    os.rename(os.path.join(d, "stall-0.tmp"), os.path.join(d, "stall-0"))
+    with open(os.path.join(d, "pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(os.path.join(d, "pid.tmp"), os.path.join(d, "stall-0"))  # appears complete
     import time
 
     for _ in range(2400):  # at most two minutes, then the task goes on
