@@ -700,6 +700,24 @@ def unit_range(unit, lo, hi, magnitude, inf16, cap, band, nt):
     return _select.range_pass(unit.load(True), lo, hi, magnitude, inf16, cap, nt, band)
 
 
+def unit_range_summary(unit, lo, hi, magnitude, inf16, cap, band, nt):
+    """:func:`unit_range` with the candidates as they travel best: the keys themselves, or
+    (distinct keys, their counts) when that is smaller (16-bit keys: a bracket holds few
+    distinct values, each many times)."""
+    b, i, bad, c = unit_range(unit, lo, hi, magnitude, inf16, cap, band, nt)
+    if c is not None and c.size:
+        vals, counts = np.unique(c, return_counts=True)
+        if vals.nbytes + 4 * counts.size < c.nbytes and counts.max() <= 0xFFFFFFFF:
+            return b, i, bad, (vals, counts.astype(np.uint32))
+    return b, i, bad, c
+
+
+def _expand(c):
+    """Candidates from :func:`unit_range_summary` as one key array (any order: only their
+    ranks and counts matter)."""
+    return np.repeat(c[0], c[1]) if isinstance(c, tuple) else c
+
+
 def unit_hist(unit, shift, prefix, pmask, magnitude, inf16, nt):
     """One radix round's histogram over one unit's keys, and its non-finite count."""
     hist = np.zeros(_select.HIST_BINS, dtype=np.int64)
@@ -784,14 +802,15 @@ class MergedPlan(_Plan):
         lo, hi, band = _bracket_of(smp, k, total)
         itemsize = smp.dtype.itemsize
         budget = _default_budget(total, itemsize)
-        res = self._map(_one(unit_range), gidx, None, lo, hi, mag, inf16, budget, band, nt)
+        res = self._map(_one(unit_range_summary), gidx, None, lo, hi, mag, inf16, budget,
+                        band, nt)
         if any(r[2] for r in res):
             self._refuse_nonfinite(gidx)
         below = sum(r[0] for r in res)
         inside = sum(r[1] for r in res)
         if all(r[3] is not None for r in res) and below < k <= below + inside \
                 and inside <= budget:
-            cands = [r[3] for r in res]
+            cands = [_expand(r[3]) for r in res]
             thresh, _ = _select.select_hist([c for c in cands if c.size], k - below - 1, lo, hi)
             lt = [int(r[0]) + int(np.count_nonzero(c < thresh)) for r, c in zip(res, cands)]
             eq = [int(np.count_nonzero(c == thresh)) for c in cands]
