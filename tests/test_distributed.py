@@ -189,6 +189,18 @@ def test_same_bytes_as_the_local_run(tmp_path, client, case, dtype, ties, big):
     assert no_leftovers(tmp_path, ["in", "local", "dask"])
 
 
+def test_progress_adds_up_to_the_checkpoint(tmp_path, client):
+    from aprender.distributed import prune_checkpoint
+
+    src = make_checkpoint(tmp_path / "in", np.random.default_rng(8))
+    calls = []
+    rep = prune_checkpoint(src, tmp_path / "o", client=client, sparsity=0.5,
+                           progress=lambda n, total: calls.append((n, total)))
+    assert len(calls) == 3  # one step per shard, in shard order
+    assert sum(n for n, _ in calls) == rep["totals"]["bytes"]
+    assert {t for _, t in calls} == {rep["totals"]["bytes"]}
+
+
 def test_single_file_and_dry_run(tmp_path, client):
     from aprender.distributed import prune_checkpoint
 
@@ -209,8 +221,9 @@ def test_single_file_and_dry_run(tmp_path, client):
 
 @pytest.mark.parametrize("opts", [dict(pattern="per-row", sparsity=0.5),
                                   dict(scope="global", pattern="unstructured", sparsity=0.5),
-                                  dict(pattern="2:4")],
-                         ids=["row", "global", "2:4"])
+                                  dict(pattern="2:4"),
+                                  dict(pattern="per-row", sparsity=0.5, allocation="owl")],
+                         ids=["row", "global", "2:4", "owl"])
 def test_wanda_with_a_calibration_file(tmp_path, client, opts):
     from aprender.distributed import prune_checkpoint
 

@@ -50,9 +50,9 @@ from ..errors import (InvalidArgumentError, InvalidShapeError, InvalidSparsityEr
 
 _INF16_OF_CODE = {"BF16": INF16[BF16], "F16": INF16[F16]}  # safetensors dtype code -> +inf bits
 
-__all__ = ["ArraySource", "MappedUnit", "WandaUnit", "GlobalPlan", "MergedPlan", "PlannedKeeps", "wanda_units", "typed_rows",
-           "common_dtype", "raise_nonfinite", "require_finite", "find_threshold",
-           "threshold_masks", "select_mask", "select_rows", "select_global"]
+__all__ = ["ArraySource", "MappedUnit", "WandaUnit", "GlobalPlan", "MergedPlan", "PlannedKeeps",
+           "wanda_units", "typed_rows", "common_dtype", "raise_nonfinite", "require_finite",
+           "find_threshold", "threshold_masks", "select_mask", "select_rows", "select_global"]
 
 SAMPLE = 262144       # largest sample for the bracket
 SAMPLE_MIN = 16384    # smallest sample once the keys are not all taken
