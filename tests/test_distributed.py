@@ -369,3 +369,35 @@ def test_cli_dask_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["prune", "x", "-o", "y", "--dask-workers", "0"])
     assert e.value.code == 2
+
+
+def test_cli_with_a_scheduler_address(tmp_path, client):
+    from aprender.cli import main
+
+    src = make_checkpoint(tmp_path / "in", np.random.default_rng(9), "bf16", ties=True)
+    args = ["--sparsity", "0.5", "--scope", "global", "--max-tensor-sparsity", "0.6", "--quiet"]
+    assert main(["prune", str(src), "-o", str(tmp_path / "local"), *args]) == 0
+    assert main(["prune", str(src), "-o", str(tmp_path / "dask"), *args, "--dask",
+                 client.scheduler.address]) == 0
+    assert_same_output(tmp_path / "local", tmp_path / "dask")
+
+
+def test_shard_a_worker_cannot_read_during_the_global_plan(tmp_path, client, monkeypatch):
+    from aprender.distributed import DistributedPruner
+
+    src = make_checkpoint(tmp_path / "in", np.random.default_rng(10), np.float32)
+    pruner = DistributedPruner(make_job(src, tmp_path / "out", sparsity=0.5, scope="global"),
+                               client)
+    gone = "model-00003-of-00003.safetensors"
+    first = DistributedPruner._pmap
+
+    def pmap(self, *args):  # the client has read the headers; the workers will not find it
+        if (src / gone).exists():
+            os.rename(src / gone, tmp_path / "elsewhere")
+        return first(self, *args)
+    monkeypatch.setattr(DistributedPruner, "_pmap", pmap)
+    with pytest.raises(CheckpointError) as err:
+        pruner.run()
+    msg = str(err.value)
+    assert gone in msg and "worker" in msg, msg
+    assert no_leftovers(tmp_path, ["in", "elsewhere"])

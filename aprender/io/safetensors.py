@@ -197,9 +197,10 @@ class SafetensorsFile:
         self.size = self.data_start + (infos[-1].end if infos else 0)
 
     def __reduce__(self):
-        # sent to another process (a Dask worker) by path: reopened there, at most once per
-        # process, and refused if it is not the file that was read here
-        return _reopen, (self.path, self.size, self.header_len)
+        # sent to another process (a Dask worker) by path: reopened there on first use (never
+        # where it is only passed through, such as a scheduler), at most once per process, and
+        # refused if it is not the file that was read here
+        return _Reopened, (self.path, self.size, self.header_len)
 
     def __iter__(self):
         return iter(self.infos)
@@ -374,3 +375,22 @@ def _reopen(path, size, header_len):
                               f"{sf.size}, expected {size}): changed while being pruned, or a "
                               "different file at this path")
     return sf
+
+
+class _Reopened:
+    """A pickled SafetensorsFile on the receiving side: opened with :func:`_reopen` when first
+    used, so that a file this process cannot read fails where it is read."""
+
+    def __init__(self, path, size, header_len):
+        self._args = (path, size, header_len)
+        self._sf = None
+
+    def __reduce__(self):
+        return _Reopened, self._args
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_args", "_sf"):
+            raise AttributeError(name)
+        if self._sf is None:
+            self._sf = _reopen(*self._args)
+        return getattr(self._sf, name)
