@@ -117,6 +117,13 @@ def select(ckpt, include, exclude):
     return selected, skipped
 
 
+def outlier_ratio(units, m, nt):
+    """OWL's outlier ratio of one tensor, streamed over its Wanda units."""
+    from .pruning.owl import streamed_outlier_ratio
+
+    return streamed_outlier_ratio(lambda: (u.scores() for u in units), m, nt)
+
+
 class CheckpointPruner:
     """Prune a checkpoint file or folder: the work behind ``aprender prune``.
 
@@ -293,18 +300,18 @@ class CheckpointPruner:
         """OWL (Yin et al. 2024): each layer's outlier ratio (Wanda scores above m times the
         layer's mean), streamed chunk by chunk, then sparsities spread over [s - lam, s + lam]
         whose element-weighted mean is the target."""
-        from .pruning.owl import owl_allocation, streamed_outlier_ratio
+        from .pruning.owl import owl_allocation
 
-        ratios, sizes = [], []
-        for shard, t in selected:
-            units = self._units(ckpt, shard, t)
-            ratios.append(streamed_outlier_ratio(lambda: (u.scores() for u in units),
-                                                 self.owl_m, self.nt))
-            sizes.append(t.size)
+        ratios = self._outlier_ratios([self._units(ckpt, shard, t) for shard, t in selected])
+        sizes = [t.size for _, t in selected]
         counts = owl_allocation(ratios, sizes, self.sparsity, self.owl_lam)
         for (shard, t), c in zip(selected, counts):
             self.layer_sparsity[t.name] = int(c) / t.size if t.size else 0.0
         self.owl_ratios = {t.name: r for (_, t), r in zip(selected, ratios)}
+
+    def _outlier_ratios(self, tensors):
+        """Each tensor's outlier ratio from its units (a distributed run: one task each)."""
+        return [outlier_ratio(units, self.owl_m, self.nt) for units in tensors]
 
     def _keep(self, shard, t):
         i = self.sel_index[(shard, t.name)]

@@ -28,7 +28,7 @@ import os
 import pickle
 import uuid
 
-from .checkpoints import CheckpointPruner, make_job
+from .checkpoints import CheckpointPruner, make_job, outlier_ratio
 from .errors import CheckpointError, InvalidArgumentError, MissingExtraError
 from .io.checkpoint import CheckpointWriter
 from .io.files import create_new, display, remove_tree, temp_name
@@ -110,6 +110,17 @@ class DistributedPruner(CheckpointPruner):
 
     def _pmap(self, fn, batches, *args):
         futs = self.client.map(_run_batch, batches, fn=fn, args=args, threads=self.args.threads,
+                               pure=False)
+        try:
+            out = self.client.gather(futs)
+        except BaseException:
+            self.client.cancel(futs)
+            raise
+        self.received["plan"] += sum(len(pickle.dumps(r, protocol=5)) for r in out)
+        return out
+
+    def _outlier_ratios(self, tensors):
+        futs = self.client.map(_ratio_task, tensors, m=self.owl_m, threads=self.args.threads,
                                pure=False)
         try:
             out = self.client.gather(futs)
@@ -220,6 +231,15 @@ def _run_batch(batch, fn, args, threads):
             if hasattr(u, "nt"):
                 u.nt = nt
         return [fn(u, extra, *args) for u, extra in batch]
+
+
+def _ratio_task(units, m, threads):
+    """OWL's outlier ratio of one tensor, on a worker."""
+    nt = _worker_threads(threads)
+    with _named_failures():
+        for u in units:
+            u.nt = nt
+        return outlier_ratio(units, m, nt)
 
 
 class _ShardView:

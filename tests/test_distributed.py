@@ -248,6 +248,10 @@ def test_wanda_with_a_calibration_file(tmp_path, client, opts):
     got = prune_checkpoint(src, tmp_path / "dask", client=client, **opts)
     assert_same_output(tmp_path / "local", tmp_path / "dask")
     assert got["tensors"] == want["tensors"]
+    # OWL's outlier ratios and the global plan's summaries are computed on the workers
+    planned = opts.get("allocation") == "owl" or opts.get("scope") == "global"
+    assert (got["distributed"]["received_bytes"]["plan"] > 0) == planned
+    assert got["allocation"] == want["allocation"]
 
 
 # -- faults ------------------------------------------------------------------------------------
