@@ -26,6 +26,7 @@ every temporary file.  Dask is an optional extra: ``pip install "aprender[dask]"
 import contextlib
 import os
 import pickle
+import queue
 import uuid
 
 from .checkpoints import CheckpointPruner, make_job, outlier_ratio
@@ -135,6 +136,7 @@ class DistributedPruner(CheckpointPruner):
         """One task per shard: (shard, future)."""
         ckpt = self.ckpt
         futs = []
+        self._topic = f"aprender-progress-{uuid.uuid4().hex}" if self.progress else None
         for no, s in enumerate(ckpt.shards):
             sel = {k: i for k, i in self.sel_index.items() if k[0] == s}
             names = [name for _, name in sel]
@@ -149,21 +151,53 @@ class DistributedPruner(CheckpointPruner):
                                         if n in names}}
             futs.append((s, self.client.submit(
                 _shard_task, self.args, s, ckpt.shard_path(s), (sf.size, sf.header_len),
-                ckpt.is_dir, state, parts, no, pure=False, key=f"aprender-shard-{no}-"
+                ckpt.is_dir, state, parts, no, self._topic, pure=False, key=f"aprender-shard-{no}-"
                 f"{uuid.uuid4().hex}")))
         return futs
 
     def _collect(self, futs, each):
+        """Each shard's result in shard order; progress as the workers report tensors (a
+        retried shard is not counted twice: each shard adds at most its bytes)."""
+        sizes = [sum(t.nbytes for t in self.ckpt.files[s]) for s, _ in futs]
+        shown = [0] * len(futs)
+        events = queue.SimpleQueue()
+
+        def show(no, n):
+            n = min(n, sizes[no] - shown[no])
+            if n > 0:
+                shown[no] += n
+                self._tick(n)
+
+        def drain():
+            while True:
+                try:
+                    no, n = events.get_nowait()
+                except queue.Empty:
+                    return
+                show(no, n)
+        if self._topic:
+            self.client.subscribe_topic(self._topic, lambda ev: events.put(ev[1]))
         try:
-            for s, f in futs:
-                res = f.result()
+            for no, (s, f) in enumerate(futs):
+                while self._topic:
+                    try:
+                        res = f.result(timeout=0.2)
+                        break
+                    except TimeoutError:
+                        drain()
+                else:
+                    res = f.result()
                 self.received["shards"] += len(pickle.dumps(res, protocol=5))
                 self.rows += res["rows"]
                 each(s, res)
-                self._tick(sum(t.nbytes for t in self.ckpt.files[s]))
+                drain()
+                show(no, sizes[no])
         except BaseException:
             self.client.cancel([f for _, f in futs])
             raise
+        finally:
+            if self._topic:
+                self.client.unsubscribe_topic(self._topic)
 
     def _dry_run(self):
         self._collect(self._tasks(None), lambda s, res: None)
@@ -292,11 +326,21 @@ def _test_stall(no):
         time.sleep(0.05)
 
 
-def _shard_task(job, shard, path, planned, is_dir, state, parts, no):
+def _progress_events(topic, no):
+    """The worker's progress callback: each tensor's bytes as an event for the client."""
+    if topic is None:
+        return None
+    from distributed import get_worker
+
+    worker = get_worker()
+    return lambda nbytes, _total: worker.log_event(topic, (no, nbytes))
+
+
+def _shard_task(job, shard, path, planned, is_dir, state, parts, no, topic):
     """Prune one shard on a worker with the local run's code; returns its rows and, when
     writing, the part file, its tensor names and data size."""
     with _named_failures():
-        pruner = CheckpointPruner(job)
+        pruner = CheckpointPruner(job, _progress_events(topic, no))
         pruner.ckpt = view = _ShardView(shard, path, planned, is_dir)
         pruner.sel_index = state["sel"]
         pruner.scales = state["scales"]

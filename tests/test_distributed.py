@@ -196,7 +196,7 @@ def test_progress_adds_up_to_the_checkpoint(tmp_path, client):
     calls = []
     rep = prune_checkpoint(src, tmp_path / "o", client=client, sparsity=0.5,
                            progress=lambda n, total: calls.append((n, total)))
-    assert len(calls) == 3  # one step per shard, in shard order
+    assert len(calls) >= 3  # tensor by tensor as the workers report, at least once per shard
     assert sum(n for n, _ in calls) == rep["totals"]["bytes"]
     assert {t for _, t in calls} == {rep["totals"]["bytes"]}
 
