@@ -23,6 +23,7 @@ A task that dies with its worker is run again by Dask (its part file has a fresh
 half-written one is never used); anything raised on a worker reaches the client, which removes
 every temporary file.  Dask is an optional extra: ``pip install "aprender[dask]"``.
 """
+import asyncio
 import contextlib
 import os
 import pickle
@@ -183,7 +184,7 @@ class DistributedPruner(CheckpointPruner):
                     try:
                         res = f.result(timeout=0.2)
                         break
-                    except TimeoutError:
+                    except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
                         drain()
                 else:
                     res = f.result()
