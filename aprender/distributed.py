@@ -220,7 +220,7 @@ class DistributedPruner(CheckpointPruner):
 
     def _report(self, skipped, total_bytes, wall):
         report = super()._report(skipped, total_bytes, wall)
-        report["distributed"] = {"workers": len(self.client.scheduler_info()["workers"]),
+        report["distributed"] = {"workers": len(self.client.nthreads()),
                                  "received_bytes": dict(self.received)}
         return report
 
