@@ -111,19 +111,14 @@ class DistributedPruner(CheckpointPruner):
                           pmap=self._pmap)
 
     def _pmap(self, fn, batches, *args):
-        futs = self.client.map(_run_batch, batches, fn=fn, args=args, threads=self.args.threads,
-                               pure=False)
-        try:
-            out = self.client.gather(futs)
-        except BaseException:
-            self.client.cancel(futs)
-            raise
-        self.received["plan"] += sum(len(pickle.dumps(r, protocol=5)) for r in out)
-        return out
+        return self._map(_run_batch, batches, fn=fn, args=args)
 
     def _outlier_ratios(self, tensors):
-        futs = self.client.map(_ratio_task, tensors, m=self.owl_m, threads=self.args.threads,
-                               pure=False)
+        return self._map(_ratio_task, tensors, m=self.owl_m)
+
+    def _map(self, task, items, **kwargs):
+        """task(item, **kwargs) for every item, as tasks; the results in order."""
+        futs = self.client.map(task, items, threads=self.args.threads, pure=False, **kwargs)
         try:
             out = self.client.gather(futs)
         except BaseException:
@@ -151,7 +146,8 @@ class DistributedPruner(CheckpointPruner):
                      "layer_sparsity": {n: v for n, v in self.layer_sparsity.items()
                                         if n in names}}
             futs.append((s, self.client.submit(
-                _shard_task, self.args, s, ckpt.shard_path(s), (sf.size, sf.header_len),
+                _shard_task, self.args, s, ckpt.shard_path(s),
+                (os.path.abspath(sf.path), sf.size, sf.header_len),
                 ckpt.is_dir, state, parts, no, self._topic, pure=False, key=f"aprender-shard-{no}-"
                 f"{uuid.uuid4().hex}")))
         return futs
@@ -207,6 +203,9 @@ class DistributedPruner(CheckpointPruner):
         parts = temp_name(self.target.path, "dir")  # the workers' files, next to OUTPUT
 
         def place(s, res):
+            if os.path.dirname(res["part"]) != parts:
+                raise CheckpointError(f"shard {display(s)}: a worker returned a file outside "
+                                      "the run's folder")
             if self.ckpt.is_dir:
                 os.close(create_new(writer.tmp, s))  # the same name checks as the local run
                 os.replace(res["part"], os.path.join(writer.tmp, s))
@@ -283,8 +282,8 @@ class _ShardView:
     def __init__(self, shard, path, planned, is_dir):
         self.shards = [shard]
         self.is_dir = is_dir
-        self._path = path
-        self.files = {shard: _reopen(os.path.abspath(path), *planned)}
+        self._path = path  # as the client names it (errors); planned[0]: its absolute path
+        self.files = {shard: _reopen(*planned)}
 
     def shard_path(self, shard):
         return self._path

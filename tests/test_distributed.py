@@ -201,6 +201,19 @@ def test_progress_adds_up_to_the_checkpoint(tmp_path, client):
     assert {t for _, t in calls} == {rep["totals"]["bytes"]}
 
 
+def test_relative_paths_do_not_depend_on_the_workers_folder(tmp_path, client, monkeypatch):
+    from aprender.distributed import prune_checkpoint
+
+    make_checkpoint(tmp_path / "in", np.random.default_rng(11))
+    monkeypatch.chdir(tmp_path)  # the workers started elsewhere
+    opts = dict(sparsity=0.5, scope="global")
+    prune_local("in", "local", **opts)
+    prune_checkpoint("in", "dask", client=client, **opts)
+    assert_same_output(tmp_path / "local", tmp_path / "dask")
+    assert client.run(os.getcwd) and all(d != str(tmp_path) for d in
+                                         client.run(os.getcwd).values())
+
+
 def test_single_file_and_dry_run(tmp_path, client):
     from aprender.distributed import prune_checkpoint
 

@@ -200,7 +200,7 @@ class SafetensorsFile:
         # sent to another process (a Dask worker) by path: reopened there on first use (never
         # where it is only passed through, such as a scheduler), at most once per process, and
         # refused if it is not the file that was read here
-        return _Reopened, (self.path, self.size, self.header_len)
+        return _Reopened, (os.path.abspath(self.path), self.size, self.header_len)
 
     def __iter__(self):
         return iter(self.infos)
