@@ -802,8 +802,11 @@ class MergedPlan(_Plan):
         lo, hi, band = _bracket_of(smp, k, total)
         itemsize = smp.dtype.itemsize
         budget = _default_budget(total, itemsize)
-        res = self._map(_one(unit_range_summary), gidx, None, lo, hi, mag, inf16, budget,
-                        band, nt)
+        # each unit may return about twice its share of the candidate budget (the local run
+        # bounds the running total instead): what the client gathers stays near the budget
+        # however hostile the values; a unit over its share falls back to the exact radix path
+        caps = [min(budget, 2 * (budget * n // total) + 65536) for n in sizes]
+        res = self._map(_range_at, gidx, caps, lo, hi, mag, inf16, band, nt)
         if any(r[2] for r in res):
             self._refuse_nonfinite(gidx)
         below = sum(r[0] for r in res)
@@ -847,6 +850,10 @@ class MergedPlan(_Plan):
 def _sample_at(unit, extra, magnitude, nt):
     share, salt = extra
     return unit_sample(unit, share, salt, magnitude, nt) if share else None
+
+
+def _range_at(unit, cap, lo, hi, magnitude, inf16, band, nt):
+    return unit_range_summary(unit, lo, hi, magnitude, inf16, cap, band, nt)
 
 
 def _nbytes(r):
