@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 
+from aprender._validation import as_floats
 from aprender.checkpoints import prune_checkpoint as prune_local
 from aprender.checkpoints import make_job
 from aprender.errors import CheckpointError, MissingExtraError
@@ -28,8 +29,6 @@ TIMEOUT = 120  # seconds: every wait in this file is bounded
 # ----------------------------------------------------------------------------------------------
 
 def _plans(arrays, sparsity, cap, groups=None):
-    from aprender._validation import as_floats
-
     srcs = [ArraySource(as_floats(a.reshape(-1)), f"t{i}") for i, a in enumerate(arrays)]
     streamed = GlobalPlan(srcs, sparsity, cap, 1, groups)
     want = [streamed.group_keep(g).copy() for g in range(len(streamed.groups))]
@@ -76,8 +75,7 @@ def test_merged_plan_uses_the_map_it_is_given():
         calls.append(len(batches))
         return local_map(fn, batches, *args)
     arrays = [np.arange(1, 200_001, dtype=np.float32)[::-1].copy(), np.ones(10, np.float32)]
-    srcs = [ArraySource(__import__("aprender._validation", fromlist=["x"]).as_floats(a), "a")
-            for a in arrays]
+    srcs = [ArraySource(as_floats(a), "a") for a in arrays]
     MergedPlan(srcs, 0.5, None, 1, pmap=pmap)
     assert calls and all(c == 2 for c in calls)  # one batch per tensor, every pass
 
