@@ -416,3 +416,18 @@ def test_shard_a_worker_cannot_read_during_the_global_plan(tmp_path, client, mon
     msg = str(err.value)
     assert gone in msg and "worker" in msg, msg
     assert no_leftovers(tmp_path, ["in", "elsewhere"])
+
+
+def test_cli_dask_workers_starts_its_own_cluster(tmp_path):
+    pytest.importorskip("distributed")
+    src = make_checkpoint(tmp_path / "in", np.random.default_rng(12), "bf16", ties=True)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["--pattern", "2:4", "--format", "sparse-24-bitmask", "--quiet"]
+    for out, extra in (("local", []), ("dask", ["--dask-workers", "2", "--report",
+                                                 str(tmp_path / "report.json")])):
+        r = subprocess.run([sys.executable, "-m", "aprender", "prune", str(src), "-o",
+                            str(tmp_path / out), *args, *extra], capture_output=True, text=True,
+                           env=env, cwd=ROOT, timeout=TIMEOUT)
+        assert r.returncode == 0, r.stderr
+    assert_same_output(tmp_path / "local", tmp_path / "dask")
+    assert json.loads((tmp_path / "report.json").read_text())["distributed"]["workers"] == 2
