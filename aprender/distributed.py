@@ -31,7 +31,8 @@ import queue
 import uuid
 
 from .checkpoints import CheckpointPruner, make_job, outlier_ratio
-from .errors import CheckpointError, InvalidArgumentError, MissingExtraError
+from .errors import (CheckpointError, ClusterError, InvalidArgumentError, MissingExtraError,
+                     PruningError)
 from .io.checkpoint import CheckpointWriter
 from .io.files import create_new, display, remove_tree, temp_name
 from .io.safetensors import _reopen
@@ -69,8 +70,10 @@ def dask_client(address=None, n_workers=None):
         raise InvalidArgumentError(f"n_workers must be a whole number >= 1, got {n_workers!r}")
     per = max(1, len(os.sched_getaffinity(0)) // n_workers) if hasattr(os, "sched_getaffinity") \
         else 1
+    # dashboard on any free port: Dask's HTTP server starts even without one, and a fixed port
+    # clashes with any other cluster on the machine
     with distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                  memory_limit=0, dashboard_address=None,
+                                  memory_limit=0, dashboard_address=":0",
                                   env={"OMP_NUM_THREADS": str(per)}) as cluster, \
             distributed.Client(cluster) as client:
         yield client
@@ -120,7 +123,8 @@ class DistributedPruner(CheckpointPruner):
         """task(item, **kwargs) for every item, as tasks; the results in order."""
         futs = self.client.map(task, items, threads=self.args.threads, pure=False, **kwargs)
         try:
-            out = self.client.gather(futs)
+            with _cluster_failures():
+                out = self.client.gather(futs)
         except BaseException:
             self.client.cancel(futs)
             raise
@@ -175,20 +179,21 @@ class DistributedPruner(CheckpointPruner):
         if self._topic:
             self.client.subscribe_topic(self._topic, lambda ev: events.put(ev[1]))
         try:
-            for no, (s, f) in enumerate(futs):
-                while self._topic:
-                    try:
-                        res = f.result(timeout=0.2)
-                        break
-                    except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
-                        drain()
-                else:
-                    res = f.result()
-                self.received["shards"] += len(pickle.dumps(res, protocol=5))
-                self.rows += res["rows"]
-                each(s, res)
-                drain()
-                show(no, sizes[no])
+            with _cluster_failures():
+                for no, (s, f) in enumerate(futs):
+                    while self._topic:
+                        try:
+                            res = f.result(timeout=0.2)
+                            break
+                        except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11
+                            drain()
+                    else:
+                        res = f.result()
+                    self.received["shards"] += len(pickle.dumps(res, protocol=5))
+                    self.rows += res["rows"]
+                    each(s, res)
+                    drain()
+                    show(no, sizes[no])
         except BaseException:
             self.client.cancel([f for _, f in futs])
             raise
@@ -222,6 +227,19 @@ class DistributedPruner(CheckpointPruner):
         report["distributed"] = {"workers": len(self.client.nthreads()),
                                  "received_bytes": dict(self.received)}
         return report
+
+
+@contextlib.contextmanager
+def _cluster_failures():
+    """What the cluster itself raises (KilledWorker once a task's workers died more often than
+    the scheduler allows, a lost scheduler) as a ClusterError; aprender's own errors and the
+    user's interrupts pass as they are."""
+    try:
+        yield
+    except (PruningError, OSError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        raise ClusterError(f"the Dask run failed: {type(exc).__name__}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ __all__ = [
     "MissingActivationStatsError",
     "CalibrationFileError",
     "MissingExtraError",
+    "ClusterError",
 ]
 
 
@@ -118,3 +119,8 @@ class CalibrationFileError(CheckpointError, CalibrationError):
 class MissingExtraError(PruningError, ImportError):
     """An optional dependency is not installed; the message names the extra that brings it
     (``pip install "aprender[dask]"``)."""
+
+
+class ClusterError(PruningError, RuntimeError):
+    """A distributed run failed for a reason of the cluster's (a task's workers died more often
+    than the scheduler allows, the scheduler went away); nothing was written."""

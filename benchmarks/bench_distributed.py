@@ -104,7 +104,7 @@ def main():
             t_bytes = max(r["total"] for r in rep["tensors"]) * 2
             for workers in (1, 2):
                 with distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                              processes=True, dashboard_address=None,
+                                              processes=True, dashboard_address=":0",
                                               memory_limit=0, silence_logs=50) as cl, \
                         distributed.Client(cl) as client:
                     client.wait_for_workers(workers)

@@ -88,7 +88,7 @@ def test_merged_plan_uses_the_map_it_is_given():
 def client():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, memory_limit=0,
+                                  dashboard_address=":0", memory_limit=0,
                                   silence_logs=50) as cluster, \
             distributed.Client(cluster, timeout=TIMEOUT) as c:
         c.wait_for_workers(2, timeout=TIMEOUT)
@@ -276,24 +276,20 @@ def _set_worker_env(client, name, value):
     client.run(put)
 
 
-def test_worker_killed_mid_task_is_retried(tmp_path, client):
-    from aprender.distributed import TEST_STALL_ENV, prune_checkpoint
+def _run_and_kill_a_worker(client, stall, run):
+    """Run ``run()`` in a thread; kill the worker whose task the test hook holds (by pid, once
+    it has said so in ``stall``); return what run returned or raised."""
+    from aprender.distributed import TEST_STALL_ENV
 
-    rng = np.random.default_rng(5)
-    src = make_checkpoint(tmp_path / "in", rng, np.float32, big=True)
-    opts = dict(sparsity=0.6, scope="global")
-    prune_local(src, tmp_path / "local", **opts)
-    stall = tmp_path / "stall"
-    stall.mkdir()
     _set_worker_env(client, TEST_STALL_ENV, str(stall))
     box = {}
 
-    def run():
+    def target():
         try:
-            box["report"] = prune_checkpoint(src, tmp_path / "dask", client=client, **opts)
-        except BaseException as exc:  # reported by the assertion below
+            box["report"] = run()
+        except BaseException as exc:  # handed to the caller
             box["error"] = exc
-    th = threading.Thread(target=run, daemon=True)
+    th = threading.Thread(target=target, daemon=True)
     th.start()
     try:
         # the worker that took shard 0 writes its pid, then waits to be killed
@@ -310,6 +306,20 @@ def test_worker_killed_mid_task_is_retried(tmp_path, client):
         assert not th.is_alive(), "the distributed run did not finish after the kill"
     finally:
         _set_worker_env(client, TEST_STALL_ENV, None)
+    return box
+
+
+def test_worker_killed_mid_task_is_retried(tmp_path, client):
+    from aprender.distributed import prune_checkpoint
+
+    rng = np.random.default_rng(5)
+    src = make_checkpoint(tmp_path / "in", rng, np.float32, big=True)
+    opts = dict(sparsity=0.6, scope="global")
+    prune_local(src, tmp_path / "local", **opts)
+    stall = tmp_path / "stall"
+    stall.mkdir()
+    box = _run_and_kill_a_worker(client, stall, lambda: prune_checkpoint(
+        src, tmp_path / "dask", client=client, **opts))
     assert "error" not in box, box.get("error")
     assert_same_output(tmp_path / "local", tmp_path / "dask")
     assert no_leftovers(tmp_path, ["in", "local", "dask", "stall"])
@@ -431,3 +441,25 @@ def test_cli_dask_workers_starts_its_own_cluster(tmp_path):
         assert r.returncode == 0, r.stderr
     assert_same_output(tmp_path / "local", tmp_path / "dask")
     assert json.loads((tmp_path / "report.json").read_text())["distributed"]["workers"] == 2
+
+
+def test_retries_exhausted_is_a_cluster_error(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    from aprender.distributed import prune_checkpoint
+    from aprender.errors import ClusterError
+
+    src = make_checkpoint(tmp_path / "in", np.random.default_rng(13), np.float32)
+    stall = tmp_path / "stall"
+    stall.mkdir()
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                     dashboard_address=":0", memory_limit=0,
+                                     silence_logs=50) as cluster, \
+            distributed.Client(cluster, timeout=TIMEOUT) as c:
+        box = _run_and_kill_a_worker(c, stall, lambda: prune_checkpoint(
+            src, tmp_path / "out", client=c, sparsity=0.5))
+    assert isinstance(box.get("error"), ClusterError), box
+    assert "KilledWorker" in str(box["error"])
+    assert no_leftovers(tmp_path, ["in", "stall"])
