@@ -73,6 +73,10 @@ def _threads(text):
     return _count(text, MAX_THREADS)
 
 
+def _workers(text):
+    return _count(text, 1024)
+
+
 def build_parser():
     p = _Parser(prog="aprender", description="Magnitude pruning for safetensors checkpoints.")
     p.add_argument("--version", action="version", version=f"aprender {__version__}")
@@ -142,7 +146,7 @@ def build_parser():
                     help="run on the Dask cluster whose scheduler is at ADDRESS (every worker "
                          "must see INPUT and OUTPUT's folder at the same paths); the output is "
                          "byte for byte that of the local run (needs aprender[dask])")
-    dk.add_argument("--dask-workers", type=lambda t: _count(t, 1024), metavar="N",
+    dk.add_argument("--dask-workers", type=_workers, metavar="N",
                     help="run on a Dask LocalCluster of N worker processes on this machine "
                          "(needs aprender[dask])")
 
@@ -317,9 +321,10 @@ def run_prune(args):
     if dask:
         from .distributed import DistributedPruner, dask_client
     try:
-        pruner = (DistributedPruner(args, None, progress=progress if bar is not None else None)
-                  if dask else
-                  CheckpointPruner(args, progress=progress if bar is not None else None))
+        if dask:  # the options are checked before a cluster is started
+            pruner = DistributedPruner(args, None, progress if bar is not None else None)
+        else:
+            pruner = CheckpointPruner(args, progress=progress if bar is not None else None)
     except PruningError as exc:  # option values
         raise UsageError(str(exc)) from None
     try:
