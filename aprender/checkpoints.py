@@ -45,6 +45,19 @@ def prune_checkpoint(input, output=None, *, sparsity=None, pattern=None,
     """Prune the checkpoint ``input`` (a .safetensors file or a folder) into ``output`` with the
     command line's rules and safety guarantees; returns the report (a dict).  ``progress``:
     called as ``progress(bytes_done_now, total_bytes)`` after each tensor."""
+    job = make_job(input, output, sparsity=sparsity, pattern=pattern, scope=scope,
+                   importance=importance, include=include, exclude=exclude, format=format,
+                   max_tensor_sparsity=max_tensor_sparsity, dry_run=dry_run, report=report,
+                   n_threads=n_threads, force=force, calibration=calibration,
+                   allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
+    return CheckpointPruner(job, progress).run()
+
+
+def make_job(input, output=None, *, sparsity=None, pattern=None, scope="layer", importance="l1",
+             include=(), exclude=(), format="dense", max_tensor_sparsity=None, dry_run=False,
+             report=None, n_threads=None, force=False, calibration=None, allocation="uniform",
+             owl_m=5.0, owl_lambda=0.08):
+    """The options of :func:`prune_checkpoint` as the job object a CheckpointPruner takes."""
     job = types.SimpleNamespace(
         input=os.fspath(input), output=None if output is None else os.fspath(output),
         sparsity=sparsity, pattern=pattern, scope=scope, importance=importance,
@@ -55,7 +68,7 @@ def prune_checkpoint(input, output=None, *, sparsity=None, pattern=None,
         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
     if job.output is None and not dry_run:
         raise InvalidArgumentError("output is required unless dry_run=True")
-    return CheckpointPruner(job, progress).run()
+    return job
 
 
 CT_VERSION = "0.14.0.1"  # the compressed-tensors release whose sparse-24-bitmask we write
@@ -126,6 +139,13 @@ def select(ckpt, include, exclude):
         if hit:
             selected.append((shard, t))
     return selected, skipped
+
+
+def outlier_ratio(units, m, nt):
+    """OWL's outlier ratio of one tensor, streamed over its Wanda units."""
+    from .pruning.owl import streamed_outlier_ratio
+
+    return streamed_outlier_ratio(lambda: (u.scores() for u in units), m, nt)
 
 
 class CheckpointPruner:
@@ -218,8 +238,18 @@ class CheckpointPruner:
             OutputTarget(a.report, inputs, force=a.force, what="--report", avoid=avoid)
 
     def run(self):
-        a = self.args
         t0 = time.perf_counter()
+        skipped = self.prepare()
+        if self.args.dry_run:
+            self._dry_run()
+        else:
+            self._write_all()
+        return self.finish(skipped, t0)
+
+    def prepare(self):
+        """Everything before the first mask: read the headers, check the output paths, select
+        the tensors, load the calibration, plan global scope.  Returns the skipped tensors."""
+        a = self.args
         ckpt = Checkpoint(a.input)
         self._check_paths(ckpt)
         _refuse_compressed(ckpt)
@@ -246,18 +276,14 @@ class CheckpointPruner:
         if a.scope == "global":
             self._plan_global(ckpt, selected)
         self.rows = []
-        total_bytes = sum(t.nbytes for _, t in ckpt.items())
-        self.total_bytes = total_bytes
-        if a.dry_run:
-            for shard, t in ckpt.items():
-                if (shard, t.name) in self.sel_index:
-                    self._row(shard, t, self._prune(shard, t)[0])
-                self._tick(t.nbytes)
-        else:
-            self._write_all()
-        report = self._report(skipped, total_bytes, time.perf_counter() - t0)
-        if a.report:
-            atomic_write_text(a.report, json.dumps(report, indent=2) + "\n")
+        self.total_bytes = sum(t.nbytes for _, t in ckpt.items())
+        return skipped
+
+    def finish(self, skipped, t0):
+        """The report (written to --report when asked for)."""
+        report = self._report(skipped, self.total_bytes, time.perf_counter() - t0)
+        if self.args.report:
+            atomic_write_text(self.args.report, json.dumps(report, indent=2) + "\n")
         return report
 
     # -- per tensor --------------------------------------------------------------------------
@@ -360,25 +386,28 @@ class CheckpointPruner:
             us = self._units(ckpt, shard, t, common)
             groups.append(list(range(len(units), len(units) + len(us))))
             units += us
-        self.plan = GlobalPlan(units, self.sparsity, self.args.max_tensor_sparsity, self.nt,
-                               groups)
+        self.plan = self._global_plan(units, groups)
+
+    def _global_plan(self, units, groups):
+        """The plan of a global selection (a distributed run merges per-tensor summaries)."""
+        return GlobalPlan(units, self.sparsity, self.args.max_tensor_sparsity, self.nt, groups)
 
     def _owl(self, ckpt, selected):
         """OWL (Yin et al. 2024): each layer's outlier ratio (Wanda scores above m times the
         layer's mean), streamed chunk by chunk, then sparsities spread over [s - lam, s + lam]
         whose element-weighted mean is the target."""
-        from .pruning.owl import owl_allocation, streamed_outlier_ratio
+        from .pruning.owl import owl_allocation
 
-        ratios, sizes = [], []
-        for shard, t in selected:
-            units = self._units(ckpt, shard, t)
-            ratios.append(streamed_outlier_ratio(lambda: (u.scores() for u in units),
-                                                 self.owl_m, self.nt))
-            sizes.append(t.size)
+        ratios = self._outlier_ratios([self._units(ckpt, shard, t) for shard, t in selected])
+        sizes = [t.size for _, t in selected]
         counts = owl_allocation(ratios, sizes, self.sparsity, self.owl_lam)
         for (shard, t), c in zip(selected, counts):
             self.layer_sparsity[t.name] = int(c) / t.size if t.size else 0.0
         self.owl_ratios = {t.name: r for (_, t), r in zip(selected, ratios)}
+
+    def _outlier_ratios(self, tensors):
+        """Each tensor's outlier ratio from its units (a distributed run: one task each)."""
+        return [outlier_ratio(units, self.owl_m, self.nt) for units in tensors]
 
     def _keep(self, shard, t):
         i = self.sel_index[(shard, t.name)]
@@ -434,8 +463,7 @@ class CheckpointPruner:
         writer = CheckpointWriter(ckpt, self.target.path, pause_hook=_test_pause_hook())
         sidecar = None
         try:
-            for s in ckpt.shards:
-                self._write_shard(writer, s)
+            self._write_shards(writer)
             if ckpt.is_dir:
                 writer.copy_others()
                 writer.write_index(rebuild=self.args.format != "dense")
@@ -463,6 +491,22 @@ class CheckpointPruner:
                 raise CheckpointError(f"{display(self.target.path)}: cannot write ({why})") \
                     from None
             raise
+
+    def _write_shards(self, writer):
+        """Every shard, in order (a distributed run writes them on its workers)."""
+        for s in self.ckpt.shards:
+            self._write_shard(writer, s)
+
+    def _dry_run(self):
+        for s in self.ckpt.shards:
+            self._dry_shard(s)
+
+    def _dry_shard(self, shard):
+        """A dry run's rows for one shard: the masks are made and counted, nothing written."""
+        for t in self.ckpt.files[shard]:
+            if (shard, t.name) in self.sel_index:
+                self._row(shard, t, self._prune(shard, t)[0])
+            self._tick(t.nbytes)
 
     def _write_shard(self, writer, shard):
         sf = self.ckpt.files[shard]

@@ -75,6 +75,10 @@ def _threads(text):
     return _count(text, MAX_THREADS)
 
 
+def _workers(text):
+    return _count(text, 1024)
+
+
 def build_parser():
     p = _Parser(prog="aprender", description="Magnitude pruning for safetensors checkpoints.")
     p.add_argument("--version", action="version", version=f"aprender {__version__}")
@@ -147,6 +151,14 @@ def build_parser():
                     help="replace an existing OUTPUT (or --report) file or folder; never one "
                          "that holds the input, nor a device, FIFO or socket")
     pr.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    dk = pr.add_mutually_exclusive_group()
+    dk.add_argument("--dask", metavar="ADDRESS",
+                    help="run on the Dask cluster whose scheduler is at ADDRESS (every worker "
+                         "must see INPUT and OUTPUT's folder at the same paths); the output is "
+                         "byte for byte that of the local run (needs aprender[dask])")
+    dk.add_argument("--dask-workers", type=_workers, metavar="N",
+                    help="run on a Dask LocalCluster of N worker processes on this machine "
+                         "(needs aprender[dask])")
 
     cal = sub.add_parser(
         "calibrate", help="collect activation statistics for calibration-aware pruning",
@@ -302,12 +314,23 @@ def run_prune(args):
         if bar.total is None:
             bar.total = total
         bar.update(nbytes)
+    dask = getattr(args, "dask", None) is not None or getattr(args, "dask_workers", None)
+    if dask:
+        from .distributed import DistributedPruner, dask_client
     try:
-        pruner = CheckpointPruner(args, progress=progress if bar is not None else None)
+        if dask:  # the options are checked before a cluster is started
+            pruner = DistributedPruner(args, None, progress if bar is not None else None)
+        else:
+            pruner = CheckpointPruner(args, progress=progress if bar is not None else None)
     except PruningError as exc:  # option values
         raise UsageError(str(exc)) from None
     try:
-        report = pruner.run()
+        if dask:
+            with dask_client(args.dask, args.dask_workers) as client:
+                pruner.client = client
+                report = pruner.run()
+        else:
+            report = pruner.run()
     finally:
         if bar is not None:
             bar.close()

@@ -22,6 +22,8 @@ __all__ = [
     "MissingActivationStatsError",
     "CalibrationFileError",
     "HessianError",
+    "MissingExtraError",
+    "ClusterError",
 ]
 
 
@@ -131,3 +133,13 @@ class HessianError(CalibrationError):
     def __init__(self, message, layer=None):
         super().__init__(message)
         self.layer = layer
+
+
+class MissingExtraError(PruningError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it
+    (``pip install "aprender[dask]"``)."""
+
+
+class ClusterError(PruningError, RuntimeError):
+    """A distributed run failed for a reason of the cluster's (a task's workers died more often
+    than the scheduler allows, the scheduler went away); nothing was written."""

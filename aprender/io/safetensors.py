@@ -196,6 +196,12 @@ class SafetensorsFile:
         self.tensors = {t.name: t for t in infos}
         self.size = self.data_start + (infos[-1].end if infos else 0)
 
+    def __reduce__(self):
+        # sent to another process (a Dask worker) by path: reopened there on first use (never
+        # where it is only passed through, such as a scheduler), at most once per process, and
+        # refused if it is not the file that was read here
+        return _Reopened, (os.path.abspath(self.path), self.size, self.header_len)
+
     def __iter__(self):
         return iter(self.infos)
 
@@ -345,3 +351,46 @@ def write_safetensors(path, tensors, metadata=None):
                 write_all(fd, arr.reshape(-1).view(np.uint8))
     finally:
         os.close(fd)
+
+
+_REOPENED = {}
+
+
+def _reopen(path, size, header_len):
+    """The SafetensorsFile at ``path`` in this process (a pickled one: see __reduce__), checked
+    to be the file that was read where it was pickled (same size and header length)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{display(path)}: cannot read ({exc.strerror or exc})") from None
+    key = (path, st.st_dev, st.st_ino, st.st_mtime_ns)
+    sf = _REOPENED.get(key)
+    if sf is None:
+        sf = SafetensorsFile(path)
+        if len(_REOPENED) > 4096:
+            _REOPENED.clear()
+        _REOPENED[key] = sf
+    if (sf.size, sf.header_len) != (size, header_len):
+        raise CheckpointError(f"{display(path)}: not the file that was planned (size "
+                              f"{sf.size}, expected {size}): changed while being pruned, or a "
+                              "different file at this path")
+    return sf
+
+
+class _Reopened:
+    """A pickled SafetensorsFile on the receiving side: opened with :func:`_reopen` when first
+    used, so that a file this process cannot read fails where it is read."""
+
+    def __init__(self, path, size, header_len):
+        self._args = (path, size, header_len)
+        self._sf = None
+
+    def __reduce__(self):
+        return _Reopened, self._args
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_args", "_sf"):
+            raise AttributeError(name)
+        if self._sf is None:
+            self._sf = _reopen(*self._args)
+        return getattr(self._sf, name)

@@ -50,9 +50,9 @@ from ..errors import (InvalidArgumentError, InvalidShapeError, InvalidSparsityEr
 
 _INF16_OF_CODE = {"BF16": INF16[BF16], "F16": INF16[F16]}  # safetensors dtype code -> +inf bits
 
-__all__ = ["ArraySource", "MappedUnit", "WandaUnit", "GlobalPlan", "wanda_units", "typed_rows",
-           "common_dtype", "raise_nonfinite", "require_finite", "find_threshold",
-           "threshold_masks", "select_mask", "select_rows", "select_global"]
+__all__ = ["ArraySource", "MappedUnit", "WandaUnit", "GlobalPlan", "MergedPlan", "PlannedKeeps",
+           "wanda_units", "typed_rows", "common_dtype", "raise_nonfinite", "require_finite",
+           "find_threshold", "threshold_masks", "select_mask", "select_rows", "select_global"]
 
 SAMPLE = 262144       # largest sample for the bracket
 SAMPLE_MIN = 16384    # smallest sample once the keys are not all taken
@@ -266,27 +266,26 @@ def _check_k(k, total):
         raise InvalidArgumentError(f"k={k} outside [1, {total}]")
 
 
-def _bracket(pool, k, magnitude, nt):
-    """Keys lo <= hi that bracket the k-th smallest key with high probability, from a stratified
-    sample proportional to each source's size (every key when the total is small).  Returns
-    (lo, hi, the fraction of the sample inside [lo, hi]: what the passes should expect)."""
-    total = pool.total
+def _shares(sizes):
+    """Each source's share of the bracket sample (proportional to its size; every key when the
+    total is small).  Source j is sampled with salt j + 1."""
+    total = sum(sizes)
     sample = total if total <= SMALL else min(SAMPLE, max(SAMPLE_MIN, total // SAMPLE_DIV))
     shares = []
-    for n_t in pool.sizes:
+    for n_t in sizes:
         if n_t == 0:
             shares.append(0)
         elif total <= SMALL:
             shares.append(n_t)
         else:
             shares.append(min(max(1, (sample * n_t) // total), n_t))
-    # every source's sample goes straight into one buffer of the keys' own width
-    buf = np.empty(sum(shares) + _select.RUN_KEYS, dtype=_key_dtype(pool.itemsize()))
-    s = 0
-    for j, share in enumerate(shares):
-        if share:
-            s += _select.sample_into(pool.get(j), share, j + 1, magnitude, nt, buf[s:])
-    smp = buf[:s]
+    return shares
+
+
+def _bracket_of(smp, k, total):
+    """(lo, hi, band) from the concatenated sample ``smp`` (in source order) of a selection of
+    the k-th smallest among ``total`` keys: the merge step of the bracket."""
+    s = smp.shape[0]
     if total <= SMALL and s == total:
         return 0, _KEY_MAX, 1.0
     q = k / float(total)
@@ -301,25 +300,35 @@ def _bracket(pool, k, magnitude, nt):
     return lo_key, hi_key, _select.count_in(smp, lo_key, hi_key) / float(s)
 
 
+def _bracket(pool, k, magnitude, nt):
+    """Keys lo <= hi that bracket the k-th smallest key with high probability, from a stratified
+    sample proportional to each source's size (every key when the total is small).  Returns
+    (lo, hi, the fraction of the sample inside [lo, hi]: what the passes should expect)."""
+    shares = _shares(pool.sizes)
+    # every source's sample goes straight into one buffer of the keys' own width
+    buf = np.empty(sum(shares) + _select.RUN_KEYS, dtype=_key_dtype(pool.itemsize()))
+    s = 0
+    for j, share in enumerate(shares):
+        if share:
+            s += _select.sample_into(pool.get(j), share, j + 1, magnitude, nt, buf[s:])
+    return _bracket_of(buf[:s], k, pool.total)
+
+
 def _default_budget(total, itemsize, extra=0):
     """Candidates a selection may hold: the scratch budget in keys of the input's width (plus
     `extra` bytes each: their positions)."""
     return max(1, _select.scratch_budget(total * itemsize) // (itemsize + extra))
 
 
-def _radix_threshold(pool, k, magnitude, inf16, nt):
-    """(k-th smallest key, keys strictly below it, non-finite count) by 16-bit radix histograms
-    over every key, top digit first (1, 2 or 4 linear passes)."""
+def _radix_walk(itemsize, k, hist_round):
+    """(k-th smallest key, keys strictly below it, non-finite count) by 16-bit radix histograms,
+    top digit first (1, 2 or 4 rounds); ``hist_round(shift, prefix, pmask)`` returns the
+    histogram of one round over every key, and the non-finite count."""
     nbins = _select.HIST_BINS
-    shift = 8 * pool.itemsize() - 16
-    rank, below, prefix, pmask, bad = k - 1, 0, 0, 0, 0
-    hist = np.zeros(nbins, dtype=np.int64)
+    shift = 8 * itemsize - 16
+    rank, below, prefix, pmask = k - 1, 0, 0, 0
     while True:
-        hist[:] = 0
-        for i, n in enumerate(pool.sizes):
-            if n:
-                bad += _select.hist_pass(pool.get(i, True), shift, prefix, pmask, magnitude,
-                                         inf16, hist, nt)
+        hist, bad = hist_round(shift, prefix, pmask)
         if bad:
             return 0, 0, bad
         # the first bin whose running count passes rank (the last bin at most)
@@ -333,6 +342,22 @@ def _radix_threshold(pool, k, magnitude, inf16, nt):
         if shift == 0:
             return prefix, below, 0
         shift -= 16
+
+
+def _radix_threshold(pool, k, magnitude, inf16, nt):
+    """(k-th smallest key, keys strictly below it, non-finite count) by 16-bit radix histograms
+    over every key, top digit first (1, 2 or 4 linear passes)."""
+    hist = np.zeros(_select.HIST_BINS, dtype=np.int64)
+
+    def hist_round(shift, prefix, pmask):
+        hist[:] = 0
+        bad = 0
+        for i, n in enumerate(pool.sizes):
+            if n:
+                bad += _select.hist_pass(pool.get(i, True), shift, prefix, pmask, magnitude,
+                                         inf16, hist, nt)
+        return hist, bad
+    return _radix_walk(pool.itemsize(), k, hist_round)
 
 
 def find_threshold(sources, sizes, k, magnitude, inf16, n_threads, cand_budget=-1):
@@ -621,15 +646,11 @@ class GlobalPlan(_Plan):
         if self.scratch is None:  # one keep buffer for every unit (reused, never reallocated)
             self.scratch = np.empty(max(self.usizes), np.uint8)
         out = self.scratch[:n]
-        if p[0] == "fill":
-            out[:] = p[1]
-            return out
+        if p[0] != "run":
+            return _planned_keep(self.units[i], p, out, self.magnitude, self.nt)
         x = self.units[i].load(sequential=True)
-        if p[0] == "run":
-            self.running[p[2]] -= _select.write_pass(x, p[1], self.running[p[2]],
-                                                     self.magnitude, out, self.nt)
-        else:
-            _select.write_pass(x, p[1], p[2], self.magnitude, out, self.nt)
+        self.running[p[2]] -= _select.write_pass(x, p[1], self.running[p[2]], self.magnitude,
+                                                 out, self.nt)
         return out
 
     def group_keep(self, g, out=None):
@@ -643,4 +664,222 @@ class GlobalPlan(_Plan):
         for i in units:
             out[pos:pos + self.usizes[i]] = self.keep(i)
             pos += self.usizes[i]
+        return out
+
+
+def _planned_keep(unit, p, out, magnitude, nt):
+    """A unit's keep-mask from a plan entry that needs nothing from other units:
+    ("fill", value) or ("fixed", thresh, r) (prune keys below thresh and the unit's first r keys
+    equal to it)."""
+    if p[0] == "fill":
+        out[:] = p[1]
+        return out
+    _select.write_pass(unit.load(sequential=True), p[1], p[2], magnitude, out, nt)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# mergeable summaries: the global selection split into per-unit passes and a reduction
+# ----------------------------------------------------------------------------------------------
+# A distributed run computes the per-unit functions below where the units' bytes are (one task
+# per tensor) and reduces their small results on the client with the same steps as
+# find_threshold: the samples concatenated in unit order give the same bracket; the candidates
+# of every unit give the same threshold (select_hist over the same keys); the per-unit counts
+# below and equal to it give each unit its share of the ties, in unit order (the tie rule).
+
+def unit_sample(unit, share, salt, magnitude, nt):
+    """The bracket sample of one unit (``share`` keys, salt = its position in the pool + 1)."""
+    x = unit.load(False)
+    buf = np.empty(share + _select.RUN_KEYS, dtype=_key_dtype(x.dtype.itemsize))
+    return buf[:_select.sample_into(x, share, salt, magnitude, nt, buf)].copy()
+
+
+def unit_range(unit, lo, hi, magnitude, inf16, cap, band, nt):
+    """(keys below lo, keys in [lo, hi], non-finite count, the keys in [lo, hi] or None when
+    more than ``cap``) of one unit."""
+    return _select.range_pass(unit.load(True), lo, hi, magnitude, inf16, cap, nt, band)
+
+
+def unit_range_summary(unit, lo, hi, magnitude, inf16, cap, band, nt):
+    """:func:`unit_range` with the candidates as they travel best: the keys themselves, or
+    (distinct keys, their counts) when that is smaller (16-bit keys: a bracket holds few
+    distinct values, each many times)."""
+    b, i, bad, c = unit_range(unit, lo, hi, magnitude, inf16, cap, band, nt)
+    if c is not None and c.size:
+        vals, counts = np.unique(c, return_counts=True)
+        if vals.nbytes + 4 * counts.size < c.nbytes and counts.max() <= 0xFFFFFFFF:
+            return b, i, bad, (vals, counts.astype(np.uint32))
+    return b, i, bad, c
+
+
+def _expand(c):
+    """Candidates from :func:`unit_range_summary` as one key array (any order: only their
+    ranks and counts matter)."""
+    return np.repeat(c[0], c[1]) if isinstance(c, tuple) else c
+
+
+def unit_hist(unit, shift, prefix, pmask, magnitude, inf16, nt):
+    """One radix round's histogram over one unit's keys, and its non-finite count."""
+    hist = np.zeros(_select.HIST_BINS, dtype=np.int64)
+    bad = _select.hist_pass(unit.load(True), shift, prefix, pmask, magnitude, inf16, hist, nt)
+    return hist, bad
+
+
+def unit_check_finite(unit, inf16, nt):
+    """Raise (the one non-finite policy) when the unit holds a non-finite value."""
+    if unit.size and not _is_finite(unit.load(True), inf16, nt):
+        raise_nonfinite([unit], nt)
+
+
+def local_map(fn, batches, *args):
+    """Run ``fn(unit, extra, *args)`` for every (unit, extra) of every batch, here: the
+    in-process map of :class:`MergedPlan` (a distributed run passes one that runs each batch as
+    a task)."""
+    return [[fn(u, extra, *args) for u, extra in batch] for batch in batches]
+
+
+def _one(fn):
+    """fn(unit, *args) as fn(unit, extra, *args) for maps without a per-unit argument."""
+    def call(unit, _extra, *args):
+        return fn(unit, *args)
+    call.__name__ = fn.__name__
+    return call
+
+
+class MergedPlan(_Plan):
+    """GlobalPlan's selection (same k, threshold, tie rule and caps) from mergeable per-unit
+    summaries, so that the per-unit passes can run anywhere: ``pmap(fn, batches, *args)`` runs
+    ``fn(unit, extra, *args)`` over batches of (unit, extra) pairs (one batch per tensor) and
+    returns the results batch by batch (default :func:`local_map`).
+
+    Every unit ends with a plan entry that needs no other unit: ("fill", value) or
+    ("fixed", thresh, r), where r is that unit's share of the ties (see :meth:`entries`), so the
+    masks can be written in any order, in parallel.  ``received``: bytes of the summaries the
+    reduction read (samples, candidates, counts, histograms)."""
+
+    REFUSAL = GlobalPlan.REFUSAL
+
+    def __init__(self, units, sparsity, cap, nt, groups=None, magnitude=1, pmap=None):
+        super().__init__(units, nt, magnitude, groups)
+        self.pmap = pmap or local_map
+        self.k = prune_count(sparsity, sum(self.sizes))
+        self.plan = [None] * len(self.units)
+        self.received = 0
+        self._select(self.k, cap)
+
+    def _map(self, fn, gidx, extras, *args):
+        """fn over the units of groups gidx (one batch per group); a flat list in unit order.
+        ``extras``: one per-unit argument per member, in order (or None)."""
+        batches, j = [], 0
+        for g in gidx:
+            n = len(self.groups[g])
+            ex = extras[j:j + n] if extras is not None else [None] * n
+            batches.append([(self.units[i], e) for i, e in zip(self.groups[g], ex)])
+            j += n
+        out = [r for batch in self.pmap(fn, batches, *args) for r in batch]
+        for r in out:
+            self.received += _nbytes(r)
+        return out
+
+    def _refuse_nonfinite(self, gidx):
+        self._map(_one(unit_check_finite), gidx, None, self.inf16, self.nt)
+        raise NumericalInstabilityError("non-finite values among the selected tensors")
+
+    def _solve(self, gidx, k, count):
+        idx = self._members(gidx)
+        sizes = [self.usizes[i] for i in idx]
+        total = sum(sizes)
+        if k <= 0 or k >= total:
+            self._map(_one(unit_check_finite), gidx, None, self.inf16, self.nt)
+            for i in idx:
+                self.plan[i] = ("fill", 1 if k <= 0 else 0)
+            return {g: (0 if k <= 0 else self.sizes[g]) for g in gidx}
+        nt, mag, inf16 = self.nt, self.magnitude, self.inf16
+        shares = _shares(sizes)
+        samples = self._map(_sample_at, gidx, [(sh, j + 1) for j, sh in enumerate(shares)],
+                            mag, nt)
+        smp = np.concatenate([x for x in samples if x is not None])  # in unit order
+        lo, hi, band = _bracket_of(smp, k, total)
+        itemsize = smp.dtype.itemsize
+        budget = _default_budget(total, itemsize)
+        # each unit may return about twice its share of the candidate budget (the local run
+        # bounds the running total instead): what the client gathers stays near the budget
+        # however hostile the values; a unit over its share falls back to the exact radix path
+        caps = [min(budget, 2 * (budget * n // total) + 65536) for n in sizes]
+        res = self._map(_range_at, gidx, caps, lo, hi, mag, inf16, band, nt)
+        if any(r[2] for r in res):
+            self._refuse_nonfinite(gidx)
+        below = sum(r[0] for r in res)
+        inside = sum(r[1] for r in res)
+        if all(r[3] is not None for r in res) and below < k <= below + inside \
+                and inside <= budget:
+            cands = [_expand(r[3]) for r in res]
+            thresh, _ = _select.select_hist([c for c in cands if c.size], k - below - 1, lo, hi)
+            lt = [int(r[0]) + int(np.count_nonzero(c < thresh)) for r, c in zip(res, cands)]
+            eq = [int(np.count_nonzero(c == thresh)) for c in cands]
+            below = sum(lt)
+        else:
+            del res
+            def hist_round(shift, prefix, pmask):
+                parts = self._map(_one(unit_hist), gidx, None, shift, prefix, pmask, mag, inf16,
+                                  nt)
+                return sum(h for h, _ in parts), sum(b for _, b in parts)
+            thresh, below, bad = _radix_walk(itemsize, k, hist_round)
+            if bad:
+                self._refuse_nonfinite(gidx)
+            res = self._map(_one(unit_range), gidx, None, thresh, thresh, mag, inf16, 0, 0.0,
+                            nt)
+            lt = [int(r[0]) for r in res]
+            eq = [int(r[1]) for r in res]
+        # the tie rule: the first r keys equal to the threshold, in unit order, are pruned
+        r = k - below
+        counts = dict.fromkeys(gidx, 0)
+        owner = {i: g for g in gidx for i in self.groups[g]}
+        for j, i in enumerate(idx):
+            take = min(max(r, 0), eq[j])
+            self.plan[i] = ("fixed", int(thresh), take)
+            r -= take
+            counts[owner[i]] += lt[j] + take
+        return counts if count else None
+
+    def entries(self, g):
+        """The plan entries of group g's units, in order."""
+        return [self.plan[i] for i in self.groups[g]]
+
+
+def _sample_at(unit, extra, magnitude, nt):
+    share, salt = extra
+    return unit_sample(unit, share, salt, magnitude, nt) if share else None
+
+
+def _range_at(unit, cap, lo, hi, magnitude, inf16, band, nt):
+    return unit_range_summary(unit, lo, hi, magnitude, inf16, cap, band, nt)
+
+
+def _nbytes(r):
+    """Bytes of a summary (arrays by their size; counts as 8 bytes each)."""
+    if isinstance(r, np.ndarray):
+        return r.nbytes
+    if isinstance(r, (tuple, list)):
+        return sum(_nbytes(v) for v in r)
+    return 0 if r is None else 8
+
+
+class PlannedKeeps:
+    """The keep-masks of some groups from plan entries that need no other unit (a
+    :class:`MergedPlan`'s): ``keeps[g] = [(unit, entry), ...]``; same interface as
+    :meth:`GlobalPlan.group_keep`, in any order."""
+
+    def __init__(self, keeps, nt, magnitude=1):
+        self.keeps, self.nt, self.magnitude = keeps, nt, magnitude
+
+    def group_keep(self, g, out=None):
+        pairs = self.keeps[g]
+        n = sum(u.size for u, _ in pairs)
+        if out is None:
+            out = np.empty(n, np.uint8)
+        pos = 0
+        for u, p in pairs:
+            _planned_keep(u, p, out[pos:pos + u.size], self.magnitude, self.nt)
+            pos += u.size
         return out
