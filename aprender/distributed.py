@@ -148,7 +148,9 @@ class DistributedPruner(CheckpointPruner):
             state = {"sel": sel, "keeps": keeps,
                      "scales": {n: self.scales[n] for n in names} if self.wanda else None,
                      "layer_sparsity": {n: v for n, v in self.layer_sparsity.items()
-                                        if n in names}}
+                                        if n in names},
+                     # SparseGPT: the worker maps the Hessians it needs from the file itself
+                     "hessians": os.path.abspath(self.args.calibration) if self.sgpt else None}
             futs.append((s, self.client.submit(
                 _shard_task, self.args, s, ckpt.shard_path(s),
                 (os.path.abspath(sf.path), sf.size, sf.header_len),
@@ -216,7 +218,7 @@ class DistributedPruner(CheckpointPruner):
                 os.replace(res["part"], os.path.join(writer.tmp, s))
             else:
                 os.replace(res["part"], writer.tmp)
-            writer._done(s, res["names"], res["size"])
+            writer._done(s, res["names"], res["size"], res["elements"])
         try:
             self._collect(self._tasks(parts), place)
         finally:
@@ -312,7 +314,7 @@ class _PartWriter(CheckpointWriter):
 
     def __init__(self, ckpt, parts, no):
         self.ckpt, self.tmp, self._pause = ckpt, parts, None
-        self.weight_map, self.sizes = {}, {}
+        self.weight_map, self.sizes, self.elements = {}, {}, {}
         self.part = os.path.join(parts, f"{no}-{uuid.uuid4().hex}.part")
 
     def shard(self, shard, metadata, planned=None):
@@ -363,6 +365,10 @@ def _shard_task(job, shard, path, planned, is_dir, state, parts, no, topic):
         pruner.sel_index = state["sel"]
         pruner.scales = state["scales"]
         pruner.layer_sparsity = state["layer_sparsity"]
+        if state["hessians"] is not None:
+            from .pruning.calibration import HessianFile
+
+            pruner.hessians = HessianFile(state["hessians"])
         pruner.owl_ratios = {}
         if state["keeps"] is not None:
             pruner.plan = PlannedKeeps(state["keeps"], pruner.nt)
@@ -382,4 +388,4 @@ def _shard_task(job, shard, path, planned, is_dir, state, parts, no, topic):
             remove_tree(writer.part)
             raise
         return {"rows": pruner.rows, "part": writer.part, "names": list(writer.weight_map),
-                "size": writer.sizes[shard]}
+                "size": writer.sizes[shard], "elements": writer.elements[shard]}

@@ -164,6 +164,7 @@ CASES = {
     "per-row": dict(sparsity=0.3, pattern="per-row"),
     "global-cap": dict(sparsity=0.6, scope="global", max_tensor_sparsity=0.7),
     "2:4-bitmask": dict(pattern="2:4", format="sparse-24-bitmask"),
+    "bitmask": dict(sparsity=0.5, format="bitmask"),
 }
 
 
@@ -233,8 +234,11 @@ def test_single_file_and_dry_run(tmp_path, client):
 @pytest.mark.parametrize("opts", [dict(pattern="per-row", sparsity=0.5),
                                   dict(scope="global", pattern="unstructured", sparsity=0.5),
                                   dict(pattern="2:4"),
-                                  dict(pattern="per-row", sparsity=0.5, allocation="owl")],
-                         ids=["row", "global", "2:4", "owl"])
+                                  dict(pattern="per-row", sparsity=0.5, allocation="owl"),
+                                  dict(importance="sparsegpt", sparsity=0.5),
+                                  dict(importance="sparsegpt", pattern="2:4",
+                                       format="sparse-24-bitmask")],
+                         ids=["row", "global", "2:4", "owl", "sparsegpt", "sparsegpt-2:4"])
 def test_wanda_with_a_calibration_file(tmp_path, client, opts):
     from aprender.distributed import prune_checkpoint
 
@@ -245,7 +249,7 @@ def test_wanda_with_a_calibration_file(tmp_path, client, opts):
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(),
                                 torch.nn.Linear(48, 32))
     ctx = collect_calibration(model, [torch.randn(4, 32) * torch.rand(32) * 4 for _ in range(3)],
-                              progress=False)
+                              progress=False, hessian=opts.get("importance") == "sparsegpt")
     ctx.save(tmp_path / "calib.safetensors")
     src = tmp_path / "in"
     src.mkdir()
@@ -254,7 +258,7 @@ def test_wanda_with_a_calibration_file(tmp_path, client, opts):
                                               "0.bias": state["0.bias"]})
     write_safetensors(src / "b.safetensors", {"2.weight": state["2.weight"],
                                               "2.bias": state["2.bias"]})
-    opts = dict(opts, importance="wanda", calibration=tmp_path / "calib.safetensors")
+    opts = dict({"importance": "wanda"}, **opts, calibration=tmp_path / "calib.safetensors")
     want = prune_local(src, tmp_path / "local", **opts)
     got = prune_checkpoint(src, tmp_path / "dask", client=client, **opts)
     assert_same_output(tmp_path / "local", tmp_path / "dask")
