@@ -180,8 +180,9 @@ def build_parser():
     cal.add_argument("--batch-size", type=_count, default=8, metavar="B",
                      help="samples per forward pass (default 8)")
     cal.add_argument("--hessian", action="store_true",
-                     help="also accumulate X^T X per layer (for SparseGPT; in_features^2 values "
-                          "per layer)")
+                     help="also accumulate X^T X (for --importance sparsegpt): one per distinct "
+                          "input, shared by the layers that read it (query/key/value), stored "
+                          "in float32 (in_features^2 values each)")
     cal.add_argument("--threads", type=_threads, metavar="N", help="threads for the kernels")
     cal.add_argument("--force", action="store_true", help="replace an existing output file")
     cal.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
