@@ -104,3 +104,37 @@ def test_calibrate_errors(tmp_path, capsys):
                  "-o", str(tmp_path / "c.safetensors")]) == 1
     assert not os.path.exists(tmp_path / "c.safetensors")
     assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_calibrate_hessian_then_prune_sparsegpt_a_llama_checkpoint(tmp_path):
+    """The whole SparseGPT path on a real transformers checkpoint: calibrate --hessian shares one
+    Hessian between q/k/v and between gate/up, and prune --importance sparsegpt streams it."""
+    import json
+    import struct
+
+    folder = tmp_path / "llama"
+    tiny_llama(folder)
+    text_file(tmp_path / "calib.txt", n=24)
+    calib = tmp_path / "calib.safetensors"
+    assert main(["calibrate", str(folder), "--text", str(tmp_path / "calib.txt"), "-o",
+                 str(calib), "--hessian", "--quiet"]) == 0
+    with open(calib, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    shared = json.loads(header["__metadata__"]["hessian_of"])
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert shared[p + "self_attn.k_proj"] == shared[p + "self_attn.v_proj"] == \
+            p + "self_attn.q_proj"
+        assert shared[p + "mlp.up_proj"] == p + "mlp.gate_proj"
+        assert p + "self_attn.o_proj" not in shared and p + "mlp.down_proj" not in shared
+        assert header[p + "self_attn.q_proj.hessian"]["dtype"] == "F32"
+    out = tmp_path / "pruned"
+    assert main(["prune", str(folder), "-o", str(out), "--importance", "sparsegpt",
+                 "--calibration", str(calib), "--pattern", "2:4", "--quiet"]) == 0
+    before = SafetensorsFile(folder / "model.safetensors")
+    after = SafetensorsFile(out / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    w0, w1 = np.array(before.array(name)), np.array(after.array(name))
+    kept = w1 != 0
+    assert (kept.reshape(w1.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert not np.array_equal(w0[kept], w1[kept])  # the kept weights were updated
