@@ -291,7 +291,7 @@ def sparse24_stored(dense2d):
 
 
 def sparsegpt(weights, hessian, sparsity=None, *, n=None, m=None, per_row=False, block_size=128,
-              percdamp=0.01, force_keep=None):
+              percdamp=0.01, force_keep=None, must_prune=None):
     """SparseGPT as the paper writes it, in float64 with plain numpy and no lazy batching:
     H⁻¹ by np.linalg.inv, U = its upper Cholesky factor; for each column in order, the column's
     error (w - q) / U[c, c] is subtracted, times U[c, c+1:], from every later column at once.
@@ -303,7 +303,8 @@ def sparsegpt(weights, hessian, sparsity=None, *, n=None, m=None, per_row=False,
     Returns (weights float64, keep bool, decisions): ``decisions`` lists, per selection, the
     saliencies compared and the keep flags chosen, so a test can check that a kernel's choice
     is also a valid one where float32 rounding separates near-equal saliencies.
-    ``force_keep``: use this keep-mask instead of choosing (the decisions are still recorded)."""
+    ``force_keep``: use this keep-mask instead of choosing (the decisions are still recorded).
+    ``must_prune``: weights ranked below all others (saliency -1) and pruned in any case."""
     w = to_float64(weights).copy()
     h = np.array(hessian, dtype=np.float64)
     rows, cols = w.shape
@@ -324,6 +325,8 @@ def sparsegpt(weights, hessian, sparsity=None, *, n=None, m=None, per_row=False,
         c1 = min(cols, c0 + block_size)
         if n is None:
             sal = w[:, c0:c1] ** 2 / np.diag(u)[c0:c1] ** 2
+            if must_prune is not None:
+                sal = np.where(must_prune[:, c0:c1], -1.0, sal)
             blk = np.ones(sal.shape, dtype=bool)
             if per_row:
                 kb = share(k_row, c1) - share(k_row, c0)
@@ -335,17 +338,19 @@ def sparsegpt(weights, hessian, sparsity=None, *, n=None, m=None, per_row=False,
             if force_keep is not None:
                 blk = np.array(force_keep[:, c0:c1], dtype=bool)
             decisions.append(("rows" if per_row else "block", sal, blk))
-            keep[:, c0:c1] = blk
+            keep[:, c0:c1] = blk if must_prune is None else blk & ~must_prune[:, c0:c1]
         for c in range(c0, c1):
             if n is not None and (c - c0) % m == 0:
                 sal = w[:, c:c + m] ** 2 / np.diag(u)[c:c + m] ** 2
+                if must_prune is not None:
+                    sal = np.where(must_prune[:, c:c + m], -1.0, sal)
                 grp = np.ones(sal.shape, dtype=bool)
                 for r in range(rows):
                     grp[r, np.argsort(sal[r], kind="stable")[:m - n]] = False
                 if force_keep is not None:
                     grp = np.array(force_keep[:, c:c + m], dtype=bool)
                 decisions.append(("rows", sal, grp))
-                keep[:, c:c + m] = grp
+                keep[:, c:c + m] = grp if must_prune is None else grp & ~must_prune[:, c:c + m]
             q = np.where(keep[:, c], w[:, c], 0.0)
             e = (w[:, c] - q) / u[c, c]
             w[:, c] = q

@@ -366,9 +366,12 @@ def _sparsegpt_update(targets, views, ctx, pat, fractions, nt):
 
     out = []
     for t, v, frac in zip(targets, views, fractions):
+        # under torch pruning, the weights its mask removed stay removed (and are compensated)
+        old = (t.mask.detach() == 0).numpy() if t.reparametrised else None
         try:
             new, mask = sparsegpt(v, _tied_stats(t, ctx), None if pat.is_nm else frac,
-                                  pattern=pat, n_threads=nt, layer=_module_names(t)[0])
+                                  pattern=pat, n_threads=nt, layer=_module_names(t)[0],
+                                  must_prune=old)
         except PruningError as exc:
             raise type(exc)(f"{t.name}: {exc}") from None
         dest = to_numpy_view(t.orig if t.reparametrised else t.weight)

@@ -222,3 +222,18 @@ def test_cli_refuses_what_sparsegpt_cannot_do(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no Hessian for layer 'layers.0.q'" in err and "--hessian" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_after_torch_pruning_keeps_the_old_zeros_pruned():
+    from torch.nn.utils import prune as tprune
+
+    model, ctx = model_and_context()
+    q = model.layers[0].q
+    tprune.l1_unstructured(q, "weight", amount=0.3)
+    old = (q.weight_mask == 0).numpy().copy()
+    effective = (q.weight_orig * q.weight_mask).detach().numpy().copy()
+    prune_(model, 0.5, importance="sparsegpt", calibration=ctx, include=r"layers\.0\.q\.")
+    want, mask = sparsegpt(effective, ctx["layers.0.q"], 0.5, must_prune=old)
+    assert not mask.keep[old].any()
+    np.testing.assert_array_equal((q.weight_mask != 0).numpy(), mask.keep)
+    np.testing.assert_array_equal(q.weight.detach().numpy(), want)

@@ -99,7 +99,7 @@ def check_hessian(const hreal[:, ::1] h not None, double rtol, int n_threads):
                     for j in range(j0 if j0 > i else i + 1, j1):
                         a = h[i, j]
                         b = h[j, i]
-                        tol = rtol * sqrt(fabs(<double>h[i, i]) * fabs(<double>h[j, j]))
+                        tol = rtol * sqrt(fabs(<double>h[i, i])) * sqrt(fabs(<double>h[j, j]))
                         if fabs(a - b) > tol and first[bi, 0] < 0:
                             first[bi, 0] = 2
                             first[bi, 1] = i
@@ -111,8 +111,11 @@ def check_hessian(const hreal[:, ::1] h not None, double rtol, int n_threads):
 
 
 def load_reversed(const hreal[:, ::1] h not None, double[:, ::1] out not None, double damp,
-                  int n_threads):
-    """out[n-1-i, n-1-j] = h[i, j] (float64); diagonal: 1 where h[i, i] == 0, plus damp."""
+                  double scale, int n_threads):
+    """out[n-1-i, n-1-j] = scale * h[i, j] (float64); diagonal: scale * (1 where h[i, i] == 0,
+    else h[i, i], plus damp).  SparseGPT is invariant to the scale of H: a scale that brings
+    the mean diagonal to 1 keeps U, and the saliencies w² / U[j, j]², inside float32's range
+    whatever the units of the activations."""
     cdef Py_ssize_t n = h.shape[0], a, b
     cdef int nt
     cdef double d
@@ -124,9 +127,9 @@ def load_reversed(const hreal[:, ::1] h not None, double[:, ::1] out not None, d
     with nogil:
         for a in prange(n, schedule="static", num_threads=nt):
             for b in range(n):
-                out[a, b] = h[n - 1 - a, n - 1 - b]
+                out[a, b] = scale * h[n - 1 - a, n - 1 - b]
             d = h[n - 1 - a, n - 1 - a]
-            out[a, a] = (1.0 if d == 0 else d) + damp
+            out[a, a] = scale * ((1.0 if d == 0 else d) + damp)
 
 
 def reverse_narrow(double[::1] buf not None, Py_ssize_t count, bint narrow, int n_threads):
@@ -166,17 +169,25 @@ def reverse_narrow(double[::1] buf not None, Py_ssize_t count, bint narrow, int 
 
 
 def saliency(const wreal[:, ::1] w not None, Py_ssize_t c0, Py_ssize_t c1,
-             const wreal[:, ::1] u not None, wreal[:, ::1] out not None, int n_threads):
-    """out[r, j] = w[r, c0 + j]**2 / u[c0 + j, c0 + j]**2 for j < c1 - c0."""
+             const wreal[:, ::1] u not None, wreal[:, ::1] out not None,
+             const uint8_t[:, ::1] forced not None, int n_threads):
+    """out[r, j] = w[r, c0 + j]**2 / u[c0 + j, c0 + j]**2 for j < c1 - c0; -1 (below every
+    saliency) where ``forced`` (the weights' shape, or 0 x 0 for none) marks a weight that must
+    be pruned."""
     cdef Py_ssize_t rows = w.shape[0], cols = w.shape[1], r, j, width = c1 - c0
     cdef wreal d, v
     cdef int nt
+    cdef bint has_forced
     if not (0 <= c0 <= c1 <= cols) or u.shape[0] != cols or u.shape[1] != cols:
         raise ShapeMismatchError(f"saliency: columns [{c0}, {c1}) of weights with {cols} "
                                  f"columns and a factor of shape ({u.shape[0]}, {u.shape[1]})")
     if out.shape[0] != rows or out.shape[1] != width:
         raise ShapeMismatchError(f"saliency: out has shape ({out.shape[0]}, {out.shape[1]}), "
                                  f"expected ({rows}, {width})")
+    has_forced = forced.shape[0] != 0
+    if has_forced and (forced.shape[0] != rows or forced.shape[1] != cols):
+        raise ShapeMismatchError(f"saliency: forced has shape ({forced.shape[0]}, "
+                                 f"{forced.shape[1]}), expected ({rows}, {cols}) or (0, 0)")
     nt = threads_for(n_threads, rows * width, rows)
     with nogil:
         for r in prange(rows, schedule="static", num_threads=nt):
@@ -184,11 +195,14 @@ def saliency(const wreal[:, ::1] w not None, Py_ssize_t c0, Py_ssize_t c1,
                 d = u[c0 + j, c0 + j]
                 v = w[r, c0 + j]
                 out[r, j] = (v * v) / (d * d)
+                if has_forced and forced[r, c0 + j]:
+                    out[r, j] = -1
     return None
 
 
-cdef void _row(wreal* w, wreal* e, uint8_t* kp, const uint8_t* bk, const wreal* u,
-               Py_ssize_t n, Py_ssize_t c0, Py_ssize_t c1, int nkeep, int m) noexcept nogil:
+cdef void _row(wreal* w, wreal* e, uint8_t* kp, const uint8_t* bk, const uint8_t* fc,
+               const wreal* u, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t c1, int nkeep,
+               int m) noexcept nogil:
     cdef Py_ssize_t c, j, k, q, cnt
     cdef wreal d, x, err, s
     cdef wreal sal[MAX_M]
@@ -200,6 +214,8 @@ cdef void _row(wreal* w, wreal* e, uint8_t* kp, const uint8_t* bk, const wreal* 
                     d = u[(c + k) * n + c + k]
                     x = w[c + k]
                     sal[k] = (x * x) / (d * d)
+                    if fc != NULL and fc[c + k]:
+                        sal[k] = -1
                 for k in range(m):
                     cnt = 0
                     s = sal[k]
@@ -208,6 +224,8 @@ cdef void _row(wreal* w, wreal* e, uint8_t* kp, const uint8_t* bk, const wreal* 
                     kp[c + k] = cnt >= m - nkeep
         else:
             kp[c] = bk[c - c0] != 0
+        if fc != NULL and fc[c]:
+            kp[c] = 0  # forced: pruned even beyond the block's or group's share
         if kp[c]:
             e[c] = 0
             continue
@@ -222,10 +240,14 @@ cdef void _row(wreal* w, wreal* e, uint8_t* kp, const uint8_t* bk, const wreal* 
 def prune_block(wreal[:, ::1] w not None, wreal[:, ::1] err not None,
                 const wreal[:, ::1] u not None, Py_ssize_t c0, Py_ssize_t c1,
                 const uint8_t[:, ::1] block_keep not None, int nkeep, int m,
-                uint8_t[:, ::1] keep not None, int n_threads):
-    """The per-column loop over columns [c0, c1) of every row of w (see the module text)."""
+                const uint8_t[:, ::1] forced not None, uint8_t[:, ::1] keep not None,
+                int n_threads):
+    """The per-column loop over columns [c0, c1) of every row of w (see the module text);
+    ``forced`` (the weights' shape, or 0 x 0) marks weights that are pruned whatever the
+    selection (N:M ranks them first)."""
     cdef Py_ssize_t rows = w.shape[0], cols = w.shape[1], r, width = c1 - c0
     cdef int nt
+    cdef bint has_forced
     if not (0 <= c0 <= c1 <= cols):
         raise ShapeMismatchError(f"prune_block: columns [{c0}, {c1}) of {cols}")
     if u.shape[0] != cols or u.shape[1] != cols:
@@ -245,6 +267,10 @@ def prune_block(wreal[:, ::1] w not None, wreal[:, ::1] err not None,
     elif block_keep.shape[0] != rows or block_keep.shape[1] != width:
         raise ShapeMismatchError(f"prune_block: block_keep has shape ({block_keep.shape[0]}, "
                                  f"{block_keep.shape[1]}), expected ({rows}, {width})")
+    has_forced = forced.shape[0] != 0
+    if has_forced and (forced.shape[0] != rows or forced.shape[1] != cols):
+        raise ShapeMismatchError(f"prune_block: forced has shape ({forced.shape[0]}, "
+                                 f"{forced.shape[1]}), expected ({rows}, {cols}) or (0, 0)")
     if rows == 0 or width == 0:
         return None
     nt = threads_for(n_threads, rows * width * 16, rows)
@@ -252,6 +278,7 @@ def prune_block(wreal[:, ::1] w not None, wreal[:, ::1] err not None,
         for r in prange(rows, schedule="static", num_threads=nt):
             _row(&w[r, 0], &err[r, 0], &keep[r, 0],
                  &block_keep[r, 0] if m == 0 else <const uint8_t*>0,
+                 &forced[r, 0] if has_forced else <const uint8_t*>0,
                  &u[0, 0], cols, c0, c1, nkeep, m)
     return None
 

@@ -78,11 +78,14 @@ def _pattern(pattern):
     return p
 
 
+MAX_PERCDAMP = 1e6  # beyond, H + damp I is the identity to float32 and U underflows
+
+
 def _percdamp(value):
     v = as_real(value, "percdamp (a finite fraction > 0)")
-    if not math.isfinite(v) or v <= 0:
-        raise InvalidArgumentError(f"percdamp must be a finite number > 0 (a fraction of the "
-                                   f"mean diagonal), got {short_repr(value)}")
+    if not math.isfinite(v) or not 0 < v <= MAX_PERCDAMP:
+        raise InvalidArgumentError(f"percdamp must be a number in (0, {MAX_PERCDAMP:g}] (a "
+                                   f"fraction of the mean diagonal), got {short_repr(value)}")
     return v
 
 
@@ -104,13 +107,18 @@ def hessian_array(hessian, cols, layer=None, n_threads=None):
         hessian = hessian.hessian
     if is_torch(hessian):
         hessian = to_numpy_view(hessian)
-    if isinstance(hessian, Bits16) or not isinstance(hessian, np.ndarray):
+    if isinstance(hessian, Bits16):
+        raise InvalidDTypeError(f"{at}the Hessian must be float32 or float64, got "
+                                f"{hessian.format}")
+    if not isinstance(hessian, np.ndarray):
         try:
             hessian = np.asarray(hessian)
         except Exception as exc:
             raise InvalidDTypeError(f"{at}the Hessian must be a float32 or float64 array, got "
                                     f"{type(hessian).__name__}") from exc
     h = hessian
+    if h.dtype.kind == "f" and not h.dtype.isnative:
+        h = h.astype(h.dtype.newbyteorder("="))
     if h.dtype not in (np.float32, np.float64):
         raise InvalidDTypeError(f"{at}the Hessian must be float32 or float64, got {h.dtype}")
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
@@ -119,8 +127,6 @@ def hessian_array(hessian, cols, layer=None, n_threads=None):
     if h.shape[0] != cols:
         raise ShapeMismatchError(f"{at}the Hessian is {h.shape[0]} x {h.shape[1]} but the "
                                  f"weights have {cols} input columns")
-    if not h.dtype.isnative:
-        h = h.astype(h.dtype.newbyteorder("="))
     h = np.ascontiguousarray(h)
     code, i, j = _k.check_hessian(h, SYMMETRY_RTOL, resolve_threads(n_threads))
     if code == 1:
@@ -148,31 +154,48 @@ class _Factor:
         self.u, self.dead, self._mem = u, dead, mem
 
 
-def hessian_factor(h, percdamp=0.01, *, wide=False, layer=None, n_threads=None):
+def hessian_factor(hessian, percdamp=0.01, *, wide=False, layer=None, n_threads=None):
     """The upper Cholesky factor U of ``(H + damp I)⁻¹`` (dead inputs with ``H[j, j] = 1``),
-    float32 (float64 with ``wide``), and the boolean mask of dead inputs.  ``h``: a Hessian
-    checked by :func:`hessian_array`.  Raises HessianError when H is not positive definite after
-    damping."""
+    float32 (float64 with ``wide``), and the boolean mask of dead inputs, as a ``_Factor``
+    (``u``, ``dead``).  ``hessian``: as for :func:`sparsegpt` (checked by
+    :func:`hessian_array`).  U is computed for H scaled to a mean diagonal of 1 (SparseGPT's
+    result does not depend on the scale), so it stays inside float32's range.  Raises
+    HessianError when H is not positive definite after damping."""
+    h = hessian_array(hessian, _square_size(hessian), layer, n_threads)
+    return _factor(h, _percdamp(percdamp), wide, layer, resolve_threads(n_threads))
+
+
+def _square_size(hessian):
+    shape = getattr(hessian, "shape", None)
+    if shape is None and hasattr(hessian, "in_features"):
+        return hessian.in_features
+    return shape[0] if shape is not None and len(shape) else -1
+
+
+def _factor(h, percdamp, wide, layer, nt):
+    """hessian_factor for a Hessian already checked by hessian_array."""
     lapack = _lapack()
     at = _at(layer)
-    percdamp = _percdamp(percdamp)
-    nt = resolve_threads(n_threads)
     n = h.shape[0]
     diag = np.diagonal(h).astype(np.float64)
     dead = diag == 0
-    damp = percdamp * float(np.where(dead, 1.0, diag).mean()) if n else 0.0
     if n == 0:
         return _Factor(np.zeros((0, 0), np.float64 if wide else np.float32), dead, None)
+    d1 = np.where(dead, 1.0, diag)
+    top = float(d1.max())
+    mean = top * float(np.mean(d1 / top))  # no overflow for diagonals near the float64 limit
+    damp = percdamp * mean
     nbytes = 8 * n * n
     mem = mmap.mmap(-1, nbytes)  # anonymous: its second half can be returned after narrowing
     b = np.frombuffer(mem, dtype=np.float64).reshape(n, n)
-    _k.load_reversed(h, b, damp, nt)
+    _k.load_reversed(h, b, damp, 1.0 / mean, nt)
     c = b.T  # the same bytes as a Fortran-ordered matrix: LAPACK works in place
     c2, info = lapack.dpotrf(c, lower=0, clean=1, overwrite_a=1)
     if info > 0:
+        k = n - int(info) + 1  # potrf of the reversed matrix failed at order info
         raise HessianError(f"{at}the Hessian is not positive definite even after damping by "
-                           f"{percdamp:g} x its mean diagonal (leading minor {n - int(info) + 1} "
-                           "from the end fails); raise percdamp", layer=layer)
+                           f"{percdamp:g} x its mean diagonal (the block of inputs {k - 1} to "
+                           f"{n - 1} is not); raise percdamp", layer=layer)
     if info < 0:  # pragma: no cover - an argument error inside the wrapper
         raise HessianError(f"{at}LAPACK potrf rejected argument {-int(info)}", layer=layer)
     if c2.ctypes.data != b.ctypes.data:  # pragma: no cover - SciPy copied after all
@@ -185,16 +208,20 @@ def hessian_factor(h, percdamp=0.01, *, wide=False, layer=None, n_threads=None):
         np.copyto(c, c2)
     del c, c2
     bad = _k.reverse_narrow(b.reshape(-1), n * n, not wide, nt)
-    if bad:
-        raise HessianError(f"{at}the inverse of the damped Hessian overflows "
-                           f"{'float64' if wide else 'float32'}; raise percdamp", layer=layer)
     if wide:
-        return _Factor(b, dead, mem)
-    del b
-    u = np.frombuffer(mem, dtype=np.float32, count=n * n).reshape(n, n)
-    start = -(-4 * n * n // mmap.PAGESIZE) * mmap.PAGESIZE
-    if start < nbytes and hasattr(mem, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mem.madvise(mmap.MADV_DONTNEED, start, nbytes - start)  # the float64 half's pages
+        u = b
+    else:
+        del b
+        u = np.frombuffer(mem, dtype=np.float32, count=n * n).reshape(n, n)
+        start = -(-4 * n * n // mmap.PAGESIZE) * mmap.PAGESIZE
+        if start < nbytes and hasattr(mem, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mem.madvise(mmap.MADV_DONTNEED, start, nbytes - start)  # the float64 half's pages
+    d = np.diagonal(u).astype(np.float64)
+    limit = float(np.finfo(u.dtype).max)
+    if bad or not (d > 0).all() or not (1.0 / d.min() ** 2 < limit):
+        raise HessianError(f"{at}the inverse of the damped Hessian leaves "
+                           f"{'float64' if wide else 'float32'}'s range (the Hessian is too "
+                           "ill-conditioned); raise percdamp", layer=layer)
     return _Factor(u, dead, mem)
 
 
@@ -219,7 +246,7 @@ def sparsegpt_workspace_bytes(rows, cols, itemsize, block_size=128):
 
 
 def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_size=128,
-              percdamp=0.01, n_threads=None, layer=None):
+              percdamp=0.01, n_threads=None, layer=None, must_prune=None):
     """Prune a layer with SparseGPT; returns ``(pruned_weights, SparsityMask)``.
 
     ``weights``: (out_features, in_features) float16, bfloat16 (``aprender.Bits16``, ml_dtypes or
@@ -230,7 +257,10 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
     "per-row" (an exact count in every row) or N:M such as "2:4" along the input dimension
     (``sparsity`` then implied).  ``block_size``: columns per block (a multiple of M for N:M).
     ``percdamp``: the damping, a fraction of the mean diagonal of H (> 0).  ``layer``: a name
-    for error messages.
+    for error messages.  ``must_prune``: an optional boolean array of the weights' shape marking
+    weights that are pruned whatever their saliency (an existing mask's zeros): they are ranked
+    below every other weight, so they take their block's (or group's) share first, and they
+    are pruned even beyond it (the count is then at least the target).
 
     The pruned weights have the input's dtype (a numpy array; bfloat16 from Bits16 or torch
     comes back as Bits16); every pruned position is +0.0 and the mask's count is exact.  See
@@ -255,15 +285,16 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
     if not _is_finite(f.kernel.reshape(-1), f.inf16, nt):
         raise_nonfinite(f, "weights")
     h = hessian_array(hessian, cols, layer, nt)
+    forced = _must_prune(must_prune, (rows, cols))
     wide = f.dtype_name == "float64"
     wt = np.float64 if wide else np.float32
     keep = np.empty((rows, cols), dtype=np.bool_)
     if rows == 0 or cols == 0:
         return _result(f, np.zeros((rows, cols), wt), weights, nt, layer), \
             SparsityMask(keep, pat, _trusted=True)
-    factor = hessian_factor(h, percdamp, wide=wide, layer=layer, n_threads=nt)
+    factor = _factor(h, percdamp, wide, layer, nt)
     u = factor.u
-    w = decode16(f.kernel, f.fmt) if f.fmt else np.array(f.array, dtype=wt, copy=True)
+    w = _working_copy(f, weights, wt)
     if factor.dead.any():
         w[:, factor.dead] = 0
     err = np.empty((rows, cols), dtype=wt)
@@ -285,10 +316,10 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
             blk = w[:, c0:c1]
             np.subtract(blk, t, out=blk)
         if pat.is_nm:
-            _k.prune_block(w, err, u, c0, c1, none, pat.n, pat.m, kv, nt)
+            _k.prune_block(w, err, u, c0, c1, none, pat.n, pat.m, forced, kv, nt)
             continue
         s = sal[:rows * width].reshape(rows, width)
-        _k.saliency(w, c0, c1, u, s, nt)
+        _k.saliency(w, c0, c1, u, s, forced, nt)
         b = bk[:rows * width]
         src = ArraySource(as_floats(s, "saliency"), "saliency")
         if pat.is_per_row:
@@ -296,9 +327,38 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
                         0, nt)
         else:
             select_mask(src, b, _share(k_all, c1, cols) - _share(k_all, c0, cols), 0, nt)
-        _k.prune_block(w, err, u, c0, c1, b.reshape(rows, width), 0, 0, kv, nt)
+        _k.prune_block(w, err, u, c0, c1, b.reshape(rows, width), 0, 0, forced, kv, nt)
     del err, tmp, sal, bk, factor, u
     return _result(f, w, weights, nt, layer), SparsityMask(keep, pat, _trusted=True)
+
+
+def _must_prune(mask, shape):
+    """The must_prune mask as a C-contiguous uint8 array of ``shape`` (0 x 0 for None)."""
+    if mask is None:
+        return np.empty((0, 0), np.uint8)
+    if is_torch(mask):
+        mask = mask.detach().cpu().numpy()
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise ShapeMismatchError(f"must_prune has shape {m.shape}, the weights {tuple(shape)}")
+    if m.dtype != np.bool_:
+        raise InvalidDTypeError(f"must_prune must be a boolean array, got {m.dtype}")
+    return np.ascontiguousarray(m).view(np.uint8)
+
+
+def _working_copy(f, original, wt):
+    """The weights as a float32 (float64) array of our own, copied once: 16-bit weights are
+    decoded; a contiguous copy that as_floats already made (Fortran order, big-endian) is used
+    as it is."""
+    if f.fmt:
+        return decode16(f.kernel, f.fmt)
+    inner = _weights_of(original)
+    if is_torch(inner):
+        inner = to_numpy_view(inner)
+    if f.array.dtype == wt and f.array.flags.writeable and isinstance(inner, np.ndarray) \
+            and not np.may_share_memory(f.array, inner):
+        return f.array
+    return np.array(f.array, dtype=wt, copy=True)
 
 
 def _result(f, w, original, nt, layer):
@@ -327,8 +387,9 @@ def _result(f, w, original, nt, layer):
 
 class SparseGPTImportance:
     """SparseGPT's saliency ``w[i, j]² / U[j, j]²`` as ImportanceScores, ``U`` being the upper
-    Cholesky factor of the damped inverse Hessian (the criterion :func:`sparsegpt` uses for a
-    layer's first block; later blocks see weights already updated).  For users who only want
+    Cholesky factor of the damped inverse of the Hessian scaled to a mean diagonal of 1 (the
+    criterion :func:`sparsegpt` uses for a layer's first block; later blocks see weights
+    already updated; the scale makes the scores independent of the activations' units).  For users who only want
     scores: pruning by them alone is not SparseGPT (no weight update).
 
     ``SparseGPTImportance(layer_name)`` looks the layer's ActivationStats (with a Hessian) up in
@@ -361,15 +422,14 @@ class SparseGPTImportance:
             raise_nonfinite(f, "weights")
         h = hessian_array(stats, f.shape[1], self.layer_name, nt)
         wide = f.dtype_name == "float64"
-        factor = hessian_factor(h, self.percdamp, wide=wide, layer=self.layer_name,
-                                n_threads=nt)
+        factor = _factor(h, self.percdamp, wide, self.layer_name, nt)
         w = decode16(f.kernel, f.fmt) if f.fmt else np.array(f.array, dtype=np.float64 if wide
                                                              else np.float32)
         if factor.dead.any():
             w[:, factor.dead] = 0
         out = np.empty(f.shape, dtype=w.dtype)
         if f.size:
-            _k.saliency(w, 0, f.shape[1], factor.u, out, nt)
+            _k.saliency(w, 0, f.shape[1], factor.u, out, np.empty((0, 0), np.uint8), nt)
             v = out.astype(np.float64, copy=False)
             st = ImportanceStats(float(v.min()), float(v.max()), float(v.mean()),
                                  float(v.std()), int(v.size))
