@@ -580,6 +580,7 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
     for name, _ in selected:
         if name in stats:
             ctx.add_layer_stats(name, stats[name])
+    share.check(stats)
     for name, lead in share.leader.items():
         if lead != name:
             stats[name]._share_hessian_of(stats[lead])
@@ -587,12 +588,15 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
 
 
 class _HessianSharing:
-    """Which Linear layers read the very same input tensor, so that one XᵀX serves them all.
+    """Which Linear layers read the very same inputs, so that one XᵀX serves them all.
 
-    A layer joins the group of the first layer that received the same tensor object (checked
-    through a weak reference, so a freed tensor's reused address never matches) when both see
-    their first input in the same batch.  Every later batch must give the group's layers the
-    same tensor again (checked whichever runs first), else CalibrationError."""
+    A layer joins the group of the first layer that received the same tensor object at the
+    same version (a weak reference, so a freed tensor's reused address never matches; the
+    version counter, so an input changed in place never matches) when both see their first
+    input in the same batch.  In every batch, each input of a follower must be one of its
+    leader's inputs of that batch (whichever runs first) and both must be called as many times;
+    at the end, their token counts and sums of squares must be identical.  Anything else is a
+    CalibrationError (collect with share_hessians=False then)."""
 
     def __init__(self, enabled):
         self.enabled = enabled
@@ -601,7 +605,17 @@ class _HessianSharing:
 
     def start_batch(self):
         self.batch += 1
-        self.seen, self.ran, self.pending = {}, {}, {}
+        self.seen, self.inputs, self.pending = {}, {}, {}
+
+    @staticmethod
+    def _version(x):
+        try:
+            return x._version
+        except (AttributeError, RuntimeError):  # inference tensors have no version counter
+            return None
+
+    def _among(self, name, x, version):
+        return any(r() is x and v == version for r, v in self.inputs.get(name, ()))
 
     def see(self, name, x):
         """The leader of layer ``name`` (itself when it computes its own Hessian)."""
@@ -609,42 +623,50 @@ class _HessianSharing:
             return name
         import weakref
 
-        ref = weakref.ref(x)
+        version = self._version(x)
         lead = self.leader.get(name)
         if lead is None:
             lead = name
             e = self.seen.get(id(x))
-            if e is not None and e[0]() is x and self.born[e[1]] == self.batch:
-                lead = self.leader[e[1]]
+            if e is not None and e[0]() is x and e[1] == version \
+                    and self.born[e[2]] == self.batch:
+                lead = self.leader[e[2]]
             self.leader[name], self.born[name] = lead, self.batch
         e = self.seen.get(id(x))
-        if e is None or e[0]() is not x:
-            self.seen[id(x)] = (ref, name)
-        self.ran[name] = ref
-        if lead != name:
-            if lead in self.ran:
-                if self.ran[lead]() is not x:
-                    self._differ(name, lead)
-            else:
-                self.pending.setdefault(lead, []).append((name, ref))
-        for follower, fref in self.pending.pop(name, ()):
-            if fref() is not x:
-                self._differ(follower, name)
+        if e is None or e[0]() is not x or e[1] != version:
+            self.seen[id(x)] = (weakref.ref(x), version, name)
+        self.inputs.setdefault(name, []).append((weakref.ref(x), version))
+        if lead != name and not self._among(lead, x, version):
+            self.pending.setdefault(lead, []).append((name, weakref.ref(x), version))
+        waiting = self.pending.get(name)
+        if waiting:
+            self.pending[name] = [w for w in waiting if not (w[1]() is x and w[2] == version)]
         return lead
 
     def end_batch(self):
         if not self.enabled:
             return
         for lead, waiting in self.pending.items():
-            self._differ(waiting[0][0], lead)
+            if waiting:
+                self._differ(waiting[0][0], lead)
         for name, lead in self.leader.items():
-            if lead != name and (name in self.ran) != (lead in self.ran):
+            if lead != name and len(self.inputs.get(name, ())) != len(self.inputs.get(lead, ())):
                 self._differ(name, lead)
 
-    def _differ(self, name, lead):
+    def check(self, stats):
+        """After collection: a follower's tokens and sums of squares are its leader's."""
+        for name, lead in self.leader.items():
+            if lead == name or name not in stats:
+                continue
+            a, b = stats[name], stats[lead]
+            if a.count != b.count or not np.array_equal(a.sum_squares, b.sum_squares):
+                self._differ(name, lead, "")
+
+    def _differ(self, name, lead, when=None):
+        when = f" in batch {self.batch}" if when is None else ""
         raise CalibrationError(
             f"layers {name!r} and {lead!r} read the same input tensor in their first batch but "
-            f"not in batch {self.batch}: one Hessian cannot serve both; collect with "
+            f"not the same inputs{when}: one Hessian cannot serve both; collect with "
             "share_hessians=False")
 
 

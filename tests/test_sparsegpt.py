@@ -318,6 +318,51 @@ def test_merging_keeps_sharing_where_both_sides_share():
     np.testing.assert_array_equal(m2["a.k"].hessian, m2["a.q"].hessian)
 
 
+def test_activations_too_large_for_a_float32_hessian_are_refused_first():
+    st = ActivationStats(4, hessian=True).update(np.ones((2, 4), np.float32))
+    before = st.hessian.copy(), st.sum_squares.copy(), st.count
+    with pytest.raises(NumericalInstabilityError, match="input feature 0 .* beyond float32"):
+        st.update(np.full((3, 4), 3e19, np.float32))
+    assert np.array_equal(st.hessian, before[0]) and st.count == before[2]
+    st.update(np.full((3, 4), 3e19, np.float64))  # float64 activations: a float64 product
+    assert np.isfinite(st.hessian).all()
+
+
+def _rewrite(tmp_path, ctx, edit):
+    """ctx saved, then its tensors and metadata passed through ``edit`` into a new file."""
+    from aprender.io.safetensors import SafetensorsFile, write_safetensors
+
+    good = tmp_path / "good.safetensors"
+    ctx.save(good)
+    sf = SafetensorsFile(good)
+    tensors = {i.name: np.array(sf.array(i.name)) for i in sf.infos}
+    meta = dict(sf.metadata)
+    edit(tensors, meta)
+    bad = tmp_path / "bad.safetensors"
+    write_safetensors(bad, tensors, meta)
+    return bad
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda t, m: t.update({"a.k.count": np.array(0, np.int64),
+                            "a.k.sum_squares": np.zeros(8)}),
+     r"'a.k' shares the Hessian of 'a.q' but its tokens or sums of squares differ"),
+    (lambda t, m: t.update({"a.k.sum_squares": t["a.k.sum_squares"] * 2}),
+     r"tokens or sums of squares differ"),
+    (lambda t, m: t.update({"a.q.hessian": t["a.q.hessian"].astype(np.float16)}),
+     r"hessian must be F32 or F64 of shape \[8, 8\], got F16"),
+    (lambda t, m: t.pop("a.k.sum_squares"), r"a.k.sum_squares' is missing"),
+])
+def test_inconsistent_shared_hessians_are_refused(tmp_path, edit, pattern):
+    ctx, _ = _shared_context()
+    bad = _rewrite(tmp_path, ctx, edit)
+    with pytest.raises(CalibrationFileError, match=pattern):
+        CalibrationContext.load(bad)
+    if "differ" not in pattern:  # the header checks are HessianFile's too
+        with pytest.raises(CalibrationFileError, match=pattern):
+            HessianFile(bad)
+
+
 @pytest.mark.parametrize("meta,pattern", [
     ('{"a.k": "a.x"}', r"names 'a.x', which has no hessian tensor"),
     ('{"a.o": "a.q"}', r"has a hessian tensor of its own"),

@@ -86,12 +86,90 @@ def test_inputs_that_stop_being_shared_are_refused():
             return self.a(x) + self.b(x if self.calls == 1 else x * 2)
 
     with pytest.raises(CalibrationError, match="'b' and 'a' read the same input tensor in "
-                                               "their first batch but not in batch 1"):
+                                               "their first batch but not the same inputs in "
+                                               "batch 1"):
         collect_calibration(Flaky(), [torch.randn(2, 4), torch.randn(2, 4)], hessian=True,
                             progress=False)
     ctx = collect_calibration(Flaky(), [torch.randn(2, 4), torch.randn(2, 4)], hessian=True,
                               progress=False, share_hessians=False)
     assert not ctx["b"].shares_hessian_with(ctx["a"])
+
+
+class _InPlace(torch.nn.Module):  # the same object, new values: never shared
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        x.mul_(3.0).add_(1.0)
+        return h + self.b(x)
+
+
+class _Twice(torch.nn.Module):  # a reads x and y, b only y: not the same inputs
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = x * 2
+        return self.a(x) + self.a(y) + self.b(y)
+
+
+class _Chunked(torch.nn.Module):  # both read both chunks, in another order: shared
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        p = list(x.chunk(2))
+        ya = [self.a(t) for t in p]
+        yb = [self.b(t) for t in reversed(p)]
+        return torch.cat(ya) + torch.cat(yb[::-1])
+
+
+class _FollowerFirst(torch.nn.Module):  # b runs before a on the second batch
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            return self.a(x) + self.b(x)
+        return self.b(x) + self.a(x * 1.5)
+
+
+class _LeaderOnly(torch.nn.Module):  # b skips the second batch
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.a(x) + (self.b(x) if self.calls == 1 else 0)
+
+
+@pytest.mark.parametrize("cls,shared", [(_InPlace, None), (_Twice, "error"),
+                                        (_Chunked, True), (_FollowerFirst, "error"),
+                                        (_LeaderOnly, "error")])
+def test_sharing_follows_the_inputs_each_layer_really_saw(cls, shared):
+    data = [torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    torch.manual_seed(0)
+    alone = collect_calibration(cls(), [d.clone() for d in data], hessian=True, progress=False,
+                                share_hessians=False)
+    torch.manual_seed(0)
+    if shared == "error":
+        with pytest.raises(CalibrationError, match="one Hessian cannot serve both"):
+            collect_calibration(cls(), [d.clone() for d in data], hessian=True, progress=False)
+        return
+    ctx = collect_calibration(cls(), [d.clone() for d in data], hessian=True, progress=False)
+    assert ctx["b"].shares_hessian_with(ctx["a"]) == bool(shared)
+    for n in "ab":  # sharing or not, every layer ends with its own inputs' statistics
+        np.testing.assert_allclose(ctx[n].hessian, alone[n].hessian, rtol=1e-6)
+        np.testing.assert_array_equal(ctx[n].sum_squares, alone[n].sum_squares)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

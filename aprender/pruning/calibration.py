@@ -44,6 +44,7 @@ CALIBRATION_FORMAT = "aprender.calibration/1"
 _SUFFIXES = ("sum_squares", "count", "hessian")
 _INT64_MAX = (1 << 63) - 1
 _HESSIAN_BLOCK = 1 << 22  # elements of one float32/float64 block of rows for XᵀX
+_F32_SAFE = 3.0e38  # below float32's largest value (3.4e38) with room for rounding
 
 
 class _Rows:
@@ -276,6 +277,16 @@ class ActivationStats:
         if bad:
             rows.raise_nonfinite(sel, "x")
         if self._h is not None:
+            if rows.kernel.dtype != np.float64:
+                # every entry of a float32 block product is at most the largest per-feature
+                # sum of squares of the batch (Cauchy-Schwarz): refuse before anything changes
+                batch = ss - self._ss
+                j = int(np.argmax(batch))
+                if batch[j] >= _F32_SAFE:
+                    raise NumericalInstabilityError(
+                        f"x: the squares of input feature {j} sum to {float(batch[j]):.3g} in "
+                        "this batch, beyond float32's range for XᵀX; scale the activations "
+                        "down or pass float64 activations", index=(j,), value="inf")
             self._add_hessian(rows, sel, n_sel)
         self._ss = ss
         self._count += n_sel
@@ -615,9 +626,11 @@ class CalibrationContext(Mapping):
                 raise fail(f"{where}: {exc}") from None
             out._stats[layer] = st
         for layer, lead in shared.items():
-            if layer not in out._stats:
-                raise fail(f"__metadata__ hessian_of names layer {display(short_repr(layer))}, "
-                           "which has no statistics")
+            a, b = out._stats[layer], out._stats[lead]
+            if a.count != b.count or not np.array_equal(a._ss, b._ss):
+                raise fail(f"__metadata__ hessian_of: layer {display(short_repr(layer))} shares "
+                           f"the Hessian of {display(short_repr(lead))} but its tokens or sums "
+                           "of squares differ (layers sharing one read the same inputs)")
             if hessians:
                 out._stats[layer]._share_hessian_of(out._stats[lead])
         return out
@@ -698,6 +711,23 @@ def _read_layout(path):
             raise fail(f"unexpected tensor {display(short_repr(info.name))} (calibration "
                        f"tensors are named '<layer>.{{{','.join(_SUFFIXES)}}}')")
         layers.setdefault(layer, {})[suffix] = info
+    for layer, parts in layers.items():
+        where = f"layer {display(short_repr(layer))}"
+        for need in ("sum_squares", "count"):
+            if need not in parts:
+                raise fail(f"{where}: tensor {display(short_repr(layer + '.' + need))} is "
+                           "missing")
+        ssi, ci, hi = parts["sum_squares"], parts["count"], parts.get("hessian")
+        if ssi.dtype != "F64" or len(ssi.shape) != 1 or ssi.shape[0] < 1:
+            raise fail(f"{where}: sum_squares must be F64 of shape [in_features >= 1], got "
+                       f"{ssi.dtype} {list(ssi.shape)}")
+        if ci.dtype != "I64" or ci.shape != ():
+            raise fail(f"{where}: count must be an I64 scalar (shape []), got {ci.dtype} "
+                       f"{list(ci.shape)}")
+        d = ssi.shape[0]
+        if hi is not None and (hi.dtype not in ("F32", "F64") or hi.shape != (d, d)):
+            raise fail(f"{where}: hessian must be F32 or F64 of shape [{d}, {d}], got "
+                       f"{hi.dtype} {list(hi.shape)}")
     shared = {}
     raw = sf.metadata.get("hessian_of")
     if raw is not None:
@@ -717,9 +747,12 @@ def _read_layout(path):
             if "hessian" in layers.get(layer, {}):
                 raise fail(f"{where}: layer {display(short_repr(layer))} has a hessian tensor "
                            "of its own")
-            own = layers.get(layer, {}).get("sum_squares")
-            theirs = lp.get("sum_squares")
-            if own is not None and theirs is not None and tuple(own.shape) != tuple(theirs.shape):
+            if layer not in layers:
+                raise fail(f"__metadata__ hessian_of names layer {display(short_repr(layer))}, "
+                           "which has no statistics")
+            own = layers[layer]["sum_squares"]
+            theirs = lp["sum_squares"]
+            if tuple(own.shape) != tuple(theirs.shape):
                 raise fail(f"{where}: {display(short_repr(layer))} and "
                            f"{display(short_repr(lead))} have different input sizes")
     return sf, layers, shared
