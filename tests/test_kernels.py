@@ -82,6 +82,37 @@ def test_per_row_vs_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(160, 1024), (96, 1539), (70, 4096)])
+def test_per_row_shared_bracket_vs_reference(dtype, shape):
+    # long rows take the shared bracket (one pass, candidates' select); rows scaled apart from
+    # the others miss it and take the exact radix select; ties and signed order ride along
+    rng = np.random.default_rng(shape[1])
+    w = sample(shape, dtype, seed=2, ties=shape[0] == 96)
+    scale = np.ones((shape[0], 1))
+    scale[::7] = 64.0  # every 7th row misses the bracket
+    w = (np.asarray(w, dtype=np.float64) * scale).astype(dtype)
+    w[3] = w[3, 0]  # an all-equal row: every key is the threshold
+    w[5, rng.integers(0, shape[1], 40)] = 0.0
+    for s in (0.1, 0.5, 0.77):
+        want = ref.per_row_mask(w, s, magnitude=True)
+        for nt in (1, 2, 3):
+            np.testing.assert_array_equal(
+                np.asarray(magnitude_mask(w, s, per_row=True, n_threads=nt)), want)
+        np.testing.assert_array_equal(
+            np.asarray(generate_unstructured_mask(w, s, per_row=True, n_threads=2)),
+            ref.per_row_mask(w, s))
+
+
+def test_per_row_shared_bracket_non_finite():
+    w = np.random.default_rng(0).standard_normal((128, 2048)).astype(np.float32)
+    for bad in (np.inf, np.nan):
+        v = w.copy()
+        v[77, 1000] = bad
+        with pytest.raises(NumericalInstabilityError):
+            magnitude_mask(v, 0.5, per_row=True, n_threads=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (5, 16), (7, 32), (1, 1)])
 def test_nm_vs_reference(dtype, n, m):
     w = sample((96, 64), dtype, seed=m, ties=(n + m) % 2 == 0)
