@@ -98,6 +98,12 @@ def test_per_row_shared_bracket_vs_reference(dtype, shape):
         for nt in (1, 2, 3):
             np.testing.assert_array_equal(
                 np.asarray(magnitude_mask(w, s, per_row=True, n_threads=nt)), want)
+        was = select.simd(False)  # the scalar candidate pack
+        try:
+            np.testing.assert_array_equal(
+                np.asarray(magnitude_mask(w, s, per_row=True, n_threads=2)), want)
+        finally:
+            select.simd(was)
         np.testing.assert_array_equal(
             np.asarray(generate_unstructured_mask(w, s, per_row=True, n_threads=2)),
             ref.per_row_mask(w, s))

@@ -177,6 +177,19 @@ static void apr_rowb_init(void) {
 #endif
 }
 
+/* Switch the AVX2 left-pack off (0) or back on where the CPU has it (1), or only ask (-1);
+ * returns whether it was on (tests and benchmarks of the scalar fallback). */
+static int apr_rowb_simd(int on) {
+#ifdef APR_PACK_AVX2
+    int prev = apr_pack_avx2_ok;
+    if (on >= 0) apr_pack_avx2_ok = on ? __builtin_cpu_supports("avx2") : 0;
+    return prev;
+#else
+    (void)on;
+    return 0;
+#endif
+}
+
 static inline ptrdiff_t apr_pack16(const uint16_t *kb, const uint8_t *cf, ptrdiff_t nb,
                                    uint32_t i0, uint16_t *keys, uint32_t *pos) {
     return apr_pack_scalar16(kb, cf, nb, i0, keys, pos);

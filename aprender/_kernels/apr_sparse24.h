@@ -248,4 +248,197 @@ APR24_FN void apr24_unword(uint32_t w, uint8_t* codes, int64_t c, int wide)
     }
 }
 
+/* Scatter the metadata words of rows r0..r1 (at most 32 rows, one CUTLASS row block; their code
+ * bytes at codes + (r - r0) * stride) into the reordered buffer (m16 for 16-bit words, else
+ * m32): apr24_meta_offset with the per-row part computed once.  The offset of word c of row r is
+ * (c >> 1) * 2 * rows + 2 * dr + step[c & 1], where dr is the row's permuted index and the 2x2
+ * swizzle gives step = {0, 2} for an even dr and {-1, 1} for an odd one.  Word pairs go out
+ * column by column over the block's rows: consecutive addresses, where a row at a time would
+ * write one word every 2 * rows words (a power-of-two stride that thrashes one cache set). */
+APR24_FN void apr24_meta_block(const uint8_t* codes, int64_t stride, int64_t r0, int64_t r1,
+                               int64_t rows, int wide, int64_t nwords, uint16_t* m16,
+                               uint32_t* m32)
+{
+    int64_t group = wide ? 16 : 32, weave = wide ? 2 : 4, col = 2 * rows, c, r;
+    int64_t base[32], s0[32], s1[32];
+    for (r = r0; r < r1; r++) {
+        int64_t dr = r / group * group + (r % 8) * weave + (r % group) / 8;
+        base[r - r0] = 2 * dr;
+        s0[r - r0] = (dr & 1) ? -1 : 0;
+        s1[r - r0] = (dr & 1) ? 1 : 2;
+    }
+    for (c = 0; c + 1 < nwords; c += 2) {
+        int64_t o = (c >> 1) * col;
+        for (r = 0; r < r1 - r0; r++) {
+            const uint8_t* cp = codes + r * stride;
+            if (wide) {
+                m32[o + base[r] + s0[r]] = apr24_word(cp, c, 1);
+                m32[o + base[r] + s1[r]] = apr24_word(cp, c + 1, 1);
+            } else {
+                m16[o + base[r] + s0[r]] = (uint16_t)apr24_word(cp, c, 0);
+                m16[o + base[r] + s1[r]] = (uint16_t)apr24_word(cp, c + 1, 0);
+            }
+        }
+    }
+    if (c < nwords) {
+        for (r = r0; r < r1; r++) {
+            if (wide)
+                m32[apr24_meta_offset(r, c, rows, 1)] = apr24_word(codes + (r - r0) * stride, c, 1);
+            else
+                m16[apr24_meta_offset(r, c, rows, 0)] =
+                    (uint16_t)apr24_word(codes + (r - r0) * stride, c, 0);
+        }
+    }
+}
+
+/* SIMD span encoder (x86-64 AVX2, host only), picked at load time by apr24_init: 16 groups per
+ * step.  Presence flags of 64 elements become one 64-bit word (compare, pack, movemask; AND the
+ * keep bytes in MASK mode), the group codes and bitmask nibbles come from 16-entry tables by
+ * pshufb, and the two stored values of every group are gathered by pshufb with a control word
+ * per code byte.  A step whose flags hold a group with more than two present elements, SELECT
+ * mode, other element types and the tail of a row go through the scalar apr24_span_*, which
+ * also reports the statuses; the bytes written are the same by construction (same tables). */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__) && !defined(APR_NO_CLONES)
+#include <immintrin.h>
+#define APR24_SIMD 1
+static int apr24_avx2 = 0;
+static uint64_t apr24_ctrl16[256]; /* pshufb control: values of 2 u16 groups of a code byte */
+
+static void apr24_init(void)
+{
+    unsigned cb, g, b;
+    for (cb = 0; cb < 256; cb++) {
+        uint64_t c = 0;
+        for (g = 0; g < 2; g++) {
+            unsigned code = (cb >> (4 * g)) & 0xFu, i0 = code & 3u, i1 = code >> 2;
+            unsigned char by[4] = {(unsigned char)(8 * g + 2 * i0), (unsigned char)(8 * g + 2 * i0 + 1),
+                                   (unsigned char)(8 * g + 2 * i1), (unsigned char)(8 * g + 2 * i1 + 1)};
+            for (b = 0; b < 4; b++) c |= (uint64_t)by[b] << (8 * (4 * g + b));
+        }
+        apr24_ctrl16[cb] = c;
+    }
+    __builtin_cpu_init();
+    apr24_avx2 = __builtin_cpu_supports("avx2");
+}
+
+/* groups (nibbles) of a 64-bit flag word with three or four bits set */
+static inline uint64_t apr24_over2(uint64_t f)
+{
+    uint64_t c = f - ((f >> 1) & 0x5555555555555555ull);
+    c = (c & 0x3333333333333333ull) + ((c >> 2) & 0x3333333333333333ull);
+    return (c & 0x4444444444444444ull) | ((c >> 1) & c & 0x1111111111111111ull);
+}
+
+__attribute__((target("avx2"))) static int64_t apr24_span_u16_avx2(
+    const uint16_t* x, const uint8_t* keep, int64_t ngroups, int mode, uint16_t* vals,
+    uint8_t* codes, uint8_t* bits, int* bad)
+{
+    const __m256i absm = _mm256_set1_epi16(0x7FFF), zero = _mm256_setzero_si256();
+    const __m128i lo4 = _mm_set1_epi8(0x0F);
+    __m128i ctab, ptab;
+    int64_t g = 0, first = -1, fs;
+    int b2 = 0;
+    {
+        unsigned char ct[16], pt[16];
+        unsigned n;
+        for (n = 0; n < 16; n++) {
+            ct[n] = (unsigned char)apr24_code(n);
+            pt[n] = (unsigned char)apr24_pos(apr24_code(n));
+        }
+        ctab = _mm_loadu_si128((const __m128i*)ct);
+        ptab = _mm_loadu_si128((const __m128i*)pt);
+    }
+    for (; g + 16 <= ngroups; g += 16) {
+        const uint16_t* xg = x + 4 * g;
+        __m256i a[4], p01, p23;
+        uint64_t f, cw;
+        __m128i fv, lo, hi, cb;
+        int j;
+        for (j = 0; j < 4; j++) a[j] = _mm256_loadu_si256((const __m256i*)(xg + 16 * j));
+        p01 = _mm256_permute4x64_epi64(
+            _mm256_packs_epi16(_mm256_cmpeq_epi16(_mm256_and_si256(a[0], absm), zero),
+                               _mm256_cmpeq_epi16(_mm256_and_si256(a[1], absm), zero)), 0xD8);
+        p23 = _mm256_permute4x64_epi64(
+            _mm256_packs_epi16(_mm256_cmpeq_epi16(_mm256_and_si256(a[2], absm), zero),
+                               _mm256_cmpeq_epi16(_mm256_and_si256(a[3], absm), zero)), 0xD8);
+        f = ~((uint64_t)(uint32_t)_mm256_movemask_epi8(p01)
+              | ((uint64_t)(uint32_t)_mm256_movemask_epi8(p23) << 32));
+        if (mode == APR24_MASK) {
+            const uint8_t* kg = keep + 4 * g;
+            __m256i k0 = _mm256_loadu_si256((const __m256i*)kg);
+            __m256i k1 = _mm256_loadu_si256((const __m256i*)(kg + 32));
+            f &= ~((uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(k0, zero))
+                   | ((uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(k1, zero)) << 32));
+        }
+        if (apr24_over2(f)) {
+            fs = apr24_span_u16(xg, keep ? keep + 4 * g : keep, 16, mode, 0, vals + 2 * g,
+                                codes + g / 2, bits ? bits + g / 2 : bits, &b2);
+            if (fs >= 0 && first < 0) {
+                first = g + fs;
+                *bad = b2;
+            }
+            continue;
+        }
+        fv = _mm_cvtsi64_si128((long long)f);
+        lo = _mm_and_si128(fv, lo4);
+        hi = _mm_and_si128(_mm_srli_epi16(fv, 4), lo4);
+        cb = _mm_or_si128(_mm_shuffle_epi8(ctab, lo), _mm_slli_epi16(_mm_shuffle_epi8(ctab, hi), 4));
+        _mm_storel_epi64((__m128i*)(codes + g / 2), cb);
+        if (bits)
+            _mm_storel_epi64((__m128i*)(bits + g / 2),
+                             _mm_or_si128(_mm_shuffle_epi8(ptab, lo),
+                                          _mm_slli_epi16(_mm_shuffle_epi8(ptab, hi), 4)));
+        cw = (uint64_t)_mm_cvtsi128_si64(cb);
+        for (j = 0; j < 4; j++) {
+            __m256i ctl = _mm256_set_epi64x(-1LL, (long long)apr24_ctrl16[(cw >> (16 * j + 8)) & 0xFF],
+                                            -1LL, (long long)apr24_ctrl16[(cw >> (16 * j)) & 0xFF]);
+            __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(a[j], ctl), 0x08);
+            _mm_storeu_si128((__m128i*)(vals + 2 * g + 8 * j), _mm256_castsi256_si128(v));
+        }
+    }
+    if (g < ngroups) {
+        fs = apr24_span_u16(x + 4 * g, keep ? keep + 4 * g : keep, ngroups - g, mode, 0,
+                            vals + 2 * g, codes + g / 2, bits ? bits + g / 2 : bits, &b2);
+        if (fs >= 0 && first < 0) {
+            first = g + fs;
+            *bad = b2;
+        }
+    }
+    return first;
+}
+#endif
+
+#ifndef __CUDACC__
+#ifndef APR24_SIMD
+static void apr24_init(void) {}
+#endif
+
+/* Switch the SIMD encoder off (0) or back on where the CPU has it (1), or only ask (-1);
+ * returns whether it was on.  For tests and benchmarks of the scalar fallback; not to be called
+ * while a kernel runs. */
+static int apr24_simd(int on)
+{
+#ifdef APR24_SIMD
+    int prev = apr24_avx2;
+    if (on >= 0) apr24_avx2 = on ? __builtin_cpu_supports("avx2") : 0;
+    return prev;
+#else
+    (void)on;
+    return 0;
+#endif
+}
+
+/* apr24_span_u16 with the SIMD encoder where the CPU has it (NONZERO and MASK modes). */
+static inline int64_t apr24_span_u16_fast(const uint16_t* x, const uint8_t* keep, int64_t ngroups,
+                                          int mode, uint32_t kinf, uint16_t* vals, uint8_t* codes,
+                                          uint8_t* bits, int* bad)
+{
+#ifdef APR24_SIMD
+    if (apr24_avx2 && mode != APR24_SELECT)
+        return apr24_span_u16_avx2(x, keep, ngroups, mode, vals, codes, bits, bad);
+#endif
+    return apr24_span_u16(x, keep, ngroups, mode, kinf, vals, codes, bits, bad);
+}
+#endif /* !__CUDACC__ */
+
 #endif /* APR_SPARSE24_H */

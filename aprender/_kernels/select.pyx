@@ -762,6 +762,7 @@ def count_in(const key_t[::1] keys not None, uint64_t lo, uint64_t hi):
 cdef extern from "apr_keys.h" nogil:
     enum: ROWB_BLOCK "APR_ROWB_BLOCK"
     void apr_rowb_init()
+    int apr_rowb_simd(int on)
     Py_ssize_t apr_row16(const uint16_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
                          uint16_t khi, uint16_t klo, uint16_t* keys, uint8_t* out)
     Py_ssize_t apr_row32(const uint32_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
@@ -792,6 +793,12 @@ cdef inline Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int
 
 
 apr_rowb_init()
+
+
+def simd(on=None):
+    """Whether per-row selection packs candidates with SIMD; on=False switches to the scalar
+    pack (same masks), on=True back where the CPU has it.  For tests and benchmarks."""
+    return bool(apr_rowb_simd(-1 if on is None else (1 if on else 0)))
 
 
 cdef inline Py_ssize_t _rowb(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int magnitude,
@@ -956,4 +963,4 @@ def expand_blocks(const uint8_t[:, ::1] bmask not None, Py_ssize_t bh, Py_ssize_
 guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "select_pair",
                   "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass",
                   "gather_marked", "fix_marked", "fix_positions", "hist_pass", "write_pass",
-                  "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks"])
+                  "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks", "simd"])

@@ -21,6 +21,11 @@ from ._guard import guard
 from ..errors import InvalidArgumentError, InvalidShapeError, ShapeMismatchError
 
 cdef extern from "apr_sparse24.h" nogil:
+    void apr24_init()
+    int apr24_simd(int on)
+    int64_t apr24_span_u16_fast(const uint16_t* x, const uint8_t* keep, int64_t ngroups, int mode,
+                                uint32_t kinf, uint16_t* vals, uint8_t* codes, uint8_t* bits,
+                                int* bad)
     int64_t apr24_span_u16(const uint16_t* x, const uint8_t* keep, int64_t ngroups, int mode,
                            uint32_t kinf, uint16_t* vals, uint8_t* codes, uint8_t* bits, int* bad)
     int64_t apr24_span_i8(const int8_t* x, const uint8_t* keep, int64_t ngroups, int mode,
@@ -34,8 +39,12 @@ cdef extern from "apr_sparse24.h" nogil:
                           uint32_t* out)
     int64_t apr24_bits_to_codes(const uint8_t* bits, int64_t ngroups, uint8_t* codes)
     int64_t apr24_meta_offset(int64_t r, int64_t c, int64_t rows, int wide)
+    void apr24_meta_block(const uint8_t* codes, int64_t stride, int64_t r0, int64_t r1,
+                          int64_t rows, int wide, int64_t nwords, uint16_t* m16, uint32_t* m32)
     uint32_t apr24_word(const uint8_t* codes, int64_t c, int wide)
     void apr24_unword(uint32_t w, uint8_t* codes, int64_t c, int wide)
+
+apr24_init()  # the SIMD encoder's tables and CPU check, before any thread runs
 
 ctypedef fused elem_t:
     uint16_t
@@ -50,7 +59,7 @@ cdef inline int64_t _span(const elem_t* x, const uint8_t* keep, int64_t ngroups,
                           uint32_t kinf, elem_t* vals, uint8_t* codes, uint8_t* bits,
                           int* bad) noexcept nogil:
     if elem_t is uint16_t:
-        return apr24_span_u16(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
+        return apr24_span_u16_fast(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
     elif elem_t is int8_t:
         return apr24_span_i8(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
     else:
@@ -139,7 +148,9 @@ def compress(const elem_t[:, ::1] x not None, const uint8_t[:, ::1] keep, int mo
     if rows == 0 or ngroups == 0:
         return np.asarray(status)
     cdef int[::1] bad = np.zeros(rows, dtype=np.intc)
-    cdef uint8_t[:, ::1] scratch = np.empty((nt if layout != 2 else 1, nbytes), dtype=np.uint8)
+    # one row of code bytes per thread (bitmask), a block of rows' (cutlass: scattered per block)
+    cdef uint8_t[:, ::1] scratch = np.empty(
+        (nt if layout != 2 else 1, nbytes * (BLOCK if layout == 0 else 1)), dtype=np.uint8)
     cdef const uint8_t* kp = &keep[0, 0] if mode == 1 else NULL
     cdef uint8_t* cp
     cdef uint8_t* bp = NULL
@@ -160,6 +171,8 @@ def compress(const elem_t[:, ::1] x not None, const uint8_t[:, ::1] keep, int mo
             for r in range(r0, r1):
                 if layout == 2:
                     cp = &codes[r, 0]
+                elif layout == 0:
+                    cp = &scratch[tid, (r - r0) * nbytes]
                 else:
                     cp = &scratch[tid, 0]
                 if layout == 1:
@@ -170,12 +183,8 @@ def compress(const elem_t[:, ::1] x not None, const uint8_t[:, ::1] keep, int mo
                               mode, kinf, &vals[r, 0], cp, bp, &bad[r])
                 if first >= 0:
                     status[r] = first * 4 - bad[r]
-                if layout == 0:
-                    for c in range(nwords):
-                        if wide:
-                            m32[apr24_meta_offset(r, c, rows, 1)] = apr24_word(cp, c, 1)
-                        else:
-                            m16[apr24_meta_offset(r, c, rows, 0)] = <uint16_t>apr24_word(cp, c, 0)
+            if layout == 0:
+                apr24_meta_block(&scratch[tid, 0], nbytes, r0, r1, rows, wide, nwords, m16, m32)
     return np.asarray(status)
 
 
@@ -240,4 +249,10 @@ def decompress(const elem_t[:, ::1] vals not None, const uint8_t[:, ::1] codes,
     return np.asarray(status)
 
 
-guard(globals(), ["compress", "decompress"])
+def simd(on=None):
+    """Whether the SIMD group encoder is in use; on=False switches it off (the scalar encoder,
+    same bytes), on=True back on where the CPU has it.  For tests and benchmarks."""
+    return bool(apr24_simd(-1 if on is None else (1 if on else 0)))
+
+
+guard(globals(), ["compress", "decompress", "simd"])
