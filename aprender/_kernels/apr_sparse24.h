@@ -209,6 +209,66 @@ APR24_DEFINE(u16, uint16_t, APR24_NZ_U16, APR24_KEY_U16)
 APR24_DEFINE(i8, int8_t, APR24_NZ_I8, APR24_KEY_I8)
 APR24_DEFINE(u32, uint32_t, APR24_NZ_U32, APR24_KEY_U32)
 
+/* float32 in PyTorch's CUTLASS layout: 1:2 pairs.  PyTorch's conversion reads a float32 row as
+ * pairs (e0, e1) and encodes each pair as the group of four with flags (e0, e0, e1, e1): code
+ * 0b0100 stores e0, code 0b1110 stores e1 (also when neither is present); one value per pair,
+ * four codes per 16-bit metadata word.  Pair flags: non-zero (NONZERO), non-zero and kept (MASK),
+ * non-zero and the larger |w| of the two, ties keeping e1 (SELECT: the lower index is pruned).
+ * Two present elements are an error (APR24_TOO_MANY).  In MASK mode a stored element the mask
+ * drops is written as +0 (a group stores one value whether or not any is kept).
+ *
+ * apr24_pairs_u32(x, keep, npairs, mode, kinf, vals, codes, bad): like apr24_span_u32 with pairs
+ *   for groups (npairs even): vals one per pair, code bytes two pairs each; returns -1 or the
+ *   first bad pair.  apr24_expand_pairs_u32: the inverse (the element at (code & 3) >> 1 of the
+ *   pair holds the value, the other +0; any code decodes inside the pair). */
+APR24_FN int apr24_pair_u32(const uint32_t* x, const uint8_t* keep, int mode, uint32_t kinf,
+                            uint32_t* v)
+{
+    unsigned f = APR24_NZ_U32(x[0]) | (APR24_NZ_U32(x[1]) << 1), code, e;
+    if (mode == APR24_MASK) {
+        f &= (unsigned)(keep[0] != 0) | ((unsigned)(keep[1] != 0) << 1);
+    } else if (mode == APR24_SELECT) {
+        uint32_t k0 = APR24_KEY_U32(x[0]), k1 = APR24_KEY_U32(x[1]);
+        if (kinf && (k0 >= kinf || k1 >= kinf))
+            return APR24_NONFINITE;
+        f &= k0 > k1 ? 1u : 2u;
+    }
+    if (f == 3u)
+        return APR24_TOO_MANY;
+    code = apr24_code((f & 1u) * 3u | (f >> 1) * 12u);
+    e = (code & 3u) >> 1;
+    v[0] = (mode == APR24_MASK && !keep[e]) ? 0u : x[e];
+    return (int)code;
+}
+
+APR24_FN int64_t apr24_pairs_u32(const uint32_t* x, const uint8_t* keep, int64_t npairs, int mode,
+                                 uint32_t kinf, uint32_t* vals, uint8_t* codes, int* bad)
+{
+    int64_t p, first = -1;
+    for (p = 0; p < npairs; p += 2) {
+        int c0 = apr24_pair_u32(x + 2 * p, keep ? keep + 2 * p : keep, mode, kinf, vals + p);
+        int c1 = apr24_pair_u32(x + 2 * p + 2, keep ? keep + 2 * p + 2 : keep, mode, kinf,
+                                vals + p + 1);
+        if ((c0 < 0 || c1 < 0) && first < 0) {
+            first = c0 < 0 ? p : p + 1;
+            *bad = c0 < 0 ? c0 : c1;
+        }
+        codes[p >> 1] = (uint8_t)((c0 & 0xF) | ((c1 & 0xF) << 4));
+    }
+    return first;
+}
+
+APR24_FN void apr24_expand_pairs_u32(const uint32_t* vals, const uint8_t* codes, int64_t npairs,
+                                     uint32_t* out)
+{
+    int64_t p;
+    for (p = 0; p < npairs; p++) {
+        unsigned code = (codes[p >> 1] >> ((p & 1) * 4)) & 0xFu, e = (code & 3u) >> 1;
+        out[2 * p] = e ? 0u : vals[p];
+        out[2 * p + 1] = e ? vals[p] : 0u;
+    }
+}
+
 /* Bitmask bytes -> code bytes for nbytes bytes of one row (ngroups groups).  Returns -1, or the
  * first group whose nibble does not have exactly two bits set. */
 APR24_FN int64_t apr24_bits_to_codes(const uint8_t* bits, int64_t ngroups, uint8_t* codes)
