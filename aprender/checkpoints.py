@@ -13,6 +13,8 @@ import re
 import sys
 import time
 import types
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -361,22 +363,42 @@ class CheckpointPruner:
         bitmask = self.args.format != "dense"
         planned = None if bitmask else {t.name: (t.dtype, t.shape, t.nbytes) for t in sf}
         out = writer.shard(shard, self._metadata(sf.metadata), planned)
-        for t in sf:
-            if (shard, t.name) not in self.sel_index:
-                out.copy(sf, t)
-            else:
-                keep = self._keep(shard, t)
-                self._row(shard, t, keep)
-                if bitmask:
-                    for name, code, shape, arr in bitmask_tensors(sf.words(t.name), keep, t,
-                                                                  self.nt):
-                        out.add(name, code, shape, [arr], arr.nbytes)
-                else:
-                    out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, self.nt),
-                            t.nbytes)
-                del keep
-            self._tick(t.nbytes)
+        # The next selected tensor's mask is computed on a worker thread while this thread
+        # reads, masks and writes the current one (the kernels and the file I/O release the
+        # GIL).  One mask ahead at most: two masks alive, whatever the shard holds.
+        ahead = [t for t in sf if (shard, t.name) in self.sel_index]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprender-mask") as pool:
+            pending = deque(pool.submit(self._keep_ahead, shard, t) for t in ahead[:1])
+            nxt = 1
+            try:
+                for t in sf:
+                    if (shard, t.name) not in self.sel_index:
+                        out.copy(sf, t)
+                    else:
+                        keep = pending.popleft().result()
+                        if nxt < len(ahead):
+                            pending.append(pool.submit(self._keep_ahead, shard, ahead[nxt]))
+                            nxt += 1
+                        self._row(shard, t, keep)
+                        if bitmask:
+                            for name, code, shape, arr in bitmask_tensors(sf.words(t.name), keep,
+                                                                          t, self.nt):
+                                out.add(name, code, shape, [arr], arr.nbytes)
+                        else:
+                            out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, self.nt),
+                                    t.nbytes)
+                        del keep
+                    self._tick(t.nbytes)
+            finally:
+                for f in pending:  # an error: the mask being computed is waited for, not used
+                    f.cancel()
         out.close()
+
+    def _keep_ahead(self, shard, t):
+        """_keep on the worker thread.  A global plan's mask is a view of one buffer that the
+        next tensor's mask overwrites, so it is copied out; the other scopes' masks are fresh."""
+        keep = self._keep(shard, t)
+        return keep.copy() if self.args.scope == "global" else keep
 
     def _update_config(self, cfg):
         pruned = sum(r["total"] - r["kept"] for r in self.rows)
