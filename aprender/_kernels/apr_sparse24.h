@@ -351,6 +351,74 @@ APR24_FN void apr24_meta_block(const uint8_t* codes, int64_t stride, int64_t r0,
     }
 }
 
+#ifndef __CUDACC__
+/* apr24_pairs_u32 as branch-free loops, one per mode, over blocks of pairs (GCC vectorises them;
+ * on x86-64 they are built for AVX2 and baseline and picked at load time).  Same bytes: a block
+ * holding a bad pair (two present, or inf/NaN under SELECT) is redone by apr24_pairs_u32 for
+ * its statuses. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
+    && !defined(APR_NO_CLONES) && !defined(__SANITIZE_ADDRESS__)
+#define APR24_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define APR24_CLONES
+#endif
+#define APR24_PAIR_BLOCK 256
+APR24_CLONES static int64_t apr24_pairs_fast_u32(const uint32_t* x, const uint8_t* keep,
+                                                 int64_t npairs, int mode, uint32_t kinf,
+                                                 uint32_t* vals, uint8_t* codes, int* bad)
+{
+    int64_t p0, first = -1;
+    uint8_t cn[APR24_PAIR_BLOCK];
+    for (p0 = 0; p0 < npairs; p0 += APR24_PAIR_BLOCK) {
+        int64_t np = npairs - p0 < APR24_PAIR_BLOCK ? npairs - p0 : APR24_PAIR_BLOCK, p;
+        const uint32_t* xb = x + 2 * p0;
+        uint32_t* vb = vals + p0;
+        unsigned any = 0;
+        if (mode == APR24_NONZERO) {
+            for (p = 0; p < np; p++) {
+                uint32_t a = xb[2 * p], b = xb[2 * p + 1];
+                unsigned na = (a & 0x7FFFFFFFu) != 0, nb = (b & 0x7FFFFFFFu) != 0;
+                any |= na & nb;
+                vb[p] = na ? a : b;
+                cn[p] = (uint8_t)(na ? 0x4 : 0xE);
+            }
+        } else if (mode == APR24_MASK) {
+            const uint8_t* kb = keep + 2 * p0;
+            for (p = 0; p < np; p++) {
+                uint32_t a = xb[2 * p], b = xb[2 * p + 1];
+                unsigned ka = kb[2 * p] != 0, kk = kb[2 * p + 1] != 0;
+                unsigned na = ((a & 0x7FFFFFFFu) != 0) & ka, nb = ((b & 0x7FFFFFFFu) != 0) & kk;
+                any |= na & nb;
+                vb[p] = na ? a : (kk ? b : 0u);
+                cn[p] = (uint8_t)(na ? 0x4 : 0xE);
+            }
+        } else {
+            for (p = 0; p < np; p++) {
+                uint32_t a = xb[2 * p], b = xb[2 * p + 1];
+                uint32_t ka = a & 0x7FFFFFFFu, kb2 = b & 0x7FFFFFFFu;
+                unsigned na = (ka != 0) & (ka > kb2);
+                any |= kinf ? ((ka >= kinf) | (kb2 >= kinf)) : 0u;
+                vb[p] = na ? a : b;
+                cn[p] = (uint8_t)(na ? 0x4 : 0xE);
+            }
+        }
+        if (any) {
+            int b2 = 0;
+            int64_t fs = apr24_pairs_u32(xb, keep ? keep + 2 * p0 : keep, np, mode, kinf, vb,
+                                         codes + p0 / 2, &b2);
+            if (fs >= 0 && first < 0) {
+                first = p0 + fs;
+                *bad = b2;
+            }
+            continue;
+        }
+        for (p = 0; p + 1 < np; p += 2)
+            codes[(p0 + p) >> 1] = (uint8_t)(cn[p] | (cn[p + 1] << 4));
+    }
+    return first;
+}
+#endif
+
 /* SIMD span encoder (x86-64 AVX2, host only), picked at load time by apr24_init: 16 groups per
  * step.  Presence flags of 64 elements become one 64-bit word (compare, pack, movemask; AND the
  * keep bytes in MASK mode), the group codes and bitmask nibbles come from 16-entry tables by

@@ -39,6 +39,9 @@ cdef extern from "apr_sparse24.h" nogil:
                           uint32_t* out)
     int64_t apr24_pairs_u32(const uint32_t* x, const uint8_t* keep, int64_t npairs, int mode,
                             uint32_t kinf, uint32_t* vals, uint8_t* codes, int* bad)
+    int64_t apr24_pairs_fast_u32(const uint32_t* x, const uint8_t* keep, int64_t npairs,
+                                 int mode, uint32_t kinf, uint32_t* vals, uint8_t* codes,
+                                 int* bad)
     void apr24_expand_pairs_u32(const uint32_t* vals, const uint8_t* codes, int64_t npairs,
                                 uint32_t* out)
     int64_t apr24_bits_to_codes(const uint8_t* bits, int64_t ngroups, uint8_t* codes)
@@ -205,8 +208,10 @@ def compress(const elem_t[:, ::1] x not None, const uint8_t[:, ::1] keep, int mo
                     bp = NULL
                 if elem_t is uint32_t:
                     if wide == 2:
-                        first = apr24_pairs_u32(&x[r, 0], kp + r * cols if kp != NULL else NULL,
-                                                cols // 2, mode, kinf, &vals[r, 0], cp, &bad[r])
+                        first = apr24_pairs_fast_u32(&x[r, 0],
+                                                     kp + r * cols if kp != NULL else NULL,
+                                                     cols // 2, mode, kinf, &vals[r, 0], cp,
+                                                     &bad[r])
                     else:
                         first = _span(&x[r, 0], kp + r * cols if kp != NULL else NULL, ngroups,
                                       mode, kinf, &vals[r, 0], cp, bp, &bad[r])
