@@ -302,3 +302,35 @@ def test_count_groups_accepts_numeric_masks():
     p = SparsityPattern.nm(2, 4)
     assert p.count_groups(np.array([[2, 0, 0, 0], [1, 1, 1, 0]])) == (1, 2)
     assert p.validate(np.array([[1, 0, 0, 1]], dtype=np.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["f16", "f32", "f64"])
+def test_mark_collect_equals_mark_and_gather(dtype):
+    # the fused mark pass collects exactly the candidates (keys, positions, flat order) that
+    # gather_marked reads from mark_pass's marks, per task; a capacity too small says so
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(100_003) * 3).astype(dtype)
+    x[::97] = 0.0
+    kern = x.view(np.uint16) if x.dtype.itemsize == 2 else x
+    kdt = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+    lo = int(np.sort(np.abs(x).astype(dtype).view(kdt))[40_000]) | (1 << (8 * x.itemsize - 1))
+    hi = int(np.sort(np.abs(x).astype(dtype).view(kdt))[43_000]) | (1 << (8 * x.itemsize - 1))
+    for nt in (1, 2, 3):
+        a = np.empty(x.size, np.uint8)
+        b = np.empty(x.size, np.uint8)
+        below, inside, bad, counts = select.mark_pass(kern, lo, hi, 1, 0, a, nt)
+        keys = np.empty(inside, kdt)
+        pos = np.empty(inside, np.uint32)
+        select.gather_marked(kern, a, counts, 1, keys, nt, pos)
+        ck = np.empty(8000 * len(counts), kdt)
+        cp = np.empty(8000 * len(counts), np.uint32)
+        b2, i2, bad2, c2, got = select.mark_collect(kern, lo, hi, 1, 0, b, ck, cp, nt)
+        assert (b2, i2, bad2) == (below, inside, bad) and np.array_equal(a, b)
+        assert np.array_equal(c2, counts) and got is not None
+        per = ck.shape[0] // len(got)
+        gk = np.concatenate([ck[t * per:t * per + g] for t, g in enumerate(got)])
+        gp = np.concatenate([cp[t * per:t * per + g] for t, g in enumerate(got)])
+        np.testing.assert_array_equal(gk, keys)
+        np.testing.assert_array_equal(gp, pos)
+        small = select.mark_collect(kern, lo, hi, 1, 0, b, ck[:100], cp[:100], nt)
+        assert small[4] is None and np.array_equal(a, b)

@@ -506,6 +506,86 @@ def mark_pass(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magnit
 
 
 cdef extern from "apr_keys.h" nogil:
+    void apr_markc16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint16_t lo,
+                     uint16_t hi, uint16_t khi, uint16_t klo, uint8_t* out, int64_t* res,
+                     uint16_t* keys, uint32_t* pos, Py_ssize_t cap)
+    void apr_markc32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint32_t lo,
+                     uint32_t hi, uint32_t khi, uint32_t klo, uint8_t* out, int64_t* res,
+                     uint32_t* keys, uint32_t* pos, Py_ssize_t cap)
+    void apr_markc64(const uint64_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint64_t lo,
+                     uint64_t hi, uint64_t khi, uint64_t klo, uint8_t* out, int64_t* res,
+                     uint64_t* keys, uint32_t* pos, Py_ssize_t cap)
+
+
+cdef inline void _markc_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
+                             uint64_t lo, uint64_t hi, uint64_t khi, uint64_t klo, uint8_t* out,
+                             int64_t* res, void* keys, uint32_t* pos,
+                             Py_ssize_t cap) noexcept nogil:
+    if real_t is float:
+        apr_markc32(<const uint32_t*>x, s, e, magnitude, <uint32_t>lo, <uint32_t>hi,
+                    <uint32_t>khi, <uint32_t>klo, out, res, <uint32_t*>keys, pos, cap)
+    elif real_t is double:
+        apr_markc64(<const uint64_t*>x, s, e, magnitude, lo, hi, khi, klo, out, res,
+                    <uint64_t*>keys, pos, cap)
+    else:
+        apr_markc16(x, s, e, magnitude, <uint16_t>lo, <uint16_t>hi, <uint16_t>khi,
+                    <uint16_t>klo, out, res, <uint16_t*>keys, pos, cap)
+
+
+def mark_collect(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magnitude,
+                 uint16_t inf16, uint8_t[::1] out not None, keys not None,
+                 uint32_t[::1] pos not None, int n_threads):
+    """mark_pass that also collects the candidates' keys (keys of x's own width) and positions
+    while each block's mask bytes are in cache: task t of T writes into
+    keys/pos[t * C:(t + 1) * C], C = len(keys) // T, T = the tasks mark_pass would use.
+    Returns (n_below, n_inside, n_nonfinite, counts, got): counts as mark_pass's; got[t]
+    candidates collected by task t, in flat order, or None when a task's did not fit (the marks
+    are complete either way: gather_marked then reads them).  Fewer than 2**32 elements."""
+    cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads), per
+    cdef Py_ssize_t below = 0, inside = 0, bad = 0
+    cdef uint64_t khi, klo
+    cdef bint fits = True
+    cdef char* kp
+    _check_out(out.shape[0], n)
+    if n > <Py_ssize_t>0xFFFFFFFF:
+        raise InvalidShapeError(f"32-bit positions cannot index {n} elements")
+    kv = np.asarray(keys)
+    if kv.ndim != 1 or kv.dtype != _key_dtype(sizeof(real_t)) or not kv.flags.c_contiguous \
+            or not kv.flags.writeable:
+        raise InvalidArgumentError(f"keys must be a writeable contiguous 1-d "
+                                   f"uint{8 * sizeof(real_t)} array for these values")
+    if pos.shape[0] != kv.shape[0]:
+        raise ShapeMismatchError(f"pos holds {pos.shape[0]} positions, keys {kv.shape[0]}")
+    if n == 0:
+        return 0, 0, 0, np.zeros(1, np.int64), np.zeros(1, np.int64)
+    per = kv.shape[0] // ntask
+    cdef uint8_t[::1] kbytes = kv.view(np.uint8)
+    kp = <char*>&kbytes[0] if kv.shape[0] else NULL
+    cdef uint32_t* pp = &pos[0] if pos.shape[0] else NULL
+    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
+    counts = np.empty(ntask, dtype=np.int64)
+    got = np.empty(ntask, dtype=np.int64)
+    cdef int64_t[::1] cv = counts
+    cdef int64_t[::1] gv = got
+    inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
+    with nogil:
+        for t in prange(ntask, schedule="static", num_threads=ntask):
+            _markc_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
+                        khi, klo, &out[0], &res[t * PAD],
+                        kp + t * per * <Py_ssize_t>sizeof(real_t) if kp != NULL else NULL,
+                        pp + t * per if pp != NULL else NULL, per)
+    for t in range(ntask):
+        below += res[t * PAD]
+        inside += res[t * PAD + 1]
+        bad += res[t * PAD + 2]
+        cv[t] = res[t * PAD + 1]
+        gv[t] = res[t * PAD + 3]
+        if gv[t] < 0:
+            fits = False
+    return below, inside, bad, counts, (got if fits else None)
+
+
+cdef extern from "apr_keys.h" nogil:
     Py_ssize_t apr_gather16(const uint16_t* x, const uint8_t* out, Py_ssize_t s, Py_ssize_t e,
                             int magnitude, uint16_t* keys, uint32_t* pos, Py_ssize_t cap)
     Py_ssize_t apr_gather32(const uint32_t* x, const uint8_t* out, Py_ssize_t s, Py_ssize_t e,
@@ -963,4 +1043,5 @@ def expand_blocks(const uint8_t[:, ::1] bmask not None, Py_ssize_t bh, Py_ssize_
 guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "select_pair",
                   "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass",
                   "gather_marked", "fix_marked", "fix_positions", "hist_pass", "write_pass",
-                  "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks", "simd"])
+                  "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks", "simd",
+                  "mark_collect"])
