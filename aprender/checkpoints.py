@@ -379,13 +379,17 @@ class CheckpointPruner:
                         if nxt < len(ahead):
                             pending.append(pool.submit(self._keep_ahead, shard, ahead[nxt]))
                             nxt += 1
+                        # while a mask is being computed its kernels hold the threads: this
+                        # side writes on one (two OpenMP teams on the same cores wait on each
+                        # other's spinning threads)
+                        wnt = 1 if pending else self.nt
                         self._row(shard, t, keep)
                         if bitmask:
                             for name, code, shape, arr in bitmask_tensors(sf.words(t.name), keep,
-                                                                          t, self.nt):
+                                                                          t, wnt):
                                 out.add(name, code, shape, [arr], arr.nbytes)
                         else:
-                            out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, self.nt),
+                            out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, wnt),
                                     t.nbytes)
                         del keep
                     self._tick(t.nbytes)
