@@ -205,3 +205,19 @@ def test_magnitude_mask_out(benchmark, shape, dtype, n_threads):
     m = _run(benchmark, "magnitude_mask 50% out=", shape, dtype, magnitude_mask, w, 0.5,
              n_threads=n_threads, out=out)
     assert m.num_zeros() == w.size // 2
+
+
+@shape_param
+@pytest.mark.parametrize("kernel", ["simd", "scalar"])
+def test_nm4_kernel(benchmark, shape, n_threads, kernel):
+    """2:4 along rows of float32: the AVX2 N:4 kernel against the scalar one."""
+    from aprender._kernels import nm
+
+    w = weights(shape, "float32")
+    out = np.empty(w.shape, np.bool_)
+    was = nm.simd(kernel == "simd")
+    try:
+        _run(benchmark, f"2:4 ({kernel})", shape, "float32", magnitude_nm_mask, w, 2, 4,
+             n_threads=n_threads, out=out)
+    finally:
+        nm.simd(was)

@@ -334,3 +334,33 @@ def test_mark_collect_equals_mark_and_gather(dtype):
         np.testing.assert_array_equal(gp, pos)
         small = select.mark_collect(kern, lo, hi, 1, 0, b, ck[:100], cp[:100], nt)
         assert small[4] is None and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_nm4_avx2_equals_scalar_and_reference(n):
+    # N:4 along rows of float32 runs an AVX2 kernel (eight groups a step, scalar tail); the
+    # scalar kernel and the reference must agree on ties, +-0, subnormals and odd group counts
+    from aprender._kernels import nm
+
+    rng = np.random.default_rng(n)
+    for shape in [(64, 64), (33, 100), (300, 1028), (3, 4)]:
+        w = rng.standard_normal(shape).astype(np.float32)
+        w.flat[::5] = np.round(w.flat[::5])
+        w.flat[::7] = -0.0
+        w.flat[::11] = 0.0
+        w.flat[::13] = np.float32(1e-45)
+        want = ref.nm_mask(w, n, 4, magnitude=True)
+        for nt in (1, 2, 3):
+            np.testing.assert_array_equal(np.asarray(magnitude_nm_mask(w, n, 4, n_threads=nt)),
+                                          want)
+        np.testing.assert_array_equal(np.asarray(generate_nm_mask(w, n, 4, n_threads=2)),
+                                      ref.nm_mask(w, n, 4))
+        was = nm.simd(False)
+        try:
+            np.testing.assert_array_equal(np.asarray(magnitude_nm_mask(w, n, 4)), want)
+        finally:
+            nm.simd(was)
+    bad = rng.standard_normal((64, 64)).astype(np.float32)
+    bad[40, 13] = np.nan
+    with pytest.raises(NumericalInstabilityError):
+        magnitude_nm_mask(bad, n, 4)
