@@ -18,7 +18,7 @@ __all__ = ["to_float64", "prune_count", "unstructured_mask", "per_row_mask", "nm
            "global_masks", "block_mask", "row_mask", "column_mask", "scores", "stats",
            "apply_mask", "sum_squares_chunk_rows", "sum_squares", "hessian", "wanda_scores",
            "score_sum", "outlier_ratio", "owl_layer_sparsities", "SPARSE24_FILL", "sparse24_select",
-           "sparse24_stored", "sparsegpt"]
+           "sparse24_stored", "sparse24_pair_select", "sparse24_pair_stored", "sparsegpt"]
 
 
 def to_float64(values):
@@ -356,3 +356,26 @@ def sparsegpt(weights, hessian, sparsity=None, *, n=None, m=None, per_row=False,
             w[:, c] = q
             w[:, c + 1:] -= np.outer(e, u[c, c + 1:])
     return w, keep, decisions
+
+
+def sparse24_pair_select(values):
+    """The dense weight the float32 cutlass layout's select=True leaves: of every pair of
+    consecutive elements along the last axis the larger |w| kept (a tie keeps the second: the
+    lowest index is pruned), the other zeroed; in the input's dtype."""
+    out = np.array(values, copy=True)
+    out[~nm_mask(values, 1, 2, magnitude=True)] = 0
+    return out
+
+
+def sparse24_pair_stored(dense2d):
+    """The element of each pair the float32 cutlass layout stores (bool, same shape): the
+    non-zero one, the second when neither is non-zero (PyTorch's code 0b1110); a pair with two
+    non-zeros raises ValueError."""
+    nz = to_float64(dense2d) != 0
+    pairs = nz.reshape(nz.shape[0], -1, 2)
+    if np.any(pairs.all(axis=-1)):
+        raise ValueError("a pair has two non-zeros; the float32 cutlass layout stores one")
+    stored = np.zeros_like(pairs)
+    stored[..., 0] = pairs[..., 0]
+    stored[..., 1] = ~pairs[..., 0]
+    return stored.reshape(nz.shape)

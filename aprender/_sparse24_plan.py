@@ -34,8 +34,25 @@ def rows_of(shape):
 def multiples(layout, name):
     """(row multiple, column multiple) a layout needs for a dtype."""
     if layout == "cutlass":
+        if name == "float32":
+            return 32, 16  # 1:2 pairs, four pairs per 16-bit word
         return (16, 64) if name == "int8" else (32, 32)
     return 1, 4
+
+
+def wide_code(layout, name):
+    """The kernels' metadata-word code: 1 for int8 (32-bit words), 2 for float32 in the cutlass
+    layout (1:2 pairs, 16-bit words), else 0 (16-bit words)."""
+    if name == "int8":
+        return 1
+    return 2 if (layout == "cutlass" and name == "float32") else 0
+
+
+def refuse_gpu_pairs(layout, name):
+    """The GPU kernel has no float32 cutlass (1:2 pairs) layout yet."""
+    if layout == "cutlass" and name == "float32":
+        raise InvalidDTypeError("the cutlass layout for float32 (1:2 pairs) is CPU-only; use "
+                                "layout='bitmask' or 'raw' on the GPU, or a numpy array")
 
 
 def plan(shape, name, layout, pad):
@@ -46,10 +63,6 @@ def plan(shape, name, layout, pad):
     if layout == "cutlass":
         if ndim != 2:
             raise InvalidShapeError(f"the cutlass layout needs a 2-D weight, got shape {shape}")
-        if name == "float32":
-            raise InvalidDTypeError("the cutlass layout takes float16, bfloat16 or int8 (PyTorch "
-                                    "encodes float32 as 1:2 pairs); use layout='bitmask' or "
-                                    "'raw' for float32")
     elif ndim == 0:
         raise InvalidShapeError("a 2:4 layout needs at least a 1-d weight, got a 0-d array")
     cols = shape[-1]
@@ -97,6 +110,8 @@ def side_parts(layout, name, prow, pcol):
     if layout == "cutlass":
         if name == "int8":
             return {"metadata": ((prow, pcol // 32), 4)}
+        if name == "float32":
+            return {"metadata": ((prow, pcol // 8), 2)}
         return {"metadata": ((prow, pcol // 16), 2)}
     nbytes = -(-pcol // 8)
     return {"metadata" if layout == "raw" else "bitmask": ((prow, nbytes), 1)}
@@ -113,8 +128,6 @@ def check_parts(layout, shape, dtype, values, metadata, bitmask, padded_shape):
     shape = _dims(shape, "shape")
     if layout == "cutlass" and len(shape) != 2:
         raise InvalidShapeError(f"the cutlass layout needs a 2-D shape, got {shape}")
-    if layout == "cutlass" and dtype == "float32":
-        raise InvalidDTypeError("the cutlass layout takes float16, bfloat16 or int8")
     if len(shape) == 0:
         raise InvalidShapeError("a 2:4 tensor needs at least a 1-d shape, got ()")
     rows, cols = rows_of(shape), shape[-1]
@@ -158,9 +171,10 @@ def check_parts(layout, shape, dtype, values, metadata, bitmask, padded_shape):
     return shape, (prow, pcol)
 
 
-def raise_status(status, shape, cols, mode, bits, keep):
+def raise_status(status, shape, cols, mode, bits, keep, pairs=False):
     """Raise the typed error for the first bad row of a kernel's row statuses (numpy int64:
-    -1 fine, else first_bad_group * 4 + kind), naming the row and group."""
+    -1 fine, else first_bad_group * 4 + kind), naming the row and group (``pairs``: the float32
+    cutlass layout, where the unit is a pair of elements and first_bad_group a pair index)."""
     bad = np.flatnonzero(status >= 0)
     if bad.size == 0:
         return
@@ -168,14 +182,16 @@ def raise_status(status, shape, cols, mode, bits, keep):
     s = int(status[r])
     g, kind = s // 4, s % 4
     where = f"row {r}" if len(shape) <= 2 else f"row {r} (index {np.unravel_index(r, shape[:-1])})"
-    span = f"group {g} (columns {4 * g}..{4 * g + 3})"
+    w = 2 if pairs else 4
+    unit = "pair" if pairs else "group"
+    span = f"{unit} {g} (columns {w * g}..{w * g + w - 1})"
     if kind == 2:
         raise NumericalInstabilityError(
             f"weight {where} {span} contains inf or NaN; select=True needs finite values",
-            index=(r, 4 * g))
+            index=(r, w * g))
     if kind == 3:
         raise LayoutError(f"bitmask {where} {span} does not have exactly two bits set")
-    grp = bits.reshape(-1, cols)[r, 4 * g:4 * g + 4] if r * cols < bits.size else None
+    grp = bits.reshape(-1, cols)[r, w * g:w * g + w] if r * cols < bits.size else None
     if grp is not None and is_cupy(grp):
         grp = grp.get()
     detail = ""
@@ -183,6 +199,11 @@ def raise_status(status, shape, cols, mode, bits, keep):
         n = int(np.count_nonzero(grp if grp.dtype == np.int8 else
                                  grp & (ABS16 if grp.dtype == np.uint16 else 0x7FFFFFFF)))
         detail = f" has {n} non-zeros"
+    if pairs:
+        how = ", and the mask keeps both" if mode == MODE_MASK else ""
+        raise LayoutError(f"weight {where} {span}{detail}{how}; the float32 cutlass "
+                          "layout stores one element of every pair (1:2; pass select=True to "
+                          "keep the larger, or a mask)")
     if mode == MODE_MASK:
         raise LayoutError(f"weight {where} {span}{detail}, and the mask keeps more than two of "
                           "them; a 2:4 layout stores at most two per group of four")

@@ -13,6 +13,8 @@ import re
 import sys
 import time
 import types
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -513,27 +515,55 @@ class CheckpointPruner:
         fmt = self.args.format
         planned = None if fmt != "dense" else {t.name: (t.dtype, t.shape, t.nbytes) for t in sf}
         out = writer.shard(shard, self._metadata(sf.metadata, shard), planned)
-        for t in sf:
-            if (shard, t.name) not in self.sel_index:
-                out.copy(sf, t)
-            else:
-                keep, words = self._prune(shard, t)
-                self._row(shard, t, keep)
-                if fmt != "dense":
-                    src = sf.words(t.name) if words is None else words  # SparseGPT: updated
-                    enc = (bitmask_tensors(src, keep, t, self.nt) if fmt ==
-                           "sparse-24-bitmask" else packed_tensors(src, keep, t))
-                    for name, code, shape, arr in enc:
-                        out.add(name, code, shape, [arr], arr.nbytes)
-                    del enc
-                elif words is not None:  # the updated weights, pruned ones +0.0
-                    out.add(t.name, t.dtype, t.shape, [words], t.nbytes)
-                else:
-                    out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, self.nt),
-                            t.nbytes)
-                del keep, words
-            self._tick(t.nbytes)
+        # The next selected tensor's mask is computed on a worker thread while this thread
+        # reads, masks and writes the current one (the kernels and the file I/O release the
+        # GIL).  One mask ahead at most: two masks alive, whatever the shard holds.  SparseGPT
+        # runs one tensor at a time (its workspace, not a mask, is what memory is bound by).
+        ahead = [t for t in sf if (shard, t.name) in self.sel_index]
+        depth = 0 if self.sgpt else 1
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprender-mask") as pool:
+            pending = deque(pool.submit(self._prune_ahead, shard, t) for t in ahead[:depth])
+            nxt = depth
+            try:
+                for t in sf:
+                    if (shard, t.name) not in self.sel_index:
+                        out.copy(sf, t)
+                        self._tick(t.nbytes)
+                        continue
+                    keep, words = (pending.popleft().result() if depth else
+                                   self._prune(shard, t))
+                    if depth and nxt < len(ahead):
+                        pending.append(pool.submit(self._prune_ahead, shard, ahead[nxt]))
+                        nxt += 1
+                    # while a mask is being computed its kernels hold the threads: this side
+                    # writes on one (two OpenMP teams on the same cores wait on each other's
+                    # spinning threads)
+                    wnt = 1 if pending else self.nt
+                    self._row(shard, t, keep)
+                    if fmt != "dense":
+                        src = sf.words(t.name) if words is None else words  # SparseGPT: new
+                        enc = (bitmask_tensors(src, keep, t, wnt) if fmt == "sparse-24-bitmask"
+                               else packed_tensors(src, keep, t))
+                        for name, code, shape, arr in enc:
+                            out.add(name, code, shape, [arr], arr.nbytes)
+                        del enc
+                    elif words is not None:  # the updated weights, pruned ones +0.0
+                        out.add(t.name, t.dtype, t.shape, [words], t.nbytes)
+                    else:
+                        out.add(t.name, t.dtype, t.shape, masked_chunks(sf, t, keep, wnt),
+                                t.nbytes)
+                    del keep, words
+                    self._tick(t.nbytes)
+            finally:
+                for f in pending:  # an error: the mask being computed is waited for, not used
+                    f.cancel()
         out.close()
+
+    def _prune_ahead(self, shard, t):
+        """_prune on the worker thread.  A global plan's mask is a view of one buffer that the
+        next tensor's mask overwrites, so it is copied out; the other scopes' masks are fresh."""
+        keep, words = self._prune(shard, t)
+        return (keep.copy() if self.args.scope == "global" else keep), words
 
     def _update_config(self, cfg):
         """``cfg`` with the compressed-tensors sparsity config of a sparse-24-bitmask output,

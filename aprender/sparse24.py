@@ -7,8 +7,8 @@ made 2:4 by ``mask`` (a SparsityMask or a boolean keep-mask; positions it drops 
 ``select=True`` (keep the two largest |w| of every group; ties prune the lowest index first).
 
 Supported dtypes: float16, bfloat16 (ml_dtypes.bfloat16, torch.bfloat16, or raw bits wrapped in
-``aprender.Bits16``) and int8 for every layout; float32 for "bitmask" and "raw" (PyTorch's CUTLASS
-conversion treats float32 as 1:2 pairs; that layout is not offered here).
+``aprender.Bits16``), int8 and float32 for every layout.  For float32 the "cutlass" layout is
+PyTorch's 1:2 pair layout (see below); "bitmask" and "raw" stay 2:4.
 
 Which two positions a group stores
     "Non-zero" means the value compares unequal to zero, exactly as in PyTorch's conversion, so
@@ -29,6 +29,14 @@ Layouts (``rows`` = product of all but the last dimension, ``cols`` = the last d
         words are then scattered into CUTLASS's ColumnMajorInterleaved<2> order (rows permuted
         within blocks of 32 resp. 16, 2x2 blocks swizzled).  Shape rules: 2-D; float16/bfloat16
         rows and cols multiples of 32; int8 rows a multiple of 16 and cols of 64.
+        float32 (CPU only): PyTorch's conversion reads float32 as 1:2 pairs (TF32 sparse
+        kernels): every pair of consecutive elements stores one value, ``values`` (rows, cols/2)
+        float32 and ``metadata`` (rows, cols/8) int16, a pair's code being that of the group of
+        four with flags (e0, e0, e1, e1): 0b0100 stores e0, 0b1110 stores e1 (also for a pair of
+        zeros).  A pair with two non-zeros is an error unless ``select=True`` (keeps the larger
+        |w|, a tie keeps the second) or ``mask`` (which must keep at most one; a stored element
+        the mask drops is written as +0) decides.  Bit-identical to PyTorch's
+        ``sparse_semi_structured_from_dense_cutlass``; rows a multiple of 32, cols of 16.
     "bitmask": ``values`` (rows, cols/2) = the stored values in row-major order and ``bitmask``
         uint8 (rows, ceil(cols/8)) = numpy.packbits(stored, axis=-1, bitorder="little") (first
         element in the lowest bit).  Like compressed-tensors, every group has exactly two bits
@@ -216,7 +224,7 @@ class Sparse24Tensor:
         vbits = vals.view(bits_dtype).reshape(prow, pcol // 2)
         out = np.empty((prow, pcol), dtype=bits_dtype)
         code = _p.LAYOUT_CODE[self.layout]
-        wide = int(self.dtype == "int8")
+        wide = _p.wide_code(self.layout, self.dtype)
         if code == 0:
             status = k.decompress(vbits, None, np.ascontiguousarray(self.metadata).reshape(-1)
                                   .view(np.uint8), code, wide, out, nt)
@@ -224,7 +232,7 @@ class Sparse24Tensor:
             src = self.bitmask if code == 1 else self.metadata
             status = k.decompress(vbits, np.ascontiguousarray(src).view(np.uint8), None, code,
                                   wide, out, nt)
-        _p.raise_status(status, (prow, pcol), pcol, _p.MODE_NONZERO, out, None)
+        _p.raise_status(status, (prow, pcol), pcol, _p.MODE_NONZERO, out, None, pairs=wide == 2)
         rows = _p.rows_of(self.shape)
         if (prow, pcol) != (rows, self.shape[-1]):
             out = np.ascontiguousarray(out[:rows, :self.shape[-1]])
@@ -332,7 +340,7 @@ def _compress_host(x, keep, mode, host, layout, prow, pcol, nt):
     code = _p.LAYOUT_CODE[layout]
     ngroups = pcol // 4
     nbytes = (ngroups + 1) // 2
-    wide = int(host.name == "int8")
+    wide = _p.wide_code(layout, host.name)
     kinf = _p.FORMATS[host.name][1]
     vals = np.empty((prow, pcol // 2), dtype=host.bits_dtype)
     meta = bitmask = codes = None
@@ -342,12 +350,12 @@ def _compress_host(x, keep, mode, host, layout, prow, pcol, nt):
     if code == 1:
         bits = bitmask = np.empty((prow, nbytes), dtype=np.uint8)
     if code == 0:
-        nwords = ngroups // 8 if wide else ngroups // 4
-        meta = np.empty((prow, nwords), dtype=np.int32 if wide else np.int16)
+        (mrows, nwords), _ = _p.side_parts(layout, host.name, prow, pcol)["metadata"]
+        meta = np.empty((prow, nwords), dtype=np.int32 if wide == 1 else np.int16)
         meta_bytes = meta.reshape(-1).view(np.uint8)
     status = k.compress(x, keep, mode, kinf if mode == _p.MODE_SELECT else 0, code, wide, vals,
                         codes, bits, meta_bytes, nt)
     _p.raise_status(status, host.shape if len(host.shape) > 1 else (1,) + host.shape, pcol, mode,
-                    x, keep)
+                    x, keep, pairs=wide == 2)
     return Sparse24Tensor(layout, host.shape, host.name, vals.view(host.out_dtype), metadata=meta,
                           bitmask=bitmask, padded_shape=(prow, pcol), _wrap16=host.wrap16)

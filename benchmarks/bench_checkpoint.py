@@ -6,6 +6,8 @@
 Each case runs in its own subprocess (peak RSS: VmHWM of that child, falling back to
 resource.getrusage; the file-backed pages a memory map touches count towards RSS):
   copy        shutil.copyfile of the checkpoint (the floor)
+  cp          the cp command on the same file (a second floor, outside Python)
+  layer-50    aprender prune --sparsity 0.5 (layer scope, unstructured)
   global-50   aprender prune --sparsity 0.5 --scope global
   nm-2:4      aprender prune --pattern 2:4 (layer scope)
   row-50      aprender prune --pattern per-row --sparsity 0.5 (magnitude)
@@ -34,7 +36,7 @@ CHILD = r"""
 import json, os, resource, shutil, sys, time
 sys.path.insert(0, {root!r})
 case, src, dst, threads = sys.argv[1:5]
-if case not in ("copy", "torch"):
+if case not in ("copy", "cp", "torch"):
     from aprender.cli import main  # imports are not timed (nor are torch's)
 elif case == "torch":
     import torch, torch.nn.utils.prune as tp
@@ -42,6 +44,9 @@ elif case == "torch":
 t0 = time.perf_counter()
 if case == "copy":
     shutil.copyfile(src, dst)
+elif case == "cp":
+    import subprocess
+    subprocess.run(["cp", src, dst], check=True)
 elif case == "torch":
     torch.set_num_threads(int(threads))
     sd = load_file(src)
@@ -60,6 +65,7 @@ elif case == "torch":
 else:
     calib = os.path.join(os.path.dirname(src), "calib.safetensors")
     extra = {{"global-50": ["--sparsity", "0.5", "--scope", "global"],
+              "layer-50": ["--sparsity", "0.5"],
               "nm-2:4": ["--pattern", "2:4"],
               "row-50": ["--pattern", "per-row", "--sparsity", "0.5"],
               "wanda-row": ["--pattern", "per-row", "--sparsity", "0.5", "--importance", "wanda",
@@ -140,6 +146,7 @@ def main():
     ap.add_argument("--no-torch", action="store_true",
                     help="skip the torch case (it holds ~20x the checkpoint in memory)")
     ap.add_argument("--dir", help="folder for the temporary checkpoint (default: system temp)")
+    ap.add_argument("--cases", help="comma-separated cases to run (copy is always run)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         src = os.path.join(d, "model.safetensors")
@@ -150,7 +157,10 @@ def main():
         print(f"checkpoint: {size / 2**20:.0f} MiB bfloat16, largest tensor "
               f"{largest / 2**20:.0f} MiB (generated in {time.perf_counter() - t0:.1f} s), "
               f"{args.threads} threads")
-        cases = ["copy", "global-50", "nm-2:4", "row-50", "wanda-row", "wanda-2:4"]
+        cases = ["copy", "cp", "layer-50", "global-50", "nm-2:4", "row-50", "wanda-row",
+                 "wanda-2:4"]
+        if args.cases:
+            cases = ["copy"] + [c for c in args.cases.split(",") if c != "copy"]
         try:
             import torch  # noqa: F401
 
@@ -171,7 +181,7 @@ def main():
         for case, r in res.items():
             ratio = r["wall"] / copy
             ok = ""
-            if case not in ("copy", "torch"):
+            if case not in ("copy", "cp", "torch"):
                 ok = ("ok" if ratio <= 3 else "SLOW") + " / " + \
                     ("ok" if r["maxrss_mb"] <= budget else "MEM")
             print(f"{case:<10} {r['wall']:8.3f} {ratio:7.2f} {size / 1e6 / r['wall']:7.0f} "
@@ -180,6 +190,8 @@ def main():
             for case in ("global-50", "nm-2:4"):
                 print(f"torch / aprender {case}: {res['torch']['wall'] / res[case]['wall']:.2f}x")
         for w, mag in (("wanda-row", "row-50"), ("wanda-2:4", "nm-2:4")):
+            if w not in res or mag not in res:
+                continue
             t = res[w]["wall"] / res[mag]["wall"]
             mem = res[w]["maxrss_mb"] / res[mag]["maxrss_mb"]
             print(f"{w} / {mag}: {t:.2f}x time (target <= 1.3), {mem:.2f}x peak memory")

@@ -176,3 +176,48 @@ def test_wanda_importance(benchmark, shape, dtype, n_threads):
     sc = _run(benchmark, "WandaImportance.compute", shape, dtype, WandaImportance().compute, w,
               st, n_threads=n_threads)
     assert sc.values.shape == w.shape and sc.values.dtype == np.float32
+
+
+@shape_param
+@dtype_param
+@pytest.mark.parametrize("pack", ["simd", "scalar"])
+def test_per_row_bracket(benchmark, shape, dtype, n_threads, pack):
+    """Per-row selection (shared bracket, one pass a row), with the SIMD candidate pack or the
+    scalar fallback."""
+    from aprender._kernels import select
+
+    w = weights(shape, dtype)
+    was = select.simd(pack == "simd")
+    try:
+        m = _run(benchmark, f"per-row 50% ({pack} pack)", shape, dtype, magnitude_mask, w, 0.5,
+                 per_row=True, n_threads=n_threads)
+    finally:
+        select.simd(was)
+    assert m.num_zeros() == (w.shape[1] // 2) * w.shape[0]
+
+
+@shape_param
+@dtype_param
+def test_magnitude_mask_out(benchmark, shape, dtype, n_threads):
+    """Unstructured 50 % into a reused out= buffer (no fresh pages)."""
+    w = weights(shape, dtype)
+    out = np.empty(w.shape, np.bool_)
+    m = _run(benchmark, "magnitude_mask 50% out=", shape, dtype, magnitude_mask, w, 0.5,
+             n_threads=n_threads, out=out)
+    assert m.num_zeros() == w.size // 2
+
+
+@shape_param
+@pytest.mark.parametrize("kernel", ["simd", "scalar"])
+def test_nm4_kernel(benchmark, shape, n_threads, kernel):
+    """2:4 along rows of float32: the AVX2 N:4 kernel against the scalar one."""
+    from aprender._kernels import nm
+
+    w = weights(shape, "float32")
+    out = np.empty(w.shape, np.bool_)
+    was = nm.simd(kernel == "simd")
+    try:
+        _run(benchmark, f"2:4 ({kernel})", shape, "float32", magnitude_nm_mask, w, 2, 4,
+             n_threads=n_threads, out=out)
+    finally:
+        nm.simd(was)

@@ -41,3 +41,26 @@ def test_decompress(benchmark, layout, name, shape):
 def test_compress_select(benchmark, name):
     w = np.random.default_rng(1).standard_normal((4096, 4096), dtype=np.float32).astype(np.float16)
     benchmark(sparse24.compress, w, layout="cutlass", select=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_compress_cutlass_float32_pairs(benchmark, shape):
+    """float32 in PyTorch's 1:2 cutlass layout."""
+    w = np.random.default_rng(2).standard_normal(shape, dtype=np.float32)
+    dense = np.where(np.arange(shape[1]) % 2 == 0, w, np.float32(0)).astype(np.float32)
+    s = benchmark(sparse24.compress, dense, layout="cutlass")
+    assert s.metadata.shape == (shape[0], shape[1] // 8)
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
+@pytest.mark.parametrize("layout", ["cutlass", "bitmask"])
+def test_compress_encoder(benchmark, layout, simd):
+    """The SIMD group encoder against the scalar fallback on the same float16 weight."""
+    from aprender._kernels import sparse24 as k
+
+    dense = _dense((4096, 4096), "float16")
+    was = k.simd(simd)
+    try:
+        benchmark(sparse24.compress, dense, layout=layout)
+    finally:
+        k.simd(was)

@@ -5,13 +5,18 @@
 ``np.copyto`` of the dense weight's bytes into a preallocated buffer (the compressors allocate
 their outputs, so they also pay first-touch page faults the floor does not).
 """
+import os
 import statistics
 import sys
 import time
 
-import numpy as np
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # run as a script from a source checkout (as compare.py does)
+    sys.path.insert(0, _ROOT)
 
-from aprender import sparse24
+import numpy as np  # noqa: E402
+
+from aprender import sparse24  # noqa: E402
 
 
 def _median_ms(fn, repeat):
@@ -83,6 +88,25 @@ def run(quick: bool) -> list:
                     if theirs is not None:
                         rows.append({"case": case, "impl": "torch (CPU)", "median_ms": theirs,
                                      "ratio_vs_floor": theirs / floor, "speedup_vs_torch": 1.0})
+        # float32: PyTorch's 1:2 pair layout (one value per pair of consecutive elements)
+        w = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+        dense = np.where(np.arange(shape[1]) % 2 == 0, w, np.float32(0)).astype(np.float32)
+        dst = np.empty_like(dense)
+        floor = _median_ms(lambda: np.copyto(dst, dense), repeat)
+        case = f"compress cutlass float32 {shape[0]}x{shape[1]}"
+        ours = _median_ms(lambda: sparse24.compress(dense, layout="cutlass"), repeat)
+        theirs = None
+        if torch is not None:
+            td = torch.from_numpy(dense.copy())
+            theirs = _median_ms(lambda: t_from(td), max(1, repeat // 2))
+        rows.append({"case": case, "impl": "copy floor", "median_ms": floor,
+                     "ratio_vs_floor": 1.0, "speedup_vs_torch": None})
+        rows.append({"case": case, "impl": "aprender", "median_ms": ours,
+                     "ratio_vs_floor": ours / floor,
+                     "speedup_vs_torch": theirs / ours if theirs else None})
+        if theirs is not None:
+            rows.append({"case": case, "impl": "torch (CPU)", "median_ms": theirs,
+                         "ratio_vs_floor": theirs / floor, "speedup_vs_torch": 1.0})
     return rows
 
 

@@ -297,9 +297,21 @@ def test_out_buffers_for_masks():
 
     rng = np.random.default_rng(3)
     v = rng.standard_normal((16, 32)).astype(np.float32)
+    from aprender.pruning import (generate_block_mask, generate_column_mask, generate_row_mask,
+                                  magnitude_mask, magnitude_nm_mask)
+    from aprender.pruning.mask import layer_magnitude_mask
+
     for make in (lambda **kw: generate_unstructured_mask(v, 0.4, **kw),
                  lambda **kw: generate_unstructured_mask(v, 0.4, per_row=True, **kw),
-                 lambda **kw: generate_nm_mask(v, 2, 4, **kw)):
+                 lambda **kw: generate_nm_mask(v, 2, 4, **kw),
+                 lambda **kw: magnitude_mask(v, 0.4, **kw),
+                 lambda **kw: magnitude_mask(v, 0.4, per_row=True, **kw),
+                 lambda **kw: magnitude_nm_mask(v, 2, 4, **kw),
+                 lambda **kw: layer_magnitude_mask(v, "unstructured", 0.3, **kw),
+                 lambda **kw: layer_magnitude_mask(v, "2:4", **kw),
+                 lambda **kw: generate_block_mask(v, 0.5, (4, 4), **kw),
+                 lambda **kw: generate_row_mask(v, 0.5, **kw),
+                 lambda **kw: generate_column_mask(v, 0.5, **kw)):
         out = np.ones(v.shape, np.bool_)
         m = make(out=out)
         assert m.keep is out or np.shares_memory(m.keep, out)
@@ -308,3 +320,25 @@ def test_out_buffers_for_masks():
                     np.ones(v.shape, np.bool_).T.copy().T, "x"):
             with pytest.raises(InvalidArgumentError):
                 make(out=bad)
+
+
+def test_out_buffers_for_global_masks():
+    from aprender.errors import InvalidArgumentError
+    from aprender.pruning import generate_global_mask
+
+    rng = np.random.default_rng(4)
+    vs = [rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal(40)]
+    want = generate_global_mask(vs, 0.5)
+    outs = [np.ones(v.shape, np.bool_) for v in vs]
+    got = generate_global_mask(vs, 0.5, out=outs)
+    for g, o, w in zip(got, outs, want):
+        assert np.shares_memory(g.keep, o)
+        np.testing.assert_array_equal(o, w.keep)
+    named = {"a": vs[0], "b": vs[1]}
+    outd = {"b": np.zeros(40, np.bool_), "a": np.zeros((8, 16), np.bool_)}
+    gotd = generate_global_mask(named, 0.5, out=outd)
+    np.testing.assert_array_equal(outd["a"], want[0].keep)
+    assert np.shares_memory(gotd["b"].keep, outd["b"])
+    for bad in ([outs[0]], {"a": outs[0]}, [outs[0], np.ones(40, np.uint8)], "x"):
+        with pytest.raises(InvalidArgumentError):
+            generate_global_mask(named if isinstance(bad, dict) else vs, 0.5, out=bad)

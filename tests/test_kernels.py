@@ -82,6 +82,43 @@ def test_per_row_vs_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(160, 1024), (96, 1539), (70, 4096)])
+def test_per_row_shared_bracket_vs_reference(dtype, shape):
+    # long rows take the shared bracket (one pass, candidates' select); rows scaled apart from
+    # the others miss it and take the exact radix select; ties and signed order ride along
+    rng = np.random.default_rng(shape[1])
+    w = sample(shape, dtype, seed=2, ties=shape[0] == 96)
+    scale = np.ones((shape[0], 1))
+    scale[::7] = 64.0  # every 7th row misses the bracket
+    w = (np.asarray(w, dtype=np.float64) * scale).astype(dtype)
+    w[3] = w[3, 0]  # an all-equal row: every key is the threshold
+    w[5, rng.integers(0, shape[1], 40)] = 0.0
+    for s in (0.1, 0.5, 0.77):
+        want = ref.per_row_mask(w, s, magnitude=True)
+        for nt in (1, 2, 3):
+            np.testing.assert_array_equal(
+                np.asarray(magnitude_mask(w, s, per_row=True, n_threads=nt)), want)
+        was = select.simd(False)  # the scalar candidate pack
+        try:
+            np.testing.assert_array_equal(
+                np.asarray(magnitude_mask(w, s, per_row=True, n_threads=2)), want)
+        finally:
+            select.simd(was)
+        np.testing.assert_array_equal(
+            np.asarray(generate_unstructured_mask(w, s, per_row=True, n_threads=2)),
+            ref.per_row_mask(w, s))
+
+
+def test_per_row_shared_bracket_non_finite():
+    w = np.random.default_rng(0).standard_normal((128, 2048)).astype(np.float32)
+    for bad in (np.inf, np.nan):
+        v = w.copy()
+        v[77, 1000] = bad
+        with pytest.raises(NumericalInstabilityError):
+            magnitude_mask(v, 0.5, per_row=True, n_threads=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (1, 2), (5, 16), (7, 32), (1, 1)])
 def test_nm_vs_reference(dtype, n, m):
     w = sample((96, 64), dtype, seed=m, ties=(n + m) % 2 == 0)
@@ -265,3 +302,65 @@ def test_count_groups_accepts_numeric_masks():
     p = SparsityPattern.nm(2, 4)
     assert p.count_groups(np.array([[2, 0, 0, 0], [1, 1, 1, 0]])) == (1, 2)
     assert p.validate(np.array([[1, 0, 0, 1]], dtype=np.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["f16", "f32", "f64"])
+def test_mark_collect_equals_mark_and_gather(dtype):
+    # the fused mark pass collects exactly the candidates (keys, positions, flat order) that
+    # gather_marked reads from mark_pass's marks, per task; a capacity too small says so
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(100_003) * 3).astype(dtype)
+    x[::97] = 0.0
+    kern = x.view(np.uint16) if x.dtype.itemsize == 2 else x
+    kdt = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+    lo = int(np.sort(np.abs(x).astype(dtype).view(kdt))[40_000]) | (1 << (8 * x.itemsize - 1))
+    hi = int(np.sort(np.abs(x).astype(dtype).view(kdt))[43_000]) | (1 << (8 * x.itemsize - 1))
+    for nt in (1, 2, 3):
+        a = np.empty(x.size, np.uint8)
+        b = np.empty(x.size, np.uint8)
+        below, inside, bad, counts = select.mark_pass(kern, lo, hi, 1, 0, a, nt)
+        keys = np.empty(inside, kdt)
+        pos = np.empty(inside, np.uint32)
+        select.gather_marked(kern, a, counts, 1, keys, nt, pos)
+        ck = np.empty(8000 * len(counts), kdt)
+        cp = np.empty(8000 * len(counts), np.uint32)
+        b2, i2, bad2, c2, got = select.mark_collect(kern, lo, hi, 1, 0, b, ck, cp, nt)
+        assert (b2, i2, bad2) == (below, inside, bad) and np.array_equal(a, b)
+        assert np.array_equal(c2, counts) and got is not None
+        per = ck.shape[0] // len(got)
+        gk = np.concatenate([ck[t * per:t * per + g] for t, g in enumerate(got)])
+        gp = np.concatenate([cp[t * per:t * per + g] for t, g in enumerate(got)])
+        np.testing.assert_array_equal(gk, keys)
+        np.testing.assert_array_equal(gp, pos)
+        small = select.mark_collect(kern, lo, hi, 1, 0, b, ck[:100], cp[:100], nt)
+        assert small[4] is None and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_nm4_avx2_equals_scalar_and_reference(n):
+    # N:4 along rows of float32 runs an AVX2 kernel (eight groups a step, scalar tail); the
+    # scalar kernel and the reference must agree on ties, +-0, subnormals and odd group counts
+    from aprender._kernels import nm
+
+    rng = np.random.default_rng(n)
+    for shape in [(64, 64), (33, 100), (300, 1028), (3, 4)]:
+        w = rng.standard_normal(shape).astype(np.float32)
+        w.flat[::5] = np.round(w.flat[::5])
+        w.flat[::7] = -0.0
+        w.flat[::11] = 0.0
+        w.flat[::13] = np.float32(1e-45)
+        want = ref.nm_mask(w, n, 4, magnitude=True)
+        for nt in (1, 2, 3):
+            np.testing.assert_array_equal(np.asarray(magnitude_nm_mask(w, n, 4, n_threads=nt)),
+                                          want)
+        np.testing.assert_array_equal(np.asarray(generate_nm_mask(w, n, 4, n_threads=2)),
+                                      ref.nm_mask(w, n, 4))
+        was = nm.simd(False)
+        try:
+            np.testing.assert_array_equal(np.asarray(magnitude_nm_mask(w, n, 4)), want)
+        finally:
+            nm.simd(was)
+    bad = rng.standard_normal((64, 64)).astype(np.float32)
+    bad[40, 13] = np.nan
+    with pytest.raises(NumericalInstabilityError):
+        magnitude_nm_mask(bad, n, 4)

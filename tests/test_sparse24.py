@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from aprender import Bits16, magnitude_nm_mask, sparse24
-from aprender._reference import sparse24_select as _select_ref, sparse24_stored as _stored_ref
+from aprender._reference import (sparse24_pair_select as _pair_select_ref,
+                                 sparse24_pair_stored as _pair_stored_ref,
+                                 sparse24_select as _select_ref, sparse24_stored as _stored_ref)
 from aprender.pruning import SparsityMask, SparsityPattern
 from aprender.errors import (InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
                                      LayoutError, NumericalInstabilityError, ShapeMismatchError)
@@ -243,8 +245,13 @@ def test_errors():
         sparse24.compress(np.zeros((32, 32)))
     with pytest.raises(InvalidDTypeError, match="Bits16"):
         sparse24.compress(np.zeros((32, 32), np.uint16))
-    with pytest.raises(InvalidDTypeError, match="float32"):
-        sparse24.compress(np.zeros((32, 32), np.float32))
+    with pytest.raises(LayoutError, match="row 0 pair 1 .columns 2..3. has 2 non-zeros"):
+        sparse24.compress(np.ones((32, 32), np.float32) * (np.arange(32) % 4 != 0))
+    with pytest.raises(LayoutError, match="pair 0 .* the mask keeps both"):
+        sparse24.compress(np.ones((32, 32), np.float32), mask=np.ones((32, 32), bool))
+    with pytest.raises(InvalidShapeError, match="float32 needs rows a multiple of 32 and columns "
+                                                "a multiple of 16"):
+        sparse24.compress(np.zeros((32, 24), np.float32))
     n = np.ones((32, 32), np.float16)
     n[3, 5] = np.nan
     with pytest.raises(NumericalInstabilityError, match="row 3 group 1"):
@@ -303,7 +310,7 @@ def test_hypothesis_round_trip():
 def test_byte_swapped_input_matches_native(layout, swapped):
     """Big-endian (byte-swapped) float16/float32, which every other entry point accepts, is
     converted to native order once: same bytes as the native weight, values in native order.
-    (The cutlass layout takes no float32.)"""
+    (float32 cutlass is the 1:2 pair layout, whose 2:4 inputs are refused; see its own tests.)"""
     native = np.dtype(swapped).newbyteorder("=")
     rng = np.random.default_rng(4)
     w = _weight(rng, (64, 64), native, "ties")
@@ -443,3 +450,103 @@ def test_non_cpu_torch_tensors_are_refused_not_copied():
     w = torch.empty((8, 16), dtype=torch.float16, device="meta")
     with pytest.raises(DeviceError, match="meta"):
         sparse24.compress(w, select=True)
+
+
+# --- the SIMD group encoder against the scalar one and the references ---------------------------
+
+def _all_parts(dense, **kw):
+    out = []
+    for layout in ("cutlass", "bitmask", "raw"):
+        try:
+            s = sparse24.compress(dense, layout=layout, pad=True, **kw)
+            out.append([None if a is None else np.ascontiguousarray(a).tobytes()
+                        for a in (s.values, s.metadata, s.bitmask)])
+        except (LayoutError, NumericalInstabilityError, InvalidShapeError) as exc:
+            out.append(str(exc))
+    return out
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(64, 64), (32, 136), (40, 1024), (3, 4, 200)])
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
+def test_simd_encoder_equals_scalar_and_reference(name, shape, kind):
+    # rows of 16 and more groups go through the SIMD encoder (16 groups a step, scalar tail)
+    from aprender._kernels import sparse24 as k
+
+    dtype = BF16 if name == "bfloat16" else np.dtype(name)
+    rng = np.random.default_rng(abs(hash((name, shape, kind))) % 2**32)
+    w = _weight(rng, shape, dtype, kind)
+    dense = _select_ref(w)
+    d2 = dense.reshape(-1, shape[-1])
+    stored = _stored_ref(d2)
+    keep = rng.random(shape) < 0.5
+    bad = dense.copy()
+    bad.reshape(-1, shape[-1])[1, 4 * 21:4 * 21 + 4] = 1  # a group with four non-zeros: row 1, group 21
+    cases = [dict(), dict(mask=keep), dict(mask=np.ones(shape, bool)), dict(select=True)]
+    fast = [_all_parts(d, **kw) for d in (dense, bad) for kw in cases]
+    was = k.simd(False)
+    try:
+        slow = [_all_parts(d, **kw) for d in (dense, bad) for kw in cases]
+    finally:
+        k.simd(was)
+    assert fast == slow
+    s = sparse24.compress(dense, layout="bitmask", n_threads=2)
+    np.testing.assert_array_equal(s.bitmask, np.packbits(stored, axis=-1, bitorder="little"))
+    np.testing.assert_array_equal(_bits(s.values), _bits(d2[stored].reshape(d2.shape[0], -1)))
+    if shape[-1] > 84:
+        with pytest.raises(LayoutError, match="row 1.*group 21"):
+            sparse24.compress(bad, layout="bitmask")
+
+
+# --- float32 in the cutlass layout: PyTorch's 1:2 pairs ------------------------------------------
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("shape", [(32, 16), (64, 48), (96, 208), (32, 1024)])
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
+def test_cutlass_float32_pairs_match_torch(shape, kind):
+    """float32 cutlass equals PyTorch's CPU sparse_semi_structured_from_dense_cutlass bit for bit
+    (to_sparse_semi_structured itself refuses CPU tensors), for a 1:2 weight, select=True and a
+    mask, at 1 and 2 threads; our decompression inverts it."""
+    pytest.importorskip("torch")
+    import torch
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass as from_dense)
+
+    rng = np.random.default_rng(abs(hash((shape, kind))) % 2**32)
+    w = _weight(rng, shape, np.float32, kind)
+    if kind == "sparse":
+        w[rng.random(shape) < 0.2] = -0.0  # negative zeros count as zero, stored as they are
+    dense = _pair_select_ref(w)
+    keep = np.zeros(shape, bool)
+    keep.reshape(shape[0], -1, 2)[np.arange(shape[0])[:, None], np.arange(shape[1] // 2),
+                                  rng.integers(0, 2, (shape[0], shape[1] // 2))] = True
+    keep &= rng.random(shape) < 0.8  # some pairs keep neither
+    masked = np.where(keep, w, np.float32(0))
+    for src, kw, ref in ((dense, {}, dense), (w, {"select": True}, dense),
+                         (w, {"mask": keep}, masked)):
+        tv, tm = from_dense(torch.from_numpy(ref.copy()))
+        for nt in (1, 2):
+            s = sparse24.compress(src, n_threads=nt, **kw)
+            assert s.values.dtype == np.float32 and s.metadata.dtype == np.int16
+            assert s.metadata.shape == (shape[0], shape[1] // 8)
+            np.testing.assert_array_equal(_bits(s.values), _bits(tv.numpy()))
+            np.testing.assert_array_equal(s.metadata, tm.numpy())
+        stored = _pair_stored_ref(ref)
+        np.testing.assert_array_equal(_bits(s.values), _bits(ref[stored].reshape(shape[0], -1)))
+        back = s.to_dense()
+        np.testing.assert_array_equal(back, ref)  # -0.0 at a position not stored comes back +0.0
+        np.testing.assert_array_equal(_bits(back)[stored], _bits(ref)[stored])
+
+
+def test_cutlass_float32_pairs_padding_round_trip_and_parts():
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((40, 20)).astype(np.float32)
+    s = sparse24.compress(w, select=True, pad=True)
+    assert s.padded_shape == (64, 32) and s.metadata.shape == (64, 4)
+    np.testing.assert_array_equal(s.to_dense(), _pair_select_ref(w))
+    again = sparse24.Sparse24Tensor("cutlass", s.shape, "float32", s.values, metadata=s.metadata,
+                                    padded_shape=s.padded_shape)
+    np.testing.assert_array_equal(again.to_dense(), s.to_dense())
+    with pytest.raises(ShapeMismatchError):
+        sparse24.Sparse24Tensor("cutlass", (64, 32), "float32", s.values,
+                                metadata=np.zeros((64, 2), np.int16))

@@ -182,6 +182,77 @@ APR_DEFINE_PASSES(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
         res[1] = inside;                                                                    \
         res[2] = bad;                                                                       \
     }
+/* markc: the mark pass that also collects the candidates' native keys and positions (at most
+ * cap; positions absolute, e <= 2^32) while each block's mask bytes are still in L1, so that no
+ * second scan of the mask gathers them.  res[3]: how many were collected, -1 when they did not
+ * fit (the marks are complete either way). */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define APR_MARK_COLLECT_BLOCK(W, UT, SIGN)                                                       \
+    for (j = 0; j < len; j++)                                                                   \
+        if (ob[j] == 2) {                                                                       \
+            keys[c] = (UT)((UT)apr_skey##W(xb[j], am) ^ (UT)(SIGN));                           \
+            pos[c++] = (uint32_t)(i0 + j);                                                      \
+        }
+#else
+#define APR_MARK_COLLECT_BLOCK(W, UT, SIGN)                                                     \
+    {                                                                                           \
+        for (j = 0; j + 8 <= len; j += 8) {                                                     \
+            uint64_t w_;                                                                        \
+            memcpy(&w_, ob + j, 8);                                                             \
+            w_ &= 0x0202020202020202ull;                                                        \
+            while (w_) {                                                                        \
+                ptrdiff_t jj = j + (apr_ctz64(w_) >> 3);                                        \
+                keys[c] = (UT)((UT)apr_skey##W(xb[jj], am) ^ (UT)(SIGN));                      \
+                pos[c++] = (uint32_t)(i0 + jj);                                                 \
+                w_ &= w_ - 1;                                                                   \
+            }                                                                                   \
+        }                                                                                       \
+        for (; j < len; j++)                                                                    \
+            if (ob[j] == 2) {                                                                   \
+                keys[c] = (UT)((UT)apr_skey##W(xb[j], am) ^ (UT)(SIGN));                       \
+                pos[c++] = (uint32_t)(i0 + j);                                                  \
+            }                                                                                   \
+    }
+#endif
+#define APR_DEFINE_MARKC(W, UT, ST, SIGN, AT)                                                   \
+    APR_CLONES static void apr_markc##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
+                                        UT lo_, UT hi_, UT khi_, UT klo_, uint8_t *out,      \
+                                        int64_t *res, UT *keys, uint32_t *pos,               \
+                                        ptrdiff_t cap) {                                     \
+        UT am = apr_amask##W(magnitude);                                                    \
+        ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
+        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
+        int64_t lt = 0, inside = 0, bad = 0;                                                \
+        ptrdiff_t i0, j, c = 0;                                                             \
+        int full = 0;                                                                       \
+        for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
+            ptrdiff_t len = e - i0 < APR_RANGE_BLOCK ? e - i0 : APR_RANGE_BLOCK;            \
+            const UT *xb = x + i0;                                                          \
+            uint8_t *ob = out + i0;                                                         \
+            AT l = 0, q = 0, b = 0;                                                         \
+            if (magnitude)                                                                  \
+                APR_MARK_LOOP(ST, (ST)(xb[j] & am), k >= khi)                               \
+            else                                                                            \
+                APR_MARK_LOOP(ST, apr_skey##W(xb[j], am), (k >= khi) | (k <= klo))          \
+            lt += l;                                                                        \
+            inside += q;                                                                    \
+            bad += b;                                                                       \
+            if (q && !full) {                                                               \
+                if (c + q > cap)                                                            \
+                    full = 1;                                                               \
+                else                                                                        \
+                    APR_MARK_COLLECT_BLOCK(W, UT, SIGN)                                     \
+            }                                                                               \
+        }                                                                                   \
+        res[0] = lt;                                                                        \
+        res[1] = inside;                                                                    \
+        res[2] = bad;                                                                       \
+        res[3] = full ? -1 : c;                                                             \
+    }
+APR_DEFINE_MARKC(16, uint16_t, int16_t, 0x8000u, int16_t)
+APR_DEFINE_MARKC(32, uint32_t, int32_t, 0x80000000u, int32_t)
+APR_DEFINE_MARKC(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
+
 APR_DEFINE_MARK(16, uint16_t, int16_t, 0x8000u, int16_t)
 APR_DEFINE_MARK(32, uint32_t, int32_t, 0x80000000u, int32_t)
 APR_DEFINE_MARK(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)

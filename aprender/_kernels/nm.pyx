@@ -24,6 +24,10 @@ cdef enum:
 
 
 cdef extern from "apr_nm.h" nogil:
+    void apr_nm_init()
+    int apr_nm_simd(int on)
+    Py_ssize_t apr_nm4_fast32(const uint32_t* x, Py_ssize_t g0, Py_ssize_t g1, int n,
+                              int magnitude, uint32_t khi, uint32_t klo, uint8_t* out)
     Py_ssize_t apr_nm4_16(const uint16_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int magnitude,
                           uint16_t khi, uint16_t klo, uint8_t* out)
     Py_ssize_t apr_nm4_32(const uint32_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int magnitude,
@@ -44,13 +48,23 @@ cdef extern from "apr_nm.h" nogil:
                               uint64_t khi, uint64_t klo, uint8_t* out)
 
 
+apr_nm_init()  # the AVX2 N:4 kernel's CPU check, before any thread runs
+
+
+def simd(on=None):
+    """Whether N:4 along the last axis runs the AVX2 kernel (32-bit keys); on=False switches to
+    the scalar kernel (same masks), on=True back where the CPU has it.  For tests and
+    benchmarks."""
+    return bool(apr_nm_simd(-1 if on is None else (1 if on else 0)))
+
+
 cdef inline Py_ssize_t _groups(const real_t* x, Py_ssize_t g0, Py_ssize_t g1, int n, int m,
                                int magnitude, uint64_t khi, uint64_t klo,
                                uint8_t* out) noexcept nogil:
     if m == 4:
         if real_t is float:
-            return apr_nm4_32(<const uint32_t*>x, g0, g1, n, magnitude, <uint32_t>khi,
-                              <uint32_t>klo, out)
+            return apr_nm4_fast32(<const uint32_t*>x, g0, g1, n, magnitude, <uint32_t>khi,
+                                  <uint32_t>klo, out)
         elif real_t is double:
             return apr_nm4_64(<const uint64_t*>x, g0, g1, n, magnitude, khi, klo, out)
         else:
@@ -157,4 +171,4 @@ def nm_check(const uint8_t[::1] keep not None, Py_ssize_t outer, Py_ssize_t leng
     return bad
 
 
-guard(globals(), ["nm_mask", "nm_check"])
+guard(globals(), ["nm_mask", "nm_check", "simd"])

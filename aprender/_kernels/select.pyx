@@ -32,6 +32,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memset
 from cython.parallel cimport prange, threadid
 
+import math
+
 import numpy as np
 
 from ._common cimport real_t, key_t, key_of, inf_keys, apr_u16_to_f64
@@ -47,6 +49,9 @@ cdef enum:
     DIGIT = 11              # bits per level of the candidates' histogram select
     SCRATCH_MIN = 1048576   # bytes of scratch any call may hold ...
     SCRATCH_DIV = 25        # ... else at most 1 / SCRATCH_DIV (4 %) of the input's bytes
+    ROWS_SAMPLE = 16384     # keys sampled across the rows for the per-row bracket
+    ROWS_MIN_COLS = 512     # shorter rows (or fewer than ROWS_MIN_ELEMS elements) skip it
+    ROWS_MIN_ELEMS = 65536
 
 RUN_KEYS = RUN      # for the engine: a sample buffer needs RUN spare keys
 HIST_BINS = NBINS   # for the engine: bins of a hist_pass histogram
@@ -501,6 +506,86 @@ def mark_pass(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magnit
 
 
 cdef extern from "apr_keys.h" nogil:
+    void apr_markc16(const uint16_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint16_t lo,
+                     uint16_t hi, uint16_t khi, uint16_t klo, uint8_t* out, int64_t* res,
+                     uint16_t* keys, uint32_t* pos, Py_ssize_t cap)
+    void apr_markc32(const uint32_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint32_t lo,
+                     uint32_t hi, uint32_t khi, uint32_t klo, uint8_t* out, int64_t* res,
+                     uint32_t* keys, uint32_t* pos, Py_ssize_t cap)
+    void apr_markc64(const uint64_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude, uint64_t lo,
+                     uint64_t hi, uint64_t khi, uint64_t klo, uint8_t* out, int64_t* res,
+                     uint64_t* keys, uint32_t* pos, Py_ssize_t cap)
+
+
+cdef inline void _markc_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
+                             uint64_t lo, uint64_t hi, uint64_t khi, uint64_t klo, uint8_t* out,
+                             int64_t* res, void* keys, uint32_t* pos,
+                             Py_ssize_t cap) noexcept nogil:
+    if real_t is float:
+        apr_markc32(<const uint32_t*>x, s, e, magnitude, <uint32_t>lo, <uint32_t>hi,
+                    <uint32_t>khi, <uint32_t>klo, out, res, <uint32_t*>keys, pos, cap)
+    elif real_t is double:
+        apr_markc64(<const uint64_t*>x, s, e, magnitude, lo, hi, khi, klo, out, res,
+                    <uint64_t*>keys, pos, cap)
+    else:
+        apr_markc16(x, s, e, magnitude, <uint16_t>lo, <uint16_t>hi, <uint16_t>khi,
+                    <uint16_t>klo, out, res, <uint16_t*>keys, pos, cap)
+
+
+def mark_collect(const real_t[::1] x not None, uint64_t lo, uint64_t hi, int magnitude,
+                 uint16_t inf16, uint8_t[::1] out not None, keys not None,
+                 uint32_t[::1] pos not None, int n_threads):
+    """mark_pass that also collects the candidates' keys (keys of x's own width) and positions
+    while each block's mask bytes are in cache: task t of T writes into
+    keys/pos[t * C:(t + 1) * C], C = len(keys) // T, T = the tasks mark_pass would use.
+    Returns (n_below, n_inside, n_nonfinite, counts, got): counts as mark_pass's; got[t]
+    candidates collected by task t, in flat order, or None when a task's did not fit (the marks
+    are complete either way: gather_marked then reads them).  Fewer than 2**32 elements."""
+    cdef Py_ssize_t n = x.shape[0], t, ntask = _tasks(n, n_threads), per
+    cdef Py_ssize_t below = 0, inside = 0, bad = 0
+    cdef uint64_t khi, klo
+    cdef bint fits = True
+    cdef char* kp
+    _check_out(out.shape[0], n)
+    if n > <Py_ssize_t>0xFFFFFFFF:
+        raise InvalidShapeError(f"32-bit positions cannot index {n} elements")
+    kv = np.asarray(keys)
+    if kv.ndim != 1 or kv.dtype != _key_dtype(sizeof(real_t)) or not kv.flags.c_contiguous \
+            or not kv.flags.writeable:
+        raise InvalidArgumentError(f"keys must be a writeable contiguous 1-d "
+                                   f"uint{8 * sizeof(real_t)} array for these values")
+    if pos.shape[0] != kv.shape[0]:
+        raise ShapeMismatchError(f"pos holds {pos.shape[0]} positions, keys {kv.shape[0]}")
+    if n == 0:
+        return 0, 0, 0, np.zeros(1, np.int64), np.zeros(1, np.int64)
+    per = kv.shape[0] // ntask
+    cdef uint8_t[::1] kbytes = kv.view(np.uint8)
+    kp = <char*>&kbytes[0] if kv.shape[0] else NULL
+    cdef uint32_t* pp = &pos[0] if pos.shape[0] else NULL
+    cdef int64_t[::1] res = np.zeros(ntask * PAD, dtype=np.int64)
+    counts = np.empty(ntask, dtype=np.int64)
+    got = np.empty(ntask, dtype=np.int64)
+    cdef int64_t[::1] cv = counts
+    cdef int64_t[::1] gv = got
+    inf_keys(<real_t*>&x[0], inf16, magnitude, &khi, &klo)
+    with nogil:
+        for t in prange(ntask, schedule="static", num_threads=ntask):
+            _markc_task(&x[0], (t * n) // ntask, ((t + 1) * n) // ntask, magnitude, lo, hi,
+                        khi, klo, &out[0], &res[t * PAD],
+                        kp + t * per * <Py_ssize_t>sizeof(real_t) if kp != NULL else NULL,
+                        pp + t * per if pp != NULL else NULL, per)
+    for t in range(ntask):
+        below += res[t * PAD]
+        inside += res[t * PAD + 1]
+        bad += res[t * PAD + 2]
+        cv[t] = res[t * PAD + 1]
+        gv[t] = res[t * PAD + 3]
+        if gv[t] < 0:
+            fits = False
+    return below, inside, bad, counts, (got if fits else None)
+
+
+cdef extern from "apr_keys.h" nogil:
     Py_ssize_t apr_gather16(const uint16_t* x, const uint8_t* out, Py_ssize_t s, Py_ssize_t e,
                             int magnitude, uint16_t* keys, uint32_t* pos, Py_ssize_t cap)
     Py_ssize_t apr_gather32(const uint32_t* x, const uint8_t* out, Py_ssize_t s, Py_ssize_t e,
@@ -755,12 +840,24 @@ def count_in(const key_t[::1] keys not None, uint64_t lo, uint64_t hi):
 # ----------------------------------------------------------------------------------------------
 
 cdef extern from "apr_keys.h" nogil:
+    enum: ROWB_BLOCK "APR_ROWB_BLOCK"
+    void apr_rowb_init()
+    int apr_rowb_simd(int on)
     Py_ssize_t apr_row16(const uint16_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
                          uint16_t khi, uint16_t klo, uint16_t* keys, uint8_t* out)
     Py_ssize_t apr_row32(const uint32_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
                          uint32_t khi, uint32_t klo, uint32_t* keys, uint8_t* out)
     Py_ssize_t apr_row64(const uint64_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
                          uint64_t khi, uint64_t klo, uint64_t* keys, uint8_t* out)
+    Py_ssize_t apr_rowb16(const uint16_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
+                          uint16_t khi, uint16_t klo, uint16_t lo, uint16_t hi, Py_ssize_t cap,
+                          uint16_t* keys, uint32_t* pos, uint8_t* out)
+    Py_ssize_t apr_rowb32(const uint32_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
+                          uint32_t khi, uint32_t klo, uint32_t lo, uint32_t hi, Py_ssize_t cap,
+                          uint32_t* keys, uint32_t* pos, uint8_t* out)
+    Py_ssize_t apr_rowb64(const uint64_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
+                          uint64_t khi, uint64_t klo, uint64_t lo, uint64_t hi, Py_ssize_t cap,
+                          uint64_t* keys, uint32_t* pos, uint8_t* out)
 
 
 cdef inline Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int magnitude,
@@ -775,20 +872,85 @@ cdef inline Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int
                          out)
 
 
+apr_rowb_init()
+
+
+def simd(on=None):
+    """Whether per-row selection packs candidates with SIMD; on=False switches to the scalar
+    pack (same masks), on=True back where the CPU has it.  For tests and benchmarks."""
+    return bool(apr_rowb_simd(-1 if on is None else (1 if on else 0)))
+
+
+cdef inline Py_ssize_t _rowb(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int magnitude,
+                             uint64_t khi, uint64_t klo, uint64_t lo, uint64_t hi, Py_ssize_t cap,
+                             char* buf, uint32_t* pos, uint8_t* out) noexcept nogil:
+    if real_t is float:
+        return apr_rowb32(<const uint32_t*>x, ncols, k, magnitude, <uint32_t>khi, <uint32_t>klo,
+                          <uint32_t>lo, <uint32_t>hi, cap, <uint32_t*>buf, pos, out)
+    elif real_t is double:
+        return apr_rowb64(<const uint64_t*>x, ncols, k, magnitude, khi, klo, lo, hi, cap,
+                          <uint64_t*>buf, pos, out)
+    else:
+        return apr_rowb16(x, ncols, k, magnitude, <uint16_t>khi, <uint16_t>klo, <uint16_t>lo,
+                          <uint16_t>hi, cap, <uint16_t*>buf, pos, out)
+
+
+cdef tuple _rows_bracket(const real_t[:, ::1] x, Py_ssize_t k, int magnitude):
+    """(lo, hi, cap): native keys that bracket the k-th smallest key of most rows, from a sample
+    of about ROWS_SAMPLE keys spread over the rows (hashed columns, so that outlier columns do
+    not line up), and the candidates a row may hold; or None when the bracket would be too wide
+    to pay off.  The bracket only decides speed: a row it misses is selected exactly by
+    apr_row."""
+    cdef Py_ssize_t nrows = x.shape[0], ncols = x.shape[1], nsr, m, a, j, i, col, stride, s
+    cdef uint64_t kmax = (<uint64_t>1 << (8 * sizeof(real_t) - 1) << 1) - 1
+    nsr = min(nrows, <Py_ssize_t>ROWS_SAMPLE)
+    m = max(1, min(ncols // 8, <Py_ssize_t>ROWS_SAMPLE // nsr))
+    stride = ncols // m
+    s = nsr * m
+    smp = np.empty(s, dtype=np.uint64)
+    cdef uint64_t[::1] sv = smp
+    with nogil:
+        for a in range(nsr):
+            i = (a * nrows) // nsr
+            for j in range(m):
+                col = j * stride + <Py_ssize_t>(_mix(<uint64_t>(i * m + j + 1)) % <uint64_t>stride)
+                sv[a * m + j] = key_of(x[i, col], magnitude)
+    q = k / <double>ncols
+    sd = math.sqrt(q * (1.0 - q))
+    # a row's k-th key sits at a sample rank that varies with the row (ncols draws) and with
+    # the sample (s draws), independently: 3.5 of their combined deviations either side
+    h = 3.5 * sd * math.sqrt(1.0 / ncols + 1.0 / s) + 4.0 / s
+    if 2.0 * h > 0.25:
+        return None
+    lo_r = <Py_ssize_t>math.floor((q - h) * s)
+    hi_r = <Py_ssize_t>math.ceil((q + h) * s)
+    qlo, qhi = select_pair(smp, max(lo_r, 0), min(hi_r, s - 1))
+    lo = 0 if lo_r < 0 else int(qlo)
+    hi = kmax if hi_r >= s else int(qhi)
+    cap = min(ncols, int(4.0 * h * ncols) + 2 * ROWB_BLOCK)
+    return lo, hi, cap
+
+
 def rows_mask(const real_t[:, ::1] x not None, Py_ssize_t k, int magnitude, uint16_t inf16,
               uint8_t[:, ::1] out not None, int n_threads):
     """Prune the k smallest keys of every row (ties: lowest column first).
     Returns the number of rows holding non-finite values (their mask is not meaningful).
 
-    Each thread selects whole rows in a key buffer of one row; the threads are capped so that
-    their buffers fit the scratch budget.  Rows so long that one buffer would not fit are
-    refused (InvalidArgumentError): the selection engine selects those rows one after the other
-    like whole tensors."""
-    cdef Py_ssize_t nrows = x.shape[0], ncols = x.shape[1], i, bad = 0, rowbytes, fit
+    Long enough inputs first take a bracket of the k-th key shared by all rows from a sample
+    (_rows_bracket): each row is then one pass plus a select among its few candidates (apr_rowb);
+    a row the bracket misses, and every row of other inputs, gets the exact radix select of
+    apr_row.  Each thread works on whole rows with a key buffer of one row (and the candidates'
+    positions); the threads are capped so that their buffers fit the scratch budget.  Rows so
+    long that one buffer would not fit are refused (InvalidArgumentError): the selection engine
+    selects those rows one after the other like tensors."""
+    cdef Py_ssize_t nrows = x.shape[0], ncols = x.shape[1], i, bad = 0, rowbytes, fit, tb
+    cdef Py_ssize_t cap = 0, st, koff
     cdef int nt = threads_for(n_threads, nrows * ncols, nrows)
-    cdef uint64_t khi, klo
+    cdef uint64_t khi, klo, lo = 0, hi = 0
+    cdef bint bracket = False
     cdef uint8_t[::1] bufs
     cdef int64_t[::1] badrow
+    cdef char* kb
     if out.shape[0] != nrows or out.shape[1] != ncols:
         raise ShapeMismatchError(f"out has shape ({out.shape[0]}, {out.shape[1]}), the input "
                                  f"({nrows}, {ncols})")
@@ -802,15 +964,31 @@ def rows_mask(const real_t[:, ::1] x not None, Py_ssize_t k, int magnitude, uint
     if fit == 0:
         raise InvalidArgumentError(f"rows of {rowbytes} bytes do not fit the scratch budget of "
                                    f"{nrows} rows; select them one by one like tensors")
+    if ncols >= ROWS_MIN_COLS and nrows * ncols >= ROWS_MIN_ELEMS and ncols < (<Py_ssize_t>1 << 32):
+        b = _rows_bracket(x, k, magnitude)
+        if b is not None:
+            lo, hi, cap = b
+            if scratch_budget(nrows * rowbytes) // (rowbytes + 4 * cap) > 0:
+                bracket = True
+                fit = scratch_budget(nrows * rowbytes) // (rowbytes + 4 * cap)
     if nt > fit:
         nt = <int>fit
+    koff = (rowbytes + 7) // 8 * 8  # the candidates' positions start aligned
+    tb = koff + (4 * cap if bracket else 0)
+    tb = (tb + 63) // 64 * 64  # each thread's buffer on its own cache lines
     inf_keys(<real_t*>&x[0, 0], inf16, magnitude, &khi, &klo)
-    bufs = np.empty(nt * rowbytes, dtype=np.uint8)
+    bufs = np.empty(nt * tb, dtype=np.uint8)
     badrow = np.zeros(nrows, dtype=np.int64)
     with nogil:
         for i in prange(nrows, schedule="static", num_threads=nt):
-            badrow[i] = _row(&x[i, 0], ncols, k, magnitude, khi, klo,
-                             <char*>&bufs[threadid() * rowbytes], &out[i, 0])
+            kb = <char*>&bufs[threadid() * tb]
+            st = 2
+            if bracket:
+                st = _rowb(&x[i, 0], ncols, k, magnitude, khi, klo, lo, hi, cap, kb,
+                           <uint32_t*>(kb + koff), &out[i, 0])
+            if st == 2:
+                st = _row(&x[i, 0], ncols, k, magnitude, khi, klo, kb, &out[i, 0])
+            badrow[i] = st
         for i in range(nrows):
             bad += badrow[i]
     return bad
@@ -865,4 +1043,5 @@ def expand_blocks(const uint8_t[:, ::1] bmask not None, Py_ssize_t bh, Py_ssize_
 guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "select_pair",
                   "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass",
                   "gather_marked", "fix_marked", "fix_positions", "hist_pass", "write_pass",
-                  "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks"])
+                  "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks", "simd",
+                  "mark_collect"])

@@ -21,6 +21,11 @@ from ._guard import guard
 from ..errors import InvalidArgumentError, InvalidShapeError, ShapeMismatchError
 
 cdef extern from "apr_sparse24.h" nogil:
+    void apr24_init()
+    int apr24_simd(int on)
+    int64_t apr24_span_u16_fast(const uint16_t* x, const uint8_t* keep, int64_t ngroups, int mode,
+                                uint32_t kinf, uint16_t* vals, uint8_t* codes, uint8_t* bits,
+                                int* bad)
     int64_t apr24_span_u16(const uint16_t* x, const uint8_t* keep, int64_t ngroups, int mode,
                            uint32_t kinf, uint16_t* vals, uint8_t* codes, uint8_t* bits, int* bad)
     int64_t apr24_span_i8(const int8_t* x, const uint8_t* keep, int64_t ngroups, int mode,
@@ -32,10 +37,21 @@ cdef extern from "apr_sparse24.h" nogil:
     void apr24_expand_i8(const int8_t* vals, const uint8_t* codes, int64_t ngroups, int8_t* out)
     void apr24_expand_u32(const uint32_t* vals, const uint8_t* codes, int64_t ngroups,
                           uint32_t* out)
+    int64_t apr24_pairs_u32(const uint32_t* x, const uint8_t* keep, int64_t npairs, int mode,
+                            uint32_t kinf, uint32_t* vals, uint8_t* codes, int* bad)
+    int64_t apr24_pairs_fast_u32(const uint32_t* x, const uint8_t* keep, int64_t npairs,
+                                 int mode, uint32_t kinf, uint32_t* vals, uint8_t* codes,
+                                 int* bad)
+    void apr24_expand_pairs_u32(const uint32_t* vals, const uint8_t* codes, int64_t npairs,
+                                uint32_t* out)
     int64_t apr24_bits_to_codes(const uint8_t* bits, int64_t ngroups, uint8_t* codes)
     int64_t apr24_meta_offset(int64_t r, int64_t c, int64_t rows, int wide)
+    void apr24_meta_block(const uint8_t* codes, int64_t stride, int64_t r0, int64_t r1,
+                          int64_t rows, int wide, int64_t nwords, uint16_t* m16, uint32_t* m32)
     uint32_t apr24_word(const uint8_t* codes, int64_t c, int wide)
     void apr24_unword(uint32_t w, uint8_t* codes, int64_t c, int wide)
+
+apr24_init()  # the SIMD encoder's tables and CPU check, before any thread runs
 
 ctypedef fused elem_t:
     uint16_t
@@ -50,7 +66,7 @@ cdef inline int64_t _span(const elem_t* x, const uint8_t* keep, int64_t ngroups,
                           uint32_t kinf, elem_t* vals, uint8_t* codes, uint8_t* bits,
                           int* bad) noexcept nogil:
     if elem_t is uint16_t:
-        return apr24_span_u16(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
+        return apr24_span_u16_fast(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
     elif elem_t is int8_t:
         return apr24_span_i8(x, keep, ngroups, mode, kinf, vals, codes, bits, bad)
     else:
@@ -79,11 +95,27 @@ cdef Py_ssize_t _check_plan(Py_ssize_t rows, Py_ssize_t cols, int layout, int wi
     if layout not in (0, 1, 2):
         raise InvalidArgumentError(f"layout code must be 0 (cutlass), 1 (bitmask) or 2 (raw), "
                                    f"got {layout}")
-    if wide not in (0, 1):
-        raise InvalidArgumentError(f"wide must be 0 (16-bit metadata words) or 1 (32-bit), "
-                                   f"got {wide}")
+    if wide not in (0, 1, 2):
+        raise InvalidArgumentError(f"wide must be 0 (16-bit metadata words), 1 (32-bit) or 2 "
+                                   f"(float32 1:2 pairs, 16-bit words), got {wide}")
     if cols % 4:
         raise InvalidShapeError(f"{cols} columns are not whole groups of four")
+    if wide == 2:
+        # float32 pairs: four pairs (eight elements) per 16-bit word, rows in blocks of 32
+        if layout != 0:
+            raise InvalidArgumentError("wide=2 (float32 pairs) is a cutlass layout (code 0)")
+        if rows % 32 or cols % 16:
+            raise InvalidShapeError(f"the cutlass layout for float32 needs rows a multiple of 32 "
+                                    f"and columns a multiple of 16, got ({rows}, {cols})")
+        if not has_meta:
+            raise InvalidArgumentError("the cutlass layout needs a metadata buffer, got None")
+        nwords = cols // 8
+        if meta_bytes != rows * nwords * 2:
+            raise ShapeMismatchError(f"metadata holds {meta_bytes} bytes, ({rows}, {cols}) needs "
+                                     f"{rows * nwords * 2} ({rows} x {nwords} words of 2 bytes)")
+        if meta_addr % 2:
+            raise InvalidArgumentError("metadata is not aligned to its 2-byte words")
+        return nwords
     if layout == 0:
         # CUTLASS reorders rows within blocks of 32 (16 for 32-bit words) and swaps pairs of
         # words: only whole blocks and an even number of words per row stay inside the buffer
@@ -135,18 +167,24 @@ def compress(const elem_t[:, ::1] x not None, const uint8_t[:, ::1] keep, int mo
         if bits is None:
             raise InvalidArgumentError("the bitmask layout needs a bits buffer, got None")
         _check_2d("bits", bits.shape[0], bits.shape[1], rows, nbytes)
+    if wide == 2 and elem_t is not uint32_t:
+        raise InvalidArgumentError("wide=2 (float32 pairs) takes 32-bit elements")
     cdef int64_t[::1] status = np.full(rows, -1, dtype=np.int64)
     if rows == 0 or ngroups == 0:
         return np.asarray(status)
+    if wide == 2:
+        nbytes = cols // 4  # a code per pair, two pairs per byte
     cdef int[::1] bad = np.zeros(rows, dtype=np.intc)
-    cdef uint8_t[:, ::1] scratch = np.empty((nt if layout != 2 else 1, nbytes), dtype=np.uint8)
+    # one row of code bytes per thread (bitmask), a block of rows' (cutlass: scattered per block)
+    cdef uint8_t[:, ::1] scratch = np.empty(
+        (nt if layout != 2 else 1, nbytes * (BLOCK if layout == 0 else 1)), dtype=np.uint8)
     cdef const uint8_t* kp = &keep[0, 0] if mode == 1 else NULL
     cdef uint8_t* cp
     cdef uint8_t* bp = NULL
     cdef uint16_t* m16 = NULL
     cdef uint32_t* m32 = NULL
     if layout == 0:
-        if wide:
+        if wide == 1:
             m32 = <uint32_t*>&meta[0]
         else:
             m16 = <uint16_t*>&meta[0]
@@ -160,22 +198,31 @@ def compress(const elem_t[:, ::1] x not None, const uint8_t[:, ::1] keep, int mo
             for r in range(r0, r1):
                 if layout == 2:
                     cp = &codes[r, 0]
+                elif layout == 0:
+                    cp = &scratch[tid, (r - r0) * nbytes]
                 else:
                     cp = &scratch[tid, 0]
                 if layout == 1:
                     bp = &bits[r, 0]
                 else:
                     bp = NULL
-                first = _span(&x[r, 0], kp + r * cols if kp != NULL else NULL, ngroups,
-                              mode, kinf, &vals[r, 0], cp, bp, &bad[r])
+                if elem_t is uint32_t:
+                    if wide == 2:
+                        first = apr24_pairs_fast_u32(&x[r, 0],
+                                                     kp + r * cols if kp != NULL else NULL,
+                                                     cols // 2, mode, kinf, &vals[r, 0], cp,
+                                                     &bad[r])
+                    else:
+                        first = _span(&x[r, 0], kp + r * cols if kp != NULL else NULL, ngroups,
+                                      mode, kinf, &vals[r, 0], cp, bp, &bad[r])
+                else:
+                    first = _span(&x[r, 0], kp + r * cols if kp != NULL else NULL, ngroups,
+                                  mode, kinf, &vals[r, 0], cp, bp, &bad[r])
                 if first >= 0:
                     status[r] = first * 4 - bad[r]
-                if layout == 0:
-                    for c in range(nwords):
-                        if wide:
-                            m32[apr24_meta_offset(r, c, rows, 1)] = apr24_word(cp, c, 1)
-                        else:
-                            m16[apr24_meta_offset(r, c, rows, 0)] = <uint16_t>apr24_word(cp, c, 0)
+            if layout == 0:
+                apr24_meta_block(&scratch[tid, 0], nbytes, r0, r1, rows, wide == 1, nwords, m16,
+                                 m32)
     return np.asarray(status)
 
 
@@ -203,13 +250,17 @@ def decompress(const elem_t[:, ::1] vals not None, const uint8_t[:, ::1] codes,
     cdef int64_t[::1] status = np.full(rows, -1, dtype=np.int64)
     if rows == 0 or ngroups == 0:
         return np.asarray(status)
+    if wide == 2 and elem_t is not uint32_t:
+        raise InvalidArgumentError("wide=2 (float32 pairs) takes 32-bit elements")
+    if wide == 2:
+        nbytes = cols // 4  # a code per pair, two pairs per byte
     cdef uint8_t[:, ::1] scratch = np.empty((nt, nbytes), dtype=np.uint8)
     cdef const uint8_t* cp
     cdef uint8_t* sp
     cdef const uint16_t* m16 = NULL
     cdef const uint32_t* m32 = NULL
     if layout == 0:
-        if wide:
+        if wide == 1:
             m32 = <const uint32_t*>&meta[0]
         else:
             m16 = <const uint16_t*>&meta[0]
@@ -231,13 +282,25 @@ def decompress(const elem_t[:, ::1] vals not None, const uint8_t[:, ::1] codes,
                     cp = sp
                 else:
                     for c in range(nwords):
-                        if wide:
+                        if wide == 1:
                             apr24_unword(m32[apr24_meta_offset(r, c, rows, 1)], sp, c, 1)
                         else:
                             apr24_unword(m16[apr24_meta_offset(r, c, rows, 0)], sp, c, 0)
                     cp = sp
-                _expand(&vals[r, 0], cp, ngroups, &out[r, 0])
+                if elem_t is uint32_t:
+                    if wide == 2:
+                        apr24_expand_pairs_u32(&vals[r, 0], cp, cols // 2, &out[r, 0])
+                    else:
+                        _expand(&vals[r, 0], cp, ngroups, &out[r, 0])
+                else:
+                    _expand(&vals[r, 0], cp, ngroups, &out[r, 0])
     return np.asarray(status)
 
 
-guard(globals(), ["compress", "decompress"])
+def simd(on=None):
+    """Whether the SIMD group encoder is in use; on=False switches it off (the scalar encoder,
+    same bytes), on=True back on where the CPU has it.  For tests and benchmarks."""
+    return bool(apr24_simd(-1 if on is None else (1 if on else 0)))
+
+
+guard(globals(), ["compress", "decompress", "simd"])

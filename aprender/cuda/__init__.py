@@ -68,6 +68,7 @@ def compress24(weight, *, layout="cutlass", keep=None, select=False, pad=False):
     padded_shape)."""
     name = _dtype_name(weight.dtype)
     shape = tuple(weight.shape)
+    _p.refuse_gpu_pairs(layout, name)
     rows, cols, prow, pcol = _p.plan(shape, name, layout, pad)
     sfx = _SUFFIX[name]
     bits_dtype = _BITS[sfx]
@@ -118,6 +119,7 @@ def compress24(weight, *, layout="cutlass", keep=None, select=False, pad=False):
 def decompress24(layout, shape, dtype, values, metadata, bitmask, padded_shape):
     """Dense CuPy array of the parts of a 2:4 tensor whose arrays live on the GPU (checked as
     the Sparse24Tensor constructor checks them)."""
+    _p.refuse_gpu_pairs(layout, dtype)
     shape, (prow, pcol) = _p.check_parts(layout, shape, dtype, values, metadata, bitmask,
                                          padded_shape)
     sfx = _SUFFIX[dtype]

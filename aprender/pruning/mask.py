@@ -470,14 +470,15 @@ def generate_unstructured_mask(values, sparsity, *, per_row=False, n_threads=Non
     return SparsityMask(keep, _unstructured_pattern(per_row), _trusted=True)
 
 
-def magnitude_mask(weights, sparsity, *, per_row=False, n_threads=None):
+def magnitude_mask(weights, sparsity, *, per_row=False, n_threads=None, out=None):
     """Fast path from raw weights: the unstructured (or with ``per_row=True`` per-row) mask of
-    |weights| (same as L1 or L2 scores) without materialising a scores array."""
+    |weights| (same as L1 or L2 scores) without materialising a scores array.  ``out``: as for
+    :func:`generate_unstructured_mask`."""
     sparsity = check_sparsity(sparsity)
     per_row = check_bool(per_row, "per_row")
     f = as_floats(weights, "weights")
     nt = resolve_threads(n_threads)
-    keep = _unstructured(f, sparsity, per_row, 1, nt, "weights")
+    keep = _unstructured(f, sparsity, per_row, 1, nt, "weights", out)
     return SparsityMask(keep, _unstructured_pattern(per_row), _trusted=True)
 
 
@@ -507,16 +508,20 @@ def generate_nm_mask(values, n, m, *, axis=-1, n_threads=None, out=None):
     return _nm(f, n, m, axis, 0, resolve_threads(n_threads), "values", out)
 
 
-def magnitude_nm_mask(weights, n, m, *, axis=-1, n_threads=None):
-    """N:M mask straight from raw weights by |w| (no scores array)."""
+def magnitude_nm_mask(weights, n, m, *, axis=-1, n_threads=None, out=None):
+    """N:M mask straight from raw weights by |w| (no scores array).  ``out``: as for
+    :func:`generate_unstructured_mask`."""
     f = as_floats(weights, "weights")
-    return _nm(f, n, m, axis, 1, resolve_threads(n_threads), "weights")
+    return _nm(f, n, m, axis, 1, resolve_threads(n_threads), "weights", out)
 
 
-def layer_magnitude_mask(weights, pattern, sparsity=None, n=None, m=None, *, n_threads=None):
+def layer_magnitude_mask(weights, pattern, sparsity=None, n=None, m=None, *, n_threads=None,
+                         out=None):
     """The layer-scope mask of raw weights by |w|: one entry point for the command line and the
     torch interop.  ``pattern`` is a SparsityPattern (or text for :meth:`SparsityPattern.parse`):
-    unstructured, per-row or N:M (``sparsity`` then implied: if given it must agree).
+    unstructured, per-row or N:M (``sparsity`` then implied: if given it must agree).  ``out``:
+    a bool array of the weights' shape to write the mask into (see
+    :func:`generate_unstructured_mask`).
 
     Deprecated form, kept for callers written before SparsityPattern.parse: a kind string
     "unstructured", "row" (per-row unstructured here) or "nm" with ``n`` and ``m``."""
@@ -526,21 +531,25 @@ def layer_magnitude_mask(weights, pattern, sparsity=None, n=None, m=None, *, n_t
     sparsity = pattern.resolve_sparsity(sparsity)
     if pattern.is_nm:
         return magnitude_nm_mask(weights, pattern.n, pattern.m, axis=pattern.axis,
-                                 n_threads=n_threads)
+                                 n_threads=n_threads, out=out)
     if not (pattern.is_unstructured or pattern.is_per_row):
         raise InvalidPatternError(f"layer pattern must be unstructured, per-row or N:M, got "
                                   f"{pattern}")
-    return magnitude_mask(weights, sparsity, per_row=pattern.is_per_row, n_threads=n_threads)
+    return magnitude_mask(weights, sparsity, per_row=pattern.is_per_row, n_threads=n_threads,
+                          out=out)
 
 
-def generate_global_mask(values, sparsity, *, n_threads=None, max_tensor_sparsity=None):
+def generate_global_mask(values, sparsity, *, n_threads=None, max_tensor_sparsity=None,
+                         out=None):
     """One exact count over many tensors: prune ``round(sparsity * total)`` smallest values across
     all of them (ties: earlier tensor, then lower flat index, pruned first), without concatenating.
 
     ``values``: a mapping name -> array (returns a dict of SparsityMask) or a sequence (returns a
     list).  Tensors of different float dtypes are compared exactly in the widest one.
     ``max_tensor_sparsity``: cap on any one tensor's pruned fraction; the overall count stays exact,
-    the excess is taken from the other tensors."""
+    the excess is taken from the other tensors.  ``out``: bool arrays to write the masks into,
+    one per tensor in the same order (a sequence) or under the same names (a mapping), each
+    as for :func:`generate_unstructured_mask`."""
     sparsity = check_sparsity(sparsity)
     nt = resolve_threads(n_threads)
     if isinstance(values, dict) or hasattr(values, "keys"):
@@ -555,7 +564,19 @@ def generate_global_mask(values, sparsity, *, n_threads=None, max_tensor_sparsit
     labels = names if names is not None else [f"values[{i}]" for i in range(len(items))]
     floats = [as_floats(v, str(lbl)) for v, lbl in zip(items, labels)]
     floats = common_dtype(floats)
-    keeps = [np.empty(f.shape, dtype=np.bool_) for f in floats]
+    if out is None:
+        keeps = [np.empty(f.shape, dtype=np.bool_) for f in floats]
+    else:
+        if names is not None:
+            if not hasattr(out, "keys") or set(out.keys()) != set(names):
+                raise InvalidArgumentError("out must be a mapping with the same names as values")
+            outs = [out[k] for k in names]
+        else:
+            if not isinstance(out, (list, tuple)) or len(out) != len(floats):
+                raise InvalidArgumentError(f"out must be a sequence of {len(floats)} bool "
+                                           f"arrays, got {short_repr(out)}")
+            outs = list(out)
+        keeps = [_out_mask(o, f.shape) for o, f in zip(outs, floats)]
     cap = None
     if max_tensor_sparsity is not None:
         cap = check_sparsity(max_tensor_sparsity, "max_tensor_sparsity")
@@ -586,11 +607,11 @@ class _BlockScores(ArraySource):
             "scale the values down", index=blk, value="inf")
 
 
-def _structured(values, sparsity, block_of, pattern_of, n_threads):
+def _structured(values, sparsity, block_of, pattern_of, n_threads, out=None):
     sparsity = check_sparsity(sparsity)
     f = as_floats(values, "values")
     nt = resolve_threads(n_threads)
-    keep = np.empty(f.shape, dtype=np.bool_)
+    keep = _out_mask(out, f.shape)
     if f.size == 0:
         return SparsityMask(keep, pattern_of(f.shape), _trusted=True)
     rows, cols = _as_2d_shape(f.shape)
@@ -607,10 +628,11 @@ def _structured(values, sparsity, block_of, pattern_of, n_threads):
     return SparsityMask(keep, pattern, _trusted=True)
 
 
-def generate_block_mask(values, sparsity, block=(4, 4), *, n_threads=None):
+def generate_block_mask(values, sparsity, block=(4, 4), *, n_threads=None, out=None):
     """Prune whole (h, w) blocks of the 2-D view (leading axes flattened into rows): blocks are
     scored by the sum of their importance values (the L1 norm for L1 scores, the squared L2 norm
-    for L2 scores) and the round(sparsity * blocks) lowest are pruned (ties: lowest block index)."""
+    for L2 scores) and the round(sparsity * blocks) lowest are pruned (ties: lowest block index).
+    ``out``: as for :func:`generate_unstructured_mask`."""
     if not (isinstance(block, (tuple, list)) and len(block) == 2):
         raise InvalidPatternError(f"block must be a pair (h, w), got {block!r}")
     try:
@@ -618,16 +640,18 @@ def generate_block_mask(values, sparsity, block=(4, 4), *, n_threads=None):
     except InvalidArgumentError as exc:
         raise InvalidPatternError(f"block {tuple(block)!r}: {exc}") from None
     return _structured(values, sparsity, lambda r, c: (h, w),
-                       lambda s: SparsityPattern.block_pattern(h, w), n_threads)
+                       lambda s: SparsityPattern.block_pattern(h, w), n_threads, out)
 
 
-def generate_row_mask(values, sparsity, *, n_threads=None):
-    """Prune whole rows (output channels), scored by the sum of their importance values."""
+def generate_row_mask(values, sparsity, *, n_threads=None, out=None):
+    """Prune whole rows (output channels), scored by the sum of their importance values.
+    ``out``: as for :func:`generate_unstructured_mask`."""
     return _structured(values, sparsity, lambda r, c: (1, c), lambda s: SparsityPattern.rows(),
-                       n_threads)
+                       n_threads, out)
 
 
-def generate_column_mask(values, sparsity, *, n_threads=None):
-    """Prune whole columns (input channels), scored by the sum of their importance values."""
+def generate_column_mask(values, sparsity, *, n_threads=None, out=None):
+    """Prune whole columns (input channels), scored by the sum of their importance values.
+    ``out``: as for :func:`generate_unstructured_mask`."""
     return _structured(values, sparsity, lambda r, c: (r, 1), lambda s: SparsityPattern.columns(),
-                       n_threads)
+                       n_threads, out)

@@ -314,6 +314,17 @@ def _bracket(pool, k, magnitude, nt):
     return _bracket_of(buf[:s], k, pool.total)
 
 
+def _collect_cap(n, frac, cand_budget, nt):
+    """Candidate slots for mark_collect over n elements (0: mark only, then gather): the
+    bracket's expected share with room for its spread and for the tasks' uneven shares, within
+    the candidates' budget; only where 32-bit positions index the source."""
+    if n > 0xFFFFFFFF or n < (1 << 16) or frac >= 1.0:
+        return 0
+    tasks = max(1, min(nt, n))
+    cap = int(frac * n * 1.25 + 8 * math.sqrt(frac * n + 1) + tasks * 256) * tasks
+    return cap if cap <= cand_budget else 0
+
+
 def _default_budget(total, itemsize, extra=0):
     """Candidates a selection may hold: the scratch budget in keys of the input's width (plus
     `extra` bytes each: their positions)."""
@@ -416,21 +427,52 @@ def threshold_masks(sources, outs, sizes, k, magnitude, inf16, n_threads, cand_b
                                      "elements")
     if cand_budget < 0:
         cand_budget = _default_budget(total, pool.itemsize(), 4)
-    lo_key, hi_key, _ = _bracket(pool, k, magnitude, n_threads)
+    lo_key, hi_key, frac = _bracket(pool, k, magnitude, n_threads)
     below = inside = bad = 0
     counts = []
+    collected = []  # per source: (keys, pos, got) when the mark pass collected its candidates
+    kdt = _key_dtype(pool.itemsize())
     for i, o in enumerate(outs):
         if pool.sizes[i] == 0:
             counts.append(None)
+            collected.append(None)
             continue
-        b_t, i_t, bad_t, c_t = _select.mark_pass(pool.get(i, True), lo_key, hi_key, magnitude,
-                                                 inf16, o, n_threads)
+        x = pool.get(i, True)
+        cap = _collect_cap(x.shape[0], frac, cand_budget, n_threads)
+        if cap:
+            # mark and collect in one pass: no second scan of the mask to gather candidates
+            ck, cp = np.empty(cap, kdt), np.empty(cap, np.uint32)
+            b_t, i_t, bad_t, c_t, got = _select.mark_collect(x, lo_key, hi_key, magnitude,
+                                                             inf16, o, ck, cp, n_threads)
+            collected.append((ck, cp, got) if got is not None else None)
+        else:
+            b_t, i_t, bad_t, c_t = _select.mark_pass(x, lo_key, hi_key, magnitude, inf16, o,
+                                                     n_threads)
+            collected.append(None)
         below += b_t
         inside += i_t
         bad += bad_t
         counts.append(c_t)
     if bad:
         return bad
+    if below < k <= below + inside and inside <= cand_budget \
+            and all(c is not None for c, n in zip(collected, pool.sizes) if n):
+        # every candidate was collected by its task: select among the segments in flat order
+        segs = []
+        for i, c in enumerate(collected):
+            if c is not None:
+                ck, cp, got = c
+                per = ck.shape[0] // len(got)
+                segs += [(i, ck[t * per:t * per + int(g)], cp[t * per:t * per + int(g)])
+                         for t, g in enumerate(got)]
+        thresh, cbelow = _select.select_hist([sk for _, sk, _ in segs], k - below - 1, lo_key,
+                                             hi_key)
+        r = k - below - cbelow
+        for i, sk, sp in segs:  # the tie rule: the first r equal keys, in source order
+            if sk.shape[0]:
+                r -= _select.fix_positions(outs[i], sp, sk, thresh, r, n_threads)
+        return 0
+    del collected
     if below < k <= below + inside and inside <= cand_budget:
         keys = np.empty(inside, dtype=_key_dtype(pool.itemsize()))
         # positions (tensors under 2**32 elements) spare the rewrite a second scan of the mask
