@@ -550,3 +550,34 @@ def test_cutlass_float32_pairs_padding_round_trip_and_parts():
     with pytest.raises(ShapeMismatchError):
         sparse24.Sparse24Tensor("cutlass", (64, 32), "float32", s.values,
                                 metadata=np.zeros((64, 2), np.int16))
+
+
+@pytest.mark.parametrize("layout", ["raw", "cutlass", "bitmask"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("simd", [True, False])
+def test_a_mask_keeping_fewer_than_two_stores_plus_zero(layout, dtype, simd):
+    """A group whose mask keeps fewer than two elements still stores two positions: the ones the
+    mask drops are stored as +0.0, never as the dropped weights (or -0.0)."""
+    from aprender._kernels import sparse24 as kernel
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    w[w == 0] = 1.0
+    keep = np.zeros(w.shape, bool)
+    pick = rng.integers(0, 3, (64, 32))  # 0, 1 or 2 kept per group
+    for r in range(64):
+        for g in range(32):
+            keep[r, 4 * g + rng.choice(4, pick[r, g], replace=False)] = True
+    x = w.astype(np.float16) if dtype == "float16" else \
+        Bits16(((w.view(np.uint32) + 0x8000) >> 16).astype(np.uint16), "bfloat16")
+    before = kernel.simd()
+    try:
+        kernel.simd(simd)
+        st = sparse24.compress(x, layout=layout, mask=keep)
+    finally:
+        kernel.simd(before)
+    dense = st.to_dense()
+    bits = dense.bits if isinstance(dense, Bits16) else dense.view(np.uint16)
+    src = x.bits if isinstance(x, Bits16) else x.view(np.uint16)
+    assert (bits[~keep] == 0).all()  # +0.0 exactly
+    np.testing.assert_array_equal(bits[keep], src[keep])

@@ -154,6 +154,10 @@ APR24_FN int64_t apr24_meta_offset(int64_t r, int64_t c, int64_t rows, int wide)
         code = apr24_code(f);                                                                    \
         v[0] = x[code & 3u];                                                                     \
         v[1] = x[code >> 2];                                                                     \
+        if (mode != APR24_NONZERO) { /* a filler position the mask or selection drops: +0 */  \
+            if (!((f >> (code & 3u)) & 1u)) v[0] = 0;                                           \
+            if (!((f >> (code >> 2)) & 1u)) v[1] = 0;                                           \
+        }                                                                                        \
         return (int)code;                                                                        \
     }                                                                                            \
                                                                                                  \
@@ -497,6 +501,11 @@ __attribute__((target("avx2"))) static int64_t apr24_span_u16_avx2(
             __m256i k1 = _mm256_loadu_si256((const __m256i*)(kg + 32));
             f &= ~((uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(k0, zero))
                    | ((uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(k1, zero)) << 32));
+            /* a filler position the mask drops is stored as +0: clear the dropped elements */
+            for (j = 0; j < 4; j++) {
+                __m256i kw = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(kg + 16 * j)));
+                a[j] = _mm256_andnot_si256(_mm256_cmpeq_epi16(kw, zero), a[j]);
+            }
         }
         if (apr24_over2(f)) {
             fs = apr24_span_u16(xg, keep ? keep + 4 * g : keep, 16, mode, 0, vals + 2 * g,
