@@ -31,7 +31,7 @@ import numpy as np
 from .._validation import Bits16
 from ..errors import CompressedFormatError
 from .files import display
-from .safetensors import DTYPE_SIZES, FLOAT_DTYPES, MAX_DIMS
+from .safetensors import MAX_DIMS, TensorShape
 
 __all__ = ["Logical", "logical_tensors", "decode", "load_dense", "pack_bitmask",
            "BITMASK_PARTS", "SPARSE24_PARTS", "shard_format", "FORMATS"]
@@ -43,7 +43,7 @@ _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INTS = {"I64": np.int64, "I32": np.int32, "U64": np.uint64, "U32": np.uint32}
 
 
-class Logical:
+class Logical(TensorShape):
     """One logical tensor of a shard: ``name``, ``dtype`` (safetensors code), ``shape``,
     ``encoding`` ("dense", "sparse-24-bitmask" or "bitmask") and ``parts`` (the TensorInfo
     entries that store it, in data order)."""
@@ -55,20 +55,8 @@ class Logical:
         self.encoding, self.parts = encoding, parts
 
     @property
-    def size(self):
-        return math.prod(self.shape)
-
-    @property
-    def itemsize(self):
-        return DTYPE_SIZES[self.dtype]
-
-    @property
     def nbytes(self):
         return self.size * self.itemsize
-
-    @property
-    def is_float(self):
-        return self.dtype in FLOAT_DTYPES
 
     @property
     def stored_bytes(self):

@@ -56,7 +56,26 @@ def dtype_code(array):
     raise CheckpointError(f"dtype {dt} has no safetensors code")
 
 
-class TensorInfo:
+class TensorShape:
+    """What a tensor's safetensors dtype code and shape say: element count, item size, whether
+    it is a float (shared by header entries and the logical tensors of compressed formats)."""
+
+    __slots__ = ()
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self):
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def is_float(self):
+        return self.dtype in FLOAT_DTYPES
+
+
+class TensorInfo(TensorShape):
     """One header entry: ``begin``/``end`` are byte offsets relative to the data section."""
 
     __slots__ = ("name", "dtype", "shape", "begin", "end")
@@ -71,18 +90,6 @@ class TensorInfo:
     @property
     def nbytes(self):
         return self.end - self.begin
-
-    @property
-    def size(self):
-        return math.prod(self.shape)
-
-    @property
-    def itemsize(self):
-        return DTYPE_SIZES[self.dtype]
-
-    @property
-    def is_float(self):
-        return self.dtype in FLOAT_DTYPES
 
     def entry(self):
         return {"dtype": self.dtype, "shape": list(self.shape),
