@@ -363,6 +363,18 @@ def test_inconsistent_shared_hessians_are_refused(tmp_path, edit, pattern):
             HessianFile(bad)
 
 
+def test_layers_new_to_a_context_keep_sharing_among_themselves():
+    a, _ = _shared_context()
+    only_k = CalibrationContext({"a.k": a["a.k"].copy()}, num_samples=1)
+    only_k.merge_(a)
+    assert not only_k["a.q"].shares_hessian_with(only_k["a.k"])  # k has more data now
+    np.testing.assert_array_equal(only_k["a.k"].hessian, 2 * a["a.q"].hessian)
+    only_o = CalibrationContext({"a.o": a["a.o"].copy()}, num_samples=1)
+    only_o.merge_(a)
+    assert only_o["a.k"].shares_hessian_with(only_o["a.q"])  # both new: still one Hessian
+    np.testing.assert_array_equal(only_o["a.q"].hessian, a["a.q"].hessian)
+
+
 @pytest.mark.parametrize("meta,pattern", [
     ('{"a.k": "a.x"}', r"names 'a.x', which has no hessian tensor"),
     ('{"a.o": "a.q"}', r"has a hessian tensor of its own"),

@@ -529,9 +529,13 @@ class CalibrationContext(Mapping):
             if lead != name and theirs.get(name, name) == theirs.get(lead, lead) \
                     and (name in other._stats) == (lead in other._stats):
                 self._stats[name]._share_hessian_of(self._stats[lead])
-        for name, lead in theirs.items():  # layers new to this context
-            if lead != name and name not in mine_groups and lead not in mine_groups:
-                self._stats[name]._share_hessian_of(self._stats[lead])
+        new_leads = {}  # layers new to this context share as they did in other
+        for name, lead in theirs.items():
+            if name in mine_groups:
+                continue
+            first = new_leads.setdefault(lead, name)
+            if first != name:
+                self._stats[name]._share_hessian_of(self._stats[first])
         self._num_samples = total
         return self
 
