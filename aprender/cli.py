@@ -80,7 +80,7 @@ def _workers(text):
 
 
 def build_parser():
-    p = _Parser(prog="aprender", description="Magnitude pruning for safetensors checkpoints.")
+    p = _Parser(prog="aprender", description="Pruning (magnitude, Wanda, SparseGPT) for safetensors checkpoints.")
     p.add_argument("--version", action="version", version=f"aprender {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

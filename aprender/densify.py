@@ -20,7 +20,7 @@ from ._validation import resolve_threads
 from .errors import CheckpointError
 from .io.checkpoint import Checkpoint, CheckpointWriter
 from .io.files import OutputTarget, display
-from .io.formats import decode, logical_tensors
+from .io.formats import aprender_info, decode, logical_tensors
 
 __all__ = ["densify_checkpoint", "dense_config"]
 
@@ -50,14 +50,8 @@ def dense_config(cfg):
 def _dense_metadata(metadata):
     """The shard metadata with aprender's recorded ``format`` set to dense (key order kept, so
     the header is the one ``prune --format dense`` writes)."""
-    raw = metadata.get("aprender")
-    if not isinstance(raw, str):
-        return metadata
-    try:
-        info = json.loads(raw)
-    except ValueError:
-        return metadata
-    if not isinstance(info, dict) or info.get("format") in (None, "dense"):
+    info = aprender_info(metadata)
+    if info is None or info.get("format") in (None, "dense"):
         return metadata
     info["format"] = "dense"
     meta = dict(metadata)

@@ -16,7 +16,7 @@ import numpy as np
 from ._validation import prune_count
 from .io.checkpoint import Checkpoint, read_json
 from .io.files import display
-from .io.formats import decode, logical_tensors
+from .io.formats import aprender_info, decode, logical_tensors
 from .io.safetensors import FLOAT_DTYPES
 
 __all__ = ["inspect_checkpoint", "render", "LOADERS_REJECT"]
@@ -99,10 +99,7 @@ def _provenance(ckpt):
         raw = ckpt.files[s].metadata.get("aprender")
         if raw is None:
             continue
-        try:
-            info = json.loads(raw)
-        except ValueError:
-            info = None
+        info = aprender_info(ckpt.files[s].metadata)
         listed = None
         if isinstance(info, dict):
             info = dict(info)
@@ -123,13 +120,19 @@ def _declared(prov, sparsity_config):
     """The N:M pattern the checkpoint declares (aprender metadata or the config), or None."""
     for p in prov:
         pat = p["settings"].get("pattern") if isinstance(p["settings"], dict) else None
-        if isinstance(pat, str) and re.fullmatch(r"\d+:\d+", pat):
+        if _nm_text(pat):
             return pat
     if isinstance(sparsity_config, dict):
         st = sparsity_config.get("sparsity_structure")
-        if isinstance(st, str) and re.fullmatch(r"\d+:\d+", st):
+        if _nm_text(st):
             return st
     return None
+
+
+def _nm_text(text):
+    """True for an N:M text with 0 < N <= M <= 1024 (anything else is not checked as one)."""
+    m = re.fullmatch(r"(\d{1,4}):(\d{1,4})", text) if isinstance(text, str) else None
+    return bool(m) and 0 < int(m.group(1)) <= int(m.group(2)) <= 1024
 
 
 def _pruned_names(rows, prov, sparsity_config):
@@ -306,7 +309,8 @@ def render(report, table):
         else:
             keys = {k: sc.get(k) for k in ("format", "sparsity_structure", "global_sparsity")
                     if isinstance(sc, dict)}
-            ntargets = len(sc.get("targets") or []) if isinstance(sc, dict) else 0
+            targets = sc.get("targets") if isinstance(sc, dict) else None
+            ntargets = len(targets) if isinstance(targets, list) else 0
             lines.append(f"{display(cfg['file'])}: sparsity_config "
                          + display(", ".join(f"{k}={v}" for k, v in keys.items()))
                          + f", {ntargets} targets")

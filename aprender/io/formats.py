@@ -22,14 +22,13 @@ Every group is validated as strictly as a header: dtypes, shapes, the number of 
 the number of values, padding bits; a group that does not fit is a :class:`CompressedFormatError`
 naming the file and tensor.  Pruned positions always decode as +0.0.
 """
-import json
 import math
 import os
 
 import numpy as np
 
 from .._validation import Bits16
-from ..errors import CompressedFormatError
+from ..errors import CheckpointError, CompressedFormatError
 from .files import display
 from .safetensors import MAX_DIMS, TensorShape
 
@@ -66,16 +65,26 @@ class Logical(TensorShape):
         return f"Logical({self.name!r}, {self.dtype}, {self.shape}, {self.encoding})"
 
 
-def shard_format(metadata):
-    """The ``format`` recorded in a shard's ``aprender`` metadata, or None."""
+def aprender_info(metadata):
+    """A shard's ``aprender`` metadata entry as a dict, or None when there is none or it is not
+    a JSON object aprender could have written (parsed by the hardened JSON reader: hostile
+    nesting, lengths or numbers never reach Python's parser)."""
+    from .strictjson import loads
+
     raw = metadata.get("aprender")
     if not isinstance(raw, str):
         return None
     try:
-        info = json.loads(raw)
-    except ValueError:
+        info = loads(raw.encode("utf-8", "surrogatepass"), "aprender metadata")
+    except CheckpointError:
         return None
-    fmt = info.get("format") if isinstance(info, dict) else None
+    return info if isinstance(info, dict) else None
+
+
+def shard_format(metadata):
+    """The ``format`` recorded in a shard's ``aprender`` metadata, or None."""
+    info = aprender_info(metadata)
+    fmt = info.get("format") if info is not None else None
     return fmt if isinstance(fmt, str) else None
 
 
