@@ -95,6 +95,40 @@ def _refuse_compressed(ckpt):
                                       "densify' on it first")
 
 
+def _check_format_names(ckpt, selected, fmt):
+    """Refuse outputs whose names would read back differently: sparse-24-bitmask names its
+    parts after the layer (``P`` of ``P.weight``), and in a ``bitmask`` shard three tensors
+    ``X.values``, ``X.mask``, ``X.shape`` are one compressed tensor ``X``."""
+    from .io.formats import BITMASK_PARTS
+
+    chosen = {(s, t.name) for s, t in selected}
+    if fmt == "sparse-24-bitmask":
+        for s, t in selected:
+            if not t.name.endswith(".weight"):
+                raise InvalidArgumentError(
+                    f"{display(ckpt.shard_path(s))}: tensor {t.name!r}: --format "
+                    "sparse-24-bitmask names a tensor's parts after its layer, so only "
+                    "'<layer>.weight' tensors can be stored that way (it would read back as "
+                    f"{t.name + '.weight'!r}); use --format bitmask or exclude it")
+    if fmt != "bitmask":
+        return
+    for shard in ckpt.shards:
+        names = set()
+        for t in ckpt.files[shard]:
+            names.update([t.name + x for x in BITMASK_PARTS] if (shard, t.name) in chosen
+                         else [t.name])
+        for t in ckpt.files[shard]:
+            if (shard, t.name) in chosen:
+                continue
+            for x in BITMASK_PARTS:
+                base = t.name[:-len(x)]
+                if t.name.endswith(x) and all(base + y in names for y in BITMASK_PARTS):
+                    raise CheckpointError(
+                        f"{display(ckpt.shard_path(shard))}: tensor {t.name!r} would read back "
+                        f"as part of a compressed tensor {base!r} in the bitmask format; use "
+                        "--format dense")
+
+
 def _compile(patterns, flag):
     out = []
     for p in patterns:
@@ -256,6 +290,7 @@ class CheckpointPruner:
         self._check_paths(ckpt)
         _refuse_compressed(ckpt)
         selected, skipped = select(ckpt, self.include, self.exclude)
+        _check_format_names(ckpt, selected, a.format)
         if not selected:
             raise CheckpointError(f"{display(a.input)}: no tensor matches the selection"
                                   + (f" (--include {a.include})" if a.include else "")

@@ -153,7 +153,7 @@ class DistributedPruner(CheckpointPruner):
                      "hessians": os.path.abspath(self.args.calibration) if self.sgpt else None}
             futs.append((s, self.client.submit(
                 _shard_task, self.args, s, ckpt.shard_path(s),
-                (os.path.abspath(sf.path), sf.size, sf.header_len),
+                (os.path.abspath(sf.path), sf.size, sf.header_len, *sf.identity[1:3]),
                 ckpt.is_dir, state, parts, no, self._topic, pure=False, key=f"aprender-shard-{no}-"
                 f"{uuid.uuid4().hex}")))
         return futs

@@ -758,8 +758,13 @@ def load_state_dict(path, *, n_threads=None):
     out = {}
     for name, a in load_dense(path, n_threads=n_threads).items():
         if hasattr(a, "bits"):  # Bits16: bfloat16 bits
-            out[name] = torch.from_numpy(np.ascontiguousarray(a.bits).view(np.int16)) \
-                .view(torch.bfloat16)
+            out[name] = torch.from_numpy(_c_order(a.bits).view(np.int16)).view(torch.bfloat16)
         else:
-            out[name] = torch.from_numpy(np.ascontiguousarray(a))
+            out[name] = torch.from_numpy(_c_order(a))
     return out
+
+
+def _c_order(a):
+    """A C-contiguous array of ``a``'s shape (np.ascontiguousarray would make a 0-d array
+    1-d, and a scalar buffer would no longer load into a 0-d parameter)."""
+    return a if a.flags.c_contiguous else a.copy(order="C")

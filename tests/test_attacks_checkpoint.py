@@ -823,3 +823,52 @@ def test_fuzz_compressed_groups(tmp_path, data):
         ref = _reference_dense(tensors["w.mask"], tensors["w.values"], shape, int(np.prod(shape)))
     assert dense.shape == shape and dense.dtype == ref.dtype
     assert dense.tobytes() == ref.tobytes()
+
+
+# -- a shard changed between reading its header and reading its data -------------------------
+
+def _two_shards(tmp_path):
+    src = tmp_path / "ck"
+    src.mkdir()
+    a = np.arange(1, 64 * 64 + 1, dtype=np.float32).reshape(64, 64)
+    write_safetensors(src / "a.safetensors", {"x.weight": a})
+    write_safetensors(src / "b.safetensors", {"y.weight": a.copy()})
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"x.weight": "a.safetensors",
+                                         "y.weight": "b.safetensors"}}))
+    outside = tmp_path / "outside.safetensors"
+    write_safetensors(outside, {"x.weight": -a})  # same size, same header length
+    return src, outside
+
+
+@pytest.mark.parametrize("swap", ["symlink", "rewrite", "replace"])
+def test_a_shard_swapped_mid_run_is_refused(tmp_path, monkeypatch, swap):
+    """Symlinks are checked when the folder is read; a shard swapped for a link (or replaced, or
+    rewritten in place with the same size) afterwards must not be read against the old header:
+    every open compares device, inode, modification time and size."""
+    from aprender import checkpoints
+
+    src, outside = _two_shards(tmp_path)
+    target = src / "a.safetensors"
+    real = checkpoints.CheckpointPruner._write_shard
+
+    def swapping(self, writer, shard):
+        if shard == "a.safetensors" and not getattr(self, "_swapped", False):
+            self._swapped = True
+            if swap == "symlink":
+                os.unlink(target)
+                os.symlink(outside, target)
+            elif swap == "rewrite":
+                data = outside.read_bytes()
+                with open(target, "r+b") as f:
+                    f.write(data)
+                os.utime(target, ns=(1, 1))  # even with a changed time stamp
+            else:
+                os.replace(outside, target)
+        return real(self, writer, shard)
+
+    monkeypatch.setattr(checkpoints.CheckpointPruner, "_write_shard", swapping)
+    with pytest.raises(CheckpointError, match="since its header was read"):
+        checkpoints.prune_checkpoint(src, tmp_path / "out", sparsity=0.5)
+    assert not (tmp_path / "out").exists()
+    assert sorted(os.listdir(tmp_path)) in (["ck", "outside.safetensors"], ["ck"])

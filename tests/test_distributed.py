@@ -15,7 +15,7 @@ from aprender._validation import as_floats
 from aprender.checkpoints import prune_checkpoint as prune_local
 from aprender.checkpoints import make_job
 from aprender.errors import CheckpointError, MissingExtraError
-from aprender.io import write_safetensors
+from aprender.io import SafetensorsFile, write_safetensors
 from aprender.pruning import selection as sel
 from aprender.pruning.selection import (ArraySource, GlobalPlan, MergedPlan, PlannedKeeps,
                                         local_map)
@@ -344,6 +344,33 @@ def test_shard_a_worker_cannot_read_is_named(tmp_path, client):
     msg = str(err.value)
     assert gone in msg and "worker" in msg, msg
     assert no_leftovers(tmp_path, ["in", "elsewhere"])
+
+
+@pytest.mark.parametrize("swap", ["renamed-tensor", "symlink"])
+def test_shard_replaced_after_planning_is_refused(tmp_path, client, swap):
+    """A shard replaced between the client's plan and the worker's read (same size, same
+    header length) is not pruned against the old plan: the worker compares inode and
+    modification time too."""
+    from aprender.distributed import DistributedPruner
+
+    rng = np.random.default_rng(7)
+    src = make_checkpoint(tmp_path / "in", rng, np.float32)
+    pruner = DistributedPruner(make_job(src, tmp_path / "out", sparsity=0.5), client)
+    pruner.prepare()
+    name = "model-00003-of-00003.safetensors"
+    sf = SafetensorsFile(src / name)
+    tensors = {t.name.replace("q_proj", "k_proj"): np.array(sf.array(t.name)) for t in sf}
+    other = tmp_path / "other.safetensors"
+    write_safetensors(other, tensors, sf.metadata)
+    assert os.path.getsize(other) == os.path.getsize(src / name)
+    os.unlink(src / name)
+    if swap == "symlink":
+        os.symlink(other, src / name)
+    else:
+        os.rename(other, src / name)
+    with pytest.raises(CheckpointError, match="not the file that was planned"):
+        pruner._write_all()
+    assert not (tmp_path / "out").exists()
 
 
 def test_client_interrupted_leaves_nothing(tmp_path):

@@ -456,3 +456,48 @@ def test_inspect_never_runs_recorded_regexes(tmp_path, rng):
            if r["pruned"]]
     assert got == ["model.layers.0.q_proj.weight", "model.layers.0.up_proj.weight",
                    "model.layers.1.q_proj.weight"]
+
+
+def test_load_state_dict_keeps_scalars_zero_dimensional(tmp_path):
+    torch = pytest.importorskip("torch")
+    from aprender.torch import load_state_dict
+
+    p = tmp_path / "s.safetensors"
+    write_safetensors(p, {"s": np.array(1.5, np.float32), "v": np.ones(3, np.float16)})
+    sd = load_state_dict(p)
+    assert sd["s"].shape == () and float(sd["s"]) == 1.5
+    assert sd["v"].shape == (3,)
+
+
+def test_bitmask_shard_listing_a_tensor_without_its_group_is_refused(tmp_path):
+    import json as _json
+
+    from aprender.errors import CompressedFormatError
+    from aprender.io.formats import load_dense
+
+    p = tmp_path / "b.safetensors"
+    meta = {"aprender": _json.dumps({"format": "bitmask", "pruned": ["w"]})}
+    write_safetensors(p, {"w.values": np.ones(2, np.float32),  # no w.mask, no w.shape
+                          "w.shape": np.array([2], np.int64)}, meta)
+    with pytest.raises(CompressedFormatError, match="listed as pruned in this bitmask shard"):
+        load_dense(p)
+
+
+def test_formats_refuse_names_that_would_read_back_as_other_tensors(tmp_path, capsys):
+    amb = tmp_path / "amb.safetensors"  # untouched x.values/x.mask/x.shape: a group in bitmask
+    write_safetensors(amb, {"l.weight": np.ones((8, 16), np.float32),
+                            "x.values": np.arange(3, dtype=np.float32),
+                            "x.mask": np.array([7], np.uint8),
+                            "x.shape": np.array([3], np.int64)})
+    assert main(["prune", str(amb), "-o", str(tmp_path / "o.safetensors"), "--sparsity", "0.5",
+                 "--format", "bitmask", "--quiet"]) == 1
+    assert "'x.values' would read back as part of a compressed tensor 'x'" in \
+        capsys.readouterr().err
+    assert main(["prune", str(amb), "-o", str(tmp_path / "d.safetensors"), "--sparsity", "0.5",
+                 "--quiet"]) == 0  # dense output names nothing new
+    nw = tmp_path / "nw.safetensors"  # sparse-24-bitmask parts are named after the layer
+    write_safetensors(nw, {"a.proj": np.ones((8, 16), np.float32)})
+    assert main(["prune", str(nw), "-o", str(tmp_path / "s.safetensors"), "--pattern", "2:4",
+                 "--format", "sparse-24-bitmask", "--include", ".", "--quiet"]) == 1
+    assert "it would read back as 'a.proj.weight'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["amb.safetensors", "d.safetensors", "nw.safetensors"]

@@ -164,6 +164,13 @@ def logical_tensors(sf):
             lt = Logical(t.name, t.dtype, t.shape, "dense", [t])
         used.update(p.name for p in lt.parts)
         out.append(lt)
+    if packed:  # every tensor aprender lists as pruned here is one complete group here
+        listed = (aprender_info(sf.metadata) or {}).get("pruned")
+        groups = {lt.name for lt in out if lt.encoding == "bitmask"}
+        for name in listed if isinstance(listed, list) else ():
+            if isinstance(name, str) and name not in groups:
+                _fail(sf, name, "listed as pruned in this bitmask shard but not stored here as "
+                      "a complete group (" + ", ".join(name + x for x in BITMASK_PARTS) + ")")
     return out
 
 

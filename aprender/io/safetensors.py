@@ -190,14 +190,30 @@ def _tensor_info(shown, name, e):
     return TensorInfo(name, dtype, shape, begin, end)
 
 
+def _identity(st):
+    """What says a path still names the file that was read: device, inode, modification time
+    and size (a replaced file, one rewritten in place, or a link swapped in all change it)."""
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class SafetensorsFile:
     """A parsed safetensors file; tensors are mapped one at a time, on demand.  Every access
-    reopens the file as a regular file and checks that its size has not changed since the
-    header was read (a file truncated under a memory map would crash the process)."""
+    reopens the file as a regular file and checks that it is still the file whose header was
+    read (same device, inode, modification time and size): a file truncated under a memory map
+    would crash the process, and a file replaced or swapped for a symlink mid-run would be
+    read against another file's header."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        try:
+            before = os.stat(self.path)
+        except OSError:
+            before = None  # read_header says why, in its words
         self.header_len, infos, self.metadata = read_header(self.path)
+        after = os.stat(self.path)
+        if before is not None and _identity(before) != _identity(after):
+            raise CheckpointError(f"{display(self.path)}: changed while its header was read")
+        self.identity = _identity(after)
         self.data_start = 8 + self.header_len
         self.infos = infos  # data order
         self.tensors = {t.name: t for t in infos}
@@ -207,7 +223,8 @@ class SafetensorsFile:
         # sent to another process (a Dask worker) by path: reopened there on first use (never
         # where it is only passed through, such as a scheduler), at most once per process, and
         # refused if it is not the file that was read here
-        return _Reopened, (os.path.abspath(self.path), self.size, self.header_len)
+        return _Reopened, (os.path.abspath(self.path), self.size, self.header_len,
+                           self.identity[1], self.identity[2])
 
     def __iter__(self):
         return iter(self.infos)
@@ -220,9 +237,12 @@ class SafetensorsFile:
 
     def _open(self):
         f = open_regular(self.path)
-        if os.fstat(f.fileno()).st_size != self.size:
+        st = os.fstat(f.fileno())
+        if _identity(st) != self.identity:
             f.close()
-            raise CheckpointError(f"{display(self.path)}: file changed size while being read")
+            what = "changed size" if st.st_size != self.size else \
+                "was replaced or modified (another file, a rewrite or a swapped link)"
+            raise CheckpointError(f"{display(self.path)}: {what} since its header was read")
         return f
 
     def words(self, name, populate=True, first=0, count=None):
@@ -363,9 +383,10 @@ def write_safetensors(path, tensors, metadata=None):
 _REOPENED = {}
 
 
-def _reopen(path, size, header_len):
+def _reopen(path, size, header_len, ino=None, mtime_ns=None):
     """The SafetensorsFile at ``path`` in this process (a pickled one: see __reduce__), checked
-    to be the file that was read where it was pickled (same size and header length)."""
+    to be the file that was read where it was pickled (same size, header length, inode and
+    modification time; device numbers differ between machines sharing a filesystem)."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -377,7 +398,8 @@ def _reopen(path, size, header_len):
         if len(_REOPENED) > 4096:
             _REOPENED.clear()
         _REOPENED[key] = sf
-    if (sf.size, sf.header_len) != (size, header_len):
+    if (sf.size, sf.header_len) != (size, header_len) or \
+            (ino is not None and (sf.identity[1], sf.identity[2]) != (ino, mtime_ns)):
         raise CheckpointError(f"{display(path)}: not the file that was planned (size "
                               f"{sf.size}, expected {size}): changed while being pruned, or a "
                               "different file at this path")
@@ -388,8 +410,8 @@ class _Reopened:
     """A pickled SafetensorsFile on the receiving side: opened with :func:`_reopen` when first
     used, so that a file this process cannot read fails where it is read."""
 
-    def __init__(self, path, size, header_len):
-        self._args = (path, size, header_len)
+    def __init__(self, path, size, header_len, ino=None, mtime_ns=None):
+        self._args = (path, size, header_len, ino, mtime_ns)
         self._sf = None
 
     def __reduce__(self):
