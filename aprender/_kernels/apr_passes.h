@@ -156,31 +156,15 @@ APR_DEFINE_PASSES(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
         q += f;                                                                             \
         ob[j] = (uint8_t)((uint8_t)(k > hi) | (uint8_t)(f << 1));                           \
     }
+/* mark: the mark pass alone, as markc collecting nothing (one definition of the pass). */
 #define APR_DEFINE_MARK(W, UT, ST, SIGN, AT)                                                    \
-    APR_CLONES static void apr_mark##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude,  \
-                                       UT lo_, UT hi_, UT khi_, UT klo_, uint8_t *out,      \
-                                       int64_t *res) {                                      \
-        UT am = apr_amask##W(magnitude);                                                    \
-        ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                    \
-        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                \
-        int64_t lt = 0, inside = 0, bad = 0;                                                \
-        ptrdiff_t i0, j;                                                                    \
-        for (i0 = s; i0 < e; i0 += APR_RANGE_BLOCK) {                                       \
-            ptrdiff_t len = e - i0 < APR_RANGE_BLOCK ? e - i0 : APR_RANGE_BLOCK;            \
-            const UT *xb = x + i0;                                                          \
-            uint8_t *ob = out + i0;                                                         \
-            AT l = 0, q = 0, b = 0; /* at most 64 per block: fits the key width */      \
-            if (magnitude)                                                                  \
-                APR_MARK_LOOP(ST, (ST)(xb[j] & am), k >= khi)                               \
-            else                                                                            \
-                APR_MARK_LOOP(ST, apr_skey##W(xb[j], am), (k >= khi) | (k <= klo))          \
-            lt += l;                                                                        \
-            inside += q;                                                                    \
-            bad += b;                                                                       \
-        }                                                                                   \
-        res[0] = lt;                                                                        \
-        res[1] = inside;                                                                    \
-        res[2] = bad;                                                                       \
+    static void apr_mark##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, UT lo_,     \
+                            UT hi_, UT khi_, UT klo_, uint8_t *out, int64_t *res) {           \
+        int64_t r4[4];                                                                      \
+        apr_markc##W(x, s, e, magnitude, lo_, hi_, khi_, klo_, out, r4, NULL, NULL, 0);      \
+        res[0] = r4[0];                                                                     \
+        res[1] = r4[1];                                                                     \
+        res[2] = r4[2];                                                                     \
     }
 /* markc: the mark pass that also collects the candidates' native keys and positions (at most
  * cap; positions absolute, e <= 2^32) while each block's mask bytes are still in L1, so that no

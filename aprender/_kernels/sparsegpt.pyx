@@ -54,6 +54,17 @@ cdef enum:
     MAX_M = 256
 
 
+cdef bint _has_forced(const uint8_t[:, ::1] forced, Py_ssize_t rows, Py_ssize_t cols,
+                      str who) except -1:
+    """Whether a forced-prune mask is given (0 x 0: none); raises if its shape is wrong."""
+    if forced.shape[0] == 0 and forced.shape[1] == 0:
+        return False
+    if forced.shape[0] != rows or forced.shape[1] != cols:
+        raise ShapeMismatchError(f"{who}: forced has shape ({forced.shape[0]}, "
+                                 f"{forced.shape[1]}), expected ({rows}, {cols}) or (0, 0)")
+    return True
+
+
 cdef inline int _nonfinite(double v) noexcept nogil:
     return apr_nonfinite64(v)
 
@@ -184,10 +195,7 @@ def saliency(const wreal[:, ::1] w not None, Py_ssize_t c0, Py_ssize_t c1,
     if out.shape[0] != rows or out.shape[1] != width:
         raise ShapeMismatchError(f"saliency: out has shape ({out.shape[0]}, {out.shape[1]}), "
                                  f"expected ({rows}, {width})")
-    has_forced = forced.shape[0] != 0
-    if has_forced and (forced.shape[0] != rows or forced.shape[1] != cols):
-        raise ShapeMismatchError(f"saliency: forced has shape ({forced.shape[0]}, "
-                                 f"{forced.shape[1]}), expected ({rows}, {cols}) or (0, 0)")
+    has_forced = _has_forced(forced, rows, cols, "saliency")
     nt = threads_for(n_threads, rows * width, rows)
     with nogil:
         for r in prange(rows, schedule="static", num_threads=nt):
@@ -267,10 +275,7 @@ def prune_block(wreal[:, ::1] w not None, wreal[:, ::1] err not None,
     elif block_keep.shape[0] != rows or block_keep.shape[1] != width:
         raise ShapeMismatchError(f"prune_block: block_keep has shape ({block_keep.shape[0]}, "
                                  f"{block_keep.shape[1]}), expected ({rows}, {width})")
-    has_forced = forced.shape[0] != 0
-    if has_forced and (forced.shape[0] != rows or forced.shape[1] != cols):
-        raise ShapeMismatchError(f"prune_block: forced has shape ({forced.shape[0]}, "
-                                 f"{forced.shape[1]}), expected ({rows}, {cols}) or (0, 0)")
+    has_forced = _has_forced(forced, rows, cols, "prune_block")
     if rows == 0 or width == 0:
         return None
     nt = threads_for(n_threads, rows * width * 16, rows)
