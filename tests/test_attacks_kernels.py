@@ -179,10 +179,14 @@ CASES = [
      r"rank -1 outside \[0, 10\)"),
     ("select-keys-float", "select_keys", lambda: select.select_keys(F32, 1),
      InvalidDTypeError, r"signature|dtype"),
-    ("select-pair-crossed", "select_pair", lambda: select.select_pair(KEYS.copy(), 5, 2),
+    ("bracket-crossed", "sample_bracket", lambda: select.sample_bracket(KEYS, 5, 2),
      InvalidArgumentError, r"ranks \(5, 2\) must satisfy"),
-    ("select-pair-beyond", "select_pair", lambda: select.select_pair(KEYS.copy(), 0, 10),
+    ("bracket-beyond", "sample_bracket", lambda: select.sample_bracket(KEYS, 0, 10),
      InvalidArgumentError, r"ranks \(0, 10\).*< 10"),
+    ("bracket-empty", "sample_bracket", lambda: select.sample_bracket(KEYS[:0], 0, 0),
+     InvalidArgumentError, r"ranks \(0, 0\).*for 0 keys"),
+    ("bracket-float", "sample_bracket", lambda: select.sample_bracket(F32, 0, 1),
+     InvalidDTypeError, r"sample_bracket"),
     ("hist-rank-beyond", "select_hist", lambda: select.select_hist([KEYS], 10, 0, 9),
      InvalidArgumentError, r"rank 10 outside \[0, 10\)"),
     ("hist-rank-negative", "select_hist", lambda: select.select_hist([KEYS], -3, 0, 9),
@@ -562,7 +566,7 @@ def test_hostile_call_raises_a_typed_error(case):
 
 
 # Entry points that take no buffer (nothing to attack), and the cases' names for the others.
-NO_BUFFERS = {"openmp_enabled", "max_threads", "forked_serial", "guard", "simd"}
+NO_BUFFERS = {"openmp_enabled", "max_threads", "forked_serial", "guard", "simd", "mark_simd"}
 
 
 def test_every_entry_point_is_in_the_catalogue():

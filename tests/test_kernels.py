@@ -336,6 +336,114 @@ def test_mark_collect_equals_mark_and_gather(dtype):
         assert small[4] is None and np.array_equal(a, b)
 
 
+def _native_keys(bits, magnitude):
+    """Order keys of raw float bits (unsigned, the input's width), written out plainly."""
+    w = bits.dtype.itemsize * 8
+    sign = np.array(1 << (w - 1), dtype=bits.dtype)
+    b = bits & ~sign if magnitude else bits.copy()
+    b[b == sign] = 0  # -0 is +0
+    neg = (b & sign) != 0
+    return np.where(neg, ~b, b | sign)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "f32"])
+@pytest.mark.parametrize("magnitude", [1, 0])
+def test_mark_simd_equals_scalar(fmt, magnitude):
+    # the AVX2 mark pass (32 keys a step, scalar tail) writes the same marks, counts the same keys
+    # and collects the same candidates in the same order as the scalar pass, on every length,
+    # with +-0, subnormals, ties, infinities and NaNs, and the same overflow rule
+    dtype = {"f16": np.float16, "bf16": ml_dtypes.bfloat16, "f32": np.float32}[fmt]
+    kdt = np.uint16 if fmt != "f32" else np.uint32
+    rng = np.random.default_rng(11)
+    inf16 = {"f16": 0x7C00, "bf16": 0x7F80, "f32": 0}[fmt]
+    for n in list(range(0, 70)) + [1000, 100_003]:
+        x = (rng.standard_normal(n) * 2).astype(dtype)
+        x[::5] = np.round(x[::5])
+        x[::7] = -0.0
+        x[::11] = 0.0
+        if n > 50:
+            x[13] = np.inf
+            x[29] = -np.inf
+            x[41] = np.nan
+        bits = x.view(kdt)
+        kern = x if fmt == "f32" else bits  # the kernels take float32 or 16-bit patterns
+        keys = np.sort(_native_keys(bits, magnitude))
+        for lo_q, hi_q in [(0.4, 0.45), (0.0, 1.0), (0.5, 0.5), (0.9, 0.2)]:
+            if n == 0:
+                lo = hi = 1 << 15
+            else:
+                lo, hi = int(keys[int(lo_q * (n - 1))]), int(keys[int(hi_q * (n - 1))])
+            for nt in (1, 2):
+                res = {}
+                for on in (False, True):
+                    was = select.mark_simd(on)
+                    try:
+                        out = np.full(n, 7, np.uint8)
+                        plain = select.mark_pass(kern, lo, hi, magnitude, inf16, out.copy(), nt)
+                        per = max(n, 1)
+                        ck = np.zeros(per * 2, kdt)
+                        cp = np.zeros(per * 2, np.uint32)
+                        got = select.mark_collect(kern, lo, hi, magnitude, inf16, out, ck, cp,
+                                                  nt)
+                        inside = got[1]
+                        short = select.mark_collect(kern, lo, hi, magnitude, inf16,
+                                                    np.empty(n, np.uint8),
+                                                    np.empty(max(inside - 1, 0), kdt),
+                                                    np.empty(max(inside - 1, 0), np.uint32), nt)
+                    finally:
+                        select.mark_simd(was)
+                    assert plain[:3] == got[:3]
+                    res[on] = (out, got, ck, cp, short)
+                (o0, g0, k0, p0, s0), (o1, g1, k1, p1, s1) = res[False], res[True]
+                np.testing.assert_array_equal(o1, o0)
+                assert g1[:3] == g0[:3]
+                np.testing.assert_array_equal(g1[3], g0[3])
+                np.testing.assert_array_equal(g1[4], g0[4])
+                np.testing.assert_array_equal(k1, k0)
+                np.testing.assert_array_equal(p1, p0)
+                assert s1[:3] == s0[:3] and (s1[4] is None) == (s0[4] is None)
+                if nt == 1 and inside:  # one task: one slot short never fits
+                    assert s1[4] is None
+                # the marks themselves, against the definition
+                if n:
+                    k = _native_keys(bits, magnitude)
+                    want = np.where(k > hi, 1, np.where(k < lo, 0, 2)).astype(np.uint8)
+                    if lo <= hi:
+                        np.testing.assert_array_equal(o1, want)
+
+
+@pytest.mark.parametrize("kdt", [np.uint16, np.uint32, np.uint64])
+def test_sample_bracket_holds_its_ranks(kdt):
+    # the bracket from histogram bins contains the keys of both ranks, counts exactly the keys
+    # inside it, reads the buffer only, and on spread keys is as tight as promised
+    rng = np.random.default_rng(int(np.dtype(kdt).itemsize))
+    top = np.iinfo(kdt).max
+    f = {np.uint16: np.float16, np.uint32: np.float32, np.uint64: np.float64}[kdt]
+    cases = [
+        np.abs(rng.standard_normal(262_144)).astype(f).view(kdt),
+        rng.integers(0, top, 50_000, dtype=kdt, endpoint=True),
+        rng.choice(np.array([0, 1, 5, top], dtype=kdt), 10_000),
+        np.full(1000, 3, dtype=kdt),
+        np.array([top], dtype=kdt),
+        np.array([0, top], dtype=kdt),
+        np.concatenate([np.zeros(5000, kdt), np.abs(rng.standard_normal(5000)).astype(f).view(kdt)]),
+    ]
+    for keys in cases:
+        n = keys.shape[0]
+        srt = np.sort(keys)
+        for q, h in [(0.5, 0.004), (0.1, 0.01), (0.99, 0.001), (0.0, 0.0), (1.0, 0.0), (0.3, 0.4)]:
+            r_lo = min(n - 1, max(0, int((q - h) * n)))
+            r_hi = min(n - 1, max(r_lo, int((q + h) * n)))
+            before = keys.copy()
+            lo, hi, inside = select.sample_bracket(keys, r_lo, r_hi)
+            assert np.array_equal(keys, before)
+            assert lo <= srt[r_lo] and hi >= srt[r_hi]
+            assert inside == np.count_nonzero((keys >= lo) & (keys <= hi))
+        if n == 262_144:  # spread keys: refined to within 5/4 of the ranks' span plus 64
+            lo, hi, inside = select.sample_bracket(keys, 130_000, 132_000)
+            assert inside <= 2001 * 5 // 4 + 64
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_nm4_avx2_equals_scalar_and_reference(n):
     # N:4 along rows of float32 runs an AVX2 kernel (eight groups a step, scalar tail); the

@@ -62,6 +62,23 @@ static inline int apr_ctz64(uint64_t v) {
 #endif
 }
 
+/* Software prefetch (a hint: never faults, whatever the address) for loops whose addresses the
+ * hardware cannot predict: the sample's strata, the candidates' mask bytes. */
+static inline void apr_prefetch(const void *p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p, 0, 0);
+#else
+    (void)p;
+#endif
+}
+static inline void apr_prefetch_w(const void *p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p, 1, 3);
+#else
+    (void)p;
+#endif
+}
+
 /* Hot loops over raw bits: on x86-64 with GCC they are compiled twice (AVX2 and baseline) and
  * picked at load time. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \

@@ -199,7 +199,7 @@ APR_DEFINE_PASSES(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
     }
 #endif
 #define APR_DEFINE_MARKC(W, UT, ST, SIGN, AT)                                                   \
-    APR_CLONES static void apr_markc##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
+    APR_CLONES static void apr_markc_base##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, \
                                         UT lo_, UT hi_, UT khi_, UT klo_, uint8_t *out,      \
                                         int64_t *res, UT *keys, uint32_t *pos,               \
                                         ptrdiff_t cap) {                                     \
@@ -236,6 +236,179 @@ APR_DEFINE_PASSES(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
 APR_DEFINE_MARKC(16, uint16_t, int16_t, 0x8000u, int16_t)
 APR_DEFINE_MARKC(32, uint32_t, int32_t, 0x80000000u, int32_t)
 APR_DEFINE_MARKC(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
+
+/* markc with AVX2 for 16- and 32-bit keys (picked at load time by apr_mark_init; markc_base is
+ * the fallback and does the tail): 32 keys per step.  The three compares (below the bracket,
+ * above it, finite) are packed to flat-order bytes, so the mask bytes are one store and the
+ * counts are popcounts of byte movemasks; a step with candidates collects them by ctz while its
+ * keys are in L1.  Same bytes, counts, candidates (in flat order) and overflow rule as the base:
+ * res[3] is -1 exactly when the span holds more candidates than cap. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__) && !defined(APR_NO_CLONES)
+#include <immintrin.h>
+#define APR_MARK_AVX2 1
+static int apr_mark_avx2_ok = 0;
+
+/* flat-order bytes (0x00 / 0xFF) of four 8-lane 32-bit masks, and of two 16-lane 16-bit masks */
+__attribute__((target("avx2"))) static inline __m256i apr_bytes_of32(__m256i a, __m256i b,
+                                                                   __m256i c, __m256i d) {
+    const __m256i fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    return _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)), fix);
+}
+__attribute__((target("avx2"))) static inline __m256i apr_bytes_of16(__m256i a, __m256i b) {
+    return _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8);
+}
+
+/* signed-domain keys of one vector (see apr_skey in apr_keys.h): magnitude clears the sign bit
+ * (the key is then the bits themselves); signed order also maps -0 to +0 and flips the
+ * magnitude bits of negative values */
+#define APR_DEFINE_VKEY(W, SUF, SIGNC, LOWC)                                                    \
+    __attribute__((target("avx2"))) static inline __m256i apr_vkey##W(__m256i v, __m256i am, \
+                                                                      int magnitude) {        \
+        __m256i b = _mm256_and_si256(v, am);                                                    \
+        if (magnitude) return b;                                                                \
+        b = _mm256_andnot_si256(_mm256_cmpeq_##SUF(b, _mm256_set1_##SUF(SIGNC)), b);           \
+        return _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_##SUF(b, W - 1),                \
+                                                    _mm256_set1_##SUF(LOWC)));                  \
+    }
+APR_DEFINE_VKEY(16, epi16, (short)0x8000, 0x7FFF)
+APR_DEFINE_VKEY(32, epi32, (int)0x80000000u, 0x7FFFFFFF)
+
+/* One step's bookkeeping, given the flat-order bytes lt (key < lo), gt (key > hi) and ok
+ * (finite) of 32 keys at x + i: store the marks, count, collect the candidates. */
+#define APR_MARK_STEP(W, UT, SIGN)                                                              \
+    {                                                                                           \
+        __m256i out_ = _mm256_or_si256(                                                         \
+            _mm256_and_si256(gt, one), _mm256_andnot_si256(_mm256_or_si256(lt, gt), two));      \
+        _mm256_storeu_si256((__m256i *)(out + i), out_);                                       \
+        uint32_t lb = (uint32_t)_mm256_movemask_epi8(lt);                                       \
+        uint32_t ib = ~(uint32_t)_mm256_movemask_epi8(_mm256_or_si256(lt, gt));                 \
+        lt_n += __builtin_popcount(lb);                                                         \
+        bad_n += 32 - __builtin_popcount((uint32_t)_mm256_movemask_epi8(ok));                   \
+        if (ib) {                                                                               \
+            int q_ = __builtin_popcount(ib);                                                    \
+            in_n += q_;                                                                         \
+            if (!full) {                                                                        \
+                if (c + q_ > cap) {                                                             \
+                    full = 1;                                                                   \
+                } else {                                                                        \
+                    while (ib) {                                                                \
+                        int jj = __builtin_ctz(ib);                                             \
+                        keys[c] = (UT)((UT)apr_skey##W(x[i + jj], am_) ^ (UT)(SIGN));          \
+                        pos[c++] = (uint32_t)(i + jj);                                          \
+                        ib &= ib - 1;                                                           \
+                    }                                                                           \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+/* the rest of a span after the SIMD steps, through the base, folded into res */
+#define APR_MARK_TAIL(W)                                                                        \
+    {                                                                                           \
+        int64_t r4[4];                                                                          \
+        apr_markc_base##W(x, i, e, magnitude, lo_, hi_, khi_, klo_, out, r4,                    \
+                          full ? NULL : (keys ? keys + c : NULL),                               \
+                          full ? NULL : (pos ? pos + c : NULL), full ? 0 : cap - c);            \
+        res[0] = lt_n + r4[0];                                                                  \
+        res[1] = in_n + r4[1];                                                                  \
+        res[2] = bad_n + r4[2];                                                                 \
+        res[3] = (full || r4[3] < 0) ? -1 : c + r4[3];                                          \
+    }
+
+__attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_32(
+        const uint32_t *x, ptrdiff_t s, ptrdiff_t e, int magnitude, uint32_t lo_, uint32_t hi_,
+        uint32_t khi_, uint32_t klo_, uint8_t *out, int64_t *res, uint32_t *keys, uint32_t *pos,
+        ptrdiff_t cap) {
+    const uint32_t am_ = apr_amask32(magnitude);
+    const __m256i am = _mm256_set1_epi32((int)am_);
+    const __m256i lo = _mm256_set1_epi32(apr_sdom32(lo_)), hi = _mm256_set1_epi32(apr_sdom32(hi_));
+    const __m256i khi = _mm256_set1_epi32(apr_sdom32(khi_));
+    const __m256i klo = _mm256_set1_epi32(magnitude ? INT32_MIN : apr_sdom32(klo_));
+    const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);
+    int64_t lt_n = 0, in_n = 0, bad_n = 0;
+    ptrdiff_t i = s, c = 0;
+    int full = 0;
+    for (; i + 32 <= e; i += 32) {
+        __m256i k0 = apr_vkey32(_mm256_loadu_si256((const __m256i *)(x + i)), am, magnitude);
+        __m256i k1 = apr_vkey32(_mm256_loadu_si256((const __m256i *)(x + i + 8)), am, magnitude);
+        __m256i k2 = apr_vkey32(_mm256_loadu_si256((const __m256i *)(x + i + 16)), am, magnitude);
+        __m256i k3 = apr_vkey32(_mm256_loadu_si256((const __m256i *)(x + i + 24)), am, magnitude);
+        __m256i lt = apr_bytes_of32(_mm256_cmpgt_epi32(lo, k0), _mm256_cmpgt_epi32(lo, k1),
+                                    _mm256_cmpgt_epi32(lo, k2), _mm256_cmpgt_epi32(lo, k3));
+        __m256i gt = apr_bytes_of32(_mm256_cmpgt_epi32(k0, hi), _mm256_cmpgt_epi32(k1, hi),
+                                    _mm256_cmpgt_epi32(k2, hi), _mm256_cmpgt_epi32(k3, hi));
+#define APR_OK32(k) _mm256_and_si256(_mm256_cmpgt_epi32(khi, k), _mm256_cmpgt_epi32(k, klo))
+        __m256i ok = apr_bytes_of32(APR_OK32(k0), APR_OK32(k1), APR_OK32(k2), APR_OK32(k3));
+#undef APR_OK32
+        APR_MARK_STEP(32, uint32_t, 0x80000000u)
+    }
+    APR_MARK_TAIL(32)
+}
+
+__attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_16(
+        const uint16_t *x, ptrdiff_t s, ptrdiff_t e, int magnitude, uint16_t lo_, uint16_t hi_,
+        uint16_t khi_, uint16_t klo_, uint8_t *out, int64_t *res, uint16_t *keys, uint32_t *pos,
+        ptrdiff_t cap) {
+    const uint16_t am_ = apr_amask16(magnitude);
+    const __m256i am = _mm256_set1_epi16((short)am_);
+    const __m256i lo = _mm256_set1_epi16(apr_sdom16(lo_)), hi = _mm256_set1_epi16(apr_sdom16(hi_));
+    const __m256i khi = _mm256_set1_epi16(apr_sdom16(khi_));
+    const __m256i klo = _mm256_set1_epi16(magnitude ? INT16_MIN : apr_sdom16(klo_));
+    const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);
+    int64_t lt_n = 0, in_n = 0, bad_n = 0;
+    ptrdiff_t i = s, c = 0;
+    int full = 0;
+    for (; i + 32 <= e; i += 32) {
+        __m256i k0 = apr_vkey16(_mm256_loadu_si256((const __m256i *)(x + i)), am, magnitude);
+        __m256i k1 = apr_vkey16(_mm256_loadu_si256((const __m256i *)(x + i + 16)), am, magnitude);
+        __m256i lt = apr_bytes_of16(_mm256_cmpgt_epi16(lo, k0), _mm256_cmpgt_epi16(lo, k1));
+        __m256i gt = apr_bytes_of16(_mm256_cmpgt_epi16(k0, hi), _mm256_cmpgt_epi16(k1, hi));
+        __m256i ok = apr_bytes_of16(
+            _mm256_and_si256(_mm256_cmpgt_epi16(khi, k0), _mm256_cmpgt_epi16(k0, klo)),
+            _mm256_and_si256(_mm256_cmpgt_epi16(khi, k1), _mm256_cmpgt_epi16(k1, klo)));
+        APR_MARK_STEP(16, uint16_t, 0x8000u)
+    }
+    APR_MARK_TAIL(16)
+}
+#endif
+
+static void apr_mark_init(void) {
+#ifdef APR_MARK_AVX2
+    __builtin_cpu_init();
+    apr_mark_avx2_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+#endif
+}
+
+/* Switch the AVX2 mark pass off (0), back on where the CPU has it (1), or only ask (-1);
+ * returns whether it was on. */
+static int apr_mark_simd(int on) {
+#ifdef APR_MARK_AVX2
+    int prev = apr_mark_avx2_ok;
+    if (on >= 0)
+        apr_mark_avx2_ok = on ? (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) : 0;
+    return prev;
+#else
+    (void)on;
+    return 0;
+#endif
+}
+
+#ifdef APR_MARK_AVX2
+#define APR_MARK_DISPATCH(W) if (apr_mark_avx2_ok) { apr_markc_avx2_##W(x, s, e, magnitude, lo_, hi_, khi_, klo_, out, res, keys, pos, cap); return; }
+#else
+#define APR_MARK_DISPATCH(W)
+#endif
+#define APR_DEFINE_MARKC_PICK(W, UT, PICK)                                                      \
+    static void apr_markc##W(const UT *x, ptrdiff_t s, ptrdiff_t e, int magnitude, UT lo_,    \
+                             UT hi_, UT khi_, UT klo_, uint8_t *out, int64_t *res, UT *keys,  \
+                             uint32_t *pos, ptrdiff_t cap) {                                  \
+        PICK                                                                                    \
+        apr_markc_base##W(x, s, e, magnitude, lo_, hi_, khi_, klo_, out, res, keys, pos, cap); \
+    }
+APR_DEFINE_MARKC_PICK(16, uint16_t, APR_MARK_DISPATCH(16))
+APR_DEFINE_MARKC_PICK(32, uint32_t, APR_MARK_DISPATCH(32))
+APR_DEFINE_MARKC_PICK(64, uint64_t, )
 
 APR_DEFINE_MARK(16, uint16_t, int16_t, 0x8000u, int16_t)
 APR_DEFINE_MARK(32, uint32_t, int32_t, 0x80000000u, int32_t)

@@ -71,4 +71,56 @@ APR_DEFINE_SELECT(16, uint16_t)
 APR_DEFINE_SELECT(32, uint32_t)
 APR_DEFINE_SELECT(64, uint64_t)
 
+/* A bracket [lo, hi] of keys around ranks r_lo <= r_hi (0-based) of a[0:n], read-only: lo is at
+ * most the r_lo-th smallest key and hi at least the r_hi-th, and both are edges of histogram bins
+ * (at most 65536 bins over [lo, hi], refined while the bracket holds more than 5/4 of the keys
+ * between the ranks plus 64, and while refining still narrows it).  hist: 65536 counters of
+ * scratch.  Returns the keys inside [lo, hi].  The sample bracket of the threshold search: one
+ * histogram pass or two instead of two radix selects and a count. */
+#define APR_DEFINE_BRACKET(W, UT)                                                               \
+    APR_CLONES static ptrdiff_t apr_bracket##W(const UT *a, ptrdiff_t n, ptrdiff_t r_lo,       \
+                                               ptrdiff_t r_hi, UT *lo_out, UT *hi_out,       \
+                                               int32_t *hist) {                              \
+        UT base = a[0], top = a[0];                                                         \
+        ptrdiff_t i, below = 0, inside = n, want = r_hi - r_lo + 1;                         \
+        for (i = 1; i < n; i++) {                                                           \
+            base = a[i] < base ? a[i] : base;                                               \
+            top = a[i] > top ? a[i] : top;                                                  \
+        }                                                                                   \
+        while (inside > want + want / 4 + 64 && base < top) {                               \
+            int shift = 0;                                                                  \
+            ptrdiff_t nb, b, b_lo = -1, b_hi = -1, acc = below, acc_lo = 0, in_ = 0;        \
+            UT nbase, ntop;                                                                 \
+            while ((uint64_t)(top - base) >> shift >= 65536u) shift++;                      \
+            nb = (ptrdiff_t)((uint64_t)(top - base) >> shift) + 1;                          \
+            memset(hist, 0, (size_t)nb * sizeof(int32_t));                                  \
+            for (i = 0; i < n; i++) {                                                       \
+                UT k = a[i];                                                                \
+                if (k >= base && k <= top) hist[(uint64_t)(k - base) >> shift]++;           \
+            }                                                                               \
+            for (b = 0; b < nb; b++) {                                                      \
+                if (b_lo < 0 && acc + hist[b] > r_lo) { b_lo = b; acc_lo = acc; }           \
+                if (b_lo >= 0) in_ += hist[b];                                              \
+                acc += hist[b];                                                             \
+                if (acc > r_hi) { b_hi = b; break; }                                        \
+            }                                                                               \
+            if (b_lo < 0 || b_hi < 0) break; /* cannot happen: the ranks are inside */     \
+            nbase = (UT)(base + ((UT)b_lo << shift));                                       \
+            ntop = (UT)(base + ((UT)b_hi << shift) + (((UT)1 << shift) - 1));               \
+            if (ntop > top || ntop < nbase) ntop = top;                                     \
+            if (nbase == base && ntop == top) break; /* no narrower: keep what there is */ \
+            base = nbase;                                                                   \
+            top = ntop;                                                                     \
+            below = acc_lo;                                                                 \
+            inside = in_;                                                                   \
+            if (shift == 0) break; /* bins of single keys: nothing narrower */             \
+        }                                                                                   \
+        *lo_out = base;                                                                     \
+        *hi_out = top;                                                                      \
+        return inside;                                                                      \
+    }
+APR_DEFINE_BRACKET(16, uint16_t)
+APR_DEFINE_BRACKET(32, uint32_t)
+APR_DEFINE_BRACKET(64, uint64_t)
+
 #endif

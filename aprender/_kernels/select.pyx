@@ -8,9 +8,10 @@ it calls, each one pass, all parallel and independent of the thread count in the
 
 - sample_into / sample_keys: a stratified, hash-scrambled sample of keys (runs of RUN consecutive
   keys at hashed positions inside equal strata), into a buffer of the keys' own width;
-- select_keys / select_pair / select_hist / count_in: selection and counting on key buffers (a
-  radix select that permutes the buffer; a histogram select over 11-bit digits of key - lo that
-  reads several buffers without moving or concatenating them);
+- select_keys / sample_bracket / select_hist / count_in: selection and counting on key buffers (a
+  radix select that permutes the buffer; the sample's bracket from 16-bit histograms of key -
+  min, read-only; a histogram select over 11-bit digits of key - lo that reads several buffers
+  without moving or concatenating them);
 - mark_pass / gather_marked / fix_positions / fix_marked: the fused in-memory write (mark kept,
   pruned or candidate; gather the candidates' keys and positions; rewrite only marked bytes);
 - range_pass: the streaming pass (count keys below the bracket, copy the keys inside it into
@@ -28,7 +29,7 @@ number of threads (and of per-task slots) is capped by threads_for (_openmp.pxd)
 Every def here checks the sizes of the buffers it is given (O(1) checks, typed errors from
 aprender.errors), so no call from Python can read or write out of bounds.
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.string cimport memset
 from cython.parallel cimport prange, threadid
 
@@ -46,6 +47,8 @@ cdef enum:
     NBINS = 65536           # bins of the radix fallback's 16-bit histograms
     PAD = 8                 # int64 slots per task in result arrays (64 bytes: no false sharing)
     RUN = 8                 # consecutive keys per sample stratum
+    SBATCH = 16             # sample strata whose reads are prefetched together
+    PREFETCH = 24           # candidates ahead whose mask bytes are prefetched
     DIGIT = 11              # bits per level of the candidates' histogram select
     SCRATCH_MIN = 1048576   # bytes of scratch any call may hold ...
     SCRATCH_DIV = 25        # ... else at most 1 / SCRATCH_DIV (4 %) of the input's bytes
@@ -130,17 +133,37 @@ def select_keys_below(key_t[::1] keys not None, Py_ssize_t rank):
     return out, below
 
 
-def select_pair(key_t[::1] keys not None, Py_ssize_t r_lo, Py_ssize_t r_hi):
-    """(key of rank r_lo, key of rank r_hi), 0-based, r_lo <= r_hi; only permutes keys."""
-    cdef Py_ssize_t n = keys.shape[0], below = 0
-    cdef uint64_t lo, hi
+cdef extern from "apr_keys.h" nogil:
+    Py_ssize_t apr_bracket16(const uint16_t* a, Py_ssize_t n, Py_ssize_t r_lo, Py_ssize_t r_hi,
+                             uint16_t* lo, uint16_t* hi, int32_t* hist)
+    Py_ssize_t apr_bracket32(const uint32_t* a, Py_ssize_t n, Py_ssize_t r_lo, Py_ssize_t r_hi,
+                             uint32_t* lo, uint32_t* hi, int32_t* hist)
+    Py_ssize_t apr_bracket64(const uint64_t* a, Py_ssize_t n, Py_ssize_t r_lo, Py_ssize_t r_hi,
+                             uint64_t* lo, uint64_t* hi, int32_t* hist)
+
+
+def sample_bracket(const key_t[::1] keys not None, Py_ssize_t r_lo, Py_ssize_t r_hi):
+    """(lo, hi, inside): keys lo <= hi that bracket the keys of ranks r_lo..r_hi (0-based) of the
+    buffer, histogram bin edges close to them, and the number of keys inside [lo, hi].  Reads
+    the buffer only."""
+    cdef Py_ssize_t n = keys.shape[0], inside = 0
+    cdef uint16_t l16 = 0, h16 = 0
+    cdef uint32_t l32 = 0, h32 = 0
+    cdef uint64_t l64 = 0, h64 = 0
     if not 0 <= r_lo <= r_hi < n:
         raise InvalidArgumentError(f"ranks ({r_lo}, {r_hi}) must satisfy 0 <= r_lo <= r_hi < "
                                    f"{n} for {n} keys")
+    cdef int32_t[::1] hist = np.empty(HIST_BINS, dtype=np.int32)
     with nogil:
-        lo = _radix_select(&keys[0], n, r_lo, &below)
-        hi = _radix_select(&keys[0], n, r_hi, &below)
-    return lo, hi
+        if key_t is uint16_t:
+            inside = apr_bracket16(&keys[0], n, r_lo, r_hi, &l16, &h16, &hist[0])
+            l64, h64 = l16, h16
+        elif key_t is uint32_t:
+            inside = apr_bracket32(&keys[0], n, r_lo, r_hi, &l32, &h32, &hist[0])
+            l64, h64 = l32, h32
+        else:
+            inside = apr_bracket64(&keys[0], n, r_lo, r_hi, &l64, &h64, &hist[0])
+    return l64, h64, inside
 
 
 cdef void _level_hist(const key_t* a, Py_ssize_t n, uint64_t lo, int shift, uint64_t dmask,
@@ -240,13 +263,35 @@ cdef inline uint64_t _mix(uint64_t z) noexcept nogil:
     return z ^ (z >> 31)
 
 
-cdef void _sample_stratum(const real_t* x, Py_ssize_t n, Py_ssize_t nstrata, Py_ssize_t j,
-                          uint64_t salt, int magnitude, key_t* out) noexcept nogil:
-    cdef Py_ssize_t a = (j * n) // nstrata, b = ((j + 1) * n) // nstrata, i, start
-    start = a + <Py_ssize_t>(_mix(salt * 0x9e3779b97f4a7c15ULL + <uint64_t>j)
-                             % <uint64_t>(b - a - RUN + 1))
-    for i in range(RUN):
-        out[j * RUN + i] = <key_t>key_of(x[start + i], magnitude)
+cdef extern from "apr_keys.h" nogil:
+    void apr_prefetch(const void* p)
+    void apr_prefetch_w(const void* p)
+
+
+cdef inline Py_ssize_t _stratum_start(Py_ssize_t n, Py_ssize_t nstrata, Py_ssize_t j,
+                                      uint64_t salt) noexcept nogil:
+    # the run of stratum j starts at a hashed offset inside it (multiply-shift, no division)
+    cdef Py_ssize_t a = (j * n) // nstrata, b = ((j + 1) * n) // nstrata
+    cdef uint64_t span = <uint64_t>(b - a - RUN + 1)
+    cdef uint64_t h = _mix(salt * 0x9e3779b97f4a7c15ULL + <uint64_t>j)
+    if span <= 0xFFFFFFFFULL:
+        return a + <Py_ssize_t>(((h >> 32) * span) >> 32)
+    return a + <Py_ssize_t>(h % span)
+
+
+cdef void _sample_batch(const real_t* x, Py_ssize_t n, Py_ssize_t nstrata, Py_ssize_t j0,
+                        uint64_t salt, int magnitude, key_t* out) noexcept nogil:
+    # strata [j0, j0 + SBATCH): every run is prefetched before the first is read, so their
+    # cache misses overlap instead of following one another
+    cdef Py_ssize_t st[SBATCH]
+    cdef Py_ssize_t j, i, j1 = min(j0 + SBATCH, nstrata)
+    for j in range(j0, j1):
+        st[j - j0] = _stratum_start(n, nstrata, j, salt)
+        apr_prefetch(&x[st[j - j0]])
+        apr_prefetch(&x[st[j - j0] + RUN - 1])
+    for j in range(j0, j1):
+        for i in range(RUN):
+            out[j * RUN + i] = <key_t>key_of(x[st[j - j0] + i], magnitude)
 
 
 cdef Py_ssize_t _sample(const real_t* x, Py_ssize_t n, Py_ssize_t s, uint64_t salt, int magnitude,
@@ -266,8 +311,8 @@ cdef Py_ssize_t _sample(const real_t* x, Py_ssize_t n, Py_ssize_t s, uint64_t sa
             out[j] = <key_t>key_of(x[(j * n) // s], magnitude)
         return s
     nstrata = s // RUN
-    for j in prange(nstrata, schedule="static", num_threads=nt):
-        _sample_stratum(x, n, nstrata, j, salt, magnitude, out)
+    for j in prange(0, nstrata, SBATCH, schedule="static", num_threads=nt):
+        _sample_batch(x, n, nstrata, j, salt, magnitude, out)
     return nstrata * RUN
 
 
@@ -517,6 +562,21 @@ cdef extern from "apr_keys.h" nogil:
                      uint64_t* keys, uint32_t* pos, Py_ssize_t cap)
 
 
+cdef extern from "apr_keys.h" nogil:
+    void apr_mark_init()
+    int apr_mark_simd(int on)
+
+
+apr_mark_init()
+
+
+def mark_simd(on=None):
+    """Whether the mark pass (mark_pass, mark_collect) runs its AVX2 loop; on=False switches to
+    the scalar loop (same marks, counts and candidates), on=True back where the CPU has it.  For
+    tests and benchmarks."""
+    return bool(apr_mark_simd(-1 if on is None else (1 if on else 0)))
+
+
 cdef inline void _markc_task(const real_t* x, Py_ssize_t s, Py_ssize_t e, int magnitude,
                              uint64_t lo, uint64_t hi, uint64_t khi, uint64_t klo, uint8_t* out,
                              int64_t* res, void* keys, uint32_t* pos,
@@ -720,6 +780,9 @@ def fix_positions(uint8_t[::1] out not None, const uint32_t[::1] pos not None,
             j1 = min(m, j0 + CHUNK)
             seen = eqb[c]
             for j in range(j0, j1):
+                if j + PREFETCH < j1:
+                    # sorted, sparse writes: the hardware prefetcher does not follow them
+                    apr_prefetch_w(&out[0] + (pos[j + PREFETCH] if pos[j + PREFETCH] < n else 0))
                 kk = keys[j]
                 q = pos[j]
                 eq = kk == tk
@@ -924,7 +987,7 @@ cdef tuple _rows_bracket(const real_t[:, ::1] x, Py_ssize_t k, int magnitude):
         return None
     lo_r = <Py_ssize_t>math.floor((q - h) * s)
     hi_r = <Py_ssize_t>math.ceil((q + h) * s)
-    qlo, qhi = select_pair(smp, max(lo_r, 0), min(hi_r, s - 1))
+    qlo, qhi, _ = sample_bracket(smp, max(lo_r, 0), min(hi_r, s - 1))
     lo = 0 if lo_r < 0 else int(qlo)
     hi = kmax if hi_r >= s else int(qhi)
     cap = min(ncols, int(4.0 * h * ncols) + 2 * ROWB_BLOCK)
@@ -1040,7 +1103,7 @@ def expand_blocks(const uint8_t[:, ::1] bmask not None, Py_ssize_t bh, Py_ssize_
                 out[i, j] = bmask[i // bh, j // bw]
 
 
-guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "select_pair",
+guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "sample_bracket",
                   "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass",
                   "gather_marked", "fix_marked", "fix_positions", "hist_pass", "write_pass",
                   "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks", "simd",

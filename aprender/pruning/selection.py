@@ -293,11 +293,13 @@ def _bracket_of(smp, k, total):
     delta = int(math.ceil(3.5 * sig)) + 16
     lo_r = int(math.floor(q * s)) - delta
     hi_r = int(math.ceil(q * s)) + delta
-    qlo, qhi = _select.select_pair(smp, max(lo_r, 0), min(hi_r, s - 1))
+    qlo, qhi, inside = _select.sample_bracket(smp, max(lo_r, 0), min(hi_r, s - 1))
     lo_key = 0 if lo_r < 0 else int(qlo)
     hi_key = _KEY_MAX if hi_r >= s else int(qhi)
+    if lo_r < 0 or hi_r >= s:
+        inside = _select.count_in(smp, lo_key, hi_key)
     # the sample's share inside the bracket, ties at its ends included, estimates the keys'
-    return lo_key, hi_key, _select.count_in(smp, lo_key, hi_key) / float(s)
+    return lo_key, hi_key, inside / float(s)
 
 
 def _bracket(pool, k, magnitude, nt):
@@ -315,13 +317,15 @@ def _bracket(pool, k, magnitude, nt):
 
 
 def _collect_cap(n, frac, cand_budget, nt):
-    """Candidate slots for mark_collect over n elements (0: mark only, then gather): the
-    bracket's expected share with room for its spread and for the tasks' uneven shares, within
-    the candidates' budget; only where 32-bit positions index the source."""
+    """Candidate slots for mark_collect over n elements (0: mark only, then gather): each task's
+    expected share of the bracket with room for its spread and for uneven shares (a quarter
+    more: when a task overflows, gather_marked reads the candidates from the marks), within the
+    candidates' budget; only where 32-bit positions index the source."""
     if n > 0xFFFFFFFF or n < (1 << 16) or frac >= 1.0:
         return 0
     tasks = max(1, min(nt, n))
-    cap = int(frac * n * 1.25 + 8 * math.sqrt(frac * n + 1) + tasks * 256) * tasks
+    share = frac * n / tasks
+    cap = int(share * 1.25 + 8 * math.sqrt(share + 1) + 256) * tasks
     return cap if cap <= cand_budget else 0
 
 
