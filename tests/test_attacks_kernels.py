@@ -566,7 +566,7 @@ def test_hostile_call_raises_a_typed_error(case):
 
 
 # Entry points that take no buffer (nothing to attack), and the cases' names for the others.
-NO_BUFFERS = {"openmp_enabled", "max_threads", "forked_serial", "guard", "simd", "mark_simd"}
+NO_BUFFERS = {"openmp_enabled", "max_threads", "forked_serial", "guard", "simd"}
 
 
 def test_every_entry_point_is_in_the_catalogue():

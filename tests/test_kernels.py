@@ -98,7 +98,7 @@ def test_per_row_shared_bracket_vs_reference(dtype, shape):
         for nt in (1, 2, 3):
             np.testing.assert_array_equal(
                 np.asarray(magnitude_mask(w, s, per_row=True, n_threads=nt)), want)
-        was = select.simd(False)  # the scalar candidate pack
+        was = select.simd(False)  # the scalar mark pass
         try:
             np.testing.assert_array_equal(
                 np.asarray(magnitude_mask(w, s, per_row=True, n_threads=2)), want)
@@ -376,7 +376,7 @@ def test_mark_simd_equals_scalar(fmt, magnitude):
             for nt in (1, 2):
                 res = {}
                 for on in (False, True):
-                    was = select.mark_simd(on)
+                    was = select.simd(on)
                     try:
                         out = np.full(n, 7, np.uint8)
                         plain = select.mark_pass(kern, lo, hi, magnitude, inf16, out.copy(), nt)
@@ -391,7 +391,7 @@ def test_mark_simd_equals_scalar(fmt, magnitude):
                                                     np.empty(max(inside - 1, 0), kdt),
                                                     np.empty(max(inside - 1, 0), np.uint32), nt)
                     finally:
-                        select.mark_simd(was)
+                        select.simd(was)
                     assert plain[:3] == got[:3]
                     res[on] = (out, got, ck, cp, short)
                 (o0, g0, k0, p0, s0), (o1, g1, k1, p1, s1) = res[False], res[True]
@@ -399,11 +399,30 @@ def test_mark_simd_equals_scalar(fmt, magnitude):
                 assert g1[:3] == g0[:3]
                 np.testing.assert_array_equal(g1[3], g0[3])
                 np.testing.assert_array_equal(g1[4], g0[4])
-                np.testing.assert_array_equal(k1, k0)
-                np.testing.assert_array_equal(p1, p0)
+                if g0[4] is not None:  # what each task collected (slots past it are scratch)
+                    per = k0.shape[0] // len(g0[4])
+                    for t, g in enumerate(g0[4]):
+                        span = slice(t * per, t * per + int(g))
+                        np.testing.assert_array_equal(k1[span], k0[span])
+                        np.testing.assert_array_equal(p1[span], p0[span])
+                        assert np.all(p0[span][1:] > p0[span][:-1])  # flat order
+                        np.testing.assert_array_equal(  # the candidates' own keys
+                            k0[span], _native_keys(bits, magnitude)[p0[span]])
                 assert s1[:3] == s0[:3] and (s1[4] is None) == (s0[4] is None)
                 if nt == 1 and inside:  # one task: one slot short never fits
                     assert s1[4] is None
+                if nt == 1 and g0[4] is not None:  # exactly enough slots: the same candidates
+                    for on in (False, True):
+                        was = select.simd(on)
+                        try:
+                            ek, ep = np.empty(g0[1], kdt), np.empty(g0[1], np.uint32)
+                            ex = select.mark_collect(kern, lo, hi, magnitude, inf16,
+                                                     np.empty(n, np.uint8), ek, ep, 1)
+                        finally:
+                            select.simd(was)
+                        assert list(ex[4]) == [g0[1]]
+                        np.testing.assert_array_equal(ek, k0[:g0[1]])
+                        np.testing.assert_array_equal(ep, p0[:g0[1]])
                 # the marks themselves, against the definition
                 if n:
                     k = _native_keys(bits, magnitude)

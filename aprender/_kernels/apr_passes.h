@@ -274,9 +274,40 @@ __attribute__((target("avx2"))) static inline __m256i apr_bytes_of16(__m256i a, 
 APR_DEFINE_VKEY(16, epi16, (short)0x8000, 0x7FFF)
 APR_DEFINE_VKEY(32, epi32, (int)0x80000000u, 0x7FFFFFFF)
 
+/* Left-pack permutations: apr_mark_perm[m] lists the set bits of m, lowest first (filled once by
+ * apr_mark_init). */
+static uint32_t apr_mark_perm[256][8];
+
+/* Candidates of eight 32-bit lanes (signed-domain keys kv, lane mask m) appended at keys + c,
+ * pos + c without a branch: eight slots are written, popcount(m) kept. */
+#define APR_PACK8_32(kv, m, p0)                                                                 \
+    {                                                                                           \
+        __m256i perm_ = _mm256_loadu_si256((const __m256i *)apr_mark_perm[(m)]);               \
+        _mm256_storeu_si256((__m256i *)(keys + c),                                              \
+                            _mm256_permutevar8x32_epi32(_mm256_xor_si256((kv), sign32), perm_)); \
+        _mm256_storeu_si256((__m256i *)(pos + c),                                               \
+                            _mm256_permutevar8x32_epi32(                                        \
+                                _mm256_add_epi32(lane8, _mm256_set1_epi32((int)(p0))), perm_)); \
+        c += __builtin_popcount((m));                                                           \
+    }
+/* the same for eight 16-bit lanes (a 128-bit half), widened to 32 bits to permute */
+#define APR_PACK8_16(kv, m, p0)                                                                 \
+    {                                                                                           \
+        __m256i perm_ = _mm256_loadu_si256((const __m256i *)apr_mark_perm[(m)]);               \
+        __m256i w_ = _mm256_permutevar8x32_epi32(                                               \
+            _mm256_xor_si256(_mm256_cvtepu16_epi32((kv)), sign32), perm_);                      \
+        w_ = _mm256_permute4x64_epi64(_mm256_packus_epi32(w_, w_), 0x08);                      \
+        _mm_storeu_si128((__m128i *)(keys + c), _mm256_castsi256_si128(w_));                   \
+        _mm256_storeu_si256((__m256i *)(pos + c),                                               \
+                            _mm256_permutevar8x32_epi32(                                        \
+                                _mm256_add_epi32(lane8, _mm256_set1_epi32((int)(p0))), perm_)); \
+        c += __builtin_popcount((m));                                                           \
+    }
+
 /* One step's bookkeeping, given the flat-order bytes lt (key < lo), gt (key > hi) and ok
- * (finite) of 32 keys at x + i: store the marks, count, collect the candidates. */
-#define APR_MARK_STEP(W, UT, SIGN)                                                              \
+ * (finite) of 32 keys at x + i: store the marks, count, collect the candidates (PACK: the
+ * branch-free left-pack while 32 slots remain, else one candidate at a time by ctz). */
+#define APR_MARK_STEP(W, UT, SIGN, PACK)                                                        \
     {                                                                                           \
         __m256i out_ = _mm256_or_si256(                                                         \
             _mm256_and_si256(gt, one), _mm256_andnot_si256(_mm256_or_si256(lt, gt), two));      \
@@ -291,6 +322,8 @@ APR_DEFINE_VKEY(32, epi32, (int)0x80000000u, 0x7FFFFFFF)
             if (!full) {                                                                        \
                 if (c + q_ > cap) {                                                             \
                     full = 1;                                                                   \
+                } else if (c + 32 <= cap) {                                                     \
+                    PACK                                                                        \
                 } else {                                                                        \
                     while (ib) {                                                                \
                         int jj = __builtin_ctz(ib);                                             \
@@ -326,6 +359,8 @@ __attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_32(
     const __m256i khi = _mm256_set1_epi32(apr_sdom32(khi_));
     const __m256i klo = _mm256_set1_epi32(magnitude ? INT32_MIN : apr_sdom32(klo_));
     const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);
+    const __m256i sign32 = _mm256_set1_epi32((int)0x80000000u);
+    const __m256i lane8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     int64_t lt_n = 0, in_n = 0, bad_n = 0;
     ptrdiff_t i = s, c = 0;
     int full = 0;
@@ -341,7 +376,10 @@ __attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_32(
 #define APR_OK32(k) _mm256_and_si256(_mm256_cmpgt_epi32(khi, k), _mm256_cmpgt_epi32(k, klo))
         __m256i ok = apr_bytes_of32(APR_OK32(k0), APR_OK32(k1), APR_OK32(k2), APR_OK32(k3));
 #undef APR_OK32
-        APR_MARK_STEP(32, uint32_t, 0x80000000u)
+        APR_MARK_STEP(32, uint32_t, 0x80000000u,
+                      APR_PACK8_32(k0, ib & 0xff, i) APR_PACK8_32(k1, (ib >> 8) & 0xff, i + 8)
+                      APR_PACK8_32(k2, (ib >> 16) & 0xff, i + 16)
+                      APR_PACK8_32(k3, ib >> 24, i + 24))
     }
     APR_MARK_TAIL(32)
 }
@@ -356,6 +394,8 @@ __attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_16(
     const __m256i khi = _mm256_set1_epi16(apr_sdom16(khi_));
     const __m256i klo = _mm256_set1_epi16(magnitude ? INT16_MIN : apr_sdom16(klo_));
     const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);
+    const __m256i sign32 = _mm256_set1_epi32(0x8000);
+    const __m256i lane8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     int64_t lt_n = 0, in_n = 0, bad_n = 0;
     ptrdiff_t i = s, c = 0;
     int full = 0;
@@ -367,7 +407,11 @@ __attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_16(
         __m256i ok = apr_bytes_of16(
             _mm256_and_si256(_mm256_cmpgt_epi16(khi, k0), _mm256_cmpgt_epi16(k0, klo)),
             _mm256_and_si256(_mm256_cmpgt_epi16(khi, k1), _mm256_cmpgt_epi16(k1, klo)));
-        APR_MARK_STEP(16, uint16_t, 0x8000u)
+        APR_MARK_STEP(16, uint16_t, 0x8000u,
+                      APR_PACK8_16(_mm256_castsi256_si128(k0), ib & 0xff, i)
+                      APR_PACK8_16(_mm256_extracti128_si256(k0, 1), (ib >> 8) & 0xff, i + 8)
+                      APR_PACK8_16(_mm256_castsi256_si128(k1), (ib >> 16) & 0xff, i + 16)
+                      APR_PACK8_16(_mm256_extracti128_si256(k1, 1), ib >> 24, i + 24))
     }
     APR_MARK_TAIL(16)
 }
@@ -375,6 +419,13 @@ __attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_16(
 
 static void apr_mark_init(void) {
 #ifdef APR_MARK_AVX2
+    int m, b, c;
+    for (m = 0; m < 256; m++) {
+        c = 0;
+        for (b = 0; b < 8; b++)
+            if (m & (1 << b)) apr_mark_perm[m][c++] = (uint32_t)b;
+        for (; c < 8; c++) apr_mark_perm[m][c] = 0;
+    }
     __builtin_cpu_init();
     apr_mark_avx2_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 #endif

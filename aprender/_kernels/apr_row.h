@@ -108,148 +108,32 @@ APR_DEFINE_ROW(16, uint16_t, int16_t, 0x8000u)
 APR_DEFINE_ROW(32, uint32_t, int32_t, 0x80000000u)
 APR_DEFINE_ROW(64, uint64_t, int64_t, 0x8000000000000000ull)
 
-/* Compaction of a block's flagged keys (cf[i] = 1) and their positions (i0 + i) to keys[0..c),
- * pos[0..c), in order; returns c.  Slots up to nb - 1 may be written (they are scratch).  Branch
- * free; the 32-bit version has an AVX2 left-pack (permutation table) picked at load time by
- * apr_rowb_init, because that loop is store-bound when written as scalar code. */
-#define APR_DEFINE_PACK(W, UT)                                                                \
-    static inline ptrdiff_t apr_pack_scalar##W(const UT *kb, const uint8_t *cf, ptrdiff_t nb, \
-                                               uint32_t i0, UT *keys, uint32_t *pos) {        \
-        ptrdiff_t i, c = 0;                                                                   \
-        for (i = 0; i < nb; i++) {                                                            \
-            keys[c] = kb[i];                                                                  \
-            pos[c] = i0 + (uint32_t)i;                                                        \
-            c += cf[i];                                                                       \
-        }                                                                                     \
-        return c;                                                                             \
-    }
-APR_DEFINE_PACK(16, uint16_t)
-APR_DEFINE_PACK(32, uint32_t)
-APR_DEFINE_PACK(64, uint64_t)
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__) && !defined(APR_NO_CLONES)
-#include <immintrin.h>
-#define APR_PACK_AVX2 1
-static uint32_t apr_pack_perm[256][8];
-static int apr_pack_avx2_ok = 0;
-
-__attribute__((target("avx2"))) static ptrdiff_t apr_pack_avx2_32(const uint32_t *kb,
-                                                                  const uint8_t *cf,
-                                                                  ptrdiff_t nb, uint32_t i0,
-                                                                  uint32_t *keys,
-                                                                  uint32_t *pos) {
-    ptrdiff_t i, c = 0;
-    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)i0),
-                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256i eight = _mm256_set1_epi32(8), zero = _mm256_setzero_si256();
-    for (i = 0; i + 8 <= nb; i += 8) {
-        __m256i f = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cf + i)));
-        int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(f, zero)));
-        __m256i p = _mm256_loadu_si256((const __m256i *)apr_pack_perm[m]);
-        __m256i k = _mm256_loadu_si256((const __m256i *)(kb + i));
-        _mm256_storeu_si256((__m256i *)(keys + c), _mm256_permutevar8x32_epi32(k, p));
-        _mm256_storeu_si256((__m256i *)(pos + c), _mm256_permutevar8x32_epi32(idx, p));
-        c += __builtin_popcount((unsigned)m);
-        idx = _mm256_add_epi32(idx, eight);
-    }
-    for (; i < nb; i++) {
-        keys[c] = kb[i];
-        pos[c] = i0 + (uint32_t)i;
-        c += cf[i];
-    }
-    return c;
-}
-#endif
-
-/* Called once when the module loads (before any thread runs): the left-pack table and the
- * CPU check. */
-static void apr_rowb_init(void) {
-#ifdef APR_PACK_AVX2
-    int m, b, c;
-    for (m = 0; m < 256; m++) {
-        c = 0;
-        for (b = 0; b < 8; b++)
-            if (m & (1 << b)) apr_pack_perm[m][c++] = (uint32_t)b;
-        for (; c < 8; c++) apr_pack_perm[m][c] = 0;
-    }
-    __builtin_cpu_init();
-    apr_pack_avx2_ok = __builtin_cpu_supports("avx2");
-#endif
-}
-
-/* Switch the AVX2 left-pack off (0) or back on where the CPU has it (1), or only ask (-1);
- * returns whether it was on (tests and benchmarks of the scalar fallback). */
-static int apr_rowb_simd(int on) {
-#ifdef APR_PACK_AVX2
-    int prev = apr_pack_avx2_ok;
-    if (on >= 0) apr_pack_avx2_ok = on ? __builtin_cpu_supports("avx2") : 0;
-    return prev;
-#else
-    (void)on;
-    return 0;
-#endif
-}
-
-static inline ptrdiff_t apr_pack16(const uint16_t *kb, const uint8_t *cf, ptrdiff_t nb,
-                                   uint32_t i0, uint16_t *keys, uint32_t *pos) {
-    return apr_pack_scalar16(kb, cf, nb, i0, keys, pos);
-}
-static inline ptrdiff_t apr_pack32(const uint32_t *kb, const uint8_t *cf, ptrdiff_t nb,
-                                   uint32_t i0, uint32_t *keys, uint32_t *pos) {
-#ifdef APR_PACK_AVX2
-    if (apr_pack_avx2_ok) return apr_pack_avx2_32(kb, cf, nb, i0, keys, pos);
-#endif
-    return apr_pack_scalar32(kb, cf, nb, i0, keys, pos);
-}
-static inline ptrdiff_t apr_pack64(const uint64_t *kb, const uint8_t *cf, ptrdiff_t nb,
-                                   uint32_t i0, uint64_t *keys, uint32_t *pos) {
-    return apr_pack_scalar64(kb, cf, nb, i0, keys, pos);
-}
-
-/* Per-row selection inside a bracket shared by all rows (apr_rowb): one pass over the row writes
- * the provisional mask (keep = key above the bracket), counts the keys below it and collects the
- * keys inside [lo, hi] (native keys) with their positions; when the k-th smallest key lies in the
- * bracket, a radix select among those few candidates gives the threshold and only their mask
- * bytes are rewritten, in index order (the tie rule: equal keys prune the lowest index first, and
- * every key equal to the threshold is a candidate).  The pass works in blocks of APR_ROWB_BLOCK:
- * a branch-free loop (vectorised) writes mask bytes and candidate flags, then the set flags are
- * walked eight at a time.  Returns 0 (done), 1 (a non-finite value: out is not meaningful) or
- * 2 (the bracket missed the k-th key, or more than cap keys fell inside it: out is not
- * meaningful and the caller runs apr_row).  keys: cap slots; pos: cap slots; n < 2^32. */
-#define APR_ROWB_BLOCK 256
+/* Per-row selection inside a bracket shared by all rows (apr_rowb): one mark pass over the row
+ * (apr_markc of apr_passes.h: AVX2 for 16- and 32-bit keys) writes the provisional mask (1 above
+ * the bracket, 0 below, 2 inside), counts the keys below it and collects the keys inside
+ * [lo, hi] (native keys) with their positions; when the k-th smallest key lies in the bracket, a
+ * select among those few candidates (apr_select_in) gives the threshold and only their mask bytes are
+ * rewritten, in index order (the tie rule: equal keys prune the lowest index first, and every
+ * key equal to the threshold is a candidate).  Returns 0 (done), 1 (a non-finite value: out is
+ * not meaningful) or 2 (the bracket missed the k-th key, or more than cap keys fell inside it:
+ * out is not meaningful and the caller runs apr_row).  keys: cap slots; pos: cap slots;
+ * n < 2^32. */
 #define APR_DEFINE_ROWB(W, UT, ST, SIGN)                                                      \
-    APR_CLONES static ptrdiff_t apr_rowb##W(const UT *x, ptrdiff_t n, ptrdiff_t k,             \
-                                            int magnitude, UT khi_, UT klo_, UT lo_, UT hi_,   \
-                                            ptrdiff_t cap, UT *keys, uint32_t *pos,            \
-                                            uint8_t *out) {                                    \
+    static ptrdiff_t apr_rowb##W(const UT *x, ptrdiff_t n, ptrdiff_t k, int magnitude,         \
+                                 UT khi_, UT klo_, UT lo_, UT hi_, ptrdiff_t cap, UT *keys,    \
+                                 uint32_t *pos, uint8_t *out) {                                \
         UT am = apr_amask##W(magnitude);                                                      \
-        ST khi = apr_sdom##W(khi_), klo = apr_sdom##W(klo_);                                  \
-        ST lo = apr_sdom##W(lo_), hi = apr_sdom##W(hi_);                                      \
-        ptrdiff_t i0, w = 0, below = 0, below2 = 0, r, j, seen = 0;                           \
-        ST anybad = 0, st;                                                                    \
+        int64_t res[4];                                                                       \
+        ptrdiff_t below, w, below2 = 0, r, j, seen = 0;                                       \
+        ST st;                                                                                \
         UT t;                                                                                 \
-        uint8_t cf[APR_ROWB_BLOCK];                                                           \
-        UT kb[APR_ROWB_BLOCK];                                                                \
-        for (i0 = 0; i0 < n; i0 += APR_ROWB_BLOCK) {                                          \
-            ptrdiff_t nb = n - i0 < APR_ROWB_BLOCK ? n - i0 : APR_ROWB_BLOCK, i;               \
-            const UT *xb = x + i0;                                                            \
-            uint8_t *ob = out + i0;                                                           \
-            int32_t bl = 0;                                                                   \
-            if (w + nb > cap) return 2;                                                       \
-            for (i = 0; i < nb; i++) {                                                        \
-                ST sk = apr_skey##W(xb[i], am);                                               \
-                anybad |= (ST)((sk >= khi) | (sk <= klo));                                    \
-                ob[i] = (uint8_t)(sk > hi);                                                   \
-                bl += sk < lo;                                                                \
-                cf[i] = (uint8_t)((sk >= lo) & (sk <= hi));                                   \
-                kb[i] = (UT)((UT)sk ^ (UT)(SIGN));                                            \
-            }                                                                                 \
-            below += bl;                                                                      \
-            w += apr_pack##W(kb, cf, nb, (uint32_t)i0, keys + w, pos + w);                    \
-        }                                                                                     \
-        if (anybad) return 1;                                                                 \
+        apr_markc##W(x, 0, n, magnitude, lo_, hi_, khi_, klo_, out, res, keys, pos, cap);     \
+        if (res[2]) return 1;                                                                 \
+        if (res[3] < 0) return 2;                                                             \
+        below = (ptrdiff_t)res[0];                                                            \
+        w = (ptrdiff_t)res[3];                                                                \
         if (!(below < k && k <= below + w)) return 2;                                         \
-        t = apr_radix_select##W(keys, w, k - 1 - below, &below2);                             \
+        t = apr_select_in##W(keys, w, k - 1 - below, lo_, hi_, &below2);                   \
         r = k - below - below2; /* keys equal to t to prune, lowest index first */           \
         st = apr_sdom##W(t);                                                                  \
         for (j = 0; j < w; j++) {                                                             \

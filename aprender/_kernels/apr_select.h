@@ -71,6 +71,43 @@ APR_DEFINE_SELECT(16, uint16_t)
 APR_DEFINE_SELECT(32, uint32_t)
 APR_DEFINE_SELECT(64, uint64_t)
 
+/* k-th smallest (0-based rank) of a[0:n] whose keys all lie in [lo, hi], for the few hundred
+ * candidates of one row: one histogram of (key - lo) in at most 256 bins (a kilobyte to clear,
+ * where the radix select clears four per digit), the rank's bin moved to the front, then the
+ * radix select among that bin's keys.  Same result and *below_out as apr_radix_select; only
+ * permutes a. */
+#define APR_DEFINE_SELECT_IN(W, UT)                                                             \
+    static UT apr_select_in##W(UT *a, ptrdiff_t n, ptrdiff_t rank, UT lo, UT hi,              \
+                               ptrdiff_t *below_out) {                                      \
+        uint32_t cnt[256];                                                                  \
+        uint64_t span = (uint64_t)(UT)(hi - lo);                                            \
+        ptrdiff_t i, m = 0, acc = 0, nb, b;                                                 \
+        int shift = 0;                                                                      \
+        UT t;                                                                               \
+        while ((span >> shift) >= 256u) shift++;                                            \
+        nb = (ptrdiff_t)(span >> shift) + 1;                                                \
+        memset(cnt, 0, (size_t)nb * sizeof(uint32_t));                                      \
+        for (i = 0; i < n; i++) cnt[(uint64_t)(UT)(a[i] - lo) >> shift]++;                  \
+        for (b = 0; b < nb - 1; b++) {                                                      \
+            if (acc + (ptrdiff_t)cnt[b] > rank) break;                                      \
+            acc += cnt[b];                                                                  \
+        }                                                                                   \
+        for (i = 0; i < n; i++) { /* the bin's keys to the front, order kept */            \
+            UT v = a[i];                                                                    \
+            UT tmp = a[m];                                                                  \
+            ptrdiff_t hit = (ptrdiff_t)(((uint64_t)(UT)(v - lo) >> shift) == (uint64_t)b);  \
+            a[m] = hit ? v : tmp;                                                           \
+            a[i] = hit ? tmp : v;                                                           \
+            m += hit;                                                                       \
+        }                                                                                   \
+        t = apr_radix_select##W(a, m, rank - acc, below_out);                               \
+        *below_out += acc;                                                                  \
+        return t;                                                                           \
+    }
+APR_DEFINE_SELECT_IN(16, uint16_t)
+APR_DEFINE_SELECT_IN(32, uint32_t)
+APR_DEFINE_SELECT_IN(64, uint64_t)
+
 /* A bracket [lo, hi] of keys around ranks r_lo <= r_hi (0-based) of a[0:n], read-only: lo is at
  * most the r_lo-th smallest key and hi at least the r_hi-th, and both are edges of histogram bins
  * (at most 65536 bins over [lo, hi], refined while the bracket holds more than 5/4 of the keys

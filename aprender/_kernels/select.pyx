@@ -570,10 +570,10 @@ cdef extern from "apr_keys.h" nogil:
 apr_mark_init()
 
 
-def mark_simd(on=None):
-    """Whether the mark pass (mark_pass, mark_collect) runs its AVX2 loop; on=False switches to
-    the scalar loop (same marks, counts and candidates), on=True back where the CPU has it.  For
-    tests and benchmarks."""
+def simd(on=None):
+    """Whether the mark pass (mark_pass, mark_collect and the per-row pass) runs its AVX2 loop;
+    on=False switches to the scalar loop (same marks, counts and candidates), on=True back where
+    the CPU has it.  For tests and benchmarks."""
     return bool(apr_mark_simd(-1 if on is None else (1 if on else 0)))
 
 
@@ -903,9 +903,6 @@ def count_in(const key_t[::1] keys not None, uint64_t lo, uint64_t hi):
 # ----------------------------------------------------------------------------------------------
 
 cdef extern from "apr_keys.h" nogil:
-    enum: ROWB_BLOCK "APR_ROWB_BLOCK"
-    void apr_rowb_init()
-    int apr_rowb_simd(int on)
     Py_ssize_t apr_row16(const uint16_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
                          uint16_t khi, uint16_t klo, uint16_t* keys, uint8_t* out)
     Py_ssize_t apr_row32(const uint32_t* x, Py_ssize_t n, Py_ssize_t k, int magnitude,
@@ -933,15 +930,6 @@ cdef inline Py_ssize_t _row(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int
     else:
         return apr_row16(x, ncols, k, magnitude, <uint16_t>khi, <uint16_t>klo, <uint16_t*>buf,
                          out)
-
-
-apr_rowb_init()
-
-
-def simd(on=None):
-    """Whether per-row selection packs candidates with SIMD; on=False switches to the scalar
-    pack (same masks), on=True back where the CPU has it.  For tests and benchmarks."""
-    return bool(apr_rowb_simd(-1 if on is None else (1 if on else 0)))
 
 
 cdef inline Py_ssize_t _rowb(const real_t* x, Py_ssize_t ncols, Py_ssize_t k, int magnitude,
@@ -990,7 +978,7 @@ cdef tuple _rows_bracket(const real_t[:, ::1] x, Py_ssize_t k, int magnitude):
     qlo, qhi, _ = sample_bracket(smp, max(lo_r, 0), min(hi_r, s - 1))
     lo = 0 if lo_r < 0 else int(qlo)
     hi = kmax if hi_r >= s else int(qhi)
-    cap = min(ncols, int(4.0 * h * ncols) + 2 * ROWB_BLOCK)
+    cap = min(ncols, int(4.0 * h * ncols) + 64)
     return lo, hi, cap
 
 
