@@ -19,17 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import __version__
-from ._validation import resolve_threads
+from ._kernels import apply as _apply
+from ._validation import prune_count, resolve_threads
 from .errors import (CalibrationError, CheckpointError, InvalidArgumentError, InvalidPatternError,
                      InvalidShapeError, PruningError, ShapeMismatchError)
 from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
-from .io.export import bitmask_tensors, masked_chunks, packed_tensors
+from .io.export import bitmask_tensors, masked_chunks, packed_tensors, zeroed_chunks
 from .io.formats import FORMATS, logical_tensors
 from .io.files import (OutputTarget, atomic_write_text, display, remove_tree, replace_path,
                        temp_name)
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
                            layer_magnitude_mask)
-from .pruning.selection import GlobalPlan, MappedUnit, wanda_units
+from .pruning.selection import GlobalPlan, MappedUnit, find_threshold, wanda_units
 
 __all__ = ["prune_checkpoint", "CheckpointPruner", "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE"]
 
@@ -83,6 +84,19 @@ def sidecar_config(output, input):
     stem = output[:-len(".safetensors")] if output.endswith(".safetensors") else output
     base = os.path.join(os.path.dirname(os.path.abspath(input)), "config.json")
     return stem + ".config.json", base if os.path.isfile(base) else None
+
+
+class _Threshold(types.SimpleNamespace):
+    """A layer-scope magnitude selection as its threshold (native key), the ties to prune and
+    the elements it keeps."""
+
+    def __init__(self, thresh, r, kept):
+        super().__init__(thresh=thresh, r=r, kept=kept)
+
+
+def _kept(keep, nt):
+    """Kept elements of a flat keep-mask (uint8 or bool), counted by the threaded kernel."""
+    return int(_apply.count_nonzero_u8(np.ascontiguousarray(keep).reshape(-1).view(np.uint8), nt))
 
 
 def _refuse_compressed(ckpt):
@@ -199,6 +213,8 @@ class CheckpointPruner:
                                        f"{args.importance!r}")
         self.wanda = args.importance == "wanda"
         self.sgpt = args.importance == "sparsegpt"
+        # the dense output of an unstructured magnitude selection is written from thresholds
+        self.mask_free = args.format == "dense" and args.importance in ("l1", "l2")
         if (self.wanda or self.sgpt) and not args.calibration:
             raise InvalidArgumentError(f"--importance {args.importance} needs --calibration FILE "
                                        "(from 'aprender calibrate"
@@ -455,7 +471,8 @@ class CheckpointPruner:
             return self._wanda_layer_keep(shard, t, sparsity)
         arr = self.ckpt.files[shard].array(t.name)
         try:
-            mask = layer_magnitude_mask(arr, self.pattern, sparsity, n_threads=self.nt)
+            mask = layer_magnitude_mask(arr, self.pattern, sparsity, n_threads=self.nt,
+                                        out=self._mask_buffer(t.size).reshape(arr.shape))
         except PruningError as exc:
             raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}") from None
         return mask.keep.reshape(-1).view(np.uint8)
@@ -468,7 +485,7 @@ class CheckpointPruner:
         if self.pattern.is_unstructured:
             return GlobalPlan(units, sparsity, None, self.nt, [list(range(len(units)))]) \
                 .group_keep(0, np.empty(t.size, np.uint8))
-        keep = np.empty(t.size, np.bool_)
+        keep = self._mask_buffer(t.size)
         pos = 0
         for u in units:  # each chunk's scores and mask go straight into reused buffers
             s = u.scores(out=self._scratch(u.size, u.dtype, "scores").reshape(u.shape))
@@ -481,6 +498,14 @@ class CheckpointPruner:
             pos += u.size
         return keep.view(np.uint8)
 
+    def _mask_buffer(self, n):
+        """A bool mask buffer of n elements from a ring of two reused across tensors (the pages
+        stay mapped instead of being faulted in for every tensor).  Two masks are alive at most
+        (the one written and the one computed ahead, see _write_shard), so a slot is reused
+        only once its mask has been written."""
+        self._ring = getattr(self, "_ring", 0) ^ 1
+        return self._scratch(n, np.bool_, f"mask{self._ring}")
+
     def _scratch(self, n, dtype, what):
         """A buffer of at least n elements reused across tensors (its pages stay mapped)."""
         buf = self._buffers.get(what)
@@ -488,8 +513,9 @@ class CheckpointPruner:
             buf = self._buffers[what] = np.empty(n, dtype)
         return buf[:n]
 
-    def _row(self, shard, t, keep):
-        kept = int(np.count_nonzero(keep))
+    def _row(self, shard, t, keep, kept=None):
+        if kept is None:
+            kept = _kept(keep, self.nt)
         self.rows.append({"name": t.name, "file": shard, "shape": list(t.shape),
                           "dtype": t.dtype, "total": t.size, "kept": kept,
                           "sparsity": (t.size - kept) / t.size if t.size else 0.0})
@@ -565,16 +591,20 @@ class CheckpointPruner:
                         out.copy(sf, t)
                         self._tick(t.nbytes)
                         continue
-                    keep, words = (pending.popleft().result() if depth else
-                                   self._prune(shard, t))
+                    keep, words, kept = (pending.popleft().result() if depth else
+                                         self._prune(shard, t) + (None,))
                     if depth and nxt < len(ahead):
                         pending.append(pool.submit(self._prune_ahead, shard, ahead[nxt]))
                         nxt += 1
+                    if isinstance(keep, _Threshold):
+                        self._write_thresholded(out, sf, shard, t, keep, 1 if pending else self.nt)
+                        self._tick(t.nbytes)
+                        continue
                     # while a mask is being computed its kernels hold the threads: this side
                     # writes on one (two OpenMP teams on the same cores wait on each other's
                     # spinning threads)
                     wnt = 1 if pending else self.nt
-                    self._row(shard, t, keep)
+                    self._row(shard, t, keep, kept)
                     if fmt != "dense":
                         src = sf.words(t.name) if words is None else words  # SparseGPT: new
                         enc = (bitmask_tensors(src, keep, t, wnt) if fmt == "sparse-24-bitmask"
@@ -595,10 +625,42 @@ class CheckpointPruner:
         out.close()
 
     def _prune_ahead(self, shard, t):
-        """_prune on the worker thread.  A global plan's mask is a view of one buffer that the
-        next tensor's mask overwrites, so it is copied out; the other scopes' masks are fresh."""
+        """_prune on the worker thread, and the mask's kept count (counted there, off the
+        writing thread); for a dense layer-scope magnitude selection, only its threshold (see
+        _threshold).  A global plan's mask is a view of one buffer that the next tensor's mask
+        overwrites, so it is copied out; the other scopes' masks come from a ring of two."""
+        th = self._threshold(shard, t)
+        if th is not None:
+            return th, None, None
         keep, words = self._prune(shard, t)
-        return (keep.copy() if self.args.scope == "global" else keep), words
+        keep = keep.copy() if self.args.scope == "global" else keep
+        return keep, words, _kept(keep, self.nt)
+
+    def _threshold(self, shard, t):
+        """A dense layer-scope unstructured magnitude selection needs no mask: the exact
+        threshold and the number of ties to prune (one streaming pass, nothing written), applied
+        while the tensor is written (zeroed_chunks).  None where the mask path applies: other
+        patterns, scopes, importances and formats, nothing or everything pruned, or non-finite
+        weights (the mask path then raises its usual error)."""
+        if not (self.mask_free and self.pattern.is_unstructured) or self.args.scope != "layer" \
+                or t.size == 0 or t.dtype not in ("F16", "BF16", "F32", "F64"):
+            return None
+        k = prune_count(self.layer_sparsity.get(t.name, self.sparsity), t.size)
+        if k <= 0 or k >= t.size:
+            return None
+        unit = MappedUnit(self.ckpt.files[shard], t, self._label(self.ckpt, shard, t))
+        thresh, below, bad, _ = find_threshold([unit.load(True)], [t.size], k, 1, unit.inf16,
+                                               self.nt)
+        return None if bad else _Threshold(thresh, k - below, t.size - k)
+
+    def _write_thresholded(self, out, sf, shard, t, th, nt):
+        tally = types.SimpleNamespace()
+        out.add(t.name, t.dtype, t.shape, zeroed_chunks(sf, t, th.thresh, th.r, nt, tally),
+                t.nbytes)
+        if tally.r or tally.kept != th.kept:  # the words written are not those selected on
+            raise CheckpointError(f"{self._label(self.ckpt, shard, t)}: the tensor changed "
+                                  "while it was read")
+        self._row(shard, t, None, tally.kept)
 
     def _update_config(self, cfg):
         """``cfg`` with the compressed-tensors sparsity config of a sparse-24-bitmask output,

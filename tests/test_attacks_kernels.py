@@ -28,6 +28,12 @@ BIG = 2**62
 HUGE_INT = 2**40  # does not fit a C int
 
 
+def _readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
 def _u(n, dtype=np.uint8):
     return np.zeros(n, dtype)
 
@@ -179,6 +185,12 @@ CASES = [
      r"rank -1 outside \[0, 10\)"),
     ("select-keys-float", "select_keys", lambda: select.select_keys(F32, 1),
      InvalidDTypeError, r"signature|dtype"),
+    ("zero-float", "zero_pass", lambda: select.zero_pass(F32, 0, 0, 1), InvalidDTypeError,
+     r"zero_pass"),
+    ("zero-none", "zero_pass", lambda: select.zero_pass(None, 0, 0, 1), InvalidArgumentError,
+     r"zero_pass: no kernel takes these buffers.*words: None"),
+    ("zero-readonly", "zero_pass", lambda: select.zero_pass(_readonly(KEYS), 0, 0, 1),
+     InvalidArgumentError, r"zero_pass: buffer source array is read-only"),
     ("bracket-crossed", "sample_bracket", lambda: select.sample_bracket(KEYS, 5, 2),
      InvalidArgumentError, r"ranks \(5, 2\) must satisfy"),
     ("bracket-beyond", "sample_bracket", lambda: select.sample_bracket(KEYS, 0, 10),

@@ -143,6 +143,54 @@ APR_DEFINE_PASSES(32, uint32_t, int32_t, 0x80000000u, int32_t)
 APR_DEFINE_PASSES(64, uint64_t, int64_t, 0x8000000000000000ull, int64_t)
 
 
+/* Zero pass: the dense write of a magnitude selection without a mask, over raw words in place.
+ * zero_below: words whose magnitude key is below t become 0 (every bit: +0.0); counts them
+ * (*below) and the words whose key equals t (returned).  zero_equal: the first count words of
+ * [s, e) whose key equals t become 0 (the tie rule: the lowest indices are pruned first). */
+#define APR_DEFINE_ZERO(W, UT, ST, SIGN)                                                        \
+    APR_CLONES static int64_t apr_zero_below##W(UT *x, ptrdiff_t s, ptrdiff_t e, UT t_,       \
+                                                int64_t *below) {                           \
+        const UT am = (UT)~(UT)(SIGN);                                                      \
+        const ST t = apr_sdom##W(t_);                                                       \
+        int64_t eq = 0, lt = 0;                                                             \
+        ptrdiff_t i;                                                                        \
+        for (i = s; i < e; i++) {                                                           \
+            ST k = (ST)(x[i] & am);                                                         \
+            x[i] = (UT)(x[i] & (UT)((UT)0 - (UT)(k >= t)));                                 \
+            eq += k == t;                                                                   \
+            lt += k < t;                                                                    \
+        }                                                                                   \
+        *below = lt;                                                                        \
+        return eq;                                                                          \
+    }                                                                                       \
+    APR_CLONES static void apr_zero_equal##W(UT *x, ptrdiff_t s, ptrdiff_t e, UT t_,          \
+                                             ptrdiff_t count) {                             \
+        const UT am = (UT)~(UT)(SIGN);                                                      \
+        const ST t = apr_sdom##W(t_);                                                       \
+        ptrdiff_t i0, i;                                                                    \
+        /* whole blocks whose equal keys are all pruned: counted, then zeroed, branch free */ \
+        for (i0 = s; i0 < e && count > 0; i0 += 256) {                                      \
+            ptrdiff_t e0 = i0 + 256 < e ? i0 + 256 : e;                                     \
+            int32_t q = 0;                                                                  \
+            for (i = i0; i < e0; i++) q += (ST)(x[i] & am) == t;                            \
+            if (q <= count) {                                                               \
+                for (i = i0; i < e0; i++)                                                   \
+                    x[i] = (UT)(x[i] & (UT)((UT)0 - (UT)((ST)(x[i] & am) != t)));           \
+                count -= q;                                                                 \
+            } else {                                                                        \
+                for (i = i0; i < e0 && count > 0; i++)                                      \
+                    if ((ST)(x[i] & am) == t) {                                             \
+                        x[i] = 0;                                                           \
+                        count--;                                                            \
+                    }                                                                       \
+            }                                                                               \
+        }                                                                                   \
+    }
+APR_DEFINE_ZERO(16, uint16_t, int16_t, 0x8000u)
+APR_DEFINE_ZERO(32, uint32_t, int32_t, 0x80000000u)
+APR_DEFINE_ZERO(64, uint64_t, int64_t, 0x8000000000000000ull)
+
+
 /* Mark pass, for masks held in memory: out[i] = 1 for key > hi (kept whatever the threshold),
  * 0 for key < lo (pruned), 2 for key in [lo, hi] (a candidate, decided once the threshold is
  * known); res[0..2] = keys below lo, keys inside [lo, hi], non-finite keys.  Nothing is copied:

@@ -858,6 +858,67 @@ def write_pass(const real_t[::1] x not None, uint64_t thresh, Py_ssize_t r, int 
     return min(r, total)
 
 
+cdef extern from "apr_keys.h" nogil:
+    int64_t apr_zero_below16(uint16_t* x, Py_ssize_t s, Py_ssize_t e, uint16_t t, int64_t* below)
+    int64_t apr_zero_below32(uint32_t* x, Py_ssize_t s, Py_ssize_t e, uint32_t t, int64_t* below)
+    int64_t apr_zero_below64(uint64_t* x, Py_ssize_t s, Py_ssize_t e, uint64_t t, int64_t* below)
+    void apr_zero_equal16(uint16_t* x, Py_ssize_t s, Py_ssize_t e, uint16_t t, Py_ssize_t count)
+    void apr_zero_equal32(uint32_t* x, Py_ssize_t s, Py_ssize_t e, uint32_t t, Py_ssize_t count)
+    void apr_zero_equal64(uint64_t* x, Py_ssize_t s, Py_ssize_t e, uint64_t t, Py_ssize_t count)
+
+
+cdef inline int64_t _zero_below(key_t* x, Py_ssize_t s, Py_ssize_t e, uint64_t t,
+                                int64_t* below) noexcept nogil:
+    if key_t is uint16_t:
+        return apr_zero_below16(x, s, e, <uint16_t>t, below)
+    elif key_t is uint32_t:
+        return apr_zero_below32(x, s, e, <uint32_t>t, below)
+    else:
+        return apr_zero_below64(x, s, e, t, below)
+
+
+cdef inline void _zero_equal(key_t* x, Py_ssize_t s, Py_ssize_t e, uint64_t t,
+                             Py_ssize_t count) noexcept nogil:
+    if key_t is uint16_t:
+        apr_zero_equal16(x, s, e, <uint16_t>t, count)
+    elif key_t is uint32_t:
+        apr_zero_equal32(x, s, e, <uint32_t>t, count)
+    else:
+        apr_zero_equal64(x, s, e, t, count)
+
+
+def zero_pass(key_t[::1] words not None, uint64_t thresh, Py_ssize_t r, int n_threads):
+    """The dense write of a magnitude selection without a mask, in place on raw float words
+    (a chunk of a tensor, in flat order): words whose magnitude key is below thresh (a native
+    magnitude key, find_threshold's) become +0.0, and so do the first r words whose key equals
+    thresh; the others are left as they are.  Returns (equal keys zeroed: min(r, number equal),
+    words kept), so that a caller streaming chunks passes r minus the first on to the next."""
+    cdef Py_ssize_t n = words.shape[0], c, nch = (n + CHUNK - 1) // CHUNK, total = 0, below = 0
+    cdef Py_ssize_t first
+    cdef int nt = threads_for(n_threads, n, nch)
+    if n == 0:
+        return 0, 0
+    if r < 0:
+        r = 0
+    cdef int64_t[::1] eq = np.zeros(nch, dtype=np.int64)
+    cdef int64_t[::1] lt = np.zeros(nch, dtype=np.int64)
+    cdef int64_t[::1] before = np.zeros(nch, dtype=np.int64)
+    with nogil:
+        for c in prange(nch, schedule="static", num_threads=nt):
+            eq[c] = _zero_below(&words[0], c * CHUNK, min(n, (c + 1) * CHUNK), thresh, &lt[c])
+        for c in range(nch):
+            before[c] = total
+            total += eq[c]
+            below += lt[c]
+        if r > 0 and total > 0:
+            for c in prange(nch, schedule="static", num_threads=nt):
+                first = r - before[c]
+                if eq[c] > 0 and first > 0:
+                    _zero_equal(&words[0], c * CHUNK, min(n, (c + 1) * CHUNK), thresh,
+                                min(first, eq[c]))
+    return min(r, total), n - below - min(r, total)
+
+
 def fill_pass(const real_t[::1] x not None, uint8_t value, int magnitude, uint16_t inf16,
               uint8_t[::1] out not None, int n_threads):
     """out[:] = value; returns the number of non-finite inputs (k == 0 or k == n)."""
@@ -1091,7 +1152,7 @@ def expand_blocks(const uint8_t[:, ::1] bmask not None, Py_ssize_t bh, Py_ssize_
                 out[i, j] = bmask[i // bh, j // bw]
 
 
-guard(globals(), ["scratch_budget", "select_keys", "select_keys_below", "sample_bracket",
+guard(globals(), ["zero_pass", "scratch_budget", "select_keys", "select_keys_below", "sample_bracket",
                   "select_hist", "sample_keys", "sample_into", "range_pass", "mark_pass",
                   "gather_marked", "fix_marked", "fix_positions", "hist_pass", "write_pass",
                   "fill_pass", "count_in", "rows_mask", "block_sums", "expand_blocks", "simd",

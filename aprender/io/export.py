@@ -1,15 +1,17 @@
 """Output encodings of a pruned tensor streamed from a checkpoint: dense (zeros written in
-place, chunk by chunk, input untouched), compressed-tensors ``sparse-24-bitmask`` and aprender's
+place, chunk by chunk, input untouched; from a keep-mask, or for a layer-scope magnitude
+selection straight from its threshold), compressed-tensors ``sparse-24-bitmask`` and aprender's
 compact ``bitmask`` (see :mod:`aprender.io.formats`).  Pruned positions are +0.0 in every
 encoding: zeroing clears every bit, and the compressed ones decode to zeros."""
 import numpy as np
 
 from .._kernels import apply as _apply
+from .._kernels import select as _select
 from .._validation import Bits16
 from ..errors import LayoutError
 from .safetensors import dtype_code
 
-__all__ = ["CHUNK", "masked_chunks", "bitmask_tensors", "packed_tensors", "BITMASK_SUFFIXES"]
+__all__ = ["CHUNK", "masked_chunks", "zeroed_chunks", "bitmask_tensors", "packed_tensors", "BITMASK_SUFFIXES"]
 
 CHUNK = 1 << 22  # elements per chunk
 BITMASK_SUFFIXES = (".shape", ".compressed", ".bitmask")
@@ -26,6 +28,25 @@ def masked_chunks(sf, t, keep, nt):
         chunk = buf[:b - a]
         sf.read_into(t.name, a, chunk)
         _apply.apply_mask(chunk, keep[a:b], nt)
+        yield chunk
+
+
+def zeroed_chunks(sf, t, thresh, r, nt, tally):
+    """The tensor's words with a layer-scope magnitude selection applied without a mask: words
+    whose magnitude key is below ``thresh`` zeroed, and the first ``r`` equal to it (flat
+    order), chunk by chunk into one reused buffer.  ``tally.kept`` receives the kept count and
+    ``tally.r`` the ties left unassigned (0 when the words read are the ones selected on)."""
+    dt = np.dtype(f"u{t.itemsize}")
+    n = t.size
+    buf = np.empty(min(CHUNK, n), dt)
+    tally.kept, tally.r = 0, r
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        chunk = buf[:b - a]
+        sf.read_into(t.name, a, chunk)
+        zeroed, kept = _select.zero_pass(chunk, thresh, tally.r, nt)
+        tally.r -= zeroed
+        tally.kept += kept
         yield chunk
 
 
