@@ -84,7 +84,7 @@ def test_checkpoint_mask_free_equals_the_mask_path(tmp_path, monkeypatch, sparsi
     monkeypatch.setattr(ckpts.CheckpointPruner, "_write_thresholded", spy)
     free = prune_checkpoint(src, tmp_path / "free.safetensors", sparsity=sparsity)
     assert len(calls) == 4  # every selected tensor took the mask-free write
-    monkeypatch.setattr(ckpts.CheckpointPruner, "_threshold", lambda self, shard, t: None)
+    monkeypatch.setattr(ckpts.CheckpointPruner, "_threshold", lambda self, shard, t, nt: None)
     masked = prune_checkpoint(src, tmp_path / "mask.safetensors", sparsity=sparsity)
     assert len(calls) == 4
     assert (tmp_path / "free.safetensors").read_bytes() == \
