@@ -16,7 +16,7 @@ resource.getrusage; the file-backed pages a memory map touches count towards RSS
   wanda-2:4   aprender prune --importance wanda --pattern 2:4
   torch       torch.nn.utils.prune.global_unstructured (L1) on the same tensors, loaded with
               safetensors.torch, then saved with safetensors (if torch is installed)
-Targets: aprender within 3x of the copy; peak memory under 2x the largest tensor + 200 MB;
+Targets: aprender within 2x of the copy (issue 14; Wanda is judged against magnitude instead); peak memory under 2x the largest tensor + 200 MB;
 Wanda within 1.3x of the same pattern by magnitude, with the same peak memory.
 """
 import argparse
@@ -182,7 +182,8 @@ def main():
             ratio = r["wall"] / copy
             ok = ""
             if case not in ("copy", "cp", "torch"):
-                ok = ("ok" if ratio <= 3 else "SLOW") + " / " + \
+                limit = 2 if not case.startswith("wanda") else float("inf")
+                ok = ("ok" if ratio <= limit else "SLOW") + " / " + \
                     ("ok" if r["maxrss_mb"] <= budget else "MEM")
             print(f"{case:<10} {r['wall']:8.3f} {ratio:7.2f} {size / 1e6 / r['wall']:7.0f} "
                   f"{r['maxrss_mb']:13.0f}  {ok}")
