@@ -384,6 +384,24 @@ static uint32_t apr_mark_perm[256][8];
         }                                                                                       \
     }
 
+/* the broadcast bracket and finiteness bounds, in the signed domain (magnitude keys are never
+ * below klo: it is the smallest signed value) */
+#define APR_MARK_CONSTS(W, UT, SET1, CAST, MINV)                                                \
+    const UT am_ = apr_amask##W(magnitude);                                                     \
+    const __m256i am = SET1((CAST)am_);                                                         \
+    const __m256i lo = SET1(apr_sdom##W(lo_)), hi = SET1(apr_sdom##W(hi_));                     \
+    const __m256i khi = SET1(apr_sdom##W(khi_));                                                \
+    const __m256i klo = SET1(magnitude ? (MINV) : apr_sdom##W(klo_));
+
+/* what both widths' steps share: byte constants, the lane offsets of the left-pack, the counts
+ * and the collection's state */
+#define APR_MARK_LOCALS                                                                         \
+    const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);                         \
+    const __m256i lane8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);                            \
+    int64_t lt_n = 0, in_n = 0, bad_n = 0;                                                      \
+    ptrdiff_t i = s, c = 0;                                                                     \
+    int full = 0;
+
 /* the rest of a span after the SIMD steps, through the base, folded into res */
 #define APR_MARK_TAIL(W)                                                                        \
     {                                                                                           \
@@ -401,17 +419,9 @@ __attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_32(
         const uint32_t *x, ptrdiff_t s, ptrdiff_t e, int magnitude, uint32_t lo_, uint32_t hi_,
         uint32_t khi_, uint32_t klo_, uint8_t *out, int64_t *res, uint32_t *keys, uint32_t *pos,
         ptrdiff_t cap) {
-    const uint32_t am_ = apr_amask32(magnitude);
-    const __m256i am = _mm256_set1_epi32((int)am_);
-    const __m256i lo = _mm256_set1_epi32(apr_sdom32(lo_)), hi = _mm256_set1_epi32(apr_sdom32(hi_));
-    const __m256i khi = _mm256_set1_epi32(apr_sdom32(khi_));
-    const __m256i klo = _mm256_set1_epi32(magnitude ? INT32_MIN : apr_sdom32(klo_));
-    const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);
+    APR_MARK_CONSTS(32, uint32_t, _mm256_set1_epi32, int, INT32_MIN)
     const __m256i sign32 = _mm256_set1_epi32((int)0x80000000u);
-    const __m256i lane8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    int64_t lt_n = 0, in_n = 0, bad_n = 0;
-    ptrdiff_t i = s, c = 0;
-    int full = 0;
+    APR_MARK_LOCALS
     for (; i + 32 <= e; i += 32) {
         __m256i k0 = apr_vkey32(_mm256_loadu_si256((const __m256i *)(x + i)), am, magnitude);
         __m256i k1 = apr_vkey32(_mm256_loadu_si256((const __m256i *)(x + i + 8)), am, magnitude);
@@ -436,17 +446,9 @@ __attribute__((target("avx2,popcnt"))) static void apr_markc_avx2_16(
         const uint16_t *x, ptrdiff_t s, ptrdiff_t e, int magnitude, uint16_t lo_, uint16_t hi_,
         uint16_t khi_, uint16_t klo_, uint8_t *out, int64_t *res, uint16_t *keys, uint32_t *pos,
         ptrdiff_t cap) {
-    const uint16_t am_ = apr_amask16(magnitude);
-    const __m256i am = _mm256_set1_epi16((short)am_);
-    const __m256i lo = _mm256_set1_epi16(apr_sdom16(lo_)), hi = _mm256_set1_epi16(apr_sdom16(hi_));
-    const __m256i khi = _mm256_set1_epi16(apr_sdom16(khi_));
-    const __m256i klo = _mm256_set1_epi16(magnitude ? INT16_MIN : apr_sdom16(klo_));
-    const __m256i one = _mm256_set1_epi8(1), two = _mm256_set1_epi8(2);
+    APR_MARK_CONSTS(16, uint16_t, _mm256_set1_epi16, short, INT16_MIN)
     const __m256i sign32 = _mm256_set1_epi32(0x8000);
-    const __m256i lane8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    int64_t lt_n = 0, in_n = 0, bad_n = 0;
-    ptrdiff_t i = s, c = 0;
-    int full = 0;
+    APR_MARK_LOCALS
     for (; i + 32 <= e; i += 32) {
         __m256i k0 = apr_vkey16(_mm256_loadu_si256((const __m256i *)(x + i)), am, magnitude);
         __m256i k1 = apr_vkey16(_mm256_loadu_si256((const __m256i *)(x + i + 16)), am, magnitude);
