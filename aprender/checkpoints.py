@@ -85,6 +85,9 @@ def sidecar_config(output, input):
     return stem + ".config.json", base if os.path.isfile(base) else None
 
 
+_MASK_RING = 2  # mask buffers reused across tensors: one being written, one computed ahead
+
+
 class _Threshold(types.SimpleNamespace):
     """A layer-scope magnitude selection as its threshold (native key), the ties to prune and
     the elements it keeps."""
@@ -505,7 +508,7 @@ class CheckpointPruner:
         stay mapped instead of being faulted in for every tensor).  Two masks are alive at most
         (the one written and the one computed ahead, see _write_shard), so a slot is reused
         only once its mask has been written."""
-        self._ring = getattr(self, "_ring", 0) ^ 1
+        self._ring = (getattr(self, "_ring", 0) + 1) % _MASK_RING
         return self._scratch(n, np.bool_, f"mask{self._ring}")
 
     def _scratch(self, n, dtype, what):
@@ -583,7 +586,8 @@ class CheckpointPruner:
         # GIL).  One mask ahead at most: two masks alive, whatever the shard holds.  SparseGPT
         # runs one tensor at a time (its workspace, not a mask, is what memory is bound by).
         ahead = [t for t in sf if (shard, t.name) in self.sel_index]
-        depth = 0 if self.sgpt else 1
+        # at most one mask ahead: _mask_buffer's ring holds two (the one written, the one ahead)
+        depth = 0 if self.sgpt else _MASK_RING - 1
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="aprender-mask") as pool:
             pending = deque(pool.submit(self._prune_ahead, shard, t) for t in ahead[:depth])
             nxt = depth

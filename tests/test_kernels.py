@@ -346,16 +346,17 @@ def _native_keys(bits, magnitude):
     return np.where(neg, ~b, b | sign)
 
 
-@pytest.mark.parametrize("fmt", ["f16", "bf16", "f32"])
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "f32", "f64"])
 @pytest.mark.parametrize("magnitude", [1, 0])
 def test_mark_simd_equals_scalar(fmt, magnitude):
     # the AVX2 mark pass (32 keys a step, scalar tail) writes the same marks, counts the same keys
     # and collects the same candidates in the same order as the scalar pass, on every length,
     # with +-0, subnormals, ties, infinities and NaNs, and the same overflow rule
-    dtype = {"f16": np.float16, "bf16": ml_dtypes.bfloat16, "f32": np.float32}[fmt]
-    kdt = np.uint16 if fmt != "f32" else np.uint32
+    dtype = {"f16": np.float16, "bf16": ml_dtypes.bfloat16, "f32": np.float32,
+             "f64": np.float64}[fmt]
+    kdt = {"f16": np.uint16, "bf16": np.uint16, "f32": np.uint32, "f64": np.uint64}[fmt]
     rng = np.random.default_rng(11)
-    inf16 = {"f16": 0x7C00, "bf16": 0x7F80, "f32": 0}[fmt]
+    inf16 = {"f16": 0x7C00, "bf16": 0x7F80, "f32": 0, "f64": 0}[fmt]
     for n in list(range(0, 70)) + [1000, 100_003]:
         x = (rng.standard_normal(n) * 2).astype(dtype)
         x[::5] = np.round(x[::5])
@@ -366,7 +367,7 @@ def test_mark_simd_equals_scalar(fmt, magnitude):
             x[29] = -np.inf
             x[41] = np.nan
         bits = x.view(kdt)
-        kern = x if fmt == "f32" else bits  # the kernels take float32 or 16-bit patterns
+        kern = bits if kdt == np.uint16 else x  # float32/64, or 16-bit patterns
         keys = np.sort(_native_keys(bits, magnitude))
         for lo_q, hi_q in [(0.4, 0.45), (0.0, 1.0), (0.5, 0.5), (0.9, 0.2)]:
             if n == 0:
@@ -427,8 +428,7 @@ def test_mark_simd_equals_scalar(fmt, magnitude):
                 if n:
                     k = _native_keys(bits, magnitude)
                     want = np.where(k > hi, 1, np.where(k < lo, 0, 2)).astype(np.uint8)
-                    if lo <= hi:
-                        np.testing.assert_array_equal(o1, want)
+                    np.testing.assert_array_equal(o1, want)  # crossed brackets too
 
 
 @pytest.mark.parametrize("kdt", [np.uint16, np.uint32, np.uint64])

@@ -153,6 +153,8 @@ def sample_bracket(const key_t[::1] keys not None, Py_ssize_t r_lo, Py_ssize_t r
     if not 0 <= r_lo <= r_hi < n:
         raise InvalidArgumentError(f"ranks ({r_lo}, {r_hi}) must satisfy 0 <= r_lo <= r_hi < "
                                    f"{n} for {n} keys")
+    if n > 0x7FFFFFFF:  # 32-bit bin counts: a sample, never a tensor
+        raise InvalidArgumentError(f"{n} keys: a sample bracket takes at most 2**31 - 1")
     cdef int32_t[::1] hist = np.empty(HIST_BINS, dtype=np.int32)
     with nogil:
         if key_t is uint16_t:
@@ -1039,7 +1041,8 @@ cdef tuple _rows_bracket(const real_t[:, ::1] x, Py_ssize_t k, int magnitude):
     qlo, qhi, _ = sample_bracket(smp, max(lo_r, 0), min(hi_r, s - 1))
     lo = 0 if lo_r < 0 else int(qlo)
     hi = kmax if hi_r >= s else int(qhi)
-    cap = min(ncols, int(4.0 * h * ncols) + 64)
+    # slack for the histogram bracket's bin edges (up to a quarter wider, plus 64 sample keys)
+    cap = min(ncols, int(4.0 * h * ncols) + 512)
     return lo, hi, cap
 
 
