@@ -13,7 +13,7 @@ import re
 import sys
 import time
 import types
-from collections import deque
+from collections import deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -88,12 +88,9 @@ def sidecar_config(output, input):
 _MASK_RING = 2  # mask buffers reused across tensors: one being written, one computed ahead
 
 
-class _Threshold(types.SimpleNamespace):
-    """A layer-scope magnitude selection as its threshold (native key), the ties to prune and
-    the elements it keeps."""
-
-    def __init__(self, thresh, r, kept):
-        super().__init__(thresh=thresh, r=r, kept=kept)
+# a layer-scope magnitude selection as its threshold (native key), the ties to prune (the first
+# in flat order) and the elements it keeps
+_Threshold = namedtuple("_Threshold", "thresh r kept")
 
 
 def _kept(keep):
@@ -218,8 +215,6 @@ class CheckpointPruner:
                                        f"{args.importance!r}")
         self.wanda = args.importance == "wanda"
         self.sgpt = args.importance == "sparsegpt"
-        # the dense output of an unstructured magnitude selection is written from thresholds
-        self.mask_free = args.format == "dense" and args.importance in ("l1", "l2")
         if (self.wanda or self.sgpt) and not args.calibration:
             raise InvalidArgumentError(f"--importance {args.importance} needs --calibration FILE "
                                        "(from 'aprender calibrate"
@@ -260,6 +255,10 @@ class CheckpointPruner:
                                        f"{args.format!r}")
         if args.format == "sparse-24-bitmask" and not (p.is_nm and (p.n, p.m) == (2, 4)):
             raise InvalidArgumentError("--format sparse-24-bitmask needs --pattern 2:4")
+        # the dense output of a layer-scope unstructured magnitude selection is written from
+        # each tensor's threshold, without a mask (_threshold)
+        self.mask_free = (args.format == "dense" and args.importance in ("l1", "l2")
+                          and args.scope == "layer" and p.is_unstructured)
         if args.max_tensor_sparsity is not None and args.scope != "global":
             raise InvalidArgumentError("--max-tensor-sparsity needs --scope global")
         self.include = _compile(args.include, "--include")
@@ -652,8 +651,7 @@ class CheckpointPruner:
         while the tensor is written (zeroed_chunks).  None where the mask path applies: other
         patterns, scopes, importances and formats, nothing or everything pruned, or non-finite
         weights (the mask path then raises its usual error)."""
-        if not (self.mask_free and self.pattern.is_unstructured) or self.args.scope != "layer" \
-                or t.size == 0 or t.dtype not in ("F16", "BF16", "F32", "F64"):
+        if not self.mask_free or t.size == 0 or t.dtype not in ("F16", "BF16", "F32", "F64"):
             return None
         k = prune_count(self.layer_sparsity.get(t.name, self.sparsity), t.size)
         if k <= 0 or k >= t.size:

@@ -48,6 +48,18 @@ def _torch_of(dense, name):
     return t.view(torch.bfloat16 if name == "bfloat16" else torch.float16)
 
 
+def _case_rows(case, floor, ours, theirs):
+    """The rows of one case: the copy floor, aprender, and PyTorch where it was timed."""
+    rows = [{"case": case, "impl": "copy floor", "median_ms": floor, "ratio_vs_floor": 1.0,
+             "speedup_vs_torch": None},
+            {"case": case, "impl": "aprender", "median_ms": ours, "ratio_vs_floor": ours / floor,
+             "speedup_vs_torch": theirs / ours if theirs else None}]
+    if theirs is not None:
+        rows.append({"case": case, "impl": "torch (CPU)", "median_ms": theirs,
+                     "ratio_vs_floor": theirs / floor, "speedup_vs_torch": 1.0})
+    return rows
+
+
 def run(quick: bool) -> list:
     try:
         import torch
@@ -80,14 +92,7 @@ def run(quick: bool) -> list:
                         else:
                             tv, tm = t_from(tdense)
                             theirs = _median_ms(lambda: t_to(tv, tm), max(1, repeat // 2))
-                    rows.append({"case": case, "impl": "copy floor", "median_ms": floor,
-                                 "ratio_vs_floor": 1.0, "speedup_vs_torch": None})
-                    rows.append({"case": case, "impl": "aprender", "median_ms": ours,
-                                 "ratio_vs_floor": ours / floor,
-                                 "speedup_vs_torch": theirs / ours if theirs else None})
-                    if theirs is not None:
-                        rows.append({"case": case, "impl": "torch (CPU)", "median_ms": theirs,
-                                     "ratio_vs_floor": theirs / floor, "speedup_vs_torch": 1.0})
+                    rows += _case_rows(case, floor, ours, theirs)
         # float32: PyTorch's 1:2 pair layout (one value per pair of consecutive elements)
         w = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
         dense = np.where(np.arange(shape[1]) % 2 == 0, w, np.float32(0)).astype(np.float32)
@@ -99,14 +104,7 @@ def run(quick: bool) -> list:
         if torch is not None:
             td = torch.from_numpy(dense.copy())
             theirs = _median_ms(lambda: t_from(td), max(1, repeat // 2))
-        rows.append({"case": case, "impl": "copy floor", "median_ms": floor,
-                     "ratio_vs_floor": 1.0, "speedup_vs_torch": None})
-        rows.append({"case": case, "impl": "aprender", "median_ms": ours,
-                     "ratio_vs_floor": ours / floor,
-                     "speedup_vs_torch": theirs / ours if theirs else None})
-        if theirs is not None:
-            rows.append({"case": case, "impl": "torch (CPU)", "median_ms": theirs,
-                         "ratio_vs_floor": theirs / floor, "speedup_vs_torch": 1.0})
+        rows += _case_rows(case, floor, ours, theirs)
     return rows
 
 

@@ -396,20 +396,24 @@ def test_hostile_hessian_of_metadata(tmp_path, meta, pattern):
         CalibrationContext.load(bad)
 
 
+def _traced_peak(fn):
+    """Peak bytes of numpy (Python-heap) allocations while fn runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
 def test_memory_beyond_the_output_is_one_error_matrix_and_blocks():
     """numpy allocations (tracemalloc sees them; U lives in an anonymous map of 8 n² bytes,
     half of it released before the weights are touched): the output, the error matrix and
     block-sized scratch — never a temporary the size of the weights on top."""
-    import tracemalloc
-
     w, _, h = layer(256, 512, seed=0)
     sparsegpt(w[:8, :16], h[:16, :16], 0.5)  # imports and first-call allocations
-    tracemalloc.start()
-    try:
-        sparsegpt(w, h, 0.5, block_size=128)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _traced_peak(lambda: sparsegpt(w, h, 0.5, block_size=128))
     out = w.nbytes + w.size  # float32 weights and the bool mask
     block = 256 * 128
     # scratch: the lazy update's and the saliencies' blocks, the block mask, and the selection
@@ -474,17 +478,10 @@ def test_must_prune_weights_are_ranked_first_and_always_pruned(pattern, sparsity
 
 
 def test_memory_of_fortran_and_big_endian_weights_is_one_copy():
-    import tracemalloc
-
     w, _, h = layer(256, 512, seed=0)
     sparsegpt(w[:8, :16], h[:16, :16], 0.5)
     for ww in (w, np.asfortranarray(w), w.astype(">f4")):
-        tracemalloc.start()
-        try:
-            sparsegpt(ww, h, 0.5, block_size=128)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        peak = _traced_peak(lambda: sparsegpt(ww, h, 0.5, block_size=128))
         block = 256 * 128
         bound = w.nbytes + w.size + w.nbytes + block * 9 + 2 * block * 4 + (64 << 10)
         assert peak <= bound, (ww.flags.c_contiguous, ww.dtype, peak, bound)

@@ -11,39 +11,39 @@ from .._validation import Bits16
 from ..errors import LayoutError
 from .safetensors import dtype_code
 
-__all__ = ["CHUNK", "masked_chunks", "zeroed_chunks", "bitmask_tensors", "packed_tensors", "BITMASK_SUFFIXES"]
+__all__ = ["CHUNK", "masked_chunks", "zeroed_chunks", "bitmask_tensors", "packed_tensors",
+           "BITMASK_SUFFIXES"]
 
 CHUNK = 1 << 22  # elements per chunk
 BITMASK_SUFFIXES = (".shape", ".compressed", ".bitmask")
 
 
-def masked_chunks(sf, t, keep, nt):
-    """The tensor's words with pruned positions zeroed, as chunks read (not mapped) into one
-    reused buffer; ``keep`` is the flat uint8 keep-mask."""
-    dt = np.dtype(f"u{t.itemsize}")
+def _read_chunks(sf, t):
+    """(first element, words) of the tensor's chunks, read (not mapped) into one reused buffer:
+    each is overwritten by the next."""
     n = t.size
-    buf = np.empty(min(CHUNK, n), dt)
+    buf = np.empty(min(CHUNK, n), np.dtype(f"u{t.itemsize}"))
     for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
-        chunk = buf[:b - a]
+        chunk = buf[:min(n, a + CHUNK) - a]
         sf.read_into(t.name, a, chunk)
-        _apply.apply_mask(chunk, keep[a:b], nt)
+        yield a, chunk
+
+
+def masked_chunks(sf, t, keep, nt):
+    """The tensor's words with pruned positions zeroed, chunk by chunk; ``keep`` is the flat
+    uint8 keep-mask."""
+    for a, chunk in _read_chunks(sf, t):
+        _apply.apply_mask(chunk, keep[a:a + chunk.shape[0]], nt)
         yield chunk
 
 
 def zeroed_chunks(sf, t, thresh, r, nt, tally):
     """The tensor's words with a layer-scope magnitude selection applied without a mask: words
     whose magnitude key is below ``thresh`` zeroed, and the first ``r`` equal to it (flat
-    order), chunk by chunk into one reused buffer.  ``tally.kept`` receives the kept count and
-    ``tally.r`` the ties left unassigned (0 when the words read are the ones selected on)."""
-    dt = np.dtype(f"u{t.itemsize}")
-    n = t.size
-    buf = np.empty(min(CHUNK, n), dt)
+    order), chunk by chunk.  ``tally.kept`` receives the kept count and ``tally.r`` the ties left
+    unassigned (0 when the words read are the ones selected on)."""
     tally.kept, tally.r = 0, r
-    for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
-        chunk = buf[:b - a]
-        sf.read_into(t.name, a, chunk)
+    for _, chunk in _read_chunks(sf, t):
         zeroed, kept = _select.zero_pass(chunk, thresh, tally.r, nt)
         tally.r -= zeroed
         tally.kept += kept
