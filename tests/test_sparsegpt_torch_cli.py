@@ -95,32 +95,30 @@ def test_inputs_that_stop_being_shared_are_refused():
     assert not ctx["b"].shares_hessian_with(ctx["a"])
 
 
-class _InPlace(torch.nn.Module):  # the same object, new values: never shared
+class _TwoLayers(torch.nn.Module):
+    """Two 4 x 4 layers a and b, and a count of forward calls; subclasses say how x reaches
+    them."""
+
     def __init__(self):
         super().__init__()
         self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.calls = 0
 
+
+class _InPlace(_TwoLayers):  # the same object, new values: never shared
     def forward(self, x):
         h = self.a(x)
         x.mul_(3.0).add_(1.0)
         return h + self.b(x)
 
 
-class _Twice(torch.nn.Module):  # a reads x and y, b only y: not the same inputs
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
+class _Twice(_TwoLayers):  # a reads x and y, b only y: not the same inputs
     def forward(self, x):
         y = x * 2
         return self.a(x) + self.a(y) + self.b(y)
 
 
-class _Chunked(torch.nn.Module):  # both read both chunks, in another order: shared
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
+class _Chunked(_TwoLayers):  # both read both chunks, in another order: shared
     def forward(self, x):
         p = list(x.chunk(2))
         ya = [self.a(t) for t in p]
@@ -128,12 +126,7 @@ class _Chunked(torch.nn.Module):  # both read both chunks, in another order: sha
         return torch.cat(ya) + torch.cat(yb[::-1])
 
 
-class _FollowerFirst(torch.nn.Module):  # b runs before a on the second batch
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-        self.calls = 0
-
+class _FollowerFirst(_TwoLayers):  # b runs before a on the second batch
     def forward(self, x):
         self.calls += 1
         if self.calls == 1:
@@ -141,12 +134,7 @@ class _FollowerFirst(torch.nn.Module):  # b runs before a on the second batch
         return self.b(x) + self.a(x * 1.5)
 
 
-class _LeaderOnly(torch.nn.Module):  # b skips the second batch
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-        self.calls = 0
-
+class _LeaderOnly(_TwoLayers):  # b skips the second batch
     def forward(self, x):
         self.calls += 1
         return self.a(x) + (self.b(x) if self.calls == 1 else 0)
