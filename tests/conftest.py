@@ -6,8 +6,11 @@ Sections (keep each one small and self-contained):
 2. slow tests           -- tests marked ``slow`` run only when asked for
 3. skips fail in CI     -- with CI set, any skipped test (or module) other than a ``gpu`` one is
                            reported as a failure: a missing oracle or package cannot hide a check
+4. launch-independence  -- SIGINT restored to its default when the suite was started with it
+                           ignored (a background job, nohup, many CI runners)
 """
 import os
+import signal
 
 import pytest
 
@@ -79,3 +82,16 @@ def pytest_make_collect_report(collector):
         report.outcome = "failed"
         report.longrepr = (f"{collector.nodeid} was skipped at import while CI is set (a "
                            f"module-level skip would hide all its tests): {_skip_reason(report)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. launch-independence: a process started from a background job (``cmd &`` in a script,
+#    nohup, many CI runners) inherits SIGINT as *ignored*, and so does every child it starts:
+#    the tests that interrupt a child with SIGINT would then wait for nothing.  Python leaves an
+#    inherited SIG_IGN alone, so restore the interpreter's default handler here; a handler (unlike
+#    SIG_IGN) is reset to the default disposition on exec, so every child the tests start sees
+#    SIGINT as a terminal does, however pytest itself was launched.
+# ----------------------------------------------------------------------------------------------
+def pytest_configure(config):
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -872,3 +872,12 @@ def test_a_shard_swapped_mid_run_is_refused(tmp_path, monkeypatch, swap):
         checkpoints.prune_checkpoint(src, tmp_path / "out", sparsity=0.5)
     assert not (tmp_path / "out").exists()
     assert sorted(os.listdir(tmp_path)) in (["ck", "outside.safetensors"], ["ck"])
+
+
+def test_children_see_sigint_whatever_launched_the_suite():
+    """The signal tests above need a child that dies of SIGINT; started from a background job the
+    suite inherits SIGINT ignored (conftest section 4 restores it), so check what a child sees."""
+    code = "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "False"

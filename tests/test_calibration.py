@@ -385,7 +385,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, hessian):
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         meta = json.loads(f.read(n))["__metadata__"]
-    assert meta == {"format": "aprender.calibration/1", "num_samples": "7"}
+    assert meta == {"format": "aprender.calibration/2", "num_samples": "7"}
     # saving again replaces the file and leaves no temporary behind
     ctx.num_samples = 9
     ctx.save(str(path))
@@ -458,6 +458,7 @@ def i64(v):
 
 
 GOOD = {"l.sum_squares": ("F64", [2], f64(1.0, 2.0)), "l.count": ("I64", [], i64(3))}
+V2 = {"format": "aprender.calibration/2", "num_samples": "1"}
 
 HOSTILE = [
     ("sum-squares-f32", {**GOOD, "l.sum_squares": ("F32", [2], np.ones(2, np.float32).tobytes())},
@@ -467,6 +468,31 @@ HOSTILE = [
     ("sum-squares-empty", {**GOOD, "l.sum_squares": ("F64", [0], b"")}, None,
      "in_features >= 1"),
     ("count-missing", {"l.sum_squares": GOOD["l.sum_squares"]}, None, r"'l\.count' is missing"),
+    # model-level statistics (format 2)
+    ("block-stats-in-format-1", {**GOOD, "b.block_cos_sum": ("F64", [], f64(1.0)),
+                                 "b.block_tokens": ("I64", [], i64(2))}, None,
+     "unexpected tensor 'b.block_cos_sum'"),
+    ("block-tokens-missing", {**GOOD, "b.block_cos_sum": ("F64", [], f64(1.0))}, V2,
+     r"block 'b': tensor 'b\.block_tokens' is missing"),
+    ("block-cos-f32", {**GOOD, "b.block_cos_sum": ("F32", [], np.float32(1).tobytes()),
+                       "b.block_tokens": ("I64", [], i64(2))}, V2, "must be a F64 scalar"),
+    ("block-cos-vector", {**GOOD, "b.block_cos_sum": ("F64", [1], f64(1.0)),
+                          "b.block_tokens": ("I64", [], i64(2))}, V2, "must be a F64 scalar"),
+    ("block-cos-beyond-tokens", {**GOOD, "b.block_cos_sum": ("F64", [], f64(3.0)),
+                                 "b.block_tokens": ("I64", [], i64(2))}, V2,
+     r"outside \[-tokens, tokens\]"),
+    ("block-cos-nan", {**GOOD, "b.block_cos_sum": ("F64", [], f64(np.nan)),
+                       "b.block_tokens": ("I64", [], i64(2))}, V2, "not finite"),
+    ("block-tokens-negative", {**GOOD, "b.block_cos_sum": ("F64", [], f64(0.0)),
+                               "b.block_tokens": ("I64", [], i64(-1))}, V2,
+     r"in \[0, 2\*\*63\)"),
+    ("expert-reap-negative", {**GOOD, "e.expert_reap_sum": ("F64", [], f64(-1.0)),
+                              "e.expert_tokens": ("I64", [], i64(2))}, V2, "negative"),
+    ("expert-reap-without-tokens", {**GOOD, "e.expert_reap_sum": ("F64", [], f64(1.0)),
+                                    "e.expert_tokens": ("I64", [], i64(0))}, V2,
+     "no token was routed"),
+    ("expert-inf", {**GOOD, "e.expert_reap_sum": ("F64", [], f64(np.inf)),
+                    "e.expert_tokens": ("I64", [], i64(1))}, V2, "not finite"),
     ("sum-missing", {"l.count": GOOD["l.count"]}, None, r"'l\.sum_squares' is missing"),
     ("count-negative", {**GOOD, "l.count": ("I64", [], i64(-1))}, None, "count must be in"),
     ("count-f64", {**GOOD, "l.count": ("F64", [], f64(3.0))}, None, "count must be an I64"),
@@ -488,7 +514,7 @@ HOSTILE = [
     ("no-dot", {**GOOD, "count": ("I64", [], i64(1))}, None, "unexpected tensor 'count'"),
     ("no-metadata", GOOD, {}, "not an aprender calibration file"),
     ("other-format", GOOD, {"format": "pt"}, "not an aprender calibration file"),
-    ("newer-format", GOOD, {"format": "aprender.calibration/2", "num_samples": "1"},
+    ("newer-format", GOOD, {"format": "aprender.calibration/3", "num_samples": "1"},
      "not supported"),
     ("num-samples-missing", GOOD, {"format": "aprender.calibration/1"}, "num_samples"),
     ("num-samples-negative", GOOD, {"format": "aprender.calibration/1", "num_samples": "-1"},
@@ -561,3 +587,74 @@ def test_fuzzed_files_raise_only_checkpoint_errors(tmp_path):
 
     del hypothesis
     check()
+
+
+# ----------------------------------------------------------------------------------------------
+# model-level statistics (format 2): block influence and REAP expert saliency
+# ----------------------------------------------------------------------------------------------
+
+def test_block_and_expert_stats_accumulate_save_and_load(tmp_path):
+    from aprender.pruning import BlockStats, ExpertStats
+
+    ctx = make_context(hessian=True)
+    ctx.add_block_stats("model.layers.0", 3.5, 4)
+    ctx.add_block_stats("model.layers.0", 0.5, 2)  # a second batch adds to the first
+    ctx.add_block_stats("model.layers.1", -1.0, 2)
+    ctx.add_expert_stats("model.layers.0.mlp.experts.1", 3, 6.0)
+    ctx.add_expert_stats("model.layers.0.mlp.experts.0", 0, 0.0)
+    assert ctx.block_stats["model.layers.0"] == BlockStats(4.0, 6)
+    assert ctx.block_stats["model.layers.0"].influence == pytest.approx(1 - 4.0 / 6)
+    assert ctx.block_stats["model.layers.1"].influence == 1.5
+    assert ctx.expert_stats["model.layers.0.mlp.experts.1"].reap == 2.0
+    assert ctx.expert_stats["model.layers.0.mlp.experts.0"].reap == 0.0
+    assert list(ctx.expert_stats) == ["model.layers.0.mlp.experts.1",
+                                      "model.layers.0.mlp.experts.0"]
+    path = tmp_path / "c.safetensors"
+    ctx.save(path)
+    back = CalibrationContext.load(path)
+    assert back == ctx
+    assert back.block_stats == ctx.block_stats and back.expert_stats == ctx.expert_stats
+    assert isinstance(back.expert_stats["model.layers.0.mlp.experts.1"], ExpertStats)
+    # the returned mappings are copies: changing them changes nothing held
+    back.block_stats.clear()
+    assert back == ctx
+    # merging adds both kinds
+    both = ctx.merge(back)
+    assert both.block_stats["model.layers.0"] == BlockStats(8.0, 12)
+    assert both.expert_stats["model.layers.0.mlp.experts.1"] == ExpertStats(6, 12.0)
+    assert ctx.block_stats["model.layers.0"] == BlockStats(4.0, 6)  # merge left ctx alone
+
+
+def test_format_1_files_still_read(tmp_path):
+    path = tmp_path / "old.safetensors"
+    write_raw(path, GOOD, {"format": "aprender.calibration/1", "num_samples": "1"})
+    ctx = CalibrationContext.load(path)
+    assert ctx["l"].count == 3 and ctx.block_stats == {} and ctx.expert_stats == {}
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(cos_sum=5.0, tokens=2), r"outside \[-tokens, tokens\]"),
+    (dict(cos_sum=float("nan"), tokens=2), "not finite"),
+    (dict(cos_sum=1.0, tokens=-1), "token count"),
+    (dict(cos_sum=1.0, tokens=1.5), "must be an integer"),
+    (dict(cos_sum="1", tokens=2), "must be a real number"),
+])
+def test_block_stats_bad_values(bad, msg):
+    ctx = CalibrationContext()
+    with pytest.raises(CalibrationError, match=msg):
+        ctx.add_block_stats("b", **bad)
+    assert ctx.block_stats == {}
+    with pytest.raises(InvalidArgumentError):
+        ctx.add_block_stats(3, 1.0, 2)
+
+
+def test_expert_stats_bad_values():
+    ctx = CalibrationContext()
+    with pytest.raises(CalibrationError, match="negative"):
+        ctx.add_expert_stats("e", 2, -0.5)
+    with pytest.raises(CalibrationError, match="no token was routed"):
+        ctx.add_expert_stats("e", 0, 0.5)
+    ctx.add_expert_stats("e", 1, 0.5)
+    with pytest.raises(CalibrationError, match="2\\*\\*63"):
+        ctx.add_expert_stats("e", 2 ** 63 - 1, 0.5)
+    assert ctx.expert_stats["e"].tokens == 1  # a failed add changes nothing

@@ -5,7 +5,7 @@ from ..errors import (CalibrationError, CalibrationFileError, CalibrationRequire
                       InvalidShapeError, InvalidSparsityError, LayoutError,
                       MissingActivationStatsError, NumericalInstabilityError, PruningError,
                       ReadOnlyError, ShapeMismatchError)
-from .calibration import ActivationStats, CalibrationContext
+from .calibration import ActivationStats, BlockStats, CalibrationContext, ExpertStats
 from .importance import (Importance, ImportanceScores, ImportanceStats, MagnitudeImportance,
                          WandaImportance, wanda_scale, wanda_scores)
 from .reconstruct import SparseGPTImportance, sparsegpt
@@ -17,7 +17,7 @@ from .mask import (SparsityMask, SparsityPattern, generate_block_mask, generate_
 __all__ = [
     "Importance", "ImportanceScores", "ImportanceStats", "MagnitudeImportance",
     "WandaImportance", "wanda_scale", "wanda_scores", "SparseGPTImportance", "sparsegpt",
-    "ActivationStats", "CalibrationContext",
+    "ActivationStats", "CalibrationContext", "BlockStats", "ExpertStats",
     "owl_outlier_ratio", "owl_allocation", "owl_sparsities", "OwlAllocation",
     "SparsityMask", "SparsityPattern",
     "generate_unstructured_mask", "generate_nm_mask", "generate_global_mask",

@@ -18,6 +18,13 @@ Hessians (SparseGPT): layers that read the same input (query/key/value, gate/up)
 In memory they hold the same array, copied on the first write that would make them differ (an
 update or merge of one of them alone); in a calibration file it is stored once, in float32, under
 the first such layer, and ``__metadata__["hessian_of"]`` (JSON) maps every other layer to it.
+
+Model-level statistics (format 2, for structured pruning): per transformer block, the sum over
+calibration tokens of ``cos(h_in, h_out)`` and the token count (:class:`BlockStats`: block
+influence ``BI = 1 - mean cos``, ShortGPT); per routed MoE expert, the tokens routed to it and the
+sum over those tokens of ``gate weight * ||expert output||_2`` (:class:`ExpertStats`: the REAP
+saliency is their mean).  Blocks and experts are named by their checkpoint prefix
+(``model.layers.3``, ``model.layers.3.mlp.experts.7``).  Files of format 1 read as before.
 """
 import difflib
 import json
@@ -38,10 +45,17 @@ from ..errors import (CalibrationError, CalibrationFileError, CheckpointError, I
                       InvalidDTypeError, InvalidShapeError, MissingActivationStatsError,
                       NumericalInstabilityError, ShapeMismatchError, UnsafePathError)
 
-__all__ = ["ActivationStats", "CalibrationContext", "CALIBRATION_FORMAT"]
+__all__ = ["ActivationStats", "BlockStats", "CalibrationContext", "ExpertStats",
+           "CALIBRATION_FORMAT"]
 
-CALIBRATION_FORMAT = "aprender.calibration/1"
+CALIBRATION_FORMAT = "aprender.calibration/2"
+_READABLE_FORMATS = ("aprender.calibration/1", CALIBRATION_FORMAT)
 _SUFFIXES = ("sum_squares", "count", "hessian")
+# model-level statistics: suffix -> (group, field, dtype)
+_MODEL_SUFFIXES = {"block_cos_sum": ("block", "cos_sum", "F64"),
+                   "block_tokens": ("block", "tokens", "I64"),
+                   "expert_tokens": ("expert", "tokens", "I64"),
+                   "expert_reap_sum": ("expert", "reap_sum", "F64")}
 _INT64_MAX = (1 << 63) - 1
 _HESSIAN_BLOCK = 1 << 22  # elements of one float32/float64 block of rows for XᵀX
 _F32_SAFE = 3.0e38  # below float32's largest value (3.4e38) with room for rounding
@@ -369,6 +383,113 @@ class ActivationStats:
                 f"{', hessian=True' if self._h is not None else ''})")
 
 
+def _check_tokens(tokens, what):
+    if isinstance(tokens, np.ndarray) and tokens.ndim == 0:
+        tokens = tokens[()]
+    if isinstance(tokens, (bool, np.bool_)) or not isinstance(tokens, numbers.Integral):
+        raise CalibrationError(f"{what}: the token count must be an integer, got "
+                               f"{short_repr(tokens)}")
+    tokens = int(tokens)
+    if not 0 <= tokens <= _INT64_MAX:
+        raise CalibrationError(f"{what}: the token count must be in [0, 2**63), got {tokens}")
+    return tokens
+
+
+def _check_sum(value, what, field):
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise CalibrationError(f"{what}: {field} must be a real number, got {short_repr(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise CalibrationError(f"{what}: {field} is not finite ({value!r})")
+    return value
+
+
+class BlockStats:
+    """One transformer block's influence statistics: ``cos_sum`` = the sum over calibration
+    tokens of ``cos(h_in, h_out)`` (the block's input and output hidden states of a token),
+    ``tokens`` = how many tokens.  ``influence`` is ShortGPT's block influence
+    ``BI = 1 - cos_sum / tokens`` (0: the block leaves its input's direction unchanged)."""
+
+    __slots__ = ("cos_sum", "tokens")
+
+    def __init__(self, cos_sum, tokens, *, name="block"):
+        what = f"block {short_repr(name)}"
+        tokens = _check_tokens(tokens, what)
+        cos_sum = _check_sum(cos_sum, what, "cos_sum")
+        # each cosine lies in [-1, 1]; allow float rounding of a long sum
+        if abs(cos_sum) > tokens * (1 + 1e-6) + 1e-6:
+            raise CalibrationError(f"{what}: cos_sum {cos_sum!r} is outside [-tokens, tokens] "
+                                   f"for {tokens} tokens (each cosine lies in [-1, 1])")
+        self.cos_sum, self.tokens = cos_sum, tokens
+
+    @property
+    def influence(self):
+        """``1 - mean cos(h_in, h_out)``; NaN when no token was seen."""
+        return 1.0 - self.cos_sum / self.tokens if self.tokens else float("nan")
+
+    def __add__(self, other):
+        if not isinstance(other, BlockStats):
+            return NotImplemented
+        return BlockStats(self.cos_sum + other.cos_sum, _add_tokens(self.tokens, other.tokens))
+
+    def __eq__(self, other):
+        if not isinstance(other, BlockStats):
+            return NotImplemented
+        return self.cos_sum == other.cos_sum and self.tokens == other.tokens
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"BlockStats(cos_sum={self.cos_sum!r}, tokens={self.tokens})"
+
+
+class ExpertStats:
+    """One routed MoE expert's REAP statistics: ``tokens`` routed to it and ``reap_sum`` = the
+    sum over those tokens of the router's gate weight times the L2 norm of the expert's output.
+    ``reap`` is their mean (Lasby et al. 2025, REAP), 0 for an expert no token reached."""
+
+    __slots__ = ("tokens", "reap_sum")
+
+    def __init__(self, tokens, reap_sum, *, name="expert"):
+        what = f"expert {short_repr(name)}"
+        tokens = _check_tokens(tokens, what)
+        reap_sum = _check_sum(reap_sum, what, "reap_sum")
+        if reap_sum < 0:
+            raise CalibrationError(f"{what}: reap_sum {reap_sum!r} is negative (gate weights "
+                                   "and norms are >= 0)")
+        if tokens == 0 and reap_sum != 0:
+            raise CalibrationError(f"{what}: no token was routed to it but reap_sum is "
+                                   f"{reap_sum!r}")
+        self.tokens, self.reap_sum = tokens, reap_sum
+
+    @property
+    def reap(self):
+        return self.reap_sum / self.tokens if self.tokens else 0.0
+
+    def __add__(self, other):
+        if not isinstance(other, ExpertStats):
+            return NotImplemented
+        return ExpertStats(_add_tokens(self.tokens, other.tokens), self.reap_sum + other.reap_sum)
+
+    def __eq__(self, other):
+        if not isinstance(other, ExpertStats):
+            return NotImplemented
+        return self.tokens == other.tokens and self.reap_sum == other.reap_sum
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"ExpertStats(tokens={self.tokens}, reap_sum={self.reap_sum!r})"
+
+
+def _add_tokens(a, b):
+    if a + b > _INT64_MAX:
+        raise CalibrationError("merged token count would exceed 2**63 - 1")
+    return a + b
+
+
 def _check_name(name):
     if not isinstance(name, str):
         raise InvalidArgumentError(f"layer names are strings, got {type(name).__name__} "
@@ -394,6 +515,7 @@ class CalibrationContext(Mapping):
 
     def __init__(self, stats=None, *, num_samples=0):
         self._stats = {}
+        self._model = {"block": {}, "expert": {}}  # name -> BlockStats / ExpertStats
         self.num_samples = num_samples
         if stats is not None:
             if not isinstance(stats, Mapping):
@@ -458,6 +580,35 @@ class CalibrationContext(Mapping):
         """Layer names, in the order they were added."""
         return list(self._stats)
 
+    # -- model-level statistics (blocks, experts) -------------------------------------------
+    def add_block_stats(self, block, cos_sum, tokens):
+        """Add ``cos_sum`` (sum of ``cos(h_in, h_out)`` over ``tokens`` tokens) to the influence
+        statistics of ``block`` (its checkpoint prefix, e.g. ``"model.layers.3"``); returns
+        the block's :class:`BlockStats` so far."""
+        return self._add_model("block", block, BlockStats(cos_sum, tokens, name=block))
+
+    def add_expert_stats(self, expert, tokens, reap_sum):
+        """Add ``tokens`` routed tokens and their ``reap_sum`` (sum of gate weight times
+        expert-output norm) to the REAP statistics of ``expert`` (its checkpoint prefix, e.g.
+        ``"model.layers.3.mlp.experts.7"``); returns the expert's :class:`ExpertStats`."""
+        return self._add_model("expert", expert, ExpertStats(tokens, reap_sum, name=expert))
+
+    def _add_model(self, group, name, value):
+        _check_name(name)
+        held = self._model[group]
+        held[name] = held[name] + value if name in held else value
+        return held[name]
+
+    @property
+    def block_stats(self):
+        """{block prefix: BlockStats}, in the order they were added (a copy)."""
+        return dict(self._model["block"])
+
+    @property
+    def expert_stats(self):
+        """{expert prefix: ExpertStats}, in the order they were added (a copy)."""
+        return dict(self._model["expert"])
+
     def __getitem__(self, name):
         return self.require_stats(name)
 
@@ -475,7 +626,8 @@ class CalibrationContext(Mapping):
             return NotImplemented
         return (self._num_samples == other._num_samples
                 and list(self._stats) == list(other._stats)
-                and all(self._stats[k] == other._stats[k] for k in self._stats))
+                and all(self._stats[k] == other._stats[k] for k in self._stats)
+                and self._model == other._model)
 
     __hash__ = None
 
@@ -490,6 +642,7 @@ class CalibrationContext(Mapping):
         out = CalibrationContext(num_samples=self._num_samples)
         for name, st in self._stats.items():
             out._stats[name] = st.copy()
+        out._model = {g: dict(v) for g, v in self._model.items()}
         for name, lead in _hessian_leaders(self._stats).items():  # copies share as they did
             if lead != name:
                 out._stats[name]._share_hessian_of(out._stats[lead])
@@ -517,6 +670,11 @@ class CalibrationContext(Mapping):
             if mine.count + st.count > _INT64_MAX:
                 raise CalibrationError(f"layer {name!r}: merged token count would exceed "
                                        "2**63 - 1")
+        merged_model = {g: dict(v) for g, v in self._model.items()}
+        for group, held in other._model.items():
+            for name, value in held.items():
+                mine = merged_model[group]
+                mine[name] = mine[name] + value if name in mine else value
         mine_groups = _hessian_leaders(self._stats)
         theirs = _hessian_leaders(other._stats)
         for name, st in other._stats.items():
@@ -536,6 +694,7 @@ class CalibrationContext(Mapping):
             first = new_leads.setdefault(lead, name)
             if first != name:
                 self._stats[name]._share_hessian_of(self._stats[first])
+        self._model = merged_model
         self._num_samples = total
         return self
 
@@ -569,6 +728,10 @@ class CalibrationContext(Mapping):
             tensors[f"{name}.count"] = np.asarray(s._count, dtype=np.int64)
             if s._h is not None and leaders[name] == name:
                 tensors[f"{name}.hessian"] = _float32_hessian(s._h)
+        for suffix, (group, field, dtype) in _MODEL_SUFFIXES.items():
+            for name, value in self._model[group].items():
+                tensors[f"{name}.{suffix}"] = np.asarray(
+                    getattr(value, field), dtype=np.float64 if dtype == "F64" else np.int64)
         metadata = {"format": CALIBRATION_FORMAT, "num_samples": str(self._num_samples)}
         shared = {k: v for k, v in leaders.items() if k != v}
         if shared:
@@ -598,12 +761,21 @@ class CalibrationContext(Mapping):
         from ..io.files import display
 
         shown = display(path)
-        sf, layers, shared = _read_layout(path)
+        sf, layers, shared, model = _read_layout(path)
 
         def fail(msg):
             return CalibrationFileError(f"{shown}: {msg}")
 
         out = cls(num_samples=int(sf.metadata["num_samples"]))
+        for group, held in model.items():
+            make = BlockStats if group == "block" else ExpertStats
+            for name, parts in held.items():
+                vals = {field: np.array(sf.array(info.name)).reshape(())[()]
+                        for field, info in parts.items()}
+                try:
+                    out._model[group][name] = make(**vals, name=name)
+                except CalibrationError as exc:
+                    raise fail(str(exc)) from None
         for layer, parts in layers.items():  # names, dtypes and shapes: checked by the layout
             where = f"layer {display(short_repr(layer))}"
             ssi, ci, hi = parts["sum_squares"], parts["count"], parts.get("hessian")
@@ -635,7 +807,7 @@ class HessianFile:
 
     def __init__(self, path):
         self.path = path
-        self._sf, self._layers, self._shared = _read_layout(path)
+        self._sf, self._layers, self._shared, _ = _read_layout(path)
 
     def source(self, layer):
         """The name of the layer whose ``.hessian`` tensor ``layer`` uses, or None."""
@@ -670,8 +842,9 @@ def _float32_hessian(h):
 
 
 def _read_layout(path):
-    """(SafetensorsFile, layer -> {suffix: TensorInfo}, follower -> leader) of a calibration
-    file, with the format tag, num_samples, tensor names and hessian_of checked."""
+    """(SafetensorsFile, layer -> {suffix: TensorInfo}, follower -> leader,
+    {"block"|"expert": {name: {field: TensorInfo}}}) of a calibration file, with the format
+    tag, num_samples, tensor names, dtypes, shapes and hessian_of checked."""
     from ..io.files import display
     from ..io.safetensors import SafetensorsFile
     from ..io.strictjson import loads
@@ -683,10 +856,10 @@ def _read_layout(path):
         return CalibrationFileError(f"{shown}: {msg}")
 
     fmt = sf.metadata.get("format")
-    if fmt != CALIBRATION_FORMAT:
+    if fmt not in _READABLE_FORMATS:
         if isinstance(fmt, str) and fmt.startswith("aprender.calibration/"):
-            raise fail(f"calibration format {display(fmt)!r} is not supported (this aprender "
-                       f"reads {CALIBRATION_FORMAT!r})")
+            raise fail(f"calibration format {display(short_repr(fmt))} is not supported "
+                       f"(this aprender reads {' and '.join(map(repr, _READABLE_FORMATS))})")
         raise fail(f"not an aprender calibration file (__metadata__ format is "
                    f"{display(short_repr(fmt))}, expected {CALIBRATION_FORMAT!r})")
     ns = sf.metadata.get("num_samples")
@@ -694,13 +867,27 @@ def _read_layout(path):
             or int(ns) > _INT64_MAX:
         raise fail(f"__metadata__ num_samples must be a decimal integer in [0, 2**63), got "
                    f"{display(short_repr(ns))}")
-    layers = {}
+    layers, model = {}, {"block": {}, "expert": {}}
+    allowed = _SUFFIXES + (tuple(_MODEL_SUFFIXES) if fmt == CALIBRATION_FORMAT else ())
     for info in sf.infos:
         layer, dot, suffix = info.name.rpartition(".")
-        if not dot or suffix not in _SUFFIXES:
+        if not dot or suffix not in allowed:
             raise fail(f"unexpected tensor {display(short_repr(info.name))} (calibration "
-                       f"tensors are named '<layer>.{{{','.join(_SUFFIXES)}}}')")
+                       f"tensors are named '<layer>.{{{','.join(allowed)}}}')")
+        if suffix in _MODEL_SUFFIXES:
+            group, field, dtype = _MODEL_SUFFIXES[suffix]
+            if info.dtype != dtype or info.shape != ():
+                raise fail(f"{group} {display(short_repr(layer))}: {suffix} must be a {dtype} "
+                           f"scalar (shape []), got {info.dtype} {list(info.shape)}")
+            model[group].setdefault(layer, {})[field] = info
+            continue
         layers.setdefault(layer, {})[suffix] = info
+    for group, held in model.items():
+        for name, parts in held.items():
+            for suffix, (g, field, _) in _MODEL_SUFFIXES.items():
+                if g == group and field not in parts:
+                    raise fail(f"{group} {display(short_repr(name))}: tensor "
+                               f"{display(short_repr(name + '.' + suffix))} is missing")
     for layer, parts in layers.items():
         where = f"layer {display(short_repr(layer))}"
         for need in ("sum_squares", "count"):
@@ -745,4 +932,4 @@ def _read_layout(path):
             if tuple(own.shape) != tuple(theirs.shape):
                 raise fail(f"{where}: {display(short_repr(layer))} and "
                            f"{display(short_repr(lead))} have different input sizes")
-    return sf, layers, shared
+    return sf, layers, shared, model
