@@ -72,7 +72,7 @@ def densify_checkpoint(input, output, *, force=False, n_threads=None, progress=N
     layout = {s: logical_tensors(ckpt.files[s]) for s in ckpt.shards}
     total = sum(ckpt.files[s].size for s in ckpt.shards)
     counts = {}
-    writer = CheckpointWriter(ckpt, target.path)
+    writer = CheckpointWriter(ckpt, target.path, force=force)
     try:
         for s in ckpt.shards:
             sf = ckpt.files[s]

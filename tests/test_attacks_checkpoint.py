@@ -881,3 +881,128 @@ def test_children_see_sigint_whatever_launched_the_suite():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# OUTPUT (or the config file, or --report) that appears while a run is in progress is never
+# replaced without --force: the run pauses just before its final rename (test-only switch), the
+# test puts the intruder there, the run resumes and must refuse, leave the intruder untouched
+# and remove its own temporary output
+# ----------------------------------------------------------------------------------------------
+
+def _paused_run(tmp_path, args, pause_at, intrude):
+    """Run ``aprender ARGS`` in a child that pauses before committing ``pause_at``; call
+    ``intrude()`` there, resume; (exit code, stderr)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               APRENDER_TEST_PAUSE_BEFORE_COMMIT=str(pause_at))
+    p = subprocess.Popen([sys.executable, "-m", "aprender"] + [str(a) for a in args], env=env,
+                         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()  # blocks until the run has paused before that rename
+    assert line.strip() == "aprender-test: commit paused", line + p.stderr.read()
+    intrude()
+    _, err = p.communicate("\n", timeout=120)
+    return p.returncode, err
+
+
+def _intruder(path, kind):
+    if kind == "file":
+        path.write_bytes(b"not yours")
+    elif kind == "folder":
+        path.mkdir()
+        (path / "precious.txt").write_text("not yours")
+    else:
+        path.mkdir()
+
+
+def _compressed_ck(tmp_path, folder):
+    """A bitmask checkpoint (file or folder) for densify, made by prune."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_safetensors(src / "model.safetensors", tensors())
+    (src / "config.json").write_text("{}")
+    out = tmp_path / ("bm" if folder else "bm.safetensors")
+    assert main(["prune", str(src if folder else src / "model.safetensors"), "-o", str(out),
+                 "--sparsity", "0.5", "--format", "bitmask", "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "empty-folder"])
+@pytest.mark.parametrize("writer", ["prune-folder", "prune-file", "densify-folder",
+                                    "densify-file", "sidecar-config", "report"])
+def test_output_appearing_during_the_run_is_never_replaced(tmp_path, writer, kind):
+    if writer.startswith("densify"):
+        src = _compressed_ck(tmp_path, writer == "densify-folder")
+        out = tmp_path / ("dense" if writer == "densify-folder" else "dense.safetensors")
+        args, target = ["densify", src, "-o", out, "--quiet"], out
+    else:
+        ck = tmp_path / "ck"
+        ck.mkdir()
+        write_safetensors(ck / "model.safetensors", tensors())
+        (ck / "config.json").write_text("{}")
+        folder = writer == "prune-folder"
+        src = ck if folder else ck / "model.safetensors"
+        out = tmp_path / ("out" if folder else "out.safetensors")
+        args = ["prune", src, "-o", out, "--quiet", "--pattern", "2:4"]
+        target = out
+        if writer == "sidecar-config":
+            args += ["--format", "sparse-24-bitmask"]
+            target = tmp_path / "out.config.json"
+        if writer == "report":
+            target = tmp_path / "report.json"
+            args += ["--report", target]
+    before = snapshot(src)
+    code, err = _paused_run(tmp_path, args, target, lambda: _intruder(target, kind))
+    assert code == 1, err
+    assert "appeared while the run was in progress" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert snapshot(src) == before
+    if kind == "file":
+        assert target.read_bytes() == b"not yours"
+    else:
+        assert sorted(os.listdir(target)) == (["precious.txt"] if kind == "folder" else [])
+    left = sorted(os.listdir(tmp_path))
+    assert not any(n.endswith(".aprender-tmp") for n in left), left
+    if writer == "sidecar-config":  # no output without its config
+        assert not out.exists(), left
+
+
+def test_output_appearing_during_a_forced_run_is_replaced(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    write_safetensors(ck / "model.safetensors", tensors())
+    out = tmp_path / "out"
+    code, err = _paused_run(tmp_path, ["prune", ck, "-o", out, "--quiet", "--sparsity", "0.5",
+                                       "--force"], out, lambda: _intruder(out, "folder"))
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "empty-folder"])
+@pytest.mark.parametrize("ours", ["file", "folder"])
+@pytest.mark.parametrize("mechanism", ["renameat2", "fallback"])
+def test_commit_never_replaces_what_appeared(tmp_path, monkeypatch, ours, kind, mechanism):
+    """The commit itself, with renameat2 and with the fallback (link + unlink for a file, a
+    claimed empty folder for a folder) that other platforms and filesystems get."""
+    from aprender.io import files
+
+    if mechanism == "fallback":
+        monkeypatch.setattr(files, "_renameat2", None)
+    elif files._renameat2 is None:
+        pytest.skip("renameat2 is not available here")
+    target = tmp_path / "target"
+    tmp = files.temp_name(str(target), "dir" if ours == "folder" else "file")
+    if ours == "folder":
+        with open(os.path.join(tmp, "mine"), "w") as f:
+            f.write("mine")
+    # nothing there: the commit succeeds
+    files.commit_path(tmp, str(target), force=False)
+    assert sorted(os.listdir(tmp_path)) == ["target"]
+    files.remove_tree(str(target))
+    tmp = files.temp_name(str(target), "dir" if ours == "folder" else "file")
+    _intruder(target, kind)
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="appeared while the run"):
+        files.commit_path(tmp, str(target), force=False)
+    assert snapshot(target) == before
+    assert os.path.lexists(tmp)  # the caller removes it

@@ -26,8 +26,8 @@ import numpy as np
 
 from ..errors import CheckpointError
 from . import strictjson
-from .files import (check_member_name, create_new, display, file_kind, open_regular,
-                    remove_tree, replace_path, temp_name)
+from .files import (check_member_name, commit_path, create_new, display, file_kind,
+                    open_regular, remove_tree, temp_name)
 from .safetensors import SafetensorsFile, copy_range, encode_header, write_all
 
 __all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json"]
@@ -192,9 +192,11 @@ class CheckpointWriter:
     """Builds OUTPUT under a temporary name: shards tensor by tensor, then the other files,
     the index and config; :meth:`commit` renames it into place."""
 
-    def __init__(self, ckpt, target, *, pause_hook=None):
+    def __init__(self, ckpt, target, *, force, pause_hook=None, what="OUTPUT"):
         self.ckpt = ckpt
         self.target = target
+        self.force = force
+        self.what = what
         self.tmp = temp_name(target, "dir" if ckpt.is_dir else "file")
         self.weight_map = {}
         self.sizes = {}
@@ -205,7 +207,7 @@ class CheckpointWriter:
         remove_tree(self.tmp)
 
     def commit(self):
-        replace_path(self.tmp, self.target)
+        commit_path(self.tmp, self.target, force=self.force, what=self.what)
 
     # -- shards ------------------------------------------------------------------------------
     def shard(self, shard, metadata, planned=None):
