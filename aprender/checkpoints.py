@@ -24,7 +24,7 @@ from .errors import (CalibrationError, CheckpointError, InvalidArgumentError, In
                      InvalidShapeError, PruningError, ShapeMismatchError)
 from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
 from .io.export import bitmask_tensors, masked_chunks, packed_tensors, zeroed_chunks
-from .io.formats import FORMATS, logical_tensors
+from .io.formats import FORMATS, checkpoint_layout
 from .io.files import (OutputTarget, atomic_write_text, commit_path, display, remove_tree,
                        same_file, temp_name)
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
@@ -103,8 +103,9 @@ def _kept(keep):
 
 def _refuse_compressed(ckpt):
     """Pruning the parts of a compressed tensor would corrupt it: densify first."""
+    layout = checkpoint_layout(ckpt)
     for s in ckpt.shards:
-        for lt in logical_tensors(ckpt.files[s]):
+        for lt in layout[s]:
             if lt.encoding != "dense":
                 raise CheckpointError(f"{display(ckpt.shard_path(s))}: tensor {lt.name!r} is "
                                       f"stored compressed ({lt.encoding}); run 'aprender "

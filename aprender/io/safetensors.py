@@ -157,6 +157,13 @@ def read_header(path):
     return n, tensors, metadata
 
 
+def shape_too_large(shape, itemsize):
+    """True when numpy cannot hold an array of ``shape`` and ``itemsize``: the product of its
+    non-zero dimensions (what numpy must index, zeros aside) times the item size reaches
+    2**63, whether or not a zero makes the array empty."""
+    return math.prod(max(v, 1) for v in shape) * itemsize >= 1 << 63
+
+
 def _int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -180,8 +187,7 @@ def _tensor_info(shown, name, e):
             or not 0 <= offsets[0] <= offsets[1]):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end] with "
                               "0 <= begin <= end")
-    nonzero = math.prod(max(v, 1) for v in shape)  # what numpy must index, zeros aside
-    if nonzero * DTYPE_SIZES[dtype] >= 1 << 63:
+    if shape_too_large(shape, DTYPE_SIZES[dtype]):
         raise CheckpointError(f"{where}: shape {shape} is too large to address")
     begin, end = offsets
     if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
