@@ -825,6 +825,107 @@ def test_fuzz_compressed_groups(tmp_path, data):
     assert dense.tobytes() == ref.tobytes()
 
 
+_DIMS = st.sampled_from([0, 1, 2, 3, 4, 8, 9, 12, 2 ** 31, 2 ** 32, 2 ** 40, 2 ** 58, 2 ** 60,
+                         2 ** 61, 2 ** 62, 2 ** 63 - 1])
+_HEADER_SHAPES = st.sampled_from([[0, 2 ** 61], [2 ** 61, 0], [0, 2 ** 62, 2 ** 62], [0], [],
+                                  [1], [2 ** 63], [0, 0]])
+
+
+def _mutate_group_header(data, raw):
+    """A safetensors file's bytes with one entry's shape (or dtype) replaced in the header, data
+    offsets kept: shapes that only a hostile writer makes."""
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+    e = header[name]
+    how = data.draw(st.sampled_from(["reshape", "hostile-shape", "dtype"]))
+    count = 1
+    for d in e["shape"]:
+        count *= d
+    if how == "reshape":  # same element count, other dimensions
+        e["shape"] = data.draw(st.sampled_from([[count], [1, count], [count, 1], [count, 1, 1]]))
+    elif how == "hostile-shape":
+        e["shape"] = data.draw(_HEADER_SHAPES)
+    else:
+        e["dtype"] = data.draw(st.sampled_from(["U8", "I8", "F16", "BF16", "F32", "I64", "U64",
+                                                "F8_E4M3", "BOOL"]))
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body + raw[8 + n:]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_compressed_shapes_headers_and_names(tmp_path, data):
+    """Mutated dense shapes (zeros beside huge dimensions, overflowing products), header shapes
+    and dtypes of the parts, the format tag and colliding names: every reader gives a
+    CheckpointError, and all of them the same, or the right tensors; a densified file is read
+    back alike by our reader and the safetensors package."""
+    import safetensors.numpy
+
+    from aprender.inspect import inspect_checkpoint
+    from aprender.io.formats import load_dense
+
+    sp24 = data.draw(st.booleans())
+    tensors = _valid_group(data, sp24)
+    shape_name = "p.shape" if sp24 else "w.shape"
+    if data.draw(st.booleans()):
+        dims = data.draw(st.lists(_DIMS, min_size=0, max_size=3))
+        tensors[shape_name] = np.asarray(dims, np.uint64 if any(d >= 2 ** 63 for d in dims)
+                                         else np.int64)
+    if data.draw(st.booleans()):  # a plain tensor whose name collides with a group or a part
+        name = data.draw(st.sampled_from(["p.weight", "w", "p", "w.values2", "x"]))
+        tensors[name] = np.ones(data.draw(st.integers(0, 4)), np.float32)
+    packed = not sp24 or data.draw(st.booleans())
+    meta = {"aprender": json.dumps({"format": "bitmask"})} if packed else {"format": "pt"}
+    path = tmp_path / "g.safetensors"
+    write_safetensors(path, tensors, meta)
+    if data.draw(st.booleans()):
+        path.write_bytes(_mutate_group_header(data, path.read_bytes()))
+    out = tmp_path / "dense.safetensors"
+    if out.exists():
+        out.unlink()
+    outcomes = []
+    for read in (lambda: load_dense(path), lambda: inspect_checkpoint(path, check=True),
+                 lambda: main(["densify", str(path), "-o", str(out), "--quiet"]) or "ok"):
+        try:
+            outcomes.append(read())
+        except CheckpointError:
+            outcomes.append(None)
+    outcomes[2] = outcomes[2] if outcomes[2] == "ok" else None  # exit code 1: refused
+    if outcomes[0] is None:
+        event("refused")
+        assert outcomes[1] is None and outcomes[2] is None and not out.exists(), outcomes
+        return
+    event("read")
+    got = outcomes[0]
+    assert outcomes[1] is not None and outcomes[2] == "ok", outcomes
+    assert [r["name"] for r in outcomes[1]["tensors"]] == list(got)
+    group = "p.weight" if sp24 else "w"
+    if group in got and shape_name not in got:  # the group decoded: check it
+        shape = tuple(int(x) for x in np.asarray(tensors[shape_name]).reshape(-1))
+        n = int(np.prod(shape, dtype=object))
+        if sp24:
+            ref = _reference_dense(tensors["p.bitmask"], tensors["p.compressed"], shape, n,
+                                   shape[-1])
+        else:
+            ref = _reference_dense(tensors["w.mask"], tensors["w.values"], shape, n)
+        dense = got[group]
+        assert dense.shape == shape
+        assert np.asarray(getattr(dense, "bits", dense)).tobytes() == \
+            np.asarray(getattr(ref, "bits", ref)).tobytes()
+    ours = SafetensorsFile(out)
+    ref_file = safetensors.deserialize(out.read_bytes())
+    assert [n for n, _ in ref_file] == [t.name for t in ours] or \
+        sorted(n for n, _ in ref_file) == sorted(t.name for t in ours)
+    for name, v in ref_file:
+        t = ours.tensors[name]
+        assert list(v["shape"]) == list(t.shape) and v["dtype"] == t.dtype
+        assert bytes(v["data"]) == ours.words(name).tobytes()
+    if all(t.dtype in ("F32", "F16", "I64", "U8", "I32") for t in ours):
+        assert sorted(safetensors.numpy.load_file(str(out))) == sorted(got)
+
+
 # -- a shard changed between reading its header and reading its data -------------------------
 
 def _two_shards(tmp_path):
