@@ -113,8 +113,13 @@ def _suggestion(parser, message):
     return f"; did you mean {close[0]}?" if close else ""
 
 
-class _Help(argparse.RawDescriptionHelpFormatter):
-    """Keeps the examples' line breaks; wraps the rest."""
+class _Help(argparse.HelpFormatter):
+    """Wraps descriptions as usual; keeps the line breaks of an epilog of examples."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith(("examples:", "Run 'aprender COMMAND")):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def _fraction(text):
