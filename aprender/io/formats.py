@@ -37,6 +37,11 @@ __all__ = ["Logical", "logical_tensors", "checkpoint_layout", "decode", "load_de
            "FORMATS"]
 
 FORMATS = ("dense", "sparse-24-bitmask", "bitmask")
+
+# A ``bitmask`` output folder keeps the input's config.json under this name instead: with no
+# config.json, transformers, sentence-transformers and vLLM refuse the folder rather than load it
+# with random weights where the compressed tensors are; ``aprender densify`` puts it back.
+BITMASK_CONFIG = "config.aprender-bitmask.json"
 BITMASK_PARTS = (".values", ".mask", ".shape")
 SPARSE24_PARTS = (".shape", ".compressed", ".bitmask")
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
