@@ -451,7 +451,7 @@ def run_calibrate(args):
                                      batch_size=args.batch_size, hessian=args.hessian,
                                      progress=sys.stderr.isatty() and not args.quiet,
                                      n_threads=args.threads)
-    ctx.save(args.output)
+    ctx.save(args.output, force=args.force)
     if not args.quiet:
         print(f"{len(ctx.layer_names)} layers, {ctx.num_samples} samples -> "
               f"{display(args.output)}")

@@ -1107,3 +1107,26 @@ def test_commit_never_replaces_what_appeared(tmp_path, monkeypatch, ours, kind, 
         files.commit_path(tmp, str(target), force=False)
     assert snapshot(target) == before
     assert os.path.lexists(tmp)  # the caller removes it
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_calibration_file_appearing_while_it_is_saved_is_never_replaced(tmp_path, monkeypatch,
+                                                                         kind):
+    """``aprender calibrate`` saves without --force through CalibrationContext.save(force=False):
+    a file or folder that appears at -o while the statistics are written is left alone."""
+    from aprender.io import files
+    from aprender.pruning import ActivationStats, CalibrationContext
+
+    stats = ActivationStats(4)
+    stats.update(np.ones((3, 4), np.float32))
+    ctx = CalibrationContext({"l": stats})
+    target = tmp_path / "calib.safetensors"
+    monkeypatch.setattr(files, "_test_pause_before_commit", lambda t: _intruder(target, kind))
+    with pytest.raises(CheckpointError, match="appeared while the run"):
+        ctx.save(target, force=False)
+    before = snapshot(target)
+    assert before[str(target)] == (b"not yours" if kind == "file" else "dir")
+    assert sorted(os.listdir(tmp_path)) == ["calib.safetensors"]
+    with pytest.raises(CheckpointError, match="already exists|is a folder"):
+        ctx.save(target, force=False)
+    assert snapshot(target) == before
