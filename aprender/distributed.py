@@ -248,7 +248,8 @@ class DistributedPruner(CheckpointPruner):
             scratch = (temp_name(self.target.path, "dir") if self.target is not None else
                        tempfile.mkdtemp(prefix="aprender-dask-", suffix=TMP_SUFFIX))
             stack.callback(remove_tree, scratch)
-        self.client = stack.enter_context(dask_client(address, workers, scratch))
+        with _cluster_failures():  # a worker that never starts: a ClusterError, no traceback
+            self.client = stack.enter_context(dask_client(address, workers, scratch))
 
     # -- global scope: the engine's passes as tasks, reduced here ---------------------------
     def _global_plan(self, units, groups):

@@ -287,3 +287,22 @@ def test_calibration_replaced_after_planning(tmp_path, client, importance):
     assert sorted(os.listdir(tmp_path)) == sorted(["in", "calib.safetensors"]
                                                   + (["local", "dask"] if want == "written"
                                                      else []))
+
+
+def test_a_cluster_that_cannot_start_is_a_typed_error(tmp_path, monkeypatch, capsys):
+    """What Dask raises while the local cluster starts (workers that never arrive, ...) is a
+    ClusterError: one line at the command line, nothing left (the scratch folder included)."""
+    from aprender.distributed import prune_checkpoint
+    from aprender.errors import ClusterError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Only 0/2 workers arrived after 300")
+    monkeypatch.setattr(distributed, "LocalCluster", broken)
+    src = _checkpoint(tmp_path / "in")
+    with pytest.raises(ClusterError, match="workers arrived"):
+        prune_checkpoint(src, tmp_path / "out", sparsity=0.5, dask_workers=2)
+    assert main(["prune", str(src), "-o", str(tmp_path / "out"), "--sparsity", "0.5",
+                 "--quiet", "--dask-workers", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "workers arrived" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["in"]
