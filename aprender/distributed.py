@@ -169,12 +169,13 @@ def dask_client(address=None, n_workers=None, scratch=None):
         stack.enter_context(dask.config.set(config))
         with _sigint_blocked():
             # Dask's HTTP server starts even without a dashboard: on loopback, any free port (a
-            # fixed one clashes with any other cluster on the machine)
+            # fixed one clashes with any other cluster on the machine).  The cluster's own
+            # warnings (a worker slow to stop) are not the user's business: errors only
             cluster = stack.enter_context(distributed.LocalCluster(
                 n_workers=0, threads_per_worker=1, processes=True, memory_limit=0,
                 host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0",
                 scheduler_kwargs={"dashboard": False}, worker_dashboard_address=None,
-                local_directory=scratch, silence_logs=logging.CRITICAL,
+                local_directory=scratch, silence_logs=logging.ERROR,
                 env={"OMP_NUM_THREADS": str(per)}))
             cluster.scale(n_workers)
         _test_pause_cluster_start()
