@@ -1081,16 +1081,23 @@ def test_output_appearing_during_a_forced_run_is_replaced(tmp_path):
 
 @pytest.mark.parametrize("kind", ["file", "folder", "empty-folder"])
 @pytest.mark.parametrize("ours", ["file", "folder"])
-@pytest.mark.parametrize("mechanism", ["renameat2", "fallback"])
+@pytest.mark.parametrize("mechanism", ["renameat2", "fallback", "fallback-no-links"])
 def test_commit_never_replaces_what_appeared(tmp_path, monkeypatch, ours, kind, mechanism):
     """The commit itself, with renameat2 and with the fallback (link + unlink for a file, a
-    claimed empty folder for a folder) that other platforms and filesystems get."""
+    claimed empty folder for a folder) that other platforms and filesystems get, and on a
+    filesystem without hard links."""
+    import errno
+
     from aprender.io import files
 
-    if mechanism == "fallback":
-        monkeypatch.setattr(files, "_renameat2", None)
-    elif files._renameat2 is None:
+    if mechanism == "renameat2" and files._renameat2 is None:
         pytest.skip("renameat2 is not available here")
+    if mechanism.startswith("fallback"):
+        monkeypatch.setattr(files, "_renameat2", None)
+    if mechanism == "fallback-no-links":
+        def no_link(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(files.os, "link", no_link)
     target = tmp_path / "target"
     tmp = files.temp_name(str(target), "dir" if ours == "folder" else "file")
     if ours == "folder":

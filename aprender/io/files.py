@@ -202,7 +202,19 @@ def _rename_noreplace(src, dst):
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), dst)
     if not os.path.isdir(src) or os.path.islink(src):
-        os.link(src, dst, follow_symlinks=False)  # FileExistsError if anything is there
+        try:
+            os.link(src, dst, follow_symlinks=False)  # FileExistsError if anything is there
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # a filesystem without hard links: the last check is as close to the rename as
+            # this platform allows
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+            os.rename(src, dst)
+            return
         os.unlink(src)
         return
     os.mkdir(dst, 0o700)  # FileExistsError if anything is there; the name is ours now
