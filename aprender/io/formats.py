@@ -265,7 +265,8 @@ def _decode_bitmask(sf, lt):
         np.zeros(0, np.bool_)
     kept = int(np.count_nonzero(keep))
     if kept != vals.size:
-        _fail(sf, mask.name, f"has {kept} bits set but {vals.name!r} holds {vals.size} values")
+        _fail(sf, mask.name, f"has {kept} bits set but {short_repr(vals.name)} holds "
+                             f"{vals.size} values")
     if n % 8 and bits.size and int(bits[-1]) >> (n % 8):
         _fail(sf, mask.name, "padding bits after the last element are not zero")
     out = np.zeros(n, _WORDS[lt.itemsize])
