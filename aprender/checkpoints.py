@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import __version__
-from ._validation import prune_count, resolve_threads
-from .errors import (CalibrationError, CheckpointError, InvalidArgumentError, InvalidPatternError,
-                     InvalidShapeError, PruningError, ShapeMismatchError)
+from ._validation import format_bytes, prune_count, require_memory, resolve_threads, short_repr
+from .errors import (CalibrationError, CheckpointError, InsufficientMemoryError,
+                     InvalidArgumentError, InvalidPatternError, InvalidShapeError, PruningError,
+                     ShapeMismatchError)
 from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
 from .io.export import bitmask_tensors, masked_chunks, packed_tensors, zeroed_chunks
 from .io.formats import FORMATS, logical_tensors
@@ -354,7 +355,8 @@ class CheckpointPruner:
         from .pruning.calibration import CalibrationContext
         from .pruning.importance import wanda_scale
 
-        self.ctx = CalibrationContext.load(self.args.calibration)
+        # Wanda needs the sums of squares only: the Hessians stay on disk, never mapped
+        self.ctx = CalibrationContext.load(self.args.calibration, hessians=False)
         self.scales = {}
         for shard, t in selected:
             label = self._label(ckpt, shard, t)
@@ -365,10 +367,14 @@ class CheckpointPruner:
             stats = self.ctx.require_stats(layer)
             if stats.in_features != t.shape[1]:
                 raise ShapeMismatchError(f"{label} of shape {list(t.shape)} has {t.shape[1]} "
-                                         f"inputs, but the calibration statistics of {layer!r} "
-                                         f"have {stats.in_features}")
-            self.scales[t.name] = wanda_scale(
-                stats, np.float64 if t.dtype == "F64" else np.float32)
+                                         f"inputs, but the calibration statistics of "
+                                         f"{display(short_repr(layer))} have "
+                                         f"{stats.in_features}")
+            try:
+                self.scales[t.name] = wanda_scale(
+                    stats, np.float64 if t.dtype == "F64" else np.float32, layer=layer)
+            except PruningError as exc:
+                raise type(exc)(f"{label}: {exc}") from None
         if self.args.allocation == "owl":
             self._owl(ckpt, selected)
 
@@ -394,13 +400,20 @@ class CheckpointPruner:
             stats = self.ctx.require_stats(layer)
             if stats.in_features != t.shape[1]:
                 raise ShapeMismatchError(f"{label} of shape {list(t.shape)} has {t.shape[1]} "
-                                         f"inputs, but the calibration statistics of {layer!r} "
-                                         f"have {stats.in_features}")
+                                         f"inputs, but the calibration statistics of "
+                                         f"{display(short_repr(layer))} have "
+                                         f"{stats.in_features}")
             if self.hessians.source(layer) is None:
                 raise CalibrationError(f"{label}: the calibration file has no Hessian for layer "
-                                       f"{layer!r} (collect with 'aprender calibrate --hessian')")
-            self.workspace = max(self.workspace, sparsegpt_workspace_bytes(
-                t.shape[0], t.shape[1], t.itemsize))
+                                       f"{display(short_repr(layer))} (collect with 'aprender "
+                                       "calibrate --hessian')")
+            need = sparsegpt_workspace_bytes(t.shape[0], t.shape[1], t.itemsize)
+            # the Hessian's size follows the weight's (checked above): what SparseGPT holds
+            # for it is checked against the machine before anything is read or written
+            require_memory(need, f"{label}: SparseGPT with the Hessian of layer "
+                                 f"{display(short_repr(layer))} from "
+                                 f"{display(self.args.calibration)}")
+            self.workspace = max(self.workspace, need)
 
     def _sparsegpt(self, shard, t):
         """(keep, words): the SparseGPT mask and the updated weights' bytes of one tensor."""
@@ -409,12 +422,17 @@ class CheckpointPruner:
         layer = self._layer(t)
         arr = self.ckpt.files[shard].array(t.name)
         try:
-            new, mask = sparsegpt(arr, self.hessians.get(layer),
+            new, mask = sparsegpt(arr, self.hessians.get(layer, t.shape[1]),
                                   None if self.pattern.is_nm else
                                   self.layer_sparsity.get(t.name, self.sparsity),
                                   pattern=self.pattern, n_threads=self.nt, layer=layer)
         except PruningError as exc:
             raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}") from None
+        except MemoryError:
+            raise InsufficientMemoryError(
+                f"{self._label(self.ckpt, shard, t)}: SparseGPT with the Hessian of layer "
+                f"{display(short_repr(layer))} from {display(self.args.calibration)} cannot "
+                f"allocate its workspace ({format_bytes(self.workspace)} at most)") from None
         bits = new.bits if hasattr(new, "bits") else new
         words = bits.reshape(-1).view(f"u{t.itemsize}")
         return mask.keep.reshape(-1).view(np.uint8), words

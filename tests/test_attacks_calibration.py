@@ -1,0 +1,180 @@
+"""The catalogue of hostile calibration files and calibration objects: every attack reproduced
+once and kept fixed (memory bombs in sparse files, absurd sizes, hostile layer names, values a
+float cannot hold, OWL with patterns it cannot honour), and a structure-aware fuzz of the
+calibration-file reader.
+
+Memory checks run in a child process whose address space is limited (RLIMIT_AS): reading or
+mapping a Hessian of terabytes fails there at once instead of filling the machine, so a
+regression fails the test quickly and harmlessly.
+"""
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from aprender.errors import (CalibrationError, CalibrationFileError, CheckpointError,
+                             InsufficientMemoryError, InvalidArgumentError, PruningError)
+from aprender.io import write_safetensors
+from aprender.io.safetensors import encode_header
+from aprender.pruning.calibration import (CALIBRATION_FORMAT, ActivationStats,
+                                          CalibrationContext, HessianFile)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HUGE_D = 1 << 20  # a float32 Hessian of HUGE_D x HUGE_D is 4 TiB
+LONG = "L" * 5000  # a hostile layer name
+
+
+def sparse_calibration(path, d=HUGE_D, layer="l", hessian_dtype="F32", extra=None):
+    """A valid calibration file whose layer ``layer`` has ``d`` input features and a Hessian
+    of d x d: the sums of squares are written, the Hessian is a hole (a sparse file)."""
+    hsize = d * d * (4 if hessian_dtype == "F32" else 8)
+    entries = {f"{layer}.sum_squares": {"dtype": "F64", "shape": [d],
+                                        "data_offsets": [0, 8 * d]},
+               f"{layer}.count": {"dtype": "I64", "shape": [],
+                                  "data_offsets": [8 * d, 8 * d + 8]},
+               f"{layer}.hessian": {"dtype": hessian_dtype, "shape": [d, d],
+                                    "data_offsets": [8 * d + 8, 8 * d + 8 + hsize]}}
+    head = encode_header(entries, {"format": CALIBRATION_FORMAT, "num_samples": "1",
+                                   **(extra or {})})
+    with open(path, "wb") as f:
+        f.write(head)
+        f.write(np.ones(d, np.float64).tobytes())
+        f.write(np.int64(1).tobytes())
+        f.truncate(len(head) + 8 * d + 8 + hsize)
+    return path
+
+
+def wide_checkpoint(path, d=HUGE_D, layer="l", rows=2):
+    rng = np.random.default_rng(0)
+    write_safetensors(path, {f"{layer}.weight": rng.standard_normal((rows, d)).astype(np.float32)})
+    return path
+
+
+def run_limited(code, limit=16 << 30, timeout=300):
+    """Run ``code`` in a child Python whose address space is limited to ``limit`` bytes; the
+    child prints one JSON line as its result.  Returns (returncode, result or None, stderr)."""
+    prologue = textwrap.dedent(f"""
+        import json, resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+        def rss_kib():
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        def peak_kib():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", prologue + textwrap.dedent(code)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return proc.returncode, (json.loads(lines[-1]) if lines else None), proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# memory bombs: a 4 TiB sparse-file Hessian
+# ----------------------------------------------------------------------------------------------
+
+def test_wanda_never_reads_a_4tib_hessian(tmp_path):
+    """prune_checkpoint with Wanda (per-row and OWL), and the torch interop with a context
+    loaded for Wanda, on a calibration file whose Hessian is a 4 TiB hole: RSS grows by the
+    weights and the sums of squares only (8 MiB each), never by the Hessian."""
+    calib = sparse_calibration(tmp_path / "calib.safetensors")
+    assert os.path.getsize(calib) > 4 << 40 and os.stat(calib).st_blocks * 512 < 64 << 20
+    ck = wide_checkpoint(tmp_path / "model.safetensors")
+    code, res, err = run_limited(f"""
+        from aprender.checkpoints import prune_checkpoint
+        from aprender.pruning import CalibrationContext
+        import numpy as np
+        before = peak_kib()
+        out = {{}}
+        for alloc in ("uniform", "owl"):
+            rep = prune_checkpoint({str(ck)!r}, {str(tmp_path / "out")!r} + alloc,
+                                   sparsity=0.5, importance="wanda", calibration={str(calib)!r},
+                                   allocation=alloc)
+            out[alloc] = sum(r["total"] - r["kept"] for r in rep["tensors"])
+        ctx = CalibrationContext.load({str(calib)!r}, hessians=False)
+        out["has_hessian"] = ctx["l"].has_hessian
+        out["grew_kib"] = peak_kib() - before
+        print(json.dumps(out))
+    """)
+    assert code == 0, err[-3000:]
+    assert res["uniform"] == res["owl"] == HUGE_D  # half of 2 x 2**20 weights
+    assert res["has_hessian"] is False
+    assert res["grew_kib"] < 256 << 10, res  # a Hessian read would be 4 TiB (or fail the map)
+
+
+def test_wanda_through_torch_never_reads_a_4tib_hessian(tmp_path):
+    """A guard more than an attack (this path never read the Hessian): a context loaded with
+    hessians=False, as the refusal of a default load advises, prunes through the torch
+    interop with RSS untouched by the 16 GiB Hessian."""
+    pytest.importorskip("torch")
+    calib = sparse_calibration(tmp_path / "calib.safetensors", d=1 << 16)  # a 16 GiB hole
+    code, res, err = run_limited(f"""
+        import torch
+        from aprender.pruning import CalibrationContext
+        from aprender.torch import prune_
+        before = peak_kib()
+        ctx = CalibrationContext.load({str(calib)!r}, hessians=False)
+        model = torch.nn.Sequential()
+        model.add_module("l", torch.nn.Linear({1 << 16}, 2, bias=False))
+        rep = prune_(model, 0.5, importance="wanda", calibration=ctx)
+        print(json.dumps({{"pruned": rep[0]["total"] - rep[0]["kept"],
+                          "grew_kib": peak_kib() - before}}))
+    """, limit=12 << 30)
+    assert code == 0, err[-3000:]
+    assert res["pruned"] == 1 << 16
+    assert res["grew_kib"] < 256 << 10, res  # the Hessian alone is 16 GiB
+
+
+def test_loading_a_4tib_hessian_is_refused_before_reading(tmp_path):
+    """CalibrationContext.load with its Hessians, and SparseGPT at the command line, refuse a
+    Hessian larger than the machine in one typed line naming the file and the layer, before
+    anything is read."""
+    calib = sparse_calibration(tmp_path / "calib.safetensors", layer="model.q\x1b[31m")
+    ck = wide_checkpoint(tmp_path / "model.safetensors", layer="model.q\x1b[31m")
+    code, res, err = run_limited(f"""
+        from aprender.pruning import CalibrationContext
+        from aprender.errors import InsufficientMemoryError
+        before = peak_kib()
+        try:
+            CalibrationContext.load({str(calib)!r})
+            outcome = "loaded"
+        except InsufficientMemoryError as exc:
+            outcome = str(exc)
+        print(json.dumps({{"outcome": outcome, "grew_kib": peak_kib() - before}}))
+    """)
+    assert code == 0, err[-3000:]
+    msg = res["outcome"]
+    assert "calib.safetensors" in msg and "model.q\\x1b[31m" in msg and "TiB" in msg, msg
+    assert "hessians=False" in msg and "\n" not in msg
+    assert res["grew_kib"] < 64 << 10
+    proc = subprocess.run(
+        [sys.executable, "-c", "import resource, sys, runpy; "
+         "resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30)); "
+         "sys.argv = ['aprender'] + sys.argv[1:]; runpy.run_module('aprender', run_name='__main__')",
+         "prune", str(ck), "-o", str(tmp_path / "out"), "--importance", "sparsegpt",
+         "--calibration", str(calib), "--sparsity", "0.5"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert "calib.safetensors" in line and "model.q\\x1b[31m" in line and "TiB" in line, line
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_hessian_file_refuses_a_hessian_of_another_size_before_mapping(tmp_path):
+    calib = sparse_calibration(tmp_path / "calib.safetensors", d=1 << 14)  # a 1 GiB hole
+    hf = HessianFile(calib)
+    with pytest.raises(CalibrationFileError, match=r"calib\.safetensors: layer 'l'.*16384 x "
+                                                   r"16384.*8 input columns"):
+        hf.get("l", 8)
