@@ -195,14 +195,16 @@ def check_int(value, name, *, minimum=None):
                                    f"{short_repr(value)}")
     value = operator.index(value)
     if minimum is not None and value < minimum:
-        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {short_repr(value)}")
+        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {size_text(value)}")
     return value
 
 
 def size_text(n):
     """An integer of any size for messages: exact below 10**19, else as a power of ten (str()
     refuses integers of more than 4300 digits)."""
-    return str(n) if abs(n) < 10 ** 19 else f"10^{int(math.log10(abs(n)))}"
+    if abs(n) < 10 ** 19:
+        return str(n)
+    return f"{'-' if n < 0 else ''}10^{int(math.log10(abs(n)))}"
 
 
 def format_bytes(n):

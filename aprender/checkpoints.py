@@ -347,7 +347,7 @@ class CheckpointPruner:
     # -- per tensor --------------------------------------------------------------------------
     @staticmethod
     def _label(ckpt, shard, t):
-        return f"{display(ckpt.shard_path(shard))}: tensor {t.name!r}"
+        return f"{display(ckpt.shard_path(shard))}: tensor {display(short_repr(t.name))}"
 
     def _prepare_wanda(self, ckpt, selected):
         """Load the calibration, check every selected tensor has matching statistics (before

@@ -178,3 +178,123 @@ def test_hessian_file_refuses_a_hessian_of_another_size_before_mapping(tmp_path)
     with pytest.raises(CalibrationFileError, match=r"calib\.safetensors: layer 'l'.*16384 x "
                                                    r"16384.*8 input columns"):
         hf.get("l", 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# the calibration objects' API: typed errors naming the problem, never echoing all of it
+# ----------------------------------------------------------------------------------------------
+
+from aprender.errors import (InvalidShapeError, MissingActivationStatsError,  # noqa: E402
+                             NumericalInstabilityError, ShapeMismatchError)
+from aprender.pruning import (owl_allocation, owl_sparsities, wanda_scale,  # noqa: E402
+                              wanda_scores)
+
+
+def _stats(d=3, count=0, hessian=False):
+    st = ActivationStats(d, hessian=hessian)
+    if count:
+        st.update(np.ones((count, d), np.float32))
+    return st
+
+
+def _ctx(name=LONG, st=None):
+    return CalibrationContext({name: _stats() if st is None else st})
+
+
+W = np.ones((2, 3), np.float32)
+F32 = np.ones(3, np.float32)
+
+# id, callable, expected type, built-in base, regex the message must match
+CASES = [
+    # --- ActivationStats(in_features): sizes refused before allocating ------------------------
+    ("stats-10e400", lambda: ActivationStats(10 ** 400),
+     InvalidArgumentError, ValueError, r"in_features=10\^400.*about 10\^400 bytes.*address"),
+    ("stats-2e62", lambda: ActivationStats(2 ** 62),
+     InvalidArgumentError, ValueError, r"in_features=4611686018427387904.*32\.0 EiB"),
+    ("stats-2e40", lambda: ActivationStats(2 ** 40),
+     InsufficientMemoryError, MemoryError, r"in_features=1099511627776.*8\.0 TiB.*memory"),
+    ("stats-1e6-hessian", lambda: ActivationStats(10 ** 6, hessian=True),
+     InsufficientMemoryError, MemoryError,
+     r"in_features=1000000, hessian=True.*7\.3 TiB \(8000008000000 bytes\)"),
+    ("stats-minus-10e5000", lambda: ActivationStats(-10 ** 5000),
+     InvalidArgumentError, ValueError, r"in_features must be >= 1, got -10\^5000"),
+    # --- ActivationStats.from_arrays: what numpy cannot make an array of ---------------------
+    ("from-arrays-ragged-sums", lambda: ActivationStats.from_arrays([[1.0], [1.0, 2.0]], 3),
+     CalibrationError, ValueError, r"sum_squares is not an array.*inhomogeneous"),
+    ("from-arrays-ragged-hessian",
+     lambda: ActivationStats.from_arrays(np.ones(2), 3, [[1.0], [1.0, 2.0]]),
+     CalibrationError, ValueError, r"hessian is not an array"),
+    ("from-arrays-count-10e400", lambda: ActivationStats.from_arrays(np.ones(2), 10 ** 400),
+     CalibrationError, ValueError, r"count must be in \[0, 2\*\*63\), got 10\^400$"),
+    # --- wanda_scale / wanda_scores: the layer named, hostile scales refused ------------------
+    ("wanda-no-tokens-names-layer",
+     lambda: wanda_scale(_stats(), layer="model.layers.0.q"),
+     CalibrationError, ValueError, r"^layer 'model\.layers\.0\.q': .*hold no tokens"),
+    ("wanda-no-tokens-long-layer",
+     lambda: WandaImportance(LONG).compute(W, _ctx()),
+     CalibrationError, ValueError, r"^layer 'LLLL.*\.\.\.: .*hold no tokens"),
+    ("wanda-overflow-names-layer",
+     lambda: wanda_scale(ActivationStats.from_arrays(np.array([1e300, 1.0, 1.0]), 2),
+                         layer=LONG),
+     NumericalInstabilityError, ValueError, r"^layer 'LLL.*\.\.\.: the input norm of feature 0"),
+    ("wanda-scores-negative-scale",
+     lambda: wanda_scores(W, np.array([1.0, -1.0, 1.0], np.float32)),
+     NumericalInstabilityError, ValueError, r"scale of input feature 1 is -1\.0"),
+    ("wanda-scores-nan-scale",
+     lambda: wanda_scores(W, np.array([np.nan, 1.0, 1.0], np.float32)),
+     NumericalInstabilityError, ValueError, r"scale of input feature 0 is nan"),
+    # --- CalibrationContext: hostile layer names are cut, huge numbers named -----------------
+    ("context-missing-lists-long-names", lambda: _ctx()["x"],
+     MissingActivationStatsError, ValueError, r"layer 'x'.*holds 1 layer\(s\): 'LLL.*\.\.\."),
+    ("context-duplicate-long-name", lambda: _ctx().add_layer_stats(LONG, _stats()),
+     CalibrationError, ValueError, r"layer 'LLL.*\.\.\. already has statistics"),
+    ("context-bad-stats-long-name", lambda: CalibrationContext().add_layer_stats(LONG, 5),
+     InvalidArgumentError, ValueError, r"stats for layer 'LLL.*\.\.\. must be.*got int"),
+    ("context-merge-sizes-long-name",
+     lambda: _ctx().merge(_ctx(st=_stats(4))),
+     ShapeMismatchError, ValueError, r"layer 'LLL.*\.\.\.: 3 input features here, 4"),
+    ("context-merge-hessian-long-name",
+     lambda: _ctx().merge(_ctx(st=_stats(3, hessian=True))),
+     CalibrationError, ValueError, r"layer 'LLL.*\.\.\.: one context has a Hessian"),
+    ("context-num-samples-10e5000", lambda: CalibrationContext(num_samples=10 ** 5000),
+     InvalidArgumentError, ValueError, r"num_samples must be below 2\*\*63, got 10\^5000"),
+    ("block-cos-sum-10e400", lambda: CalibrationContext().add_block_stats("b", 10 ** 400, 5),
+     CalibrationError, ValueError, r"block 'b': cos_sum is too large for a float64 \(int 1000"),
+    ("block-tokens-10e400", lambda: CalibrationContext().add_block_stats("b", 1.0, 10 ** 400),
+     CalibrationError, ValueError, r"token count must be in \[0, 2\*\*63\), got 10\^400$"),
+    ("expert-reap-sum-10e400", lambda: CalibrationContext().add_expert_stats("e", 5, 10 ** 400),
+     CalibrationError, ValueError, r"expert 'e': reap_sum is too large"),
+    # --- OWL: sizes beyond int64, arguments that are not sequences ---------------------------
+    ("owl-sizes-beyond-int64", lambda: owl_allocation([0.1, 0.2], [2 ** 62, 2 ** 62], 0.5),
+     InvalidArgumentError, ValueError, r"sizes add up to 9223372036854775808 elements"),
+    ("owl-sizes-10e400", lambda: owl_allocation([0.1, 0.2], [10 ** 400, 5], 0.5),
+     InvalidArgumentError, ValueError, r"sizes add up to 10\^400 elements"),
+    ("owl-ratios-not-a-sequence", lambda: owl_allocation(5, [10], 0.5),
+     InvalidArgumentError, ValueError, r"ratios must be a sequence, got int 5"),
+    ("owl-weights-10e400", lambda: owl_sparsities({"a": F32}, 0.5, weights={"a": 10 ** 400}),
+     InvalidArgumentError, ValueError, r"sizes add up to 10\^400"),
+]
+
+from aprender.pruning import WandaImportance  # noqa: E402
+
+
+def _check(case):
+    _, fn, exc_type, builtin, regex = case
+    with pytest.raises(PruningError) as info:
+        fn()
+    err = info.value
+    assert type(err) is exc_type, f"expected exactly {exc_type.__name__}, got {type(err).__name__}"
+    assert isinstance(err, builtin), f"{type(err).__name__} is not a {builtin.__name__}"
+    message = str(err)
+    assert re.search(regex, message), f"message {message!r} does not match {regex!r}"
+    assert len(message) < 600 and "\n" not in message, "hostile input must not be echoed whole"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_attack(case):
+    _check(case)
+
+
+def test_catalogue_ids_are_unique():
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids))

@@ -204,7 +204,7 @@ class ActivationStats:
         (in, in) Hessian of finite values with a non-negative diagonal.  Raises
         CalibrationError naming the problem.  The Hessian is checked and copied a block of
         rows at a time (a memory-mapped one is read once, with no full-size temporary)."""
-        ss = np.asarray(sum_squares)
+        ss = _stored(sum_squares, "sum_squares")
         if ss.ndim != 1 or ss.size == 0:
             raise CalibrationError(f"sum_squares must be a non-empty 1-D array, got shape "
                                    f"{ss.shape}")
@@ -222,12 +222,12 @@ class ActivationStats:
             raise CalibrationError(f"count must be an integer, got {short_repr(count)}")
         count = int(count)
         if count < 0 or count > _INT64_MAX:
-            raise CalibrationError(f"count must be in [0, 2**63), got {count}")
+            raise CalibrationError(f"count must be in [0, 2**63), got {_size_text(count)}")
         if count == 0 and ss.any():
             raise CalibrationError("count is 0 but sum_squares is not all zero")
         h = None
         if hessian is not None:
-            h = np.asarray(hessian)
+            h = _stored(hessian, "hessian")
             if h.shape != (ss.size, ss.size):
                 raise CalibrationError(f"hessian has shape {h.shape}, expected "
                                        f"({ss.size}, {ss.size}) for {ss.size} input features")
@@ -418,6 +418,16 @@ class ActivationStats:
                 f"{', hessian=True' if self._h is not None else ''})")
 
 
+def _stored(value, name):
+    """A stored statistic as an array, or CalibrationError (a ragged list, an object numpy
+    refuses)."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise CalibrationError(f"{name} is not an array of numbers "
+                               f"({short_repr(str(exc), 120)})") from None
+
+
 def _check_tokens(tokens, what):
     if isinstance(tokens, np.ndarray) and tokens.ndim == 0:
         tokens = tokens[()]
@@ -426,7 +436,8 @@ def _check_tokens(tokens, what):
                                f"{short_repr(tokens)}")
     tokens = int(tokens)
     if not 0 <= tokens <= _INT64_MAX:
-        raise CalibrationError(f"{what}: the token count must be in [0, 2**63), got {tokens}")
+        raise CalibrationError(f"{what}: the token count must be in [0, 2**63), got "
+                               f"{_size_text(tokens)}")
     return tokens
 
 
@@ -435,7 +446,11 @@ def _check_sum(value, what, field):
         value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise CalibrationError(f"{what}: {field} must be a real number, got {short_repr(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except (OverflowError, ValueError):  # an integer or fraction beyond float64
+        raise CalibrationError(f"{what}: {field} is too large for a float64 "
+                               f"({type(value).__name__} {short_repr(value)})") from None
     if not math.isfinite(value):
         raise CalibrationError(f"{what}: {field} is not finite ({value!r})")
     return value
@@ -568,7 +583,8 @@ class CalibrationContext(Mapping):
     def num_samples(self, value):
         value = check_int(value, "num_samples", minimum=0)
         if value > _INT64_MAX:
-            raise InvalidArgumentError(f"num_samples must be below 2**63, got {value}")
+            raise InvalidArgumentError(f"num_samples must be below 2**63, got "
+                                       f"{_size_text(value)}")
         self._num_samples = value
 
     # -- layers -----------------------------------------------------------------------------
@@ -578,10 +594,10 @@ class CalibrationContext(Mapping):
         together, use ``ctx[name].merge_(stats)`` or :meth:`merge`)."""
         _check_name(name)
         if not isinstance(stats, ActivationStats):
-            raise InvalidArgumentError(f"stats for layer {name!r} must be an ActivationStats, "
+            raise InvalidArgumentError(f"stats for layer {_layer_text(name)} must be an ActivationStats, "
                                        f"got {type(stats).__name__}")
         if name in self._stats and not replace:
-            raise CalibrationError(f"layer {name!r} already has statistics (pass replace=True "
+            raise CalibrationError(f"layer {_layer_text(name)} already has statistics (pass replace=True "
                                    "to replace them, or merge)")
         self._stats[name] = stats
         return stats
@@ -604,8 +620,8 @@ class CalibrationContext(Mapping):
         if isinstance(name, str):
             close = difflib.get_close_matches(name, names, n=3)
             if close:
-                hint = f"; did you mean {', '.join(map(repr, close))}?"
-        held = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+                hint = f"; did you mean {', '.join(map(_layer_text, close))}?"
+        held = ", ".join(_layer_text(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
         return MissingActivationStatsError(
             f"no activation statistics for layer {short_repr(name)} (the calibration holds "
             f"{len(names)} layer(s){': ' + held if names else ''}){hint}", layer=name)
@@ -697,13 +713,13 @@ class CalibrationContext(Mapping):
             if mine is None:
                 continue
             if mine.in_features != st.in_features:
-                raise ShapeMismatchError(f"layer {name!r}: {mine.in_features} input features "
+                raise ShapeMismatchError(f"layer {_layer_text(name)}: {mine.in_features} input features "
                                          f"here, {st.in_features} in the other context")
             if mine.has_hessian != st.has_hessian:
-                raise CalibrationError(f"layer {name!r}: one context has a Hessian, the other "
+                raise CalibrationError(f"layer {_layer_text(name)}: one context has a Hessian, the other "
                                        "not")
             if mine.count + st.count > _INT64_MAX:
-                raise CalibrationError(f"layer {name!r}: merged token count would exceed "
+                raise CalibrationError(f"layer {_layer_text(name)}: merged token count would exceed "
                                        "2**63 - 1")
         merged_model = {g: dict(v) for g, v in self._model.items()}
         for group, held in other._model.items():

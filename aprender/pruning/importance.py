@@ -256,6 +256,12 @@ def _wanda_values(f, scale, out, nt, stats=False):
         raise ShapeMismatchError(f"weights of shape {f.shape} have {cols} input features but "
                                  f"the scale has {sc.shape[0]}")
     sc = np.ascontiguousarray(sc)
+    bad_scale = ~(sc >= 0) | ~np.isfinite(sc)  # NaN fails the first test
+    if bad_scale.any():
+        j = int(np.argmax(bad_scale))
+        raise NumericalInstabilityError(
+            f"the scale of input feature {j} is {float(sc[j])!r}; Wanda scales are input norms, "
+            "finite and >= 0 (from wanda_scale)", index=(j,), value=repr(float(sc[j])))
     if out is None:
         out = np.empty(f.shape, dtype=sdt)
     elif not (isinstance(out, np.ndarray) and out.dtype == sdt and out.shape == f.shape

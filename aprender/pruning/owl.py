@@ -28,10 +28,12 @@ import numpy as np
 
 from .._kernels import calib as _calib
 from .._validation import (as_floats, as_real, check_sparsity, prune_count, raise_nonfinite,
-                           resolve_threads, short_repr)
+                           resolve_threads, short_repr, size_text)
 from ..errors import InvalidArgumentError, InvalidShapeError, NumericalInstabilityError
 
 __all__ = ["owl_outlier_ratio", "owl_allocation", "owl_sparsities", "OwlAllocation"]
+
+_INT64_MAX = (1 << 63) - 1
 
 
 def _check_m(m):
@@ -127,12 +129,23 @@ def streamed_outlier_ratio(chunks, m=5.0, n_threads=None):
     return above / n
 
 
+def _sequence(values, name):
+    """A list from a sequence argument, or InvalidArgumentError naming what came instead."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise InvalidArgumentError(f"{name} must be a sequence, got {type(values).__name__} "
+                                   f"{short_repr(values)}")
+    return list(values)
+
+
 def _check_sizes(sizes):
     arr = []
-    for i, v in enumerate(sizes):
+    for i, v in enumerate(_sequence(sizes, "sizes")):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 0:
             raise InvalidArgumentError(f"sizes[{i}] must be an integer >= 0, got {short_repr(v)}")
         arr.append(int(v))
+    if sum(arr) > _INT64_MAX:  # the counts are int64, as every element count numpy holds
+        raise InvalidArgumentError(f"the layer sizes add up to {size_text(sum(arr))} elements, "
+                                   "more than 2**63 - 1")
     return arr
 
 
@@ -181,7 +194,7 @@ def owl_allocation(ratios, sizes, target, lam=0.08):
     normalisation."""
     target = check_sparsity(target, "target sparsity")
     lam = _check_lam(lam)
-    d = [as_real(r, f"ratios[{i}]") for i, r in enumerate(ratios)]
+    d = [as_real(r, f"ratios[{i}]") for i, r in enumerate(_sequence(ratios, "ratios"))]
     n = _check_sizes(sizes)
     if len(d) != len(n):
         raise InvalidShapeError(f"{len(d)} outlier ratios for {len(n)} layer sizes")

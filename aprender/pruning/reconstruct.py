@@ -64,7 +64,9 @@ def _lapack():
 
 
 def _at(layer):
-    return f"layer {layer!r}: " if layer is not None else ""
+    from ..io.files import display
+
+    return f"layer {display(short_repr(layer))}: " if layer is not None else ""
 
 
 def _pattern(pattern):
@@ -99,6 +101,8 @@ def hessian_array(hessian, cols, layer=None, n_threads=None):
 
     at = _at(layer)
     if isinstance(hessian, ActivationStats):
+        if hessian._origin is not None:  # read from a file: name it too
+            at = f"{hessian._origin}: "
         if not hessian.has_hessian:
             raise CalibrationError(f"{at}the calibration statistics have no Hessian (collect "
                                    "them with hessian=True, or 'aprender calibrate --hessian')")
