@@ -298,3 +298,38 @@ def test_attack(case):
 def test_catalogue_ids_are_unique():
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# errors about a calibration file's statistics name the file and the layer, at the command line
+# ----------------------------------------------------------------------------------------------
+
+def _cli(args, capsys):
+    from aprender.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("sums,count,what", [
+    ([1e300, 1.0, 1.0], 2, r"the input norm of feature 0 \(1e\+150\) overflows float32"),
+    ([0.0, 0.0, 0.0], 0, r"the calibration statistics hold no tokens"),
+], ids=["norm-overflows", "no-tokens"])
+@pytest.mark.parametrize("layer", ["model.layers.0.q", LONG], ids=["plain", "5000-characters"])
+def test_statistics_errors_name_the_file_and_the_layer(tmp_path, capsys, sums, count, what,
+                                                       layer):
+    ctx = CalibrationContext({layer: ActivationStats.from_arrays(np.array(sums), count)})
+    ctx.save(tmp_path / "calib.safetensors")
+    write_safetensors(tmp_path / "m.safetensors", {f"{layer}.weight": W})
+    code, err = _cli(["prune", tmp_path / "m.safetensors", "-o", tmp_path / "out",
+                      "--sparsity", "0.5", "--importance", "wanda",
+                      "--calibration", tmp_path / "calib.safetensors"], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(r"layer '" + re.escape(layer[:20]) + r".* of calibration file "
+                     r".*calib\.safetensors: " + what, err), err
+    assert len(err) < 600 + len(str(tmp_path)) * 2, err
+    assert not os.path.exists(tmp_path / "out")
