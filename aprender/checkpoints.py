@@ -29,7 +29,7 @@ from .io.formats import FORMATS, logical_tensors
 from .io.files import (OutputTarget, atomic_write_text, display, remove_tree, replace_path,
                        temp_name)
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
-                           layer_magnitude_mask)
+                           layer_magnitude_mask, per_row_count_mask)
 from .pruning.selection import GlobalPlan, MappedUnit, find_threshold, wanda_units
 
 __all__ = ["prune_checkpoint", "CheckpointPruner", "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE"]
@@ -251,6 +251,11 @@ class CheckpointPruner:
                                       "here")
         if args.scope == "global" and not p.is_unstructured:
             raise InvalidArgumentError("--scope global needs --pattern unstructured")
+        if args.allocation == "owl" and p.is_nm:
+            raise InvalidArgumentError(f"--allocation owl gives each tensor its own sparsity, "
+                                       f"but --pattern {self.pattern_text} prunes every tensor "
+                                       f"to {p.n}/{p.m}: use --pattern per-row or unstructured "
+                                       "with OWL")
         if args.format not in FORMATS:
             raise InvalidArgumentError(f"--format must be one of {', '.join(FORMATS)}, got "
                                        f"{args.format!r}")
@@ -509,10 +514,15 @@ class CheckpointPruner:
                 .group_keep(0, np.empty(t.size, np.uint8))
         keep = self._mask_buffer(t.size)
         pos = 0
+        # an OWL count is honoured exactly: spread over the rows, which differ by at most one
+        count = prune_count(sparsity, t.size) if t.name in self.layer_sparsity else None
         for u in units:  # each chunk's scores and mask go straight into reused buffers
             s = u.scores(out=self._scratch(u.size, u.dtype, "scores").reshape(u.shape))
             part = keep[pos:pos + u.size].reshape(u.shape)
-            if self.pattern.is_per_row:
+            if self.pattern.is_per_row and count is not None:
+                per_row_count_mask(s, count, first_row=u.r0, total_rows=t.shape[0],
+                                   n_threads=nt, out=part)
+            elif self.pattern.is_per_row:
                 generate_unstructured_mask(s, sparsity, per_row=True, n_threads=nt,
                                            out=part)
             else:

@@ -333,3 +333,123 @@ def test_statistics_errors_name_the_file_and_the_layer(tmp_path, capsys, sums, c
                      r".*calib\.safetensors: " + what, err), err
     assert len(err) < 600 + len(str(tmp_path)) * 2, err
     assert not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# OWL: per-row prunes the allocated counts exactly; N:M is refused everywhere
+# ----------------------------------------------------------------------------------------------
+
+from aprender import _reference as ref  # noqa: E402
+from aprender.checkpoints import prune_checkpoint  # noqa: E402
+from aprender.io import SafetensorsFile  # noqa: E402
+from aprender.pruning.mask import per_row_count_mask  # noqa: E402
+
+OWL_SHAPES = {"a": (7, 12), "b": (5, 20), "c": (3, 8), "d": (9, 4)}
+
+
+def _owl_model(tmp_path, seed=0):
+    rng = np.random.default_rng(seed)
+    weights, stats = {}, {}
+    for i, (name, (rows, cols)) in enumerate(OWL_SHAPES.items()):
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        w[rng.random(w.shape) < 0.02 * (i + 1)] *= 40  # outliers, more in the later layers
+        weights[f"{name}.weight"] = w
+        stats[name] = ActivationStats.from_arrays(rng.random(cols) * 10 + 0.1, 5)
+    write_safetensors(tmp_path / "m.safetensors", weights)
+    ctx = CalibrationContext(stats)
+    ctx.save(tmp_path / "calib.safetensors")
+    return weights, ctx
+
+
+def _per_row_reference(scores, count):
+    """The reference per-row mask with a per-layer count: row i prunes its q + (i < r)
+    smallest scores (ties: lowest index), (q, r) = divmod(count, rows)."""
+    rows = scores.shape[0]
+    q, r = divmod(count, rows)
+    keep = np.ones(scores.shape, bool)
+    for i in range(rows):
+        keep[i, np.argsort(scores[i], kind="stable")[:q + (i < r)]] = False
+    return keep
+
+
+@pytest.mark.parametrize("target,lam", [(0.5, 0.2), (0.37, 0.08), (0.9, 0.3)])
+def test_owl_per_row_prunes_exactly_the_allocated_counts(tmp_path, target, lam):
+    """The issue's reproduction: per-row OWL pruned rows x round(count / rows) (308 weights of
+    a target of 315).  Now each tensor prunes its allocated count exactly (the total is
+    round(s x selected)), rows differing by at most one, the mask the reference's."""
+    weights, ctx = _owl_model(tmp_path)
+    report = prune_checkpoint(tmp_path / "m.safetensors", tmp_path / "out.safetensors",
+                              sparsity=target, importance="wanda", pattern="per-row",
+                              calibration=tmp_path / "calib.safetensors", allocation="owl",
+                              owl_lambda=lam, owl_m=2.0)
+    scores = {n: WandaImportance(n).compute(weights[f"{n}.weight"], ctx).values
+              for n in OWL_SHAPES}
+    alloc = owl_sparsities(scores, target, m=2.0, lam=lam)
+    total = sum(w.size for w in weights.values())
+    pruned = {r["name"]: r["total"] - r["kept"] for r in report["tensors"]}
+    assert sum(pruned.values()) == report["totals"]["pruned"] == ref.prune_count(target, total)
+    assert len(set(alloc.counts)) > 1  # OWL moved counts between the layers
+    out = SafetensorsFile(tmp_path / "out.safetensors")
+    for name, count in zip(alloc.names, alloc.counts):
+        assert pruned[f"{name}.weight"] == count
+        keep = out.array(f"{name}.weight") != 0
+        np.testing.assert_array_equal(keep, _per_row_reference(scores[name], count))
+        per_row = (~keep).sum(axis=1)
+        assert per_row.max() - per_row.min() <= 1
+
+
+def test_per_row_count_mask_in_row_chunks_equals_one_piece():
+    rng = np.random.default_rng(5)
+    s = rng.random((11, 6)).astype(np.float32)
+    s[3, :3] = s[3, 3:]  # ties
+    for count in (0, 1, 10, 11, 12, 40, 65, 66):
+        whole = per_row_count_mask(s, count).keep
+        np.testing.assert_array_equal(whole, _per_row_reference(s, count))
+        pieces = [per_row_count_mask(s[a:b], count, first_row=a, total_rows=11).keep
+                  for a, b in ((0, 4), (4, 5), (5, 11))]
+        np.testing.assert_array_equal(np.concatenate(pieces), whole)
+    with pytest.raises(InvalidArgumentError, match="count 67 exceeds the 66 elements"):
+        per_row_count_mask(s, 67)
+    with pytest.raises(InvalidShapeError, match=r"rows \[8, 19\)"):
+        per_row_count_mask(s, 3, first_row=8, total_rows=12)
+
+
+def test_owl_with_an_nm_pattern_is_refused(tmp_path, capsys):
+    _owl_model(tmp_path)
+    code, err = _cli(["prune", tmp_path / "m.safetensors", "-o", tmp_path / "out.safetensors",
+                      "--importance", "wanda", "--calibration", tmp_path / "calib.safetensors",
+                      "--pattern", "2:4", "--allocation", "owl"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert re.search(r"--allocation owl .* --pattern 2:4 prunes every tensor to 2/4", err), err
+    assert not os.path.exists(tmp_path / "out.safetensors")
+    with pytest.raises(InvalidArgumentError, match=r"--allocation owl.*2:4"):
+        prune_checkpoint(tmp_path / "m.safetensors", tmp_path / "out.safetensors",
+                         importance="wanda", calibration=tmp_path / "calib.safetensors",
+                         pattern="2:4", allocation="owl", dry_run=True)
+
+
+def test_owl_through_torch_per_row_exact_and_nm_refused():
+    torch = pytest.importorskip("torch")
+    from aprender.errors import InvalidSparsityError
+    from aprender.torch import prune_
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    model = torch.nn.Sequential()
+    stats = {}
+    for name, (rows, cols) in OWL_SHAPES.items():
+        model.add_module(name, torch.nn.Linear(cols, rows, bias=False))
+        stats[name] = ActivationStats.from_arrays(rng.random(cols) * 10 + 0.1, 5)
+    ctx = CalibrationContext(stats)
+    scores = {n: WandaImportance(n).compute(model.get_submodule(n).weight.detach(), ctx).values
+              for n in OWL_SHAPES}
+    alloc = owl_sparsities(scores, 0.37, m=2.0, lam=0.2)
+    with pytest.raises(InvalidSparsityError, match=r"OWL.*N:M pattern 2:4.*2/4"):
+        prune_(model, alloc.as_dict(), pattern="2:4", importance="wanda", calibration=ctx)
+    report = prune_(model, alloc.as_dict(), pattern="per-row", importance="wanda",
+                    calibration=ctx)
+    pruned = {r["name"][:-len(".weight")]: r["total"] - r["kept"] for r in report}
+    assert pruned == dict(zip(alloc.names, alloc.counts))
+    for name, count in zip(alloc.names, alloc.counts):
+        keep = model.get_submodule(name).weight.detach().numpy() != 0
+        np.testing.assert_array_equal(keep, _per_row_reference(scores[name], count))

@@ -17,6 +17,10 @@ Layers with more outliers in their Wanda scores are pruned less.  For each layer
    ``round(s * total)`` (halves down), the count every aprender function prunes for a
    fraction ``s`` of ``total`` elements.
 
+With the per-row pattern the counts are honoured exactly, rows of a layer differing by at
+most one (see :class:`OwlAllocation`); N:M patterns cannot carry per-layer sparsities and are
+refused with OWL.
+
 The paper's "layer" is a transformer block (all its Linear weights together): pass a group of
 score arrays per block to get that, or one array per weight for a per-weight allocation.
 """
@@ -238,8 +242,17 @@ class OwlAllocation:
     ``counts[i]`` elements of layer ``names[i]`` (of ``sizes[i]``) are to be pruned;
     ``sparsities[i] = counts[i] / sizes[i]`` (0 for an empty layer) is the fraction to pass to
     a layer mask function: ``generate_unstructured_mask(scores, sparsities[i])`` prunes exactly
-    ``counts[i]`` elements.  (A per-row or N:M mask prunes a multiple of the row count or the
-    pattern's fraction instead, so the total is then only approximately ``target``.)"""
+    ``counts[i]`` elements.
+
+    Per-row (Wanda's grouping): ``per_row_count_mask(scores, counts[i])`` prunes exactly
+    ``counts[i]``, spread over the rows as evenly as integers allow (every row ``q`` and the
+    first ``r`` rows one more, ``(q, r) = divmod(counts[i], rows)``); so do ``aprender prune
+    --allocation owl --pattern per-row`` and ``aprender.torch.prune_`` with ``as_dict()``.
+    Equal counts in every row and an exact total cannot both hold in general (a count that
+    is not a multiple of the rows); the total is kept exact.  (Passing ``sparsities[i]`` to
+    ``generate_unstructured_mask(..., per_row=True)`` prunes ``rows * round(counts[i] /
+    rows)`` instead.)  N:M patterns fix every layer's sparsity at N/M and are refused with
+    OWL."""
 
     names: tuple
     sizes: tuple
