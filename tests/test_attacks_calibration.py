@@ -453,3 +453,171 @@ def test_owl_through_torch_per_row_exact_and_nm_refused():
     for name, count in zip(alloc.names, alloc.counts):
         keep = model.get_submodule(name).weight.detach().numpy() != 0
         np.testing.assert_array_equal(keep, _per_row_reference(scores[name], count))
+
+
+# ----------------------------------------------------------------------------------------------
+# fuzz: mutated calibration files give a CalibrationFileError / CheckpointError or statistics
+# that are valid (and save and load back equal)
+# ----------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
+
+from aprender.io.safetensors import DTYPE_SIZES  # noqa: E402
+
+
+def _valid_parts():
+    """name -> (dtype, shape, bytes) of a valid format-2 file: two layers sharing one Hessian,
+    a layer of its own with a float64 Hessian, a block and an expert; and its metadata."""
+    h = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, 0.25], [0.5, 0.25, 2.0]])
+    parts = {
+        "m.q.sum_squares": ("F64", [3], np.diagonal(h).copy().tobytes()),
+        "m.q.count": ("I64", [], np.int64(6).tobytes()),
+        "m.q.hessian": ("F32", [3, 3], h.astype(np.float32).tobytes()),
+        "m.k.sum_squares": ("F64", [3], np.diagonal(h).copy().tobytes()),
+        "m.k.count": ("I64", [], np.int64(6).tobytes()),
+        "m.o.sum_squares": ("F64", [2], np.array([1.0, 2.0]).tobytes()),
+        "m.o.count": ("I64", [], np.int64(2).tobytes()),
+        "m.o.hessian": ("F64", [2, 2], np.array([[1.0, 0.5], [0.5, 2.0]]).tobytes()),
+        "model.layers.0.block_cos_sum": ("F64", [], np.float64(5.5).tobytes()),
+        "model.layers.0.block_tokens": ("I64", [], np.int64(6).tobytes()),
+        "model.layers.0.mlp.experts.1.expert_tokens": ("I64", [], np.int64(3).tobytes()),
+        "model.layers.0.mlp.experts.1.expert_reap_sum": ("F64", [], np.float64(1.5).tobytes()),
+    }
+    meta = {"format": CALIBRATION_FORMAT, "num_samples": "2", "hessian_of": '{"m.k":"m.q"}'}
+    return parts, meta
+
+
+_NAMES = st.sampled_from(["m.q", "m.k", "m.o", "m.x", "", ".", "m.q.", "\x1b[2J", "m" * 300,
+                          "model.layers.0", "model.layers.0.mlp.experts.1"])
+_SUFFIXES = st.sampled_from(["sum_squares", "count", "hessian", "block_cos_sum", "block_tokens",
+                             "expert_tokens", "expert_reap_sum", "weight", "", "Count"])
+_SPECIAL = [b"\x00\x00\x00\x00\x00\x00\xf8\x7f", b"\x00\x00\x00\x00\x00\x00\xf0\x7f",
+            b"\x00\x00\x00\x00\x00\x00\xf0\xff", b"\xff\xff\xff\xff\xff\xff\xff\x7f",
+            b"\x00\x00\x00\x00\x00\x00\x00\x80", b"\x01\x00\x00\x00\x00\x00\x00\x80",
+            b"\x00\x00\x80\x7f", b"\x00\x00\xc0\x7f", b"\x00\x00\x80\xff"]
+_META_VALUES = st.one_of(
+    st.sampled_from([CALIBRATION_FORMAT, "aprender.calibration/1", "aprender.calibration/9",
+                     "pt", "", "0", "-1", "9223372036854775807", "9223372036854775808",
+                     "1" * 30, "٣", " 2", '{"m.k":"m.q"}', '{"m.k":"m.o"}', '{"m.q":"m.q"}',
+                     '{"m.o":"m.q"}', '{"m.x":"m.q"}', '{"m.k":5}', '["m.k"]', "{", "null",
+                     '{"m.k":"m.q","m.k":"m.o"}', '{"m.k":"m.q","model.layers.0":"m.q"}']),
+    st.text(max_size=12))
+
+
+def _mutate_calibration(data):
+    parts, meta = _valid_parts()
+    names = list(parts)
+    for _ in range(data.draw(st.integers(1, 4), label="mutations")):
+        what = data.draw(st.sampled_from(["meta", "rename", "dtype", "shape", "bytes", "drop",
+                                          "special"]))
+        if what == "meta":
+            meta[data.draw(st.sampled_from(["format", "num_samples", "hessian_of", "x"]))] = \
+                data.draw(_META_VALUES)
+            continue
+        if not names:
+            break
+        name = data.draw(st.sampled_from(names))
+        dtype, shape, raw = parts[name]
+        if what == "rename":
+            new = data.draw(_NAMES) + "." + data.draw(_SUFFIXES)
+            if new not in parts:
+                parts[new] = parts.pop(name)
+                names[names.index(name)] = new
+        elif what == "dtype":
+            parts[name] = (data.draw(st.sampled_from(sorted(DTYPE_SIZES))), shape, raw)
+        elif what == "shape":
+            parts[name] = (dtype, data.draw(st.lists(st.integers(0, 4), max_size=3)), raw)
+        elif what == "bytes":
+            parts[name] = (dtype, shape, data.draw(st.binary(min_size=len(raw),
+                                                             max_size=len(raw))))
+        elif what == "special" and len(raw) >= 4:
+            word = data.draw(st.sampled_from([w for w in _SPECIAL if len(w) <= len(raw)]))
+            at = data.draw(st.integers(0, (len(raw) - len(word)) // len(word))) * len(word)
+            parts[name] = (dtype, shape, raw[:at] + word + raw[at + len(word):])
+        elif what == "drop":
+            del parts[name]
+            names.remove(name)
+    # keep the safetensors layer valid (the calibration layer is what is fuzzed): every
+    # tensor's bytes fit its dtype and shape, offsets contiguous; sometimes break it anyway
+    entries, blob = {}, b""
+    for name, (dtype, shape, raw) in parts.items():
+        n = int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[dtype]
+        raw = (raw * (n // max(len(raw), 1) + 1))[:n] if raw else bytes(n)
+        entries[name] = {"dtype": dtype, "shape": shape,
+                         "data_offsets": [len(blob), len(blob) + n]}
+        blob += raw
+    if data.draw(st.integers(0, 9)) == 0 and entries:
+        victim = data.draw(st.sampled_from(sorted(entries)))
+        entries[victim]["data_offsets"][1] += data.draw(st.sampled_from([-8, -1, 1, 8]))
+    return encode_header(entries, meta) + blob
+
+
+def _check_valid(ctx, hessians):
+    assert 0 <= ctx.num_samples < 2 ** 63
+    for name in ctx:
+        s = ctx[name]
+        assert 0 <= s.count < 2 ** 63
+        assert np.isfinite(s.sum_squares).all() and (s.sum_squares >= 0).all()
+        if hessians and s.has_hessian:
+            assert s.hessian.shape == (s.in_features,) * 2 and np.isfinite(s.hessian).all()
+    for b in ctx.block_stats.values():
+        assert 0 <= b.tokens < 2 ** 63 and abs(b.cos_sum) <= b.tokens * (1 + 1e-6) + 1e-6
+    for e in ctx.expert_stats.values():
+        assert 0 <= e.tokens < 2 ** 63 and e.reap_sum >= 0 and math.isfinite(e.reap_sum)
+
+
+import math  # noqa: E402
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_calibration_files(tmp_path, data):
+    raw = _mutate_calibration(data)
+    path = tmp_path / "calib.safetensors"
+    path.write_bytes(raw)
+    hessians = data.draw(st.booleans(), label="hessians")
+    try:
+        ctx = CalibrationContext.load(path, hessians=hessians)
+    except CheckpointError as exc:  # CalibrationFileError is one
+        assert "\n" not in str(exc) and len(str(exc)) < 1000 + len(str(path)), str(exc)
+        event(f"{type(exc).__name__}: {re.sub(r'[0-9]+', 'N', str(exc)[len(str(path)) + 2:][:40])}")
+        ctx = None
+    else:
+        event("loaded")
+    try:
+        hf = HessianFile(path)
+    except CheckpointError:
+        assert ctx is None  # the layout is checked the same way
+        return
+    if ctx is None:
+        return
+    _check_valid(ctx, hessians)
+    for name in ctx:
+        h = hf.get(name)
+        if h is not None:
+            assert h.shape == (ctx[name].in_features,) * 2
+            if hessians:
+                np.testing.assert_array_equal(h, ctx[name].hessian)
+    ctx.save(tmp_path / "again.safetensors")
+    again = CalibrationContext.load(tmp_path / "again.safetensors", hessians=hessians)
+    assert again.layer_names == ctx.layer_names and again.num_samples == ctx.num_samples
+    assert again.block_stats == ctx.block_stats and again.expert_stats == ctx.expert_stats
+    for name in ctx:
+        np.testing.assert_array_equal(again[name].sum_squares, ctx[name].sum_squares)
+        assert again[name].count == ctx[name].count
+
+
+def test_fuzz_base_file_is_valid(tmp_path):
+    """The fuzz's starting point loads, so the fuzz explores around a valid file."""
+    parts, meta = _valid_parts()
+    entries, blob = {}, b""
+    for name, (dtype, shape, raw) in parts.items():
+        entries[name] = {"dtype": dtype, "shape": shape,
+                         "data_offsets": [len(blob), len(blob) + len(raw)]}
+        blob += raw
+    (tmp_path / "c.safetensors").write_bytes(encode_header(entries, meta) + blob)
+    ctx = CalibrationContext.load(tmp_path / "c.safetensors")
+    assert ctx["m.k"].shares_hessian_with(ctx["m.q"]) and ctx["m.o"].hessian[1, 1] == 2.0
+    assert ctx.block_stats["model.layers.0"].tokens == 6
+    assert ctx.expert_stats["model.layers.0.mlp.experts.1"].reap == 0.5
