@@ -112,6 +112,29 @@ def test_wanda_never_reads_a_4tib_hessian(tmp_path):
     assert res["grew_kib"] < 256 << 10, res  # a Hessian read would be 4 TiB (or fail the map)
 
 
+def test_wanda_on_dask_never_reads_a_4tib_hessian(tmp_path):
+    """The Dask front end plans on the client as the local run does and ships the Wanda
+    scales, never the calibration file: an in-process cluster under the same limit."""
+    pytest.importorskip("distributed")
+    calib = sparse_calibration(tmp_path / "calib.safetensors")
+    ck = wide_checkpoint(tmp_path / "model.safetensors")
+    code, res, err = run_limited(f"""
+        import distributed
+        from aprender.distributed import prune_checkpoint
+        before = peak_kib()
+        with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                                dashboard_address=None) as client:
+            rep = prune_checkpoint({str(ck)!r}, {str(tmp_path / "out.safetensors")!r},
+                                   client=client, sparsity=0.5, importance="wanda",
+                                   calibration={str(calib)!r}, allocation="owl")
+        print(json.dumps({{"pruned": sum(r["total"] - r["kept"] for r in rep["tensors"]),
+                          "grew_kib": peak_kib() - before}}))
+    """)
+    assert code == 0, err[-3000:]
+    assert res["pruned"] == HUGE_D
+    assert res["grew_kib"] < 512 << 10, res
+
+
 def test_wanda_through_torch_never_reads_a_4tib_hessian(tmp_path):
     """A guard more than an attack (this path never read the Hessian): a context loaded with
     hessians=False, as the refusal of a default load advises, prunes through the torch
