@@ -644,3 +644,41 @@ def test_fuzz_base_file_is_valid(tmp_path):
     assert ctx["m.k"].shares_hessian_with(ctx["m.q"]) and ctx["m.o"].hessian[1, 1] == 2.0
     assert ctx.block_stats["model.layers.0"].tokens == 6
     assert ctx.expert_stats["model.layers.0.mlp.experts.1"].reap == 0.5
+
+
+# more of their kind: arguments of the wrong type, numbers str() refuses
+
+
+def _hessian_file(tmp_path):
+    ctx = CalibrationContext({"a": ActivationStats(3, hessian=True).update(np.ones((2, 3)))})
+    ctx.save(tmp_path / "c.safetensors")
+    return HessianFile(tmp_path / "c.safetensors")
+
+
+MORE_CASES = [
+    ("load-path-none", lambda tmp: CalibrationContext.load(None),
+     InvalidArgumentError, ValueError, r"CalibrationContext\.load needs a path.*NoneType"),
+    ("load-hessians-string", lambda tmp: CalibrationContext.load(tmp / "x", hessians="no"),
+     InvalidArgumentError, ValueError, r"hessians must be True or False, got 'no'"),
+    ("save-path-int", lambda tmp: CalibrationContext().save(5),
+     InvalidArgumentError, ValueError, r"CalibrationContext\.save needs a path.*int 5"),
+    ("hessian-file-path-none", lambda tmp: HessianFile(None),
+     InvalidArgumentError, ValueError, r"HessianFile needs a path.*NoneType"),
+    ("hessian-file-layer-list", lambda tmp: _hessian_file(tmp).get(["a"]),
+     InvalidArgumentError, ValueError, r"layer names are strings, got list \['a'\]"),
+    ("hessian-file-cols-string", lambda tmp: _hessian_file(tmp).get("a", "3"),
+     InvalidArgumentError, ValueError, r"cols.*integer.*'3'"),
+    ("hessian-file-cols-10e400", lambda tmp: _hessian_file(tmp).get("a", 10 ** 400),
+     CalibrationFileError, ValueError, r"layer 'a': the Hessian is 3 x 3 but the weight has "
+                                       r"10\^400 input columns"),
+    ("update-threads-10e400",
+     lambda tmp: ActivationStats(3).update(np.ones((2, 3), np.float32), n_threads=10 ** 400),
+     InvalidArgumentError, ValueError, r"n_threads must be at most \d+, got an integer of "
+                                       r"1329 bits"),
+]
+
+
+@pytest.mark.parametrize("case", MORE_CASES, ids=lambda c: c[0])
+def test_more_attacks(case, tmp_path):
+    _id, fn, exc_type, builtin, regex = case
+    _check((_id, lambda: fn(tmp_path), exc_type, builtin, regex))

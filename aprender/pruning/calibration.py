@@ -759,7 +759,7 @@ class CalibrationContext(Mapping):
         from ..io.files import display, file_kind, remove_tree, replace_path, temp_name
         from ..io.safetensors import write_safetensors
 
-        path = os.fspath(path)
+        path = os.fspath(_check_path(path, "CalibrationContext.save"))
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         try:
@@ -811,6 +811,10 @@ class CalibrationContext(Mapping):
         disk (statistics without Hessians): :class:`HessianFile` reads them one at a time."""
         from ..io.files import display
 
+        path = _check_path(path, "CalibrationContext.load")
+        if not isinstance(hessians, (bool, np.bool_)):
+            raise InvalidArgumentError(f"hessians must be True or False, got "
+                                       f"{short_repr(hessians)}")
         shown = display(path)
         sf, layers, shared, model = _read_layout(path)
 
@@ -883,11 +887,14 @@ class HessianFile:
     where they are used (``aprender.pruning.reconstruct.hessian_array``)."""
 
     def __init__(self, path):
-        self.path = path
-        self._sf, self._layers, self._shared, _ = _read_layout(path)
+        self.path = _check_path(path, "HessianFile")
+        self._sf, self._layers, self._shared, _ = _read_layout(self.path)
 
     def source(self, layer):
         """The name of the layer whose ``.hessian`` tensor ``layer`` uses, or None."""
+        if not isinstance(layer, str):
+            raise InvalidArgumentError(f"HessianFile: layer names are strings, got "
+                                       f"{type(layer).__name__} {short_repr(layer)}")
         lead = self._shared.get(layer, layer)
         return lead if "hessian" in self._layers.get(lead, {}) else None
 
@@ -899,12 +906,15 @@ class HessianFile:
         if lead is None:
             return None
         info = self._layers[lead]["hessian"]
+        if cols is not None:
+            cols = check_int(cols, "cols (the weight's input columns)", minimum=0)
         if cols is not None and info.shape != (cols, cols):
             from ..io.files import display
 
             raise CalibrationFileError(
                 f"{display(self.path)}: layer {_layer_text(layer)}: the Hessian is "
-                f"{info.shape[0]} x {info.shape[1]} but the weight has {cols} input columns")
+                f"{info.shape[0]} x {info.shape[1]} but the weight has {_size_text(cols)} input "
+                "columns")
         try:
             return self._sf.array(info.name)
         except OSError as exc:
@@ -915,6 +925,14 @@ class HessianFile:
             raise InsufficientMemoryError(
                 f"{display(self.path)}: layer {_layer_text(layer)}: cannot map its Hessian "
                 f"({format_bytes(info.nbytes)})") from None
+
+
+def _check_path(path, who):
+    """``path`` if it is a str, bytes or os.PathLike, else InvalidArgumentError naming it."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        return path
+    raise InvalidArgumentError(f"{who} needs a path (str, bytes or os.PathLike), got "
+                               f"{type(path).__name__} {short_repr(path)}")
 
 
 def _layer_text(name):
