@@ -682,3 +682,35 @@ MORE_CASES = [
 def test_more_attacks(case, tmp_path):
     _id, fn, exc_type, builtin, regex = case
     _check((_id, lambda: fn(tmp_path), exc_type, builtin, regex))
+
+
+def test_an_allocation_failure_is_one_typed_line_naming_the_file_and_the_layer(tmp_path, capsys,
+                                                                                monkeypatch):
+    """What the system refuses (simulated: the sizes here are small) is reported like what is
+    refused up front: a typed error naming the calibration file and the layer."""
+    layer = "m.q\x1b[2J" + "q" * 300
+    ctx = CalibrationContext({layer: ActivationStats(3, hessian=True).update(
+        np.random.default_rng(0).standard_normal((8, 3)))})
+    ctx.save(tmp_path / "calib.safetensors")
+    write_safetensors(tmp_path / "m.safetensors", {f"{layer}.weight": W})
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    import aprender.pruning.reconstruct as reconstruct
+
+    with monkeypatch.context() as mp:
+        mp.setattr(reconstruct, "sparsegpt", no_memory)
+        code, err = _cli(["prune", tmp_path / "m.safetensors", "-o", tmp_path / "out",
+                          "--sparsity", "0.5", "--importance", "sparsegpt",
+                          "--calibration", tmp_path / "calib.safetensors"], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(r"SparseGPT with the Hessian of layer 'm\.q\\x1b\[2Jqqq.*\.\.\. from "
+                     r".*calib\.safetensors cannot allocate its workspace", err), err
+    assert len(err) < 600 + 2 * len(str(tmp_path)) and not os.path.exists(tmp_path / "out")
+    with monkeypatch.context() as mp:
+        mp.setattr(ActivationStats, "from_arrays", no_memory)
+        with pytest.raises(InsufficientMemoryError,
+                           match=r"calib\.safetensors: layer 'm\.q\\x1b\[2Jqq.*\.\.\.: cannot "
+                                 r"allocate its statistics \(96 bytes\)"):
+            CalibrationContext.load(tmp_path / "calib.safetensors")
