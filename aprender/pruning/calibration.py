@@ -778,7 +778,7 @@ class CalibrationContext(Mapping):
             tensors[f"{name}.sum_squares"] = s._ss
             tensors[f"{name}.count"] = np.asarray(s._count, dtype=np.int64)
             if s._h is not None and leaders[name] == name:
-                tensors[f"{name}.hessian"] = _float32_hessian(s._h)
+                tensors[f"{name}.hessian"] = _float32_hessian(s._h, name)
         for suffix, (group, field, dtype) in _MODEL_SUFFIXES.items():
             for name, value in self._model[group].items():
                 tensors[f"{name}.{suffix}"] = np.asarray(
@@ -953,13 +953,15 @@ def _hessian_leaders(stats):
     return out
 
 
-def _float32_hessian(h):
+def _float32_hessian(h, layer):
     """A float64 Hessian rounded to float32 for the file, refusing sums beyond its range."""
     with np.errstate(over="ignore"):
         h32 = h.astype(np.float32)
     if not np.isfinite(h32).all():
-        raise CalibrationError("a Hessian entry exceeds the float32 range (about 3.4e38); "
-                               "scale the activations down")
+        i, j = np.unravel_index(int(np.argmax(~np.isfinite(h32))), h32.shape)
+        raise CalibrationError(f"layer {_layer_text(layer)}: Hessian entry ({int(i)}, {int(j)}) "
+                               f"= {float(h[i, j]):.6g} exceeds the float32 range (about "
+                               "3.4e38) the file stores Hessians in; scale the activations down")
     return h32
 
 
