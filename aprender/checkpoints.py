@@ -479,7 +479,10 @@ class CheckpointPruner:
                                   self.layer_sparsity.get(t.name, self.sparsity),
                                   pattern=self.pattern, n_threads=self.nt, layer=layer)
         except PruningError as exc:
-            raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}") from None
+            # about the Hessian (its values, or the memory it needs): name where it came from
+            where = f" (Hessian from calibration file {display(self.args.calibration)})" \
+                if isinstance(exc, (CalibrationError, InsufficientMemoryError)) else ""
+            raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}{where}") from None
         except MemoryError:
             raise InsufficientMemoryError(
                 f"{self._label(self.ckpt, shard, t)}: SparseGPT with the Hessian of layer "

@@ -711,18 +711,45 @@ def test_an_allocation_failure_is_one_typed_line_naming_the_file_and_the_layer(t
 
     import aprender.pruning.reconstruct as reconstruct
 
-    with monkeypatch.context() as mp:
-        mp.setattr(reconstruct, "sparsegpt", no_memory)
-        code, err = _cli(["prune", tmp_path / "m.safetensors", "-o", tmp_path / "out",
-                          "--sparsity", "0.5", "--importance", "sparsegpt",
-                          "--calibration", tmp_path / "calib.safetensors"], capsys)
-    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert re.search(r"SparseGPT with the Hessian of layer 'm\.q\\x1b\[2Jqqq.*\.\.\. from "
-                     r".*calib\.safetensors cannot allocate its workspace", err), err
-    assert len(err) < 600 + 2 * len(str(tmp_path)) and not os.path.exists(tmp_path / "out")
+    for target, regex in (("sparsegpt", r"SparseGPT with the Hessian of layer 'm\.q\\x1b\[2Jqqq"
+                                        r".*\.\.\. from .*calib\.safetensors cannot allocate its "
+                                        r"workspace"),
+                          ("_factor", r"layer 'm\.q\\x1b\[2Jqqq.*\.\.\.: SparseGPT cannot "
+                                      r"allocate its workspace .*\(Hessian from calibration file "
+                                      r".*calib\.safetensors\)$")):
+        with monkeypatch.context() as mp:
+            mp.setattr(reconstruct, target, no_memory)
+            code, err = _cli(["prune", tmp_path / "m.safetensors", "-o", tmp_path / "out",
+                              "--sparsity", "0.5", "--importance", "sparsegpt",
+                              "--calibration", tmp_path / "calib.safetensors"], capsys)
+        assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert re.search(regex, err), err
+        assert len(err) < 600 + 2 * len(str(tmp_path)) and not os.path.exists(tmp_path / "out")
     with monkeypatch.context() as mp:
         mp.setattr(ActivationStats, "from_arrays", no_memory)
         with pytest.raises(InsufficientMemoryError,
                            match=r"calib\.safetensors: layer 'm\.q\\x1b\[2Jqq.*\.\.\.: cannot "
                                  r"allocate its statistics \(96 bytes\)"):
             CalibrationContext.load(tmp_path / "calib.safetensors")
+
+
+def test_a_bad_hessian_names_the_calibration_file(tmp_path, capsys):
+    """SparseGPT reads Hessians where they are used (the load leaves them on disk): an
+    infinity found then is reported with the layer and the file it came from."""
+    layer = "model.layers.0.q"
+    rng = np.random.default_rng(1)
+    ctx = CalibrationContext({layer: ActivationStats(3, hessian=True).update(
+        rng.standard_normal((8, 3)))})
+    ctx.save(tmp_path / "calib.safetensors")
+    sf = SafetensorsFile(tmp_path / "calib.safetensors")
+    at = sf.data_start + sf.tensors[f"{layer}.hessian"].begin + 4 * 4  # entry (1, 1)
+    with open(tmp_path / "calib.safetensors", "r+b") as f:
+        f.seek(at)
+        f.write(np.float32(np.inf).tobytes())
+    write_safetensors(tmp_path / "m.safetensors", {f"{layer}.weight": W})
+    code, err = _cli(["prune", tmp_path / "m.safetensors", "-o", tmp_path / "out",
+                      "--sparsity", "0.5", "--importance", "sparsegpt",
+                      "--calibration", tmp_path / "calib.safetensors"], capsys)
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(r"layer 'model\.layers\.0\.q': the Hessian holds inf at \(1, 1\).*"
+                     r"\(Hessian from calibration file .*calib\.safetensors\)$", err), err
