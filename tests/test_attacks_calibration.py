@@ -10,7 +10,6 @@ regression fails the test quickly and harmlessly.
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import textwrap
@@ -183,7 +182,8 @@ def test_loading_a_4tib_hessian_is_refused_before_reading(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", "import resource, sys, runpy; "
          "resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30)); "
-         "sys.argv = ['aprender'] + sys.argv[1:]; runpy.run_module('aprender', run_name='__main__')",
+         "sys.argv = ['aprender'] + sys.argv[1:]; "
+         "runpy.run_module('aprender', run_name='__main__')",
          "prune", str(ck), "-o", str(tmp_path / "out"), "--importance", "sparsegpt",
          "--calibration", str(calib), "--sparsity", "0.5"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL,

@@ -594,11 +594,11 @@ class CalibrationContext(Mapping):
         together, use ``ctx[name].merge_(stats)`` or :meth:`merge`)."""
         _check_name(name)
         if not isinstance(stats, ActivationStats):
-            raise InvalidArgumentError(f"stats for layer {_layer_text(name)} must be an ActivationStats, "
-                                       f"got {type(stats).__name__}")
+            raise InvalidArgumentError(f"stats for layer {_layer_text(name)} must be an "
+                                       f"ActivationStats, got {type(stats).__name__}")
         if name in self._stats and not replace:
-            raise CalibrationError(f"layer {_layer_text(name)} already has statistics (pass replace=True "
-                                   "to replace them, or merge)")
+            raise CalibrationError(f"layer {_layer_text(name)} already has statistics (pass "
+                                   "replace=True to replace them, or merge)")
         self._stats[name] = stats
         return stats
 
@@ -713,14 +713,15 @@ class CalibrationContext(Mapping):
             if mine is None:
                 continue
             if mine.in_features != st.in_features:
-                raise ShapeMismatchError(f"layer {_layer_text(name)}: {mine.in_features} input features "
-                                         f"here, {st.in_features} in the other context")
+                raise ShapeMismatchError(f"layer {_layer_text(name)}: {mine.in_features} input "
+                                         f"features here, {st.in_features} in the other "
+                                         "context")
             if mine.has_hessian != st.has_hessian:
-                raise CalibrationError(f"layer {_layer_text(name)}: one context has a Hessian, the other "
-                                       "not")
+                raise CalibrationError(f"layer {_layer_text(name)}: one context has a Hessian, "
+                                       "the other not")
             if mine.count + st.count > _INT64_MAX:
-                raise CalibrationError(f"layer {_layer_text(name)}: merged token count would exceed "
-                                       "2**63 - 1")
+                raise CalibrationError(f"layer {_layer_text(name)}: merged token count would "
+                                       "exceed 2**63 - 1")
         merged_model = {g: dict(v) for g, v in self._model.items()}
         for group, held in other._model.items():
             for name, value in held.items():
