@@ -216,12 +216,13 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     "layer" (each weight pruned to ``sparsity``) or "global" (one exact count over all targets,
     unstructured only).  ``sparsity``: a fraction, or for layer scope a mapping from module (or
     weight) name to fraction, such as ``owl_sparsities(...).as_dict()``; every target must be
-    in it.  A mapped fraction ``f`` prunes exactly ``round(f * size)`` of its weight (halves
-    down; OWL's counts to the element): with "per-row" spread over the rows as evenly as
-    integers allow (:func:`aprender.pruning.mask.per_row_count_mask`: rows differ by at most
-    one, the first rows take the remainder), where a single fraction prunes
-    ``round(f * columns)`` in every row.  N:M fixes every layer's sparsity, so a mapping is
-    refused with it.
+    in it.  With magnitude or Wanda importance a mapped fraction ``f`` prunes exactly
+    ``round(f * size)`` of its weight (halves down; OWL's counts to the element): with
+    "per-row" spread over the rows as evenly as integers allow
+    (:func:`aprender.pruning.mask.per_row_count_mask`: rows differ by at most one, the first
+    rows take the remainder), where a single fraction prunes ``round(f * columns)`` in every
+    row (as SparseGPT's per-row pattern does with a mapped fraction too).  N:M fixes every
+    layer's sparsity, so a mapping is refused with it.
 
     ``importance``: "l1" or "l2" (the same ranking for magnitude pruning), or "wanda": scores
     ``|W| * ‖X_j‖₂`` (:class:`aprender.pruning.WandaImportance`) from ``calibration``, a
