@@ -19,16 +19,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import __version__
-from ._validation import prune_count, resolve_threads, short_repr
-from .errors import (CalibrationError, CheckpointError, InvalidArgumentError, InvalidPatternError,
-                     InvalidShapeError, PruningError, ShapeMismatchError)
+from ._validation import format_bytes, prune_count, require_memory, resolve_threads, short_repr
+from .errors import (CalibrationError, CheckpointError, InsufficientMemoryError,
+                     InvalidArgumentError, InvalidPatternError, InvalidShapeError, PruningError,
+                     ShapeMismatchError)
 from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
 from .io.export import bitmask_tensors, masked_chunks, packed_tensors, zeroed_chunks
 from .io.formats import BITMASK_CONFIG, FORMATS, checkpoint_layout
 from .io.files import (OutputTarget, atomic_write_text, commit_path, display, remove_tree,
                        same_file, temp_name)
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
-                           layer_magnitude_mask)
+                           layer_magnitude_mask, per_row_count_mask)
 from .pruning.selection import GlobalPlan, MappedUnit, find_threshold, wanda_units
 
 __all__ = ["prune_checkpoint", "CheckpointPruner", "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE"]
@@ -278,6 +279,12 @@ class CheckpointPruner:
         if args.scope == "global" and not p.is_unstructured:
             raise InvalidArgumentError(f"{o('scope', 'global')} needs "
                                        f"{o('pattern', 'unstructured')}")
+        if args.allocation == "owl" and p.is_nm:
+            raise InvalidArgumentError(f"{o('allocation', 'owl')} gives each tensor its own "
+                                       f"sparsity, but {o('pattern', self.pattern_text)} prunes "
+                                       f"every tensor to {p.n}/{p.m}: use "
+                                       f"{o('pattern', 'per-row')} or "
+                                       f"{o('pattern', 'unstructured')} with OWL")
         if args.format not in FORMATS:
             raise InvalidArgumentError(f"{o('format')} must be one of {', '.join(FORMATS)}, got "
                                        f"{short_repr(args.format)}")
@@ -394,7 +401,7 @@ class CheckpointPruner:
     # -- per tensor --------------------------------------------------------------------------
     @staticmethod
     def _label(ckpt, shard, t):
-        return f"{display(ckpt.shard_path(shard))}: tensor {t.name!r}"
+        return f"{display(ckpt.shard_path(shard))}: tensor {display(short_repr(t.name))}"
 
     def _prepare_wanda(self, ckpt, selected):
         """Load the calibration, check every selected tensor has matching statistics (before
@@ -402,7 +409,8 @@ class CheckpointPruner:
         from .pruning.calibration import CalibrationContext
         from .pruning.importance import wanda_scale
 
-        self.ctx = CalibrationContext.load(self.args.calibration)
+        # Wanda needs the sums of squares only: the Hessians stay on disk, never mapped
+        self.ctx = CalibrationContext.load(self.args.calibration, hessians=False)
         self.scales = {}
         for shard, t in selected:
             label = self._label(ckpt, shard, t)
@@ -413,10 +421,14 @@ class CheckpointPruner:
             stats = self.ctx.require_stats(layer)
             if stats.in_features != t.shape[1]:
                 raise ShapeMismatchError(f"{label} of shape {list(t.shape)} has {t.shape[1]} "
-                                         f"inputs, but the calibration statistics of {layer!r} "
-                                         f"have {stats.in_features}")
-            self.scales[t.name] = wanda_scale(
-                stats, np.float64 if t.dtype == "F64" else np.float32)
+                                         f"inputs, but the calibration statistics of "
+                                         f"{display(short_repr(layer))} have "
+                                         f"{stats.in_features}")
+            try:
+                self.scales[t.name] = wanda_scale(
+                    stats, np.float64 if t.dtype == "F64" else np.float32, layer=layer)
+            except PruningError as exc:
+                raise type(exc)(f"{label}: {exc}") from None
         if self.args.allocation == "owl":
             self._owl(ckpt, selected)
 
@@ -442,13 +454,20 @@ class CheckpointPruner:
             stats = self.ctx.require_stats(layer)
             if stats.in_features != t.shape[1]:
                 raise ShapeMismatchError(f"{label} of shape {list(t.shape)} has {t.shape[1]} "
-                                         f"inputs, but the calibration statistics of {layer!r} "
-                                         f"have {stats.in_features}")
+                                         f"inputs, but the calibration statistics of "
+                                         f"{display(short_repr(layer))} have "
+                                         f"{stats.in_features}")
             if self.hessians.source(layer) is None:
                 raise CalibrationError(f"{label}: the calibration file has no Hessian for layer "
-                                       f"{layer!r} (collect with 'aprender calibrate --hessian')")
-            self.workspace = max(self.workspace, sparsegpt_workspace_bytes(
-                t.shape[0], t.shape[1], t.itemsize))
+                                       f"{display(short_repr(layer))} (collect with 'aprender "
+                                       "calibrate --hessian')")
+            need = sparsegpt_workspace_bytes(t.shape[0], t.shape[1], t.itemsize)
+            # the Hessian's size follows the weight's (checked above): what SparseGPT holds
+            # for it is checked against the machine before anything is read or written
+            require_memory(need, f"{label}: SparseGPT with the Hessian of layer "
+                                 f"{display(short_repr(layer))} from "
+                                 f"{display(self.args.calibration)}")
+            self.workspace = max(self.workspace, need)
 
     def _sparsegpt(self, shard, t):
         """(keep, words): the SparseGPT mask and the updated weights' bytes of one tensor."""
@@ -457,12 +476,20 @@ class CheckpointPruner:
         layer = self._layer(t)
         arr = self.ckpt.files[shard].array(t.name)
         try:
-            new, mask = sparsegpt(arr, self.hessians.get(layer),
+            new, mask = sparsegpt(arr, self.hessians.get(layer, t.shape[1]),
                                   None if self.pattern.is_nm else
                                   self.layer_sparsity.get(t.name, self.sparsity),
                                   pattern=self.pattern, n_threads=self.nt, layer=layer)
         except PruningError as exc:
-            raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}") from None
+            # about the Hessian (its values, or the memory it needs): name where it came from
+            where = f" (Hessian from calibration file {display(self.args.calibration)})" \
+                if isinstance(exc, (CalibrationError, InsufficientMemoryError)) else ""
+            raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}{where}") from None
+        except MemoryError:
+            raise InsufficientMemoryError(
+                f"{self._label(self.ckpt, shard, t)}: SparseGPT with the Hessian of layer "
+                f"{display(short_repr(layer))} from {display(self.args.calibration)} cannot "
+                f"allocate its workspace ({format_bytes(self.workspace)} at most)") from None
         bits = new.bits if hasattr(new, "bits") else new
         words = bits.reshape(-1).view(f"u{t.itemsize}")
         return mask.keep.reshape(-1).view(np.uint8), words
@@ -539,10 +566,15 @@ class CheckpointPruner:
                 .group_keep(0, np.empty(t.size, np.uint8))
         keep = self._mask_buffer(t.size)
         pos = 0
+        # an OWL count is honoured exactly: spread over the rows, which differ by at most one
+        count = prune_count(sparsity, t.size) if t.name in self.layer_sparsity else None
         for u in units:  # each chunk's scores and mask go straight into reused buffers
             s = u.scores(out=self._scratch(u.size, u.dtype, "scores").reshape(u.shape))
             part = keep[pos:pos + u.size].reshape(u.shape)
-            if self.pattern.is_per_row:
+            if self.pattern.is_per_row and count is not None:
+                per_row_count_mask(s, count, first_row=u.r0, total_rows=t.shape[0],
+                                   n_threads=nt, out=part)
+            elif self.pattern.is_per_row:
                 generate_unstructured_mask(s, sparsity, per_row=True, n_threads=nt,
                                            out=part)
             else:
