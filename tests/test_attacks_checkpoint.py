@@ -1159,3 +1159,17 @@ def test_hostile_long_tensor_names_are_shortened_in_messages(tmp_path, capsys, w
                           {"aprender": json.dumps({"format": "bitmask"})})
     code, err = cli(["inspect", ck], capsys)
     assert code == 1 and "xxxx" in err and len(err) < 600, (code, len(err))
+
+
+def test_special_file_appearing_during_a_forced_run_is_never_replaced(tmp_path):
+    """--force replaces a regular file or folder, never a FIFO, even one that appears while
+    the run is in progress."""
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, tensors())
+    out = tmp_path / "out.safetensors"
+    code, err = _paused_run(tmp_path, ["prune", src, "-o", out, "--quiet", "--sparsity", "0.5",
+                                       "--force"], out, lambda: os.mkfifo(out))
+    assert code == 2 and "FIFO" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "out.safetensors"]
+    assert not os.path.isfile(out)
