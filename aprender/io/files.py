@@ -256,8 +256,7 @@ def commit_path(tmp, target, *, force, what="OUTPUT"):
             _rename_noreplace(tmp, target)
         except FileExistsError:
             raise CheckpointError(f"{what} {shown} appeared while the run was in progress; it "
-                                  "was left untouched and nothing was written (use --force to "
-                                  "replace it)") from None
+                                  "was left untouched (use --force to replace it)") from None
         return
     try:
         st = os.lstat(target)
