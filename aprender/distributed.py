@@ -219,7 +219,7 @@ class DistributedPruner(CheckpointPruner):
             if address is not None:
                 parse_address(address)
         self._cluster = (address, workers)
-        self._stack = None
+        self._stack = self._scratch = None
 
     def run(self):
         """The local run's steps; a cluster of its own (address or workers) is started once the
@@ -232,7 +232,7 @@ class DistributedPruner(CheckpointPruner):
                 try:
                     stack.close()
                 finally:
-                    self.client = None
+                    self.client = self._scratch = None
 
     def _check_paths(self, ckpt):
         super()._check_paths(ckpt)
@@ -249,6 +249,8 @@ class DistributedPruner(CheckpointPruner):
             scratch = (temp_name(self.target.path, "dir") if self.target is not None else
                        tempfile.mkdtemp(prefix="aprender-dask-", suffix=TMP_SUFFIX))
             stack.callback(remove_tree, scratch)
+            if self.target is not None:
+                self._scratch = scratch
         with _cluster_failures():  # a worker that never starts: a ClusterError, no traceback
             self.client = stack.enter_context(dask_client(address, workers, scratch))
 
@@ -353,7 +355,10 @@ class DistributedPruner(CheckpointPruner):
         self._collect(self._tasks(None), lambda s, res: None)
 
     def _write_shards(self, writer):
-        parts = temp_name(self.target.path, "dir")  # the workers' files, next to OUTPUT
+        # the workers' files: next to OUTPUT (same filesystem: moved, not copied), inside the
+        # local cluster's scratch folder when the run has one
+        parts = (tempfile.mkdtemp(prefix="parts-", dir=self._scratch) if self._scratch else
+                 temp_name(self.target.path, "dir"))
 
         def place(s, res):
             if os.path.dirname(res["part"]) != parts:

@@ -208,6 +208,12 @@ def test_output_appearing_during_a_local_cluster_run_is_refused(tmp_path):
                          cwd=ROOT, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stderr.readline()
     assert line.strip() == "aprender-test: commit paused", line + p.stderr.read()
+    # at the rename: the output being committed and the cluster's scratch folder, both next to
+    # OUTPUT; nothing in the system's temporary folder
+    temps = [n for n in os.listdir(tmp_path) if n.endswith(".aprender-tmp")]
+    assert len(temps) == 2, os.listdir(tmp_path)
+    assert sum("dask-scratch-space" in os.listdir(tmp_path / n) for n in temps) == 1, temps
+    assert os.listdir(tmp_path / "systmp") == []
     out.mkdir()
     (out / "precious.txt").write_text("not yours")
     _, err = p.communicate("\n", timeout=TIMEOUT)
