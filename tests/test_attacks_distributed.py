@@ -4,7 +4,6 @@ included), nothing listening beyond loopback, malformed addresses are usage erro
 leaves nothing and prints no worker's traceback, and a calibration file replaced after planning
 is refused on the workers as the local run refuses it."""
 import ipaddress
-import json
 import os
 import signal
 import subprocess

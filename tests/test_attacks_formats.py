@@ -4,7 +4,6 @@
 CompressedFormatError naming the tensor, and never hands out a file or array another reader
 refuses."""
 import json
-import os
 import struct
 
 import numpy as np
@@ -58,12 +57,11 @@ def _all_readers_refuse(path, capsys, tmp_path, match):
         load_dense(path)
     with pytest.raises(CompressedFormatError, match=match):
         inspect_checkpoint(path, check=True)
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from aprender.torch import load_state_dict
 
     with pytest.raises(CompressedFormatError, match=match):
         load_state_dict(path)
-    assert torch is not None
     assert not out.exists() and not (tmp_path / "pruned").exists()
 
 
@@ -217,6 +215,6 @@ def test_a_complete_group_in_each_shard_is_fine(tmp_path):
     write_safetensors(d / "b.safetensors", _sp24_parts("q"))
     got = load_dense(d)
     assert sorted(got) == ["p.weight", "q.weight"]
-    assert os.listdir(d) == os.listdir(d)  # read only
-    with pytest.raises(CheckpointError):  # still a CheckpointError family member
-        raise CompressedFormatError("x")
+    np.testing.assert_array_equal(got["p.weight"], got["q.weight"])
+    assert inspect_checkpoint(d, check=True)["totals"]["tensors"] == 2
+    assert issubclass(CompressedFormatError, CheckpointError)
