@@ -25,9 +25,9 @@ from .errors import (CalibrationError, CheckpointError, InsufficientMemoryError,
                      ShapeMismatchError)
 from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
 from .io.export import bitmask_tensors, masked_chunks, packed_tensors, zeroed_chunks
-from .io.formats import BITMASK_CONFIG, FORMATS, logical_tensors
-from .io.files import (OutputTarget, atomic_write_text, display, remove_tree, replace_path,
-                       temp_name)
+from .io.formats import BITMASK_CONFIG, FORMATS, checkpoint_layout
+from .io.files import (OutputTarget, atomic_write_text, commit_path, display, remove_tree,
+                       same_file, temp_name)
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
                            layer_magnitude_mask, per_row_count_mask)
 from .pruning.selection import GlobalPlan, MappedUnit, find_threshold, wanda_units
@@ -106,8 +106,9 @@ def _kept(keep):
 
 def _refuse_compressed(ckpt):
     """Pruning the parts of a compressed tensor would corrupt it: densify first."""
+    layout = checkpoint_layout(ckpt)
     for s in ckpt.shards:
-        for lt in logical_tensors(ckpt.files[s]):
+        for lt in layout[s]:
             if lt.encoding != "dense":
                 raise CheckpointError(f"{display(ckpt.shard_path(s))}: tensor {lt.name!r} is "
                                       f"stored compressed ({lt.encoding}); run 'aprender "
@@ -393,7 +394,8 @@ class CheckpointPruner:
         """The report (written to --report when asked for)."""
         report = self._report(skipped, self.total_bytes, time.perf_counter() - t0)
         if self.args.report:
-            atomic_write_text(self.args.report, json.dumps(report, indent=2) + "\n")
+            atomic_write_text(self.args.report, json.dumps(report, indent=2) + "\n",
+                              force=self.args.force, what="--report")
         return report
 
     # -- per tensor --------------------------------------------------------------------------
@@ -605,7 +607,8 @@ class CheckpointPruner:
     # -- output ------------------------------------------------------------------------------
     def _write_all(self):
         ckpt = self.ckpt
-        writer = CheckpointWriter(ckpt, self.target.path, pause_hook=_test_pause_hook())
+        writer = CheckpointWriter(ckpt, self.target.path, force=self.args.force,
+                                  pause_hook=_test_pause_hook())
         sidecar = None
         try:
             self._write_shards(writer)
@@ -625,9 +628,18 @@ class CheckpointPruner:
                 sidecar = temp_name(self.config_path, "file")
                 with open(sidecar, "w", encoding="utf-8") as f:
                     f.write(json.dumps(self._update_config(cfg), indent=2) + "\n")
+            ours = os.lstat(writer.tmp)
             writer.commit()
             if sidecar is not None:
-                replace_path(sidecar, self.config_path)
+                try:
+                    commit_path(sidecar, self.config_path, force=self.args.force,
+                                what="config file")
+                except BaseException:
+                    # no output without its config: remove the one just put in place (if it
+                    # is still ours)
+                    if same_file(self.target.path, ours):
+                        remove_tree(self.target.path)
+                    raise
                 sidecar = None
         except BaseException as exc:
             writer.abort()

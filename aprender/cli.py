@@ -150,6 +150,16 @@ def _workers(text):
     return _count(text, 1024)
 
 
+def _dask_address(text):
+    """A scheduler address checked before anything starts (no import of Dask here)."""
+    from .distributed import parse_address
+
+    try:
+        return parse_address(text)
+    except PruningError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser():
     p = _Parser(prog="aprender", formatter_class=_Help,
                 description="Pruning (magnitude, Wanda, SparseGPT) for safetensors checkpoints.",
@@ -232,7 +242,7 @@ def build_parser():
                          "that holds the input, nor a device, FIFO or socket")
     pr.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     dk = pr.add_mutually_exclusive_group()
-    dk.add_argument("--dask", metavar="ADDRESS",
+    dk.add_argument("--dask", metavar="ADDRESS", type=_dask_address,
                     help="run on the Dask cluster whose scheduler is at ADDRESS (every worker "
                          "must see INPUT and OUTPUT's folder at the same paths); the output is "
                          "byte for byte that of the local run (needs aprender[dask])")
@@ -405,22 +415,18 @@ def run_prune(args):
             bar.total = total
         bar.update(nbytes)
     dask = getattr(args, "dask", None) is not None or getattr(args, "dask_workers", None)
-    if dask:
-        from .distributed import DistributedPruner, dask_client
     try:
-        if dask:  # the options are checked before a cluster is started
-            pruner = DistributedPruner(args, None, progress if bar is not None else None)
+        if dask:  # the options are checked before a cluster is started (by run)
+            from .distributed import DistributedPruner
+
+            pruner = DistributedPruner(args, None, progress if bar is not None else None,
+                                       address=args.dask, workers=args.dask_workers)
         else:
             pruner = CheckpointPruner(args, progress=progress if bar is not None else None)
     except PruningError as exc:  # option values
         raise UsageError(str(exc)) from None
     try:
-        if dask:
-            with dask_client(args.dask, args.dask_workers) as client:
-                pruner.client = client
-                report = pruner.run()
-        else:
-            report = pruner.run()
+        report = pruner.run()
     finally:
         if bar is not None:
             bar.close()
@@ -445,7 +451,7 @@ def run_calibrate(args):
                                      batch_size=args.batch_size, hessian=args.hessian,
                                      progress=sys.stderr.isatty() and not args.quiet,
                                      n_threads=args.threads)
-    ctx.save(args.output)
+    ctx.save(args.output, force=args.force)
     if not args.quiet:
         print(f"{len(ctx.layer_names)} layers, {ctx.num_samples} samples -> "
               f"{display(args.output)}")

@@ -16,7 +16,7 @@ import numpy as np
 from ._validation import prune_count
 from .io.checkpoint import Checkpoint, read_json
 from .io.files import display
-from .io.formats import aprender_info, decode, logical_tensors
+from .io.formats import aprender_info, checkpoint_layout, decode
 from .io.safetensors import FLOAT_DTYPES
 
 __all__ = ["inspect_checkpoint", "render", "LOADERS_REJECT"]
@@ -171,9 +171,10 @@ def inspect_checkpoint(path, *, check=False, n_threads=None):
     """The inspection report of a checkpoint file or folder (a dict, JSON-ready)."""
     ckpt = Checkpoint(path)
     rows = []
+    layout = checkpoint_layout(ckpt)
     for s in ckpt.shards:
         sf = ckpt.files[s]
-        for lt in logical_tensors(sf):
+        for lt in layout[s]:
             words = decode(sf, lt, n_threads)
             zeros, negz, worst, row_min = _scan(words, lt)
             del words

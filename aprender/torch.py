@@ -773,15 +773,27 @@ def load_state_dict(path, *, n_threads=None):
     reads: ``bitmask``, ``sparse-24-bitmask``) as ``{name: CPU tensor}`` of dense tensors in
     their stored dtype (bfloat16 included), ready for ``module.load_state_dict``."""
     torch = _torch()
-    from .io.formats import load_dense
+    from .io.formats import dense_tensors
 
     out = {}
-    for name, a in load_dense(path, n_threads=n_threads).items():
+    for name, code, a in dense_tensors(path, n_threads=n_threads):
         if hasattr(a, "bits"):  # Bits16: bfloat16 bits
             out[name] = torch.from_numpy(_c_order(a.bits).view(np.int16)).view(torch.bfloat16)
+        elif code in _TORCH_BYTES:  # float8: the stored bytes, viewed as their dtype
+            dt = getattr(torch, _TORCH_BYTES[code], None)
+            if dt is None:
+                raise InvalidDTypeError(f"tensor {short_repr(name)} is {code}, which this "
+                                        f"PyTorch ({torch.__version__}) has no dtype for; a "
+                                        "newer PyTorch reads it")
+            out[name] = torch.from_numpy(_c_order(a).view(np.uint8)).view(dt)
         else:
             out[name] = torch.from_numpy(_c_order(a))
     return out
+
+
+# safetensors codes whose words numpy has no type for, and PyTorch's dtype of that name
+_TORCH_BYTES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "F8_E8M0": "float8_e8m0fnu"}
 
 
 def _c_order(a):

@@ -24,10 +24,11 @@ import tempfile
 
 import numpy as np
 
+from .._validation import short_repr
 from ..errors import CheckpointError
 from . import strictjson
-from .files import (check_member_name, create_new, display, file_kind, open_regular,
-                    remove_tree, replace_path, temp_name)
+from .files import (check_member_name, commit_path, create_new, display, file_kind,
+                    open_regular, remove_tree, temp_name)
 from .safetensors import SafetensorsFile, copy_range, encode_header, write_all
 
 __all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json"]
@@ -96,8 +97,8 @@ class Checkpoint:
         if self.index is not None:
             for name, s in self.index["weight_map"].items():
                 if name not in self.files[s]:
-                    raise CheckpointError(f"{display(self.shard_path(s))}: tensor {name!r} "
-                                          f"listed in {INDEX_NAME} is missing")
+                    raise CheckpointError(f"{display(self.shard_path(s))}: tensor "
+                                          f"{short_repr(name)} listed in {INDEX_NAME} is missing")
 
     # -- folder discovery ------------------------------------------------------------------
     def _scan_folder(self):
@@ -172,8 +173,8 @@ class Checkpoint:
             raise CheckpointError(f"{where}: unreadable index (no \"weight_map\" object)")
         for name, shard in index["weight_map"].items():
             if not isinstance(shard, str):
-                raise CheckpointError(f"{where}: tensor {name!r} maps to {shard!r}, not a "
-                                      "file name")
+                raise CheckpointError(f"{where}: tensor {short_repr(name)} maps to "
+                                      f"{short_repr(shard)}, not a file name")
             check_member_name(shard, where)
         self.index = index
 
@@ -192,9 +193,11 @@ class CheckpointWriter:
     """Builds OUTPUT under a temporary name: shards tensor by tensor, then the other files,
     the index and config; :meth:`commit` renames it into place."""
 
-    def __init__(self, ckpt, target, *, pause_hook=None):
+    def __init__(self, ckpt, target, *, force, pause_hook=None, what="OUTPUT"):
         self.ckpt = ckpt
         self.target = target
+        self.force = force
+        self.what = what
         self.tmp = temp_name(target, "dir" if ckpt.is_dir else "file")
         self.weight_map = {}
         self.sizes = {}
@@ -205,7 +208,7 @@ class CheckpointWriter:
         remove_tree(self.tmp)
 
     def commit(self):
-        replace_path(self.tmp, self.target)
+        commit_path(self.tmp, self.target, force=self.force, what=self.what)
 
     # -- shards ------------------------------------------------------------------------------
     def shard(self, shard, metadata, planned=None):
@@ -221,7 +224,7 @@ class CheckpointWriter:
     def _done(self, shard, names, size, elements=0):
         for n in names:
             if n in self.weight_map:
-                raise CheckpointError(f"tensor {n!r} would be written to both "
+                raise CheckpointError(f"tensor {short_repr(n)} would be written to both "
                                       f"{display(self.weight_map[n])} and {display(shard)}")
             self.weight_map[n] = shard
         self.sizes[shard] = size
@@ -307,13 +310,13 @@ class ShardWriter:
 
     def _entry(self, name, dtype, shape, nbytes):
         if name in self.entries:
-            raise CheckpointError(f"{display(self.shard)}: two tensors named {name!r} in the "
-                                  "output (an input tensor collides with a generated name)")
+            raise CheckpointError(f"{display(self.shard)}: two tensors named {short_repr(name)} "
+                                  "in the output (an input tensor collides with a generated name)")
         if self.planned is not None:
             want = self.planned.get(name)
             if want is None or want[2] != nbytes:
-                raise CheckpointError(f"{display(self.shard)}: tensor {name!r} does not match "
-                                      "the planned header")
+                raise CheckpointError(f"{display(self.shard)}: tensor {short_repr(name)} does not "
+                                      "match the planned header")
         self.entries[name] = {"dtype": dtype, "shape": list(shape),
                               "data_offsets": [self.pos, self.pos + nbytes]}
         self.pos += nbytes
@@ -333,7 +336,8 @@ class ShardWriter:
                 write_all(self.data_fd, np.ascontiguousarray(c).reshape(-1).view(np.uint8))
             done += c.nbytes
         if done != nbytes:
-            raise CheckpointError(f"tensor {name!r}: wrote {done} bytes, expected {nbytes}")
+            raise CheckpointError(f"tensor {short_repr(name)}: wrote {done} bytes, expected "
+                                  f"{nbytes}")
 
     def close(self):
         try:

@@ -751,13 +751,14 @@ class CalibrationContext(Mapping):
         return self
 
     # -- files ------------------------------------------------------------------------------
-    def save(self, path):
+    def save(self, path, *, force=True):
         """Write the context to ``path`` as a safetensors file (format
         ``aprender.calibration/1``, see the README), through a temporary file renamed into
-        place.  An existing regular file at ``path`` is replaced; a folder or special file is
+        place.  An existing regular file at ``path`` is replaced (``force=False``: never, not
+        even one that appears while the file is written); a folder or special file is
         refused with CheckpointError.  Sums and counts are written exactly; Hessians in float32
         (rounded once from the float64 sums), once per group of layers sharing one."""
-        from ..io.files import display, file_kind, remove_tree, replace_path, temp_name
+        from ..io.files import commit_path, display, file_kind, remove_tree, temp_name
         from ..io.safetensors import write_safetensors
 
         path = os.fspath(_check_path(path, "CalibrationContext.save"))
@@ -773,6 +774,8 @@ class CalibrationContext(Mapping):
         if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise UnsafePathError(f"{display(path)} is a {file_kind(st.st_mode)}; a calibration "
                                   "file is never written over it")
+        if st is not None and not force:
+            raise CheckpointError(f"{display(path)} already exists (use --force to replace it)")
         tensors = {}
         leaders = _hessian_leaders(self._stats)
         for name, s in self._stats.items():
@@ -795,7 +798,7 @@ class CalibrationContext(Mapping):
                                   f"({exc.strerror or exc})") from None
         try:
             write_safetensors(tmp, tensors, metadata)
-            replace_path(tmp, path)
+            commit_path(tmp, path, force=force, what="calibration file")
         except BaseException:
             remove_tree(tmp)
             raise
