@@ -279,8 +279,8 @@ def test_keep_uniform_refuses_bad_input():
         C.keep_uniform({0: np.ones(4)}, -0.1, 1)
     with pytest.raises(InvalidArgumentError, match="round_to"):
         C.keep_uniform({0: np.ones(4)}, 0.5, 0)
-    with pytest.raises(NumericalInstabilityError):
-        C.keep_uniform({0: np.array([1.0, np.nan, 2.0, 3.0])}, 0.5, 1)
+    with pytest.raises(NumericalInstabilityError, match=r"layer 'b'.*NaN at index \(1,\)"):
+        C.keep_uniform({"a": np.ones(4), "b": np.array([1.0, np.nan, 2.0, 3.0])}, 0.5, 1)
     with pytest.raises(InvalidShapeError, match="1-D"):
         C.keep_uniform({0: np.ones((2, 2))}, 0.5, 1)
     with pytest.raises(InvalidArgumentError, match="booleans"):

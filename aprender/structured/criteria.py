@@ -200,7 +200,8 @@ def _stats_map(stats, attr, what):
 
 
 def _name(p):
-    return short_repr(display(p))
+    """A layer or prefix for a message: names from files escaped, then cut."""
+    return short_repr(display(p) if isinstance(p, str) else p)
 
 
 def layer_order(block_stats, prefixes):
@@ -282,20 +283,23 @@ def keep_uniform(scores_per_layer, fraction, round_to):
     layers = list(scores_per_layer)
     rows = []
     for layer in layers:
-        s = as_array(scores_per_layer[layer], f"scores of layer {short_repr(layer)}")
+        s = as_array(scores_per_layer[layer], f"scores of layer {_name(layer)}")
         if s.dtype.kind in "iub":
             if s.dtype.kind == "b":
-                raise InvalidArgumentError(f"scores of layer {short_repr(layer)} must be "
+                raise InvalidArgumentError(f"scores of layer {_name(layer)} must be "
                                            "numbers, got booleans")
             s = s.astype(np.float64)
-        s = as_floats(s, f"scores of layer {short_repr(layer)}").array
+        f = as_floats(s, f"scores of layer {_name(layer)}")
+        if f.size and not _is_finite(f.kernel.reshape(-1), f.inf16, resolve_threads(None)):
+            raise_nonfinite(f, f"scores of layer {_name(layer)}")
+        s = f.array
         if s.ndim != 1:
-            raise InvalidShapeError(f"scores of layer {short_repr(layer)} must be 1-D, got "
+            raise InvalidShapeError(f"scores of layer {_name(layer)} must be 1-D, got "
                                     f"shape {s.shape}")
         if rows and s.size != rows[0].size:
             raise ShapeMismatchError(f"keep_uniform keeps the same width in every layer, but "
-                                     f"layer {short_repr(layers[0])} has {rows[0].size} scores "
-                                     f"and layer {short_repr(layer)} {s.size}")
+                                     f"layer {_name(layers[0])} has {rows[0].size} scores "
+                                     f"and layer {_name(layer)} {s.size}")
         rows.append(s)
     width = rows[0].size if rows else 0
     kept = kept_count(width, fraction, round_to)
