@@ -519,3 +519,18 @@ def test_compensation_refuses_bad_input():
     with pytest.raises(NumericalInstabilityError, match="overflows|not finite"):
         compensate_columns(big, hc, [0], percdamp=1e-9)
     assert all(issubclass(e, PruningError) for e in (HessianError, ShapeMismatchError))
+
+
+def test_compensation_reads_the_hessian_a_block_of_rows_at_a_time(monkeypatch):
+    import aprender.structured.compensate as comp
+
+    x = inputs("correlated", 150, 30, 12)
+    h = (x.T @ x).astype(np.float32)
+    w = np.random.default_rng(13).standard_normal((6, 30)).astype(np.float32)
+    kept = np.arange(1, 30, 2)
+    whole = compensate_columns(w.astype(np.float64), h, kept)
+    monkeypatch.setattr(comp, "_BLOCK", 70)  # two rows of H per block, a partial last block
+    np.testing.assert_allclose(compensate_columns(w.astype(np.float64), h, kept), whole,
+                               rtol=1e-12)
+    lam = 0.01 * float(np.mean(np.diag(h.astype(np.float64))))
+    np.testing.assert_allclose(whole, ridge(x, w.astype(np.float64), kept, lam), rtol=1e-4)

@@ -15,6 +15,9 @@ checks as SparseGPT (:func:`aprender.pruning.reconstruct.hessian_array`), float6
 (LAPACK potrf/potrs through SciPy, the ``[sparsegpt]`` extra).  A kept input that never fired
 (a dead column: nothing in the calibration data constrains it) keeps its weights unchanged.
 
+Memory beyond the input: the weights in float64, ``H[S, S]`` in float64, ``H[S, :] Wᵀ``
+(|S| x out_features float64), and a bounded block of Hessian rows.
+
 The result has the weights' dtype: float64 is rounded once to float32, float16 or bfloat16 (for
 the 16-bit formats through float32 rounded to odd, which makes the double rounding exact).
 """
@@ -28,6 +31,8 @@ from ..pruning.reconstruct import (_lapack, _percdamp, _result, dead_and_mean, h
 from ..pruning.selection import _is_finite
 
 __all__ = ["compensate_columns"]
+
+_BLOCK = 1 << 22  # elements of the Hessian's rows widened to float64 at a time
 
 
 def _at(layer):
@@ -134,7 +139,11 @@ def compensate_columns(w, hessian, kept, percdamp=0.01, *, layer=None, n_threads
     if live.size and rows:
         hs = h[np.ix_(live, live)].astype(np.float64) / mean
         hs[np.diag_indices_from(hs)] += percdamp
-        rhs = (h[live].astype(np.float64) / mean) @ w64.T  # H[S, :] Wᵀ, (|S|, rows)
+        rhs = np.empty((live.size, rows), dtype=np.float64)  # H[S, :] Wᵀ / mean
+        step = max(1, _BLOCK // cols)  # rows of H[S, :] widened to float64 at a time
+        for r0 in range(0, live.size, step):
+            np.matmul(h[live[r0:r0 + step]].astype(np.float64), w64.T, out=rhs[r0:r0 + step])
+        rhs /= mean
         del w64
         lapack = _lapack()
         c, info = lapack.dpotrf(hs, lower=0, clean=1, overwrite_a=1)

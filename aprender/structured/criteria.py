@@ -100,7 +100,7 @@ def _sq_norms(input_sq_norms, size, what):
     if isinstance(input_sq_norms, ActivationStats):
         input_sq_norms = input_sq_norms.sum_squares
     ss = as_array(input_sq_norms, f"{what} input_sq_norms")
-    if ss.dtype.kind not in "fiu" or ss.dtype.kind == "b":
+    if ss.dtype.kind not in "fiu":  # bools, strings, objects
         raise CalibrationError(f"{what}: input_sq_norms must be real numbers (sums of squares), "
                                f"got dtype {ss.dtype}")
     if ss.ndim != 1:
