@@ -106,7 +106,7 @@ def shrink_mlp(model, ctx, fraction, criterion, compensate):
     """A copy of ``model`` with ``fraction`` of every layer's MLP channels removed (the same
     kept width in every layer): the intermediate projection's rows and the output
     projection's columns, the latter refit by least squares when ``compensate``.  Returns
-    (model, parameters removed)."""
+    (model, parameters removed, {layer: kept channels})."""
     import torch
     from aprender.structured.compensate import compensate_columns
     from aprender.structured.criteria import get_criterion, keep_uniform
@@ -138,7 +138,23 @@ def shrink_mlp(model, ctx, fraction, criterion, compensate):
                 new_down.weight.copy_(down.weight[:, t])
             new_down.bias.copy_(down.bias)
         layer.intermediate.dense, layer.output.dense = new_up, new_down
-    return m, before - n_params(m)
+    return m, before - n_params(m), kept
+
+
+def check_slicing_equals_masking(model, sliced, kept, text):
+    """The in-process cut is right: the sliced model's embeddings equal those of the dense
+    model with the removed channels' down-projection columns zeroed."""
+    import torch
+
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(encoder(masked).encoder.layer):
+            gone = np.setdiff1d(np.arange(layer.output.dense.in_features), kept[i])
+            layer.output.dense.weight[:, torch.from_numpy(gone)] = 0
+    diff = float((embed(sliced, text) - embed(masked, text)).abs().max())
+    if not diff < 1e-5:
+        sys.exit(f"slicing does not equal masking: embeddings differ by {diff:g}")
+    return diff
 
 
 def main(argv=None):
@@ -188,7 +204,10 @@ def main(argv=None):
         for crit, comp, name in (("activation", True, "activation-aware + compensation"),
                                  ("activation", False, "activation-aware"),
                                  ("magnitude", False, "channel magnitude")):
-            m, removed = shrink_mlp(model, ctx, frac, crit, comp)
+            m, removed, kept = shrink_mlp(model, ctx, frac, crit, comp)
+            if not comp and crit == "activation":
+                diff = check_slicing_equals_masking(model, m, kept, held_out[:64])
+                print(f"  (sliced = masked: embeddings within {diff:.1e})")
             record(f"MLP: {name}", f"MLP {frac:.0%}, {name}", removed, m)
 
     print("\nunstructured, the same parameter counts zeroed:")
