@@ -177,18 +177,28 @@ def _square_size(hessian):
     return shape[0] if shape is not None and len(shape) else -1
 
 
+def dead_and_mean(h):
+    """SparseGPT's damping basis for a checked Hessian: the boolean mask of dead inputs
+    (``H[j, j] == 0``, inputs that never fired) and the mean of the diagonal with those
+    entries taken as 1 (the damping adds ``percdamp`` times it to the diagonal).  The mean is
+    computed without overflow for diagonals near the float64 limit; 1.0 for an empty H."""
+    diag = np.diagonal(h).astype(np.float64)
+    dead = diag == 0
+    if not diag.size:
+        return dead, 1.0
+    d1 = np.where(dead, 1.0, diag)
+    top = float(d1.max())
+    return dead, top * float(np.mean(d1 / top))
+
+
 def _factor(h, percdamp, wide, layer, nt):
     """hessian_factor for a Hessian already checked by hessian_array."""
     lapack = _lapack()
     at = _at(layer)
     n = h.shape[0]
-    diag = np.diagonal(h).astype(np.float64)
-    dead = diag == 0
+    dead, mean = dead_and_mean(h)
     if n == 0:
         return _Factor(np.zeros((0, 0), np.float64 if wide else np.float32), dead, None)
-    d1 = np.where(dead, 1.0, diag)
-    top = float(d1.max())
-    mean = top * float(np.mean(d1 / top))  # no overflow for diagonals near the float64 limit
     damp = percdamp * mean
     nbytes = 8 * n * n
     mem = mmap.mmap(-1, nbytes)  # anonymous: its second half can be returned after narrowing
