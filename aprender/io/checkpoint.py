@@ -30,7 +30,7 @@ from .files import (check_member_name, create_new, display, file_kind, open_regu
                     remove_tree, replace_path, temp_name)
 from .safetensors import SafetensorsFile, copy_range, encode_header, write_all
 
-__all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json"]
+__all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json", "read_json_text"]
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_JSON_BYTES = 100_000_000
@@ -40,6 +40,12 @@ MAX_DEPTH = 32
 
 def read_json(path, what=None):
     """A JSON document from an untrusted file (regular file, bounded size, strict parse)."""
+    return read_json_text(path, what)[1]
+
+
+def read_json_text(path, what=None):
+    """(text, value) of a JSON document from an untrusted file, checked as by read_json: the
+    text for edits that keep every other byte (:mod:`aprender.io.jsonedit`)."""
     what = what or display(path)
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
@@ -47,7 +53,8 @@ def read_json(path, what=None):
             raise CheckpointError(f"{what}: {size} bytes is too large for a JSON file "
                                   f"(limit {MAX_JSON_BYTES})")
         raw = f.read(MAX_JSON_BYTES + 1)
-    return strictjson.loads(raw, what)
+    value = strictjson.loads(raw, what)
+    return raw.decode("utf-8"), value
 
 
 def _hf_blobs(root_real):
@@ -262,12 +269,15 @@ class CheckpointWriter:
         self.write_json(INDEX_NAME, index)
 
     def write_json(self, name, value):
+        self.write_text(name, json.dumps(value, indent=2) + "\n")
+
+    def write_text(self, name, text):
+        """Write (or replace) the file ``name`` of the output folder."""
         fd = create_new(self.tmp, name) if not os.path.lexists(os.path.join(self.tmp, name)) \
             else os.open(os.path.join(self.tmp, name),
                          os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2)
-            f.write("\n")
+            f.write(text)
 
     def read_output_json(self, name):
         """A JSON file already copied into the output (config.json), or None if absent."""
@@ -317,9 +327,10 @@ class ShardWriter:
         self.pos += nbytes
         self.elements += math.prod(shape)
 
-    def copy(self, sf, info):
-        """Copy an input tensor's bytes unchanged."""
-        self._entry(info.name, info.dtype, info.shape, info.nbytes)
+    def copy(self, sf, info, name=None):
+        """Copy an input tensor's bytes unchanged (under ``name`` when given: a renamed
+        tensor)."""
+        self._entry(info.name if name is None else name, info.dtype, info.shape, info.nbytes)
         sf.copy_to(info.name, self.data_fd)
 
     def add(self, name, dtype, shape, chunks, nbytes):
