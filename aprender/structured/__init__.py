@@ -1,4 +1,4 @@
-"""Structured pruning: remove whole layers, MLP channels, attention heads and MoE experts and
-write a smaller standard checkpoint (:mod:`.export`), per-family layouts as data
-(:mod:`.families`), the scoring criteria (:mod:`.criteria`) and least-squares compensation
-(:mod:`.compensate`).  The front end is :func:`aprender.shrink.shrink_checkpoint`."""
+"""Structured pruning: remove layers, MLP channels, key/value head groups and experts.
+
+``criteria`` scores and chooses what goes; ``compensate`` refits the layer that reads a sliced
+input by least squares."""

@@ -33,7 +33,7 @@ from ..io.files import OutputTarget, display
 from ..io.jsonedit import edit_members
 from .families import FAMILIES, family_for
 
-__all__ = ["export_structured", "ModelLayout", "PLAN_AXES", "METADATA_KEY"]
+__all__ = ["export_structured", "cut_tensors", "ModelLayout", "PLAN_AXES", "METADATA_KEY"]
 
 PLAN_AXES = ("layers_kept", "mlp_channels", "kv_heads", "experts")
 METADATA_KEY = "aprender_shrink"
@@ -450,6 +450,13 @@ def _outputs(rp):
     return outs
 
 
+def cut_tensors(layout, plan):
+    """[(shard, TensorInfo, axis, kept positions)] of the tensors ``plan`` slices, in input
+    order (for callers that rework a sliced tensor, e.g. compensation of the columns kept)."""
+    return [(o.shard, o.info, o.axis, o.index) for o in _outputs(ResolvedPlan(layout, plan))
+            if o.index is not None]
+
+
 # -- replacements ----------------------------------------------------------------------------
 
 def _bf16_bits(a):
@@ -459,9 +466,12 @@ def _bf16_bits(a):
 
 
 def _replacement_words(o, value):
-    """A replacement array as the output tensor's words (its dtype, its shape)."""
+    """A replacement array (or a callable returning one) as the output tensor's words (its
+    dtype, its shape)."""
     what = f"replacement for tensor {short_repr(o.info.name)}"
     code = o.info.dtype
+    if callable(value):  # computed now, when the tensor is written
+        value = value()
     if isinstance(value, Bits16):
         if code not in ("BF16", "F16") or value.format != {"BF16": "bfloat16",
                                                             "F16": "float16"}[code]:
@@ -518,7 +528,7 @@ def export_structured(model_dir, output, plan, *, replacements=None, force=False
                 raise InvalidArgumentError(f"replacements: {short_repr(name)} is not a tensor "
                                            "the export writes (original names; a dropped "
                                            "layer's or expert's tensors are not written)")
-            o.replace = _replacement_words(o, value)
+            o.replace = value if callable(value) else _replacement_words(o, value)
     target = OutputTarget(output, ckpt.inputs, force=force, kind="dir")
     config_text = edit_members(layout.config_text, layout.path, rp.config_changes,
                                rp.config_inserts)
@@ -534,7 +544,10 @@ def export_structured(model_dir, output, plan, *, replacements=None, force=False
                 out = writer.shard(shard, {**sf.metadata, METADATA_KEY: record}, planned)
                 for o in mine:
                     if o.replace is not None:
-                        out.add(o.name, o.info.dtype, o.shape, [o.replace], o.nbytes)
+                        words = (_replacement_words(o, o.replace) if callable(o.replace)
+                                 else o.replace)
+                        out.add(o.name, o.info.dtype, o.shape, [words], o.nbytes)
+                        del words
                     elif o.index is None:
                         out.copy(sf, o.info, o.name)
                     else:
