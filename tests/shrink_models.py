@@ -68,12 +68,16 @@ def auto_class(kind):
     return transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModel
 
 
-def build(family, path):
-    """Save a tiny float32 model of ``family`` (random weights, seeded) to ``path``."""
+def build(family, path, **config):
+    """Save a tiny float32 model of ``family`` (random weights, seeded) to ``path``;
+    ``config``: attributes set on its config before the model is built."""
     _imports()
     make, kind, _ = _configs()[family]
     torch.manual_seed(0)
-    model = auto_class(kind).from_config(make()).to(torch.float32)
+    cfg = make()
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    model = auto_class(kind).from_config(cfg).to(torch.float32)
     with torch.no_grad():  # random norms and biases too, so a wrongly kept one would show
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -230,15 +234,20 @@ def assert_same(got, want, rtol=1e-5):
     return err
 
 
+def compare(family, src, out, plan, tmp):
+    """The relative error between the export at ``out`` and the masked original."""
+    ids = input_ids()
+    want = reference_outputs(family, src, plan, ids, tmp)
+    model = load_export(family, out)
+    with torch.no_grad():
+        got = _run(model, _configs()[family][1], ids)
+    return assert_same(got, want)
+
+
 def check(family, src, axes, tmp, export):
     """Export ``src`` with the plan for ``axes`` (``export(src, out, plan)``) and compare the
     loaded export with the masked original; returns the relative error."""
     plan = plan_for(family, axes, src)
     out = os.path.join(tmp, "out")
     export(src, out, plan)
-    ids = input_ids()
-    want = reference_outputs(family, src, plan, ids, tmp)
-    model = load_export(family, out)
-    with torch.no_grad():
-        got = _run(model, _configs()[family][1], ids)
-    return assert_same(got, want), plan, out
+    return compare(family, src, out, plan, tmp), plan, out

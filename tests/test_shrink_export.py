@@ -205,3 +205,78 @@ def test_output_rules(sources, tmp_path):
     with pytest.raises(CheckpointError, match="needs a model folder"):
         export_structured(os.path.join(src, "model.safetensors"), tmp_path / "f.safetensors",
                           {"layers_kept": [0]})
+
+
+def test_moe_every_other_layer(tmp_path):
+    """Qwen3-MoE with decoder_sparse_step 2 (layer 1 MoE, 0 and 2 dense): once layer 0 is
+    dropped the step no longer says which layers are MoE, so the export lists the dense ones
+    (mlp_only_layers, step 1); dense and expert MLPs keep their own widths."""
+    src = sm.build("qwen3_moe", str(tmp_path / "model"), decoder_sparse_step=2)
+    plan = {"layers_kept": [1, 2], "experts": {1: [0, 1, 3]},
+            "mlp_channels": {1: [0, 2, 4, 6, 8, 10, 12, 14], 2: list(range(0, sm.I, 2))}}
+    export_structured(src, tmp_path / "o", plan)
+    cfg = json.load(open(tmp_path / "o" / "config.json"))
+    assert (cfg["decoder_sparse_step"], cfg["mlp_only_layers"]) == (1, [1])
+    assert (cfg["moe_intermediate_size"], cfg["intermediate_size"]) == (8, sm.I // 2)
+    sm.compare("qwen3_moe", src, str(tmp_path / "o"), plan, str(tmp_path))
+
+
+def test_nested_text_config(sources, tmp_path):
+    """A multimodal folder (Gemma 3: model_type gemma3, the text model's fields under
+    text_config, its blocks under model.language_model.layers): the text_config fields change,
+    the top level and other tensors stay."""
+    from safetensors.numpy import load_file, save_file
+    src = tmp_path / "m"
+    src.mkdir()
+    sd = load_file(os.path.join(sources("gemma3"), "model.safetensors"))
+    sd = {k.replace("model.", "model.language_model.", 1): v for k, v in sd.items()}
+    sd["model.vision_tower.encoder.layers.1.weight"] = np.ones(3, np.float32)
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    text = json.load(open(os.path.join(sources("gemma3"), "config.json")))
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+           "text_config": text, "vision_config": {"num_hidden_layers": 3}}
+    (src / "config.json").write_text(json.dumps(cfg, indent=2))
+    export_structured(src, tmp_path / "o", {"layers_kept": [0, 2],
+                                            "kv_heads": {0: [0], 2: [1]}})
+    new = json.load(open(tmp_path / "o" / "config.json"))
+    assert new["vision_config"] == {"num_hidden_layers": 3}
+    t = new["text_config"]
+    assert (t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"]) == \
+        (2, 2, 1)
+    assert t["layer_types"] == ["sliding_attention", "sliding_attention"]
+    out = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert "model.vision_tower.encoder.layers.1.weight" in out
+    assert np.array_equal(out["model.language_model.layers.1.self_attn.k_proj.weight"],
+                          sd["model.language_model.layers.2.self_attn.k_proj.weight"][8:16])
+
+
+def test_symlink_out_of_folder_refused(sources, tmp_path):
+    src = tmp_path / "m"
+    src.mkdir()
+    for f in os.listdir(sources("llama")):
+        (src / f).write_bytes(open(os.path.join(sources("llama"), f), "rb").read())
+    (tmp_path / "secret").write_text("x")
+    os.symlink(tmp_path / "secret", src / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="outside the checkpoint; refused"):
+        export_structured(src, tmp_path / "o", {"layers_kept": [0]})
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_bfloat16_input(tmp_path):
+    """16-bit weights are sliced as words (bit for bit) and a float32 replacement is rounded to
+    the tensor's bfloat16."""
+    model = sm.transformers.AutoModelForCausalLM.from_pretrained(
+        sm.build("llama", str(tmp_path / "f32"))).to(sm.torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    from safetensors.torch import load_file
+    plan = {"kv_heads": {i: [1] for i in range(sm.L)}}
+    rep = np.full((sm.H, sm.H // 2), 1 / 3, np.float32)
+    export_structured(tmp_path / "bf16", tmp_path / "o", plan,
+                      replacements={"model.layers.0.self_attn.o_proj.weight": rep})
+    a, b = load_file(str(tmp_path / "bf16" / "model.safetensors")), \
+        load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert b["model.layers.1.self_attn.k_proj.weight"].dtype == sm.torch.bfloat16
+    assert sm.torch.equal(b["model.layers.1.self_attn.k_proj.weight"],
+                          a["model.layers.1.self_attn.k_proj.weight"][8:16])
+    assert sm.torch.equal(b["model.layers.0.self_attn.o_proj.weight"],
+                          sm.torch.full((sm.H, sm.H // 2), 1 / 3).to(sm.torch.bfloat16))

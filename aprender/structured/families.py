@@ -88,7 +88,7 @@ FAMILIES = (
     Family("qwen2", ("qwen2",), **_LLAMA_LIKE),
     Family("qwen3", ("qwen3",), **_LLAMA_LIKE),
     Family("mistral", ("mistral",), **_LLAMA_LIKE),
-    Family("gemma3", ("gemma3_text", "gemma3"), **_LLAMA_LIKE),
+    Family("gemma3", ("gemma3_text",), **_LLAMA_LIKE),  # Gemma 3 multimodal: its text_config
     Family("phi3", ("phi3",), layer_prefix=_DECODER,
            rules=(Rule(r"self_attn\.qkv_proj\.weight", 0, ("q", "kv", "kv")),
                   Rule(r"self_attn\.o_proj\.weight", 1, ("q",)),
