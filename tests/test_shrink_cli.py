@@ -208,3 +208,26 @@ def test_cli_paths(llama, tmp_path, capsys):
                  "--quiet", "--round-to", "1"]) == 0
     assert capsys.readouterr().out == ""
     assert json.load(open(tmp_path / "o" / "config.json"))["intermediate_size"] == 24
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_mid_write_leaves_nothing(llama, tmp_path, sig, code):
+    """The writer pauses after its first shard (test-only switch, as for prune): a signal then
+    leaves no output and no temporary folder."""
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               APRENDER_TEST_PAUSE_AFTER_SHARD="1")
+    p = subprocess.Popen([sys.executable, "-m", "aprender", "shrink", llama[0], "-o",
+                          str(tmp_path / "out"), "--mlp", "0.5", "--quiet"], env=env, cwd=root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()  # blocks until the writer has paused after its first shard
+    assert line.strip() == "aprender-test: paused", line
+    assert any(n.endswith(".aprender-tmp") for n in os.listdir(tmp_path))
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
+    assert os.listdir(tmp_path) == []

@@ -189,7 +189,8 @@ def test_config_disagreeing_with_shapes(sources, tmp_path):
         (src / f).write_bytes(open(os.path.join(sources("llama"), f), "rb").read())
     (src / "config.json").write_text((src / "config.json").read_text().replace(
         '"intermediate_size": 48', '"intermediate_size": 40'))
-    with pytest.raises(CheckpointError, match=r"axis [01] has 48 entries but the config says 40 \(mlp\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"axis [01] has 48 entries but the config says 40 \(mlp\)"):
         export_structured(src, tmp_path / "o", {"mlp_channels": {i: [0] for i in range(sm.L)}})
 
 

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import stat
+import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -193,6 +195,23 @@ class Checkpoint:
         for s in self.shards:
             for t in self.files[s]:
                 yield s, t
+
+
+PAUSE_ENV = "APRENDER_TEST_PAUSE_AFTER_SHARD"
+
+
+def pause_hook_for_tests():
+    """Test-only: with APRENDER_TEST_PAUSE_AFTER_SHARD=1 a writer given this hook stops after
+    its first shard, says so on stderr and waits for a signal, so signal tests need no
+    timing.  None otherwise."""
+    if os.environ.get(PAUSE_ENV) != "1":
+        return None
+
+    def pause():
+        print("aprender-test: paused", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.05)
+    return pause
 
 
 class CheckpointWriter:

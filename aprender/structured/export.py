@@ -28,7 +28,7 @@ import numpy as np
 from .. import __version__
 from .._validation import Bits16, resolve_threads, short_repr
 from ..errors import CheckpointError, InvalidArgumentError, ShapeMismatchError
-from ..io.checkpoint import Checkpoint, CheckpointWriter, read_json_text
+from ..io.checkpoint import Checkpoint, CheckpointWriter, read_json_text, pause_hook_for_tests
 from ..io.files import OutputTarget, display
 from ..io.jsonedit import edit_members
 from .families import FAMILIES, family_for
@@ -70,8 +70,9 @@ class ModelLayout:
         self.family = family_for(sec.get("model_type"))
         if self.family is None:
             known = ", ".join(sorted({t for f in FAMILIES for t in f.model_types}))
-            raise CheckpointError(f"{where}: model_type {display(short_repr(sec.get('model_type')))}"
-                                  f" is not a family aprender can shrink (known: {known})")
+            mt = display(short_repr(sec.get("model_type")))
+            raise CheckpointError(f"{where}: model_type {mt} is not a family aprender can "
+                                  f"shrink (known: {known})")
         self.cfg = sec
         self.n_layers = self.field("num_hidden_layers")
         self._scan()
@@ -534,7 +535,7 @@ def export_structured(model_dir, output, plan, *, replacements=None, force=False
                                rp.config_inserts)
     record = json.dumps(rp.record(), separators=(",", ":"))
     total = sum(t.nbytes for _, t in ckpt.items())
-    writer = CheckpointWriter(ckpt, target.path)
+    writer = CheckpointWriter(ckpt, target.path, pause_hook=pause_hook_for_tests())
     try:
         for shard in ckpt.shards:
             mine = [o for o in outs if o.shard == shard]
