@@ -281,3 +281,36 @@ def test_bfloat16_input(tmp_path):
                           a["model.layers.1.self_attn.k_proj.weight"][8:16])
     assert sm.torch.equal(b["model.layers.0.self_attn.o_proj.weight"],
                           sm.torch.full((sm.H, sm.H // 2), 1 / 3).to(sm.torch.bfloat16))
+
+
+# -- config.json edited in its own text ----------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8) | \
+    st.floats(allow_nan=False, allow_infinity=False)
+_values = st.recursive(_scalars, lambda c: st.lists(c, max_size=4)
+                       | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=st.dictionaries(st.text(max_size=6), _values, min_size=1, max_size=6),
+       indent=st.sampled_from([None, 2, 4, "\t"]), data=st.data())
+def test_edit_members_changes_only_what_it_is_told(doc, indent, data):
+    """Any document, any layout: the edited text parses to the document with the changed and
+    inserted members (and nothing else changed); untouched members keep their text."""
+    from aprender.io.jsonedit import edit_members
+    ascii_ = data.draw(st.booleans())
+    text = json.dumps(doc, indent=indent, ensure_ascii=ascii_)
+    keys = list(doc)
+    changed = data.draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))
+    changes = {k: data.draw(st.lists(st.integers(0, 9), max_size=4) | _scalars) for k in changed}
+    new_key = "\x00new"
+    inserts = [(data.draw(st.sampled_from(keys)), new_key, 8)]
+    out = edit_members(text, (), changes, inserts)
+    want = {**doc, **changes, new_key: 8}
+    assert json.loads(out) == want
+    for k in keys:
+        if k not in changes:
+            member = json.dumps({k: doc[k]}, indent=indent, ensure_ascii=ascii_)[1:-1]
+            assert member.strip().split("\n")[0] in out

@@ -79,7 +79,8 @@ class ModelLayout:
 
     # -- config values ---------------------------------------------------------------------
     def field(self, name, default=None, required=True):
-        v = self.cfg.get(name, default)
+        v = self.cfg.get(name)
+        v = default if v is None else v  # absent or null: the family's default
         if v is None and not required:
             return None
         if not _int(v) or v < 1 or v > 1 << 40:
