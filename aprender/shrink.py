@@ -177,7 +177,8 @@ class _Planner:
                 for L, v in criteria.keep_uniform(scores, fraction, 1).items()}
 
     def _read(self, shard, t):
-        return _floats(self.lay.ckpt.files[shard], t)
+        """The weight as the criteria take it: memory-mapped, no copy (Bits16 for bfloat16)."""
+        return self.lay.ckpt.files[shard].array(t.name)
 
     def _said(self, axis, calibrated, what):
         if calibrated == {True}:

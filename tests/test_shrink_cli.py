@@ -231,3 +231,15 @@ def test_signal_mid_write_leaves_nothing(llama, tmp_path, sig, code):
     _, err = p.communicate(timeout=120)
     assert p.returncode == code, err
     assert os.listdir(tmp_path) == []
+
+
+def test_bfloat16_scores_read_in_place(tmp_path):
+    """bfloat16 weights are scored from the mapped words (decoded a block of rows at a time):
+    the same channels as from the float32 values."""
+    model = sm.transformers.AutoModelForCausalLM.from_pretrained(
+        sm.build("llama", str(tmp_path / "f32"))).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    rep = shrink_checkpoint(tmp_path / "bf16", tmp_path / "o", mlp=0.25, round_to=1)
+    for i in range(sm.L):
+        w = model.model.layers[i].mlp.down_proj.weight.detach().double().numpy()
+        assert rep["mlp_channels"][str(i)] == _top(np.linalg.norm(w, axis=0), 36)

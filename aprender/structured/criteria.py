@@ -14,24 +14,42 @@ important; ties go by index (the lower index is kept first, removed last).
 """
 import numpy as np
 
-from .._validation import check_int, check_sparsity, prune_count, short_repr
+from .._validation import (BF16, F16, Bits16, check_int, check_sparsity, decode16, prune_count,
+                           short_repr)
 from ..errors import CalibrationError, InvalidArgumentError, InvalidSparsityError
 
 __all__ = ["mlp_channel_scores", "kv_group_scores", "layer_order", "expert_scores",
            "keep_uniform", "kept_count"]
 
 
-def _columns(w, input_sq_norms):
-    w = np.asarray(w, dtype=np.float64)
+_ROWS = 256  # rows decoded to float64 at a time (no float64 copy of a whole weight)
+
+
+def _column_sq_norms(w):
+    """float64 ``||w[:, j]||²`` of a 2-D float weight (numpy or aprender.Bits16)."""
+    fmt = None
+    if isinstance(w, Bits16):
+        fmt, w = (BF16 if w.format == "bfloat16" else F16), w.bits
+    else:
+        w = np.asarray(w)
     if w.ndim != 2:
         raise InvalidArgumentError(f"expected a 2-D weight, got shape {w.shape}")
-    score = np.sqrt(np.einsum("ij,ij->j", w, w))
+    acc = np.zeros(w.shape[1], dtype=np.float64)
+    for a in range(0, w.shape[0], _ROWS):
+        blk = w[a:a + _ROWS]
+        blk = (decode16(blk, fmt) if fmt else blk).astype(np.float64)
+        acc += np.einsum("ij,ij->j", blk, blk)
+    return acc
+
+
+def _columns(w, input_sq_norms):
+    score = np.sqrt(_column_sq_norms(w))
     if input_sq_norms is None:
         return score, False
     ss = np.asarray(input_sq_norms, dtype=np.float64).reshape(-1)
-    if ss.shape[0] != w.shape[1]:
+    if ss.shape[0] != score.shape[0]:
         raise CalibrationError(f"calibration holds {ss.shape[0]} input norms for a weight of "
-                               f"{w.shape[1]} columns")
+                               f"{score.shape[0]} columns")
     return score * np.sqrt(ss), True
 
 
