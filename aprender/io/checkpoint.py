@@ -256,14 +256,16 @@ class CheckpointWriter:
             self._pause()
 
     # -- the rest of a folder ----------------------------------------------------------------
-    def copy_others(self):
+    def copy_others(self, rename=None):
+        """Copy the folder's other files; ``rename`` maps a name to the output's name for it."""
+        rename = rename or {}
         for name in self.ckpt.others:
-            self._copy_file(name)
+            self._copy_file(name, rename.get(name, name))
 
-    def _copy_file(self, name):
+    def _copy_file(self, name, out_name=None):
         """The bytes of the regular file behind ``name`` (a link's target) as a new file."""
         with open_regular(self.ckpt.real[name]) as f:
-            fd = create_new(self.tmp, name, 0o666)
+            fd = create_new(self.tmp, out_name or name, 0o666)
             try:
                 copy_range(f, 0, os.fstat(f.fileno()).st_size, fd)
             finally:

@@ -36,6 +36,11 @@ __all__ = ["Logical", "logical_tensors", "decode", "load_dense", "pack_bitmask",
            "BITMASK_PARTS", "SPARSE24_PARTS", "shard_format", "FORMATS"]
 
 FORMATS = ("dense", "sparse-24-bitmask", "bitmask")
+
+# A ``bitmask`` output folder keeps the input's config.json under this name instead: with no
+# config.json, transformers, sentence-transformers and vLLM refuse the folder rather than load it
+# with random weights where the compressed tensors are; ``aprender densify`` puts it back.
+BITMASK_CONFIG = "config.aprender-bitmask.json"
 BITMASK_PARTS = (".values", ".mask", ".shape")
 SPARSE24_PARTS = (".shape", ".compressed", ".bitmask")
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -257,3 +262,4 @@ def load_dense(path, *, n_threads=None):
                                             f"{lt.name!r} appears twice in the checkpoint")
             out[lt.name] = _as_array(np.array(decode(sf, lt, n_threads)), lt)
     return out
+
