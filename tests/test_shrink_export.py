@@ -314,3 +314,16 @@ def test_edit_members_changes_only_what_it_is_told(doc, indent, data):
         if k not in changes:
             member = json.dumps({k: doc[k]}, indent=indent, ensure_ascii=ascii_)[1:-1]
             assert member.strip().split("\n")[0] in out
+
+
+@pytest.mark.parametrize("layers", ["4", "1000000000000"])
+def test_layer_count_must_match_the_blocks(sources, tmp_path, layers):
+    src = tmp_path / "m"
+    src.mkdir()
+    for f in os.listdir(sources("llama")):
+        (src / f).write_bytes(open(os.path.join(sources("llama"), f), "rb").read())
+    (src / "config.json").write_text((src / "config.json").read_text().replace(
+        '"num_hidden_layers": 3', f'"num_hidden_layers": {layers}'))
+    with pytest.raises(CheckpointError, match=f"num_hidden_layers is {layers} but the "
+                                              "checkpoint has no tensor of block 3"):
+        export_structured(src, tmp_path / "o", {"layers_kept": [0]})

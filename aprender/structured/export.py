@@ -136,7 +136,7 @@ class ModelLayout:
     def _scan(self):
         fam = self.family
         pat = re.compile(rf"({fam.layer_prefix})([0-9]+)\.(.+)", re.S)
-        self.blocks = {i: [] for i in range(self.n_layers)}
+        self.blocks = {}
         self.others = []
         for shard, t in self.ckpt.items():
             m = pat.fullmatch(t.name)
@@ -148,7 +148,12 @@ class ModelLayout:
                 raise CheckpointError(f"{display(self.ckpt.shard_path(shard))}: tensor "
                                       f"{display(short_repr(t.name))} names block {digits}, but "
                                       f"the config has num_hidden_layers = {self.n_layers}")
-            self.blocks[int(digits)].append((shard, t, m.group(3), m.group(1)))
+            self.blocks.setdefault(int(digits), []).append((shard, t, m.group(3), m.group(1)))
+        if len(self.blocks) != self.n_layers:  # also bounds a hostile num_hidden_layers
+            missing = next(i for i in range(self.n_layers) if i not in self.blocks)
+            raise CheckpointError(f"{self.where}: num_hidden_layers is {self.n_layers} but the "
+                                  f"checkpoint has no tensor of block {missing}")
+        self.blocks = dict(sorted(self.blocks.items()))
 
     def segments(self, layer):
         """The segment kinds the tensors of block ``layer`` cut."""
