@@ -187,9 +187,10 @@ def _indices(values, n, what):
 
 
 class ResolvedPlan:
-    """A validated plan: ``layers`` (kept, original numbering), ``keep[layer][seg]`` (kept
-    positions along a segment, or absent: untouched), ``experts[layer]``, and the
-    ``config.json`` changes."""
+    """A validated plan, in the original numbering: ``layers`` kept; ``channels[layer] =
+    (segment kind, kept channels)``; ``heads[layer]`` (kept KV groups); ``experts[layer]``;
+    ``widths`` (the one kept width per segment kind); and the ``config.json`` changes
+    (``config_changes``: field -> new value; ``config_inserts``: (after, field, value))."""
 
     def __init__(self, layout, plan):
         fam = layout.family
@@ -303,8 +304,9 @@ class ResolvedPlan:
             step = cfg.get("decoder_sparse_step")
             if _int(step) and step > 1:
                 # "every step-th layer is MoE" does not survive renumbering: list the dense ones
-                dense = set(cfg.get("mlp_only_layers") or []) | {i for i in range(n)
-                                                                   if (i + 1) % step}
+                only = cfg.get("mlp_only_layers")
+                only = only if isinstance(only, list) and all(_int(i) for i in only) else []
+                dense = set(only) | {i for i in range(n) if (i + 1) % step}
                 ch["decoder_sparse_step"] = 1
                 if "mlp_only_layers" in cfg:
                     ch["mlp_only_layers"] = [new[i] for i in kept if i in dense]
@@ -361,9 +363,9 @@ class ResolvedPlan:
     def record(self):
         """What was removed, for ``__metadata__`` (channels as counts: lists of thousands of
         indices per layer in every shard header would be a burden; the report has them)."""
-        lay = self.layout
+        lay, kept = self.layout, set(self.layers)
         out = {"version": __version__, "family": lay.family.name,
-               "layers_removed": [i for i in range(lay.n_layers) if i not in set(self.layers)]}
+               "layers_removed": [i for i in range(lay.n_layers) if i not in kept]}
         if self.channels:
             out["mlp_channels_removed"] = {str(L): lay.width(k) - len(v)
                                            for L, (k, v) in self.channels.items()}
