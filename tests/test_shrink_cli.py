@@ -14,6 +14,7 @@ pytest.importorskip("safetensors")
 
 import shrink_models as sm  # noqa: E402
 from aprender.cli import main  # noqa: E402
+from aprender.errors import InvalidArgumentError  # noqa: E402
 from aprender.pruning import ActivationStats, CalibrationContext  # noqa: E402
 from aprender.shrink import shrink_checkpoint  # noqa: E402
 
@@ -165,7 +166,19 @@ def test_experts_by_reap(tmp_path):
                                 ids, str(tmp_path))
     got = sm._run(sm.load_export("mixtral", str(tmp_path / "o")), "causal", ids)
     sm.assert_same(got, want)
-    with pytest.raises(Exception, match="num_experts_per_tok is 2 but the plan keeps 1"):
+    # MLP channels of an MoE layer: one choice for every expert, scored over the kept ones
+    rep = shrink_checkpoint(src, tmp_path / "m", calibration=cal, experts=0.25, mlp=0.5,
+                            round_to=1)
+    w = _weights(src)
+    for i in range(sm.L):
+        score = sum(np.linalg.norm(w[f"model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"]
+                                   .astype(np.float64), axis=0) for e in rep["experts"][str(i)])
+        assert rep["mlp_channels"][str(i)] == _top(score, sm.I // 2)
+    sm.compare("mixtral", src, str(tmp_path / "m"),
+               {"experts": {int(k): v for k, v in rep["experts"].items()},
+                "mlp_channels": {int(k): v for k, v in rep["mlp_channels"].items()}},
+               str(tmp_path / "cmp"))
+    with pytest.raises(InvalidArgumentError, match="num_experts_per_tok is 2 but the plan keeps 1"):
         shrink_checkpoint(src, tmp_path / "p", calibration=cal, experts=0.75)
     assert not os.path.exists(tmp_path / "p")
 
