@@ -10,7 +10,6 @@ here.
 import json
 import os
 import re
-import sys
 import time
 import types
 from collections import deque, namedtuple
@@ -23,7 +22,7 @@ from ._validation import format_bytes, prune_count, require_memory, resolve_thre
 from .errors import (CalibrationError, CheckpointError, InsufficientMemoryError,
                      InvalidArgumentError, InvalidPatternError, InvalidShapeError, PruningError,
                      ShapeMismatchError)
-from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
+from .io.checkpoint import Checkpoint, CheckpointWriter, pause_hook_for_tests, read_json
 from .io.export import bitmask_tensors, masked_chunks, packed_tensors, zeroed_chunks
 from .io.formats import BITMASK_CONFIG, FORMATS, checkpoint_layout
 from .io.files import (OutputTarget, atomic_write_text, commit_path, display, remove_tree,
@@ -158,22 +157,6 @@ def _compile(patterns, flag):
             raise InvalidArgumentError(f"invalid {flag} regular expression {p!r}: {exc}") \
                 from None
     return out
-
-
-PAUSE_ENV = "APRENDER_TEST_PAUSE_AFTER_SHARD"
-
-
-def _test_pause_hook():
-    """Test-only: with APRENDER_TEST_PAUSE_AFTER_SHARD=1 the writer stops after its first shard,
-    says so on stderr and waits for a signal, so signal tests need no timing."""
-    if os.environ.get(PAUSE_ENV) != "1":
-        return None
-
-    def pause():
-        print("aprender-test: paused", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(0.05)
-    return pause
 
 
 def select(ckpt, include, exclude, default_exclude=True):
@@ -608,7 +591,7 @@ class CheckpointPruner:
     def _write_all(self):
         ckpt = self.ckpt
         writer = CheckpointWriter(ckpt, self.target.path, force=self.args.force,
-                                  pause_hook=_test_pause_hook())
+                                  pause_hook=pause_hook_for_tests())
         sidecar = None
         try:
             self._write_shards(writer)

@@ -1,5 +1,6 @@
-"""The ``aprender`` command line (prune, calibrate, inspect, densify): argparse, tables, exit
-codes.  The work is done by :mod:`aprender.checkpoints`, :mod:`aprender.densify`,
+"""The ``aprender`` command line (prune, calibrate, inspect, densify, shrink): argparse, tables,
+exit codes.  The work is done by :mod:`aprender.checkpoints`, :mod:`aprender.densify`,
+:mod:`aprender.shrink`,
 :mod:`aprender.inspect`, :mod:`aprender.hf` and :mod:`aprender.io`.
 
 Exit codes: 0 success, 1 failure (unreadable input, shape that does not fit the pattern, nothing
@@ -9,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 
@@ -60,6 +62,14 @@ Exit codes: 0 ok, 1 failure (or a failed --check), 2 usage error."""
 DENSIFY_EXAMPLES = """examples:
   aprender densify llama-bm/ -o llama-dense/
   aprender densify model-24.safetensors -o model.safetensors --force
+
+Exit codes: 0 ok, 1 failure, 2 usage error, 130/143 interrupted."""
+
+SHRINK_EXAMPLES = """examples:
+  aprender shrink llama/ -o llama-s/ --calibration calib.safetensors --drop-layers 4
+  aprender shrink llama/ -o llama-s/ --calibration calib.safetensors --mlp 0.25 --heads 0.25
+  aprender shrink qwen3-moe/ -o qwen3-moe-s/ --calibration calib.safetensors --experts 0.5
+  aprender shrink llama/ -o llama-s/ --mlp 0.5 --round-to 256 --no-compensate --report r.json
 
 Exit codes: 0 ok, 1 failure, 2 usage error, 130/143 interrupted."""
 
@@ -308,6 +318,44 @@ def build_parser():
     de.add_argument("--force", action="store_true",
                     help="replace an existing OUTPUT; never one that holds the input")
     de.add_argument("--quiet", action="store_true", help="print nothing on success")
+    sh = sub.add_parser(
+        "shrink", help="remove layers, MLP channels, attention heads or MoE experts",
+        description="Write a smaller standard Hugging Face checkpoint: whole transformer "
+                    "layers, MLP intermediate channels, key/value head groups (with their query "
+                    "heads) and routed MoE experts removed, config.json edited to match; "
+                    "streamed tensor by tensor with the safety rules of 'prune'.  Families: "
+                    "Llama, Qwen2, Qwen3, Mistral, Gemma 3, Phi-3, Qwen3-MoE, Mixtral, BERT "
+                    "(layers and MLP).  See docs/shrink.md.",
+        epilog=SHRINK_EXAMPLES, formatter_class=_Help)
+    sh.add_argument("input", metavar="MODEL_DIR", help="model folder (config.json, shards)")
+    sh.add_argument("-o", "--output", metavar="OUT_DIR", required=True,
+                    help="output folder (written under a temporary name, then renamed)")
+    sh.add_argument("--calibration", metavar="FILE",
+                    help="statistics from 'aprender calibrate': block influence (needed by "
+                         "--drop-layers), input norms (activation-aware channel and head "
+                         "scores; magnitude only without), REAP expert statistics (needed by "
+                         "--experts), Hessians (compensation)")
+    sh.add_argument("--drop-layers", type=int, default=0, metavar="K",
+                    help="remove the K layers of least block influence (ShortGPT)")
+    sh.add_argument("--mlp", type=_fraction, default=0.0, metavar="F",
+                    help="remove the fraction F of MLP intermediate channels in every layer "
+                         "(dense MLPs, and each expert's MLP in MoE layers)")
+    sh.add_argument("--heads", type=_fraction, default=0.0, metavar="F",
+                    help="remove the fraction F of key/value head groups in every layer, each "
+                         "with its query heads")
+    sh.add_argument("--experts", type=_fraction, default=0.0, metavar="F",
+                    help="remove the fraction F of routed experts in every MoE layer (REAP)")
+    sh.add_argument("--round-to", type=_count, default=None, metavar="N",
+                    help="round kept MLP widths up to a multiple of N (default 64: GPU GEMM "
+                         "and quantisation-block alignment; see docs/shrink.md)")
+    sh.add_argument("--no-compensate", action="store_true",
+                    help="only slice: no least-squares refit of the down/output projections")
+    sh.add_argument("--report", metavar="PATH", help="write the JSON report to PATH")
+    sh.add_argument("--force", action="store_true",
+                    help="replace an existing OUTPUT (or --report); never one that holds the "
+                         "input")
+    sh.add_argument("--threads", type=_threads, metavar="N", help="threads for the kernels")
+    sh.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     return p
 
 
@@ -461,6 +509,54 @@ def run_calibrate(args):
     return 0
 
 
+def run_shrink(args):
+    from .shrink import DEFAULT_ROUND_TO, check_options, shrink_checkpoint
+
+    if args.output == "" or args.report == "":
+        raise UsageError("OUTPUT is empty" if args.output == "" else "--report is empty")
+    round_to = DEFAULT_ROUND_TO if args.round_to is None else args.round_to
+    try:
+        check_options(args.drop_layers, args.mlp, args.heads, args.experts, round_to)
+    except PruningError as exc:
+        raise UsageError(re.sub(r"\b(drop_layers|mlp|heads|experts|round_to)\b",
+                                lambda m: "--" + m.group(1).replace("_", "-"), str(exc))) \
+            from None
+    bar = _progress() if sys.stdout.isatty() and not args.quiet else None
+
+    def progress(nbytes, total):
+        if bar.total is None:
+            bar.total = total
+        bar.update(nbytes)
+    try:
+        rep = shrink_checkpoint(args.input, args.output, calibration=args.calibration,
+                                drop_layers=args.drop_layers, mlp=args.mlp, heads=args.heads,
+                                experts=args.experts, round_to=round_to,
+                                compensate=not args.no_compensate, report=args.report,
+                                force=args.force, n_threads=args.threads,
+                                progress=progress if bar is not None else False)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        print_shrink(rep)
+    return 0
+
+
+def print_shrink(rep):
+    rows = [[k, "(absent)" if a is None else json.dumps(a), json.dumps(b)]
+            for k, (a, b) in rep["config_changes"].items()]
+    print(_fmt_table(["config.json", "before", "after"], rows))
+    print(f"parameters: {rep['parameters_before']} -> {rep['parameters_after']} "
+          f"({1 - rep['parameters_after'] / max(rep['parameters_before'], 1):.2%} removed); "
+          f"bytes: {rep['bytes_before'] / 1e6:.1f} MB -> {rep['bytes_after'] / 1e6:.1f} MB")
+    for axis, how in rep["criteria"].items():
+        print(f"{axis}: {how}")
+    print("compensated: " + (f"{len(rep['compensated_tensors'])} projections" if
+                             rep["compensated"] else
+                             f"no ({rep.get('not_compensated_because', 'nothing sliced')})"))
+    print(f"{rep['family']} -> {display(rep['output'])} in {rep['wall_s']:.2f} s")
+
+
 def _error(message):
     print(f"aprender: error: {display(str(message))}", file=sys.stderr)
 
@@ -484,6 +580,8 @@ def main(argv=None):
                 return run_calibrate(args)
             if args.command == "densify":
                 return run_densify(args)
+            if args.command == "shrink":
+                return run_shrink(args)
             return run_prune(args)
         finally:
             sys.stdout.flush()

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import stat
+import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -31,7 +33,7 @@ from .files import (check_member_name, commit_path, create_new, display, file_ki
                     open_regular, remove_tree, temp_name)
 from .safetensors import SafetensorsFile, copy_range, encode_header, write_all
 
-__all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json"]
+__all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json", "read_json_text"]
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_JSON_BYTES = 100_000_000
@@ -41,6 +43,12 @@ MAX_DEPTH = 32
 
 def read_json(path, what=None):
     """A JSON document from an untrusted file (regular file, bounded size, strict parse)."""
+    return read_json_text(path, what)[1]
+
+
+def read_json_text(path, what=None):
+    """(text, value) of a JSON document from an untrusted file, checked as by read_json: the
+    text for edits that keep every other byte (:mod:`aprender.io.jsonedit`)."""
     what = what or display(path)
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
@@ -48,7 +56,8 @@ def read_json(path, what=None):
             raise CheckpointError(f"{what}: {size} bytes is too large for a JSON file "
                                   f"(limit {MAX_JSON_BYTES})")
         raw = f.read(MAX_JSON_BYTES + 1)
-    return strictjson.loads(raw, what)
+    value = strictjson.loads(raw, what)
+    return raw.decode("utf-8"), value
 
 
 def _hf_blobs(root_real):
@@ -189,6 +198,23 @@ class Checkpoint:
                 yield s, t
 
 
+PAUSE_ENV = "APRENDER_TEST_PAUSE_AFTER_SHARD"
+
+
+def pause_hook_for_tests():
+    """Test-only: with APRENDER_TEST_PAUSE_AFTER_SHARD=1 a writer given this hook stops after
+    its first shard, says so on stderr and waits for a signal, so signal tests need no
+    timing.  None otherwise."""
+    if os.environ.get(PAUSE_ENV) != "1":
+        return None
+
+    def pause():
+        print("aprender-test: paused", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.05)
+    return pause
+
+
 class CheckpointWriter:
     """Builds OUTPUT under a temporary name: shards tensor by tensor, then the other files,
     the index and config; :meth:`commit` renames it into place."""
@@ -267,12 +293,15 @@ class CheckpointWriter:
         self.write_json(INDEX_NAME, index)
 
     def write_json(self, name, value):
+        self.write_text(name, json.dumps(value, indent=2) + "\n")
+
+    def write_text(self, name, text):
+        """Write (or replace) the file ``name`` of the output folder."""
         fd = create_new(self.tmp, name) if not os.path.lexists(os.path.join(self.tmp, name)) \
             else os.open(os.path.join(self.tmp, name),
                          os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2)
-            f.write("\n")
+            f.write(text)
 
     def read_output_json(self, name):
         """A JSON file already copied into the output (config.json), or None if absent."""
@@ -322,9 +351,10 @@ class ShardWriter:
         self.pos += nbytes
         self.elements += math.prod(shape)
 
-    def copy(self, sf, info):
-        """Copy an input tensor's bytes unchanged."""
-        self._entry(info.name, info.dtype, info.shape, info.nbytes)
+    def copy(self, sf, info, name=None):
+        """Copy an input tensor's bytes unchanged (under ``name`` when given: a renamed
+        tensor)."""
+        self._entry(info.name if name is None else name, info.dtype, info.shape, info.nbytes)
         sf.copy_to(info.name, self.data_fd)
 
     def add(self, name, dtype, shape, chunks, nbytes):
