@@ -14,7 +14,8 @@ comes from CALIBRATION_MODULES, held-out text from HELD_OUT_MODULES.
 Metric: mean cosine similarity between the pruned and the dense model's (normalised) sentence
 embeddings over the held-out sentences (1.0 = unchanged).
 
-Methods: magnitude, Wanda (per-row, as the paper), Wanda with OWL's per-block sparsities, and
+Methods: magnitude, Wanda (per-row, as the paper), Wanda with OWL's per-block sparsities (as the
+paper) and per-layer sparsities (as ``aprender prune --allocation owl``), and
 SparseGPT, one shot (every layer's Hessian from the dense model, ``prune_(importance=
 "sparsegpt")``) and layer-sequential (each block's Hessians collected through the blocks already
 pruned, ``prune_sequential_``).
@@ -116,15 +117,17 @@ def prune(model, method, sparsity, pattern, ctx, batches=None):
                importance="sparsegpt", calibration=ctx)
     elif method == "sparsegpt-seq":  # block after block, inputs through the pruned blocks
         prune_sequential_(enc, batches, sparsity, pattern, include=INCLUDE)
-    elif method == "wanda+owl":
-        # OWL allocates per transformer block (as in the paper): the block's Wanda scores
-        # taken together give its outlier ratio, and every Linear in it gets its sparsity
+    elif method in ("wanda+owl", "wanda+owl-layer"):
+        # wanda+owl allocates per transformer block (as in the paper): the block's Wanda scores
+        # taken together give its outlier ratio, and every Linear in it gets its sparsity;
+        # wanda+owl-layer allocates per Linear layer, as 'aprender prune --allocation owl' does
         from aprender.pruning import WandaImportance, owl_sparsities
 
         blocks = {}
         for n, mod in enc.named_modules():
             if re.fullmatch(INCLUDE, n + ".weight") and isinstance(mod, torch.nn.Linear):
-                block = re.match(r"encoder\.layer\.\d+", n).group(0)
+                block = re.match(r"encoder\.layer\.\d+", n).group(0) \
+                    if method == "wanda+owl" else n
                 blocks.setdefault(block, []).append(n)
         scores = {b: [WandaImportance(n).compute(enc.get_submodule(n).weight.detach(), ctx)
                       for n in names] for b, names in blocks.items()}
@@ -145,6 +148,9 @@ def main(argv=None):
     ap.add_argument("--plot", metavar="PNG", help="write the 30-70 %% curve to this PNG")
     ap.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     ap.add_argument("--calibration-sentences", type=int, default=512)
+    ap.add_argument("--methods", nargs="+", metavar="METHOD",
+                    help="only these methods (magnitude, wanda, wanda+owl, wanda+owl-layer, "
+                         "sparsegpt, sparsegpt-seq)")
     args = ap.parse_args(argv)
 
     from aprender.torch import collect_calibration
@@ -160,8 +166,10 @@ def main(argv=None):
           f"{len(held_out)} held-out sentences from stdlib docstrings")
 
     cases = [("magnitude", "unstructured"), ("magnitude", "per-row"), ("wanda", "per-row"),
-             ("wanda+owl", "per-row"), ("sparsegpt", "unstructured"),
-             ("sparsegpt-seq", "unstructured")]
+             ("wanda+owl", "per-row"), ("wanda+owl-layer", "per-row"),
+             ("sparsegpt", "unstructured"), ("sparsegpt-seq", "unstructured")]
+    if args.methods:
+        cases = [c for c in cases if c[0] in args.methods]
     results = {}
     table = []
     for label, sparsity, pattern_kind in [("50 %", 0.5, None), ("60 %", 0.6, None),
@@ -169,7 +177,8 @@ def main(argv=None):
         row = {}
         for method, pattern in cases:
             if pattern_kind == "2:4":
-                if method == "wanda+owl" or (method == "magnitude" and pattern == "unstructured"):
+                if method.startswith("wanda+owl") or (method == "magnitude"
+                                                       and pattern == "unstructured"):
                     continue
                 pattern = "2:4"
             key = f"{method} {pattern}"
