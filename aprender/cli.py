@@ -210,12 +210,12 @@ def build_parser():
                          "layer 'a.b'")
     pr.add_argument("--allocation", choices=("uniform", "owl"), default="uniform",
                     help="uniform: every tensor pruned to --sparsity (default); owl: layer "
-                         "sparsities spread over [s - lambda, s + lambda] by their share of "
-                         "outlier Wanda scores (Yin et al. 2024), same mean")
+                         "sparsities over an interval of width 2*lambda around --sparsity, by "
+                         "their share of outlier Wanda scores (Yin et al. 2024), the same total")
     pr.add_argument("--owl-m", type=float, default=5.0, metavar="M",
                     help="OWL: a score is an outlier above M times its layer's mean (default 5)")
     pr.add_argument("--owl-lambda", type=float, default=0.08, metavar="L",
-                    help="OWL: sparsities spread over [s - L, s + L] (default 0.08)")
+                    help="OWL: the layer sparsities span an interval of width 2L (default 0.08)")
     pr.add_argument("--include", action="append", default=[], metavar="REGEX",
                     help="select the 2-D floating tensors whose name matches (repeatable; "
                          "replaces the '*.weight' name rule; embeddings, norms and heads stay "
