@@ -552,6 +552,14 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
     return ctx
 
 
+def _shown(name, limit=120):
+    """A layer name for a message: control characters escaped, cut to ``limit`` characters."""
+    from .io.files import display
+
+    text = display(name)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class StatHooks:
     """The statistic hooks of :func:`collect_calibration`, shared with the block executor
     (aprender.models.executor): one :class:`ActivationStats` per layer name, fed by forward
@@ -584,7 +592,7 @@ class StatHooks:
         try:
             st.update(t, where=where, n_threads=self.nt)
         except PruningError as exc:
-            exc.args = (f"layer {short_repr(name)}: {exc.args[0] if exc.args else exc}",) \
+            exc.args = (f"layer {_shown(name)}: {exc.args[0] if exc.args else exc}",) \
                 + exc.args[1:]
             raise
 
@@ -597,7 +605,7 @@ class StatHooks:
         def hook(_module, args, kwargs):
             x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
             if not isinstance(x, torch.Tensor):
-                raise InvalidArgumentError(f"{short_repr(name)}: the layer's input is not a "
+                raise InvalidArgumentError(f"{_shown(name)}: the layer's input is not a "
                                            f"tensor ({type(x).__name__})")
             lead = self.share.see(name, x)
             st = self._stats(name, width, lead == name)

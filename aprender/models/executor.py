@@ -581,7 +581,7 @@ class BlockExecutor:
             if store is not None:
                 store.close()
         stats = hooks.finish()
-        for name in sorted(stats):
+        for name in stats:  # the order the model runs them
             ctx.add_layer_stats(name, stats[name])
         return ctx, left_out
 
