@@ -596,9 +596,11 @@ class StatHooks:
                 + exc.args[1:]
             raise
 
-    def attach(self, name, mod, in_features=None):
+    def attach(self, name, mod, in_features=None, flat=False):
         """Collect the input statistics of module ``mod`` (an nn.Linear, or any module whose
-        first argument is its input, such as a router) under ``name``."""
+        first argument is its input, such as a router) under ``name``.  ``flat``: the module
+        reads the batch's tokens flattened to (batch * seq, features), in order (a router),
+        so the token mask applies to its rows too."""
         torch = _torch()
         width = mod.in_features if in_features is None else in_features
 
@@ -613,7 +615,11 @@ class StatHooks:
             if t.device.type != "cpu":
                 t = t.to("cpu")
             mask = self.mask
-            where = mask if mask is not None and tuple(t.shape[:-1]) == mask.shape else None
+            where = None
+            if mask is not None and tuple(t.shape[:-1]) == mask.shape:
+                where = mask
+            elif mask is not None and flat and t.dim() == 2 and t.shape[0] == mask.size:
+                where = mask.reshape(-1)
             self._update(name, st, t, where)
             return None
 

@@ -232,6 +232,7 @@ class _Skeleton:
         """Parameters by identity: every (module, attribute) that holds it, one name."""
         self.groups = {}  # id -> [param, [names], [(module, attr)]]
         self.by_owner = {}  # (id(module), attr) -> group id
+        self.own_key = {}  # (id(module), attr) -> the model's name for it
         for mname, mod in self.model.named_modules(remove_duplicate=False):
             for pname, p in mod._parameters.items():
                 if p is None:
@@ -243,6 +244,7 @@ class _Skeleton:
                 if (id(mod), pname) not in self.by_owner:
                     g[2].append((mod, pname))
                     self.by_owner[(id(mod), pname)] = id(p)
+                    self.own_key[(id(mod), pname)] = full
 
     def _map_names(self):
         """self.source[model key] for every parameter and stored buffer, checked."""
@@ -407,11 +409,10 @@ class _Skeleton:
                 owner._parameters[attr] = meta
 
     def key_of(self, mod, pname="weight"):
-        """The checkpoint name of a module's parameter (None when it is merged or absent)."""
-        try:
-            src = self.param_source.get(self._gid(mod, pname))
-        except KeyError:
-            return None
+        """The checkpoint name of a module's own parameter (None when it is merged, absent,
+        or stored only under another name it is tied to: a tied head has no weight of its
+        own)."""
+        src = self.source.get(self.own_key.get((id(mod), pname)))
         return src.name if src is not None else None
 
 
@@ -711,6 +712,11 @@ class BlockExecutor:
         """Statistic hooks on the block's Linear-like modules and expert taps."""
         torch, sk = self.torch, self.sk
         taps = []
+        routers = set()  # the experts' siblings: a router reads the flattened tokens
+        for name, mod in blk.named_modules():
+            if _is_experts(mod):
+                parent = blk.get_submodule(name.rsplit(".", 1)[0]) if "." in name else blk
+                routers |= {id(m) for m in parent.children() if m is not mod}
         for name, mod in blk.named_modules():
             if _is_experts(mod):
                 taps.append(_ExpertTap(self, mod, hooks))
@@ -722,7 +728,8 @@ class BlockExecutor:
             if key is None or not key.endswith(".weight"):
                 continue
             width = int(w.shape[0]) if type(mod).__name__ == "Conv1D" else int(w.shape[1])
-            hooks.attach(key[:-len(".weight")], mod, in_features=width)
+            hooks.attach(key[:-len(".weight")], mod, in_features=width,
+                         flat=id(mod) in routers and not isinstance(mod, torch.nn.Linear))
         return taps
 
     def _tail(self, outside, blocks, batches, masks, calls, store, side, hooks):
@@ -896,4 +903,6 @@ def calibrate_folder(model_dir, samples, *, max_length=None, batch_size=8, hessi
                        scratch_near=scratch_near, n_threads=n_threads, config=cfg)
     tok = load_tokenizer(model_dir)
     batches = tokenize(tok, samples, max_length=max_length, batch_size=batch_size)
-    return ex.calibrate(batches, hessian=hessian, progress=progress)
+    ctx, left_out = ex.calibrate(batches, hessian=hessian, progress=progress)
+    ctx.num_samples = len(samples)  # a sample that tokenizes to nothing still counts
+    return ctx, left_out
