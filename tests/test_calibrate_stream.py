@@ -96,7 +96,7 @@ def checkpoint_keys(folder):
     return {t.name for t in SafetensorsFile(os.path.join(folder, "model.safetensors"))}
 
 
-def reference(folder, lines, batch_size):
+def reference(folder, lines, batch_size, hessian=False):
     """Statistics of the whole model loaded in float32 by transformers: Linear inputs by
     collect_calibration, router inputs and per-expert statistics by hooks and the checkpoint's
     own per-expert tensors, block cos from output_hidden_states."""
@@ -108,7 +108,7 @@ def reference(folder, lines, batch_size):
     batches = [dict(tok(lines[i:i + batch_size], padding=True, return_tensors="pt"))
                for i in range(0, len(lines), batch_size)]
     keys = checkpoint_keys(folder)
-    ctx = collect_calibration(model, batches, progress=False,
+    ctx = collect_calibration(model, batches, progress=False, hessian=hessian,
                               layers=lambda n, m: n + ".weight" in keys)
     stats = {n: ctx.get_stats(n) for n in ctx.layer_names}
     sf = SafetensorsFile(os.path.join(folder, "model.safetensors"))
@@ -154,7 +154,7 @@ def reference(folder, lines, batch_size):
             ck = lname.replace(".mlp", ".block_sparse_moe") \
                 if cfg["model_type"] == "mixtral" else lname
             rname = ck + ".gate"
-            stats.setdefault(rname, ActivationStats(x.shape[-1])).update(
+            stats.setdefault(rname, ActivationStats(x.shape[-1], hessian=hessian)).update(
                 x[real].numpy())
             names = ("w1", "w3", "w2") if cfg["model_type"] == "mixtral" else \
                 ("gate_proj", "up_proj", "down_proj")
@@ -168,7 +168,8 @@ def reference(folder, lines, batch_size):
                     (xe @ w(f"{p}.{names[1]}.weight").T)
                 y = act @ w(f"{p}.{names[2]}.weight").T
                 for nm, inp in ((names[0], xe), (names[1], xe), (names[2], act)):
-                    stats.setdefault(f"{p}.{nm}", ActivationStats(inp.shape[-1])).update(
+                    stats.setdefault(f"{p}.{nm}", ActivationStats(
+                        inp.shape[-1], hessian=hessian)).update(
                         inp.numpy())
                 t, r = experts.get(p, (0, 0.0))
                 experts[p] = (t + len(tok_), r + float((scores[tok_, pos].double()
@@ -235,6 +236,25 @@ def test_streamed_statistics_equal_the_whole_model(tmp_path, family):
         assert any(".experts.3." in n for n in ctx.layer_names)
     assert ctx.num_samples == len(lines)
     assert_same(ctx, stats, cos, experts)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_streamed_hessians_equal_the_whole_model(tmp_path, family):
+    folder = tmp_path / family
+    tiny(folder, family)
+    lines = samples()
+    ctx, _ = calibrate_folder(folder, lines, batch_size=4, hessian=True)
+    stats, _, _ = reference(folder, lines, 4, hessian=True)
+    assert set(ctx.layer_names) == set(stats)
+    for name, want in stats.items():
+        got = ctx.require_stats(name)
+        assert got.has_hessian and want.has_hessian
+        np.testing.assert_allclose(got.hessian, want.hessian, rtol=2e-5, atol=1e-5,
+                                   err_msg=name)
+    p = "model.layers.1.block_sparse_moe.experts.2." if family == "mixtral" else \
+        "model.layers.1.mlp."
+    up, gate = ("w3", "w1") if family == "mixtral" else ("up_proj", "gate_proj")
+    assert ctx.require_stats(p + up).shares_hessian_with(ctx.require_stats(p + gate))
 
 
 def test_padding_excluded_batches_of_different_lengths(tmp_path):

@@ -443,14 +443,19 @@ class _HiddenStates:
     in memory while both fit ``budget`` bytes, else in one scratch file next to ``near``,
     unlinked at once (the space is returned when the map is closed, even on SIGKILL)."""
 
-    def __init__(self, shapes, dtype, budget, near, torch):
-        self.torch, self.dtype, self.shapes = torch, dtype, shapes
+    def __init__(self, dtype, budget, near, torch):
+        self.torch, self.dtype, self.budget, self.near = torch, dtype, budget, near
+        self.scratch = None
+        self.sides = None
+
+    def allocate(self, shapes):
+        torch, dtype, budget, near = self.torch, self.dtype, self.budget, self.near
+        self.shapes = shapes
         item = torch.empty((), dtype=dtype).element_size()
         self.sizes = [int(np.prod(s)) for s in shapes]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         total = int(self.offsets[-1])
         self.nbytes = 2 * total * item
-        self.scratch = None
         self.sides = [[None] * len(shapes), [None] * len(shapes)]
         if self.nbytes > budget:
             self.np_dtype = np.int16 if dtype == torch.bfloat16 else np.float32
@@ -550,20 +555,14 @@ class BlockExecutor:
         block_ids = {id(m) for blk in blocks for m in blk.modules()}
         outside = [m for m in model.modules() if id(m) not in block_ids]
         calls = [[None] * len(blocks) for _ in batches]
-        store = None
+        store = _HiddenStates(self.dtype, self.memory_budget, self.scratch_near, torch)
         lazy = []
         try:
             with torch.no_grad():
                 lazy = self._lazy_outside(outside)
-                first = self._capture(batches, blocks, calls)
+                self._capture(batches, blocks, calls, store)
                 self._free_outside()
-                shapes = [_shape(h) for h in first]
-                store = _HiddenStates(shapes, self.dtype, self.memory_budget,
-                                      self.scratch_near, torch)
                 self.scratch_used = store.scratch is not None
-                for i, h in enumerate(first):
-                    store.put(0, i, h)
-                del first
                 it = range(len(blocks))
                 if progress:
                     it = _progress(it, len(blocks))
@@ -579,8 +578,7 @@ class BlockExecutor:
                 h.remove()
             hooks.remove()
             self._free_outside()
-            if store is not None:
-                store.close()
+            store.close()
         stats = hooks.finish()
         for name in stats:  # the order the model runs them
             ctx.add_layer_stats(name, stats[name])
@@ -611,10 +609,9 @@ class BlockExecutor:
             kwargs["attention_mask"] = batch["attention_mask"]
         return kwargs
 
-    def _capture(self, batches, blocks, calls):
-        """Per batch: the first block's hidden states, and every block's call arguments."""
-        torch = self.torch
-        first = []
+    def _capture(self, batches, blocks, calls, store):
+        """Per batch: the first block's hidden states (into side 0 of ``store``), and every
+        block's call arguments."""
         current = {}
 
         def recorder(k):
@@ -626,7 +623,15 @@ class BlockExecutor:
                     h, rest, where = kwargs.pop("hidden_states"), (), "kw"
                 calls[current["batch"]][k] = (where, rest, kwargs)
                 if k == 0:
-                    first.append(h.detach())
+                    i = current["batch"]
+                    if i == 0:
+                        store.allocate([tuple(b["input_ids"].shape) + tuple(h.shape[2:])
+                                        for b in batches])
+                    if _shape(h) != store.shapes[i]:
+                        raise CalibrationError(f"the first block's input has shape "
+                                               f"{_shape(h)}, not (batch, tokens, hidden) "
+                                               f"{store.shapes[i]}")
+                    store.put(0, i, h)
                 if k == len(blocks) - 1:
                     raise _Stop
                 return h
@@ -652,8 +657,6 @@ class BlockExecutor:
         finally:
             for blk in blocks:
                 blk.__dict__.pop("forward", None)
-        del torch
-        return first
 
     def _run_block(self, k, list_name, blk, batches, masks, calls, store, side, hooks, ctx):
         torch, sk = self.torch, self.sk
