@@ -543,3 +543,26 @@ def test_memory_budget_usage_errors(tmp_path, capsys):
         main(["calibrate", str(tmp_path), "--text", "t", "-o", "o", "--memory-budget", "lots"])
     assert e.value.code == 2
     assert executor.parse_size("1.5G") == 3 << 29 and executor.parse_size("512K") == 512 << 10
+
+
+def test_an_expert_no_token_reaches(tmp_path):
+    """REAP statistics with 0 tokens, no layer statistics, and the file reads back."""
+    folder = tmp_path / "m"
+    tiny(folder, "mixtral", num_local_experts=8)
+    ctx, _ = calibrate_folder(folder, ["the model"])
+    experts = ctx.expert_stats
+    assert len(experts) == 2 * 8
+    idle = [n for n, s in experts.items() if s.tokens == 0]
+    busy = [n for n, s in experts.items() if s.tokens]
+    assert idle and busy
+    assert all(experts[n].reap_sum == 0 for n in idle)
+    assert all(experts[n].reap_sum > 0 for n in busy)
+    # every real token goes to two experts, in each layer
+    batch = executor.tokenize(executor.load_tokenizer(folder), ["the model"], max_length=64,
+                              batch_size=1)[0]
+    assert sum(experts[n].tokens for n in busy if ".layers.0." in n) == \
+        2 * int(batch["attention_mask"].sum())
+    assert not any(n.startswith(idle[0] + ".") for n in ctx.layer_names)
+    assert any(n.startswith(busy[0] + ".") for n in ctx.layer_names)
+    ctx.save(tmp_path / "c.safetensors")
+    assert CalibrationContext.load(tmp_path / "c.safetensors") == ctx

@@ -765,8 +765,15 @@ class BlockExecutor:
             for i, b in enumerate(batches):
                 current["batch"] = i
                 hooks.start_batch(masks[i])
+                # zero embeddings in place of the token ids: the blocks are replaced, so the
+                # input embeddings' weights (a large vocabulary) need not be loaded again
+                call = self._call(b)
+                ids = call.pop("input_ids")
+                h = store.get(side, i)
+                call["inputs_embeds"] = torch.zeros(tuple(ids.shape) + tuple(h.shape[2:]),
+                                                    dtype=h.dtype)
                 try:
-                    sk.model(**self._call(b))
+                    sk.model(**call)
                 except PruningError:
                     raise
                 except Exception as exc:  # noqa: BLE001
