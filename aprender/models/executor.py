@@ -248,22 +248,36 @@ class _Skeleton:
 
     def _map_names(self):
         """self.source[model key] for every parameter and stored buffer, checked."""
+        model = self.model
+        meta_sd = {k: True for k in model.state_dict(keep_vars=True)}
+        prefix = getattr(model, "base_model_prefix", "") or None
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import (WeightConverter, WeightRenaming,
                                                          rename_source_key)
-        except ImportError as exc:
-            raise ImportError("aprender calibrate needs transformers >= 5 (its checkpoint "
-                              f"conversion mapping): {exc}") from None
-        model = self.model
-        meta_sd = {k: True for k in model.state_dict(keep_vars=True)}
+        except ImportError:  # transformers 4: modules are named as the checkpoint stores them
+            WeightConverter = WeightRenaming = ()  # noqa: N806
+            get_model_conversion_mapping = None
+
+            def rename_source_key(name, _renamings, _converters, prefix, meta):
+                if prefix and name.startswith(prefix + ".") and \
+                        name[len(prefix) + 1:] in meta:
+                    return name[len(prefix) + 1:], None
+                if prefix and f"{prefix}.{name}" in meta:
+                    return f"{prefix}.{name}", None
+                return name, None
         try:
-            transforms = get_model_conversion_mapping(model)
+            transforms = get_model_conversion_mapping(model) if get_model_conversion_mapping \
+                else []
         except Exception:  # noqa: BLE001 - no mapping: names are used as stored
             transforms = []
+        if get_model_conversion_mapping is None and any(
+                isinstance(getattr(m, "experts", None), self.torch.nn.ModuleList)
+                for m in model.modules()):
+            raise CalibrationError("calibrating a mixture-of-experts model needs transformers "
+                                   ">= 5 (per-expert statistics over routed real tokens)")
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        prefix = getattr(model, "base_model_prefix", "") or None
         direct, fused = {}, {}
         for name in self.tensors:
             try:
@@ -632,10 +646,16 @@ class BlockExecutor:
                                                f"{_shape(h)}, not (batch, tokens, hidden) "
                                                f"{store.shapes[i]}")
                     store.put(0, i, h)
+                if self._tuple_out is None:
+                    self._tuple_out = self._probe(blocks[0], (h,) + rest, kwargs) \
+                        if where == "arg" else self._probe(blocks[0], rest,
+                                                           dict(kwargs, hidden_states=h))
                 if k == len(blocks) - 1:
                     raise _Stop
-                return h
+                return (h,) if self._tuple_out else h
             return forward
+
+        self._tuple_out = None
 
         for k, blk in enumerate(blocks):
             blk.forward = recorder(k)
@@ -657,6 +677,21 @@ class BlockExecutor:
         finally:
             for blk in blocks:
                 blk.__dict__.pop("forward", None)
+
+    def _probe(self, block, args, kwargs):
+        """Whether the block returns a tuple (transformers 4's layers) or the hidden states
+        (transformers 5's): the recorders standing in for the blocks must return the same.
+        Runs the real block once, on the first batch."""
+        loaded = self.sk.materialise(block)
+        try:
+            out = type(block).forward(block, *args, **kwargs)
+        except PruningError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CalibrationError(f"the first block fails ({_first_line(exc)})") from None
+        finally:
+            self.sk.free(loaded)
+        return isinstance(out, (tuple, list))
 
     def _run_block(self, k, list_name, blk, batches, masks, calls, store, side, hooks, ctx):
         torch, sk = self.torch, self.sk
@@ -753,8 +788,10 @@ class BlockExecutor:
         def replay(k):
             def forward(*args, **kwargs):
                 if k == len(blocks) - 1:
-                    return store.get(side, current["batch"])
-                return args[0] if args else kwargs["hidden_states"]
+                    h = store.get(side, current["batch"])
+                else:
+                    h = args[0] if args else kwargs["hidden_states"]
+                return (h,) if self._tuple_out else h
             return forward
 
         for key, mod in wanted:
