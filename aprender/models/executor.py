@@ -67,6 +67,20 @@ def parse_size(text):
     return int(value)
 
 
+PAUSE_ENV = "APRENDER_TEST_PAUSE_AFTER_BLOCK"
+
+
+def _test_pause():
+    """Test-only (APRENDER_TEST_PAUSE_AFTER_BLOCK=1): stop after the first block, say so on
+    stderr and wait for a signal, so signal tests need no timing."""
+    import sys
+    import time
+
+    print("aprender-test: paused", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(0.05)
+
+
 def _first_line(exc):
     text = str(exc).strip().splitlines()
     return short_repr(text[0], 200)[1:-1] if text else type(exc).__name__
@@ -585,6 +599,8 @@ class BlockExecutor:
                     self._run_block(k, list_name, blocks[k], batches, masks, calls, store,
                                     side, hooks, ctx)
                     side ^= 1
+                    if k == 0 and os.environ.get(PAUSE_ENV) == "1":
+                        _test_pause()
                 left_out = self._tail(outside, blocks, batches, masks, calls, store, side,
                                       hooks)
         finally:
