@@ -766,11 +766,13 @@ class BlockExecutor:
         """Statistic hooks on the block's Linear-like modules and expert taps."""
         torch, sk = self.torch, self.sk
         taps = []
-        routers = set()  # the experts' siblings: a router reads the flattened tokens
+        # the modules beside the experts (router, shared expert and its gate) read the
+        # batch's tokens flattened to (batch * seq, hidden), in order: the token mask applies
+        flat = set()
         for name, mod in blk.named_modules():
             if _is_experts(mod):
                 parent = blk.get_submodule(name.rsplit(".", 1)[0]) if "." in name else blk
-                routers |= {id(m) for m in parent.children() if m is not mod}
+                flat |= {id(m) for m in parent.modules() if m is not mod}
         for name, mod in blk.named_modules():
             if _is_experts(mod):
                 taps.append(_ExpertTap(self, mod, hooks))
@@ -782,8 +784,7 @@ class BlockExecutor:
             if key is None or not key.endswith(".weight"):
                 continue
             width = int(w.shape[0]) if type(mod).__name__ == "Conv1D" else int(w.shape[1])
-            hooks.attach(key[:-len(".weight")], mod, in_features=width,
-                         flat=id(mod) in routers and not isinstance(mod, torch.nn.Linear))
+            hooks.attach(key[:-len(".weight")], mod, in_features=width, flat=id(mod) in flat)
         return taps
 
     def _tail(self, outside, blocks, batches, masks, calls, store, side, hooks):
@@ -878,7 +879,8 @@ class _ExpertTap:
         dsrc = sk.param_source[sk._gid(mod, "down_proj")]
         if gsrc.parts is None or dsrc.parts is None or len(gsrc.parts) != 2 or \
                 len(dsrc.parts) != 1 or getattr(mod, "is_transposed", False) or \
-                not getattr(mod, "has_gate", True):
+                not getattr(mod, "has_gate", True) or getattr(mod, "has_bias", False) or \
+                any(n.endswith("_bias") for n in mod._parameters):
             raise CalibrationError("this family's experts are not stored as separate gate, up "
                                    "and down projections; aprender cannot name their statistics")
         e, two_i, h = _shape(mod.gate_up_proj)
