@@ -626,3 +626,14 @@ def test_signal_mid_run_leaves_nothing(tmp_path, sig, code):
     assert p.returncode == code, err
     assert os.listdir(out_dir) == []
     assert sorted(os.listdir(folder)) == before
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "m"
+    tiny(folder, "mistral", vocab_size=6)  # weights and config agree; the tokenizer has 24 ids
+    (tmp_path / "t.txt").write_text("vector matrix column\n")
+    capsys.readouterr()
+    assert main(["calibrate", str(folder), "--text", str(tmp_path / "t.txt"), "-o",
+                 str(tmp_path / "c.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "outside the model's vocabulary of 6" in err

@@ -134,9 +134,10 @@ def load_tokenizer(folder):
                                f"offline ({_first_line(exc)})") from None
 
 
-def tokenize(tok, samples, *, max_length, batch_size):
+def tokenize(tok, samples, *, max_length, batch_size, vocab_size=None):
     """Batches {input_ids, attention_mask} (torch int64), right-padded by hand with the
-    tokenizer's pad id (0 without one: the attention mask excludes padding)."""
+    tokenizer's pad id (0 without one, or when it is outside ``vocab_size``: the attention
+    mask excludes padding).  A token id outside ``vocab_size`` is a CalibrationError."""
     torch, _ = _deps()
     try:
         enc = tok(list(samples), truncation=True, max_length=max_length, padding=False,
@@ -147,7 +148,16 @@ def tokenize(tok, samples, *, max_length, batch_size):
     rows = [list(r)[:max_length] for r in enc if len(r)]
     if not rows:
         raise CalibrationError("the calibration text tokenizes to no tokens")
-    pad = tok.pad_token_id if isinstance(getattr(tok, "pad_token_id", None), int) else 0
+    pad = getattr(tok, "pad_token_id", None)
+    if not isinstance(pad, int) or pad < 0 or (vocab_size is not None and pad >= vocab_size):
+        pad = 0
+    if vocab_size is not None:
+        top = max(max(r) for r in rows)
+        low = min(min(r) for r in rows)
+        if top >= vocab_size or low < 0:
+            bad = top if top >= vocab_size else low
+            raise CalibrationError(f"the tokenizer gives token id {bad}, outside the model's "
+                                   f"vocabulary of {vocab_size}")
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -967,7 +977,9 @@ def calibrate_folder(model_dir, samples, *, max_length=None, batch_size=8, hessi
     ex = BlockExecutor(model_dir, dtype=dtype, memory_budget=memory_budget,
                        scratch_near=scratch_near, n_threads=n_threads, config=cfg)
     tok = load_tokenizer(model_dir)
-    batches = tokenize(tok, samples, max_length=max_length, batch_size=batch_size)
+    vocab = getattr(cfg, "vocab_size", None)
+    batches = tokenize(tok, samples, max_length=max_length, batch_size=batch_size,
+                       vocab_size=vocab if isinstance(vocab, int) and vocab > 0 else None)
     ctx, left_out = ex.calibrate(batches, hessian=hessian, progress=progress)
     ctx.num_samples = len(samples)  # a sample that tokenizes to nothing still counts
     return ctx, left_out
