@@ -5,7 +5,8 @@ Environment switches (all optional):
   APRENDER_REQUIRE_OPENMP=1   a failed OpenMP probe is an error instead of a warning (CI sets it)
   APRENDER_DISABLE_OPENMP=1   build serial kernels (prange degrades to a plain loop)
   APRENDER_BOUNDSCHECK=1      compile with Cython bounds/wraparound checks on (debug test runs)
-  APRENDER_SANITIZE=address   build with AddressSanitizer (see README, development section)
+  APRENDER_SANITIZE=address   build with AddressSanitizer (see docs/internals.md, Development)
+  APRENDER_BUILD_JOBS=N       compile N extensions at once (default: one per CPU; pip gives no -j)
 """
 import glob
 import os
@@ -17,6 +18,7 @@ import textwrap
 import warnings
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as _build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -134,10 +136,33 @@ def extensions():
         "cdivision": True,
         "embedsignature": True,
     }
-    return cythonize(exts, compiler_directives=directives)
+    return cythonize(exts, compiler_directives=directives, nthreads=build_jobs())
+
+
+def build_jobs():
+    """How many extensions to compile at once: APRENDER_BUILD_JOBS, else one per usable CPU."""
+    text = os.environ.get("APRENDER_BUILD_JOBS", "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise RuntimeError(f"APRENDER_BUILD_JOBS must be a whole number >= 1, got {text!r}")
+        return int(text)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class build_ext(_build_ext):
+    """build_ext that compiles the extensions in parallel: pip never passes -j, and the kernels
+    take minutes to compile one after another.  An explicit -j/--parallel still wins."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = build_jobs()
 
 
 # pip (setuptools.build_meta) and `python setup.py ...` both run this file as __main__; the tests
 # import it for the probe without building anything
 if __name__ == "__main__":
-    setup(ext_modules=extensions())
+    setup(ext_modules=extensions(), cmdclass={"build_ext": build_ext})

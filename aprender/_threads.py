@@ -101,7 +101,8 @@ def _requested(n_threads):
     if n < 1:
         raise InvalidArgumentError(f"n_threads must be >= 1, got {n}")
     if n > MAX_THREADS:
-        raise InvalidArgumentError(f"n_threads must be at most {MAX_THREADS}, got {n}")
+        shown = n if n < 10 ** 19 else f"an integer of {n.bit_length()} bits"  # str() caps
+        raise InvalidArgumentError(f"n_threads must be at most {MAX_THREADS}, got {shown}")
     return n
 
 

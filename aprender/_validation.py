@@ -2,11 +2,13 @@
 import math
 import numbers
 import operator
+import os
 
 import numpy as np
 
-from .errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
-                             InvalidShapeError, InvalidSparsityError, NumericalInstabilityError)
+from .errors import (InsufficientMemoryError, InvalidArgumentError, InvalidDTypeError,
+                     InvalidPatternError, InvalidShapeError, InvalidSparsityError,
+                     NumericalInstabilityError)
 from ._threads import MAX_THREADS, effective_n_threads  # noqa: F401 - re-exported
 from ._adapters import Bits16, is_cupy, is_torch, to_numpy_view  # noqa: F401 - re-exported
 
@@ -189,11 +191,59 @@ def prune_count(sparsity, n):
 
 def check_int(value, name, *, minimum=None):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise InvalidArgumentError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise InvalidArgumentError(f"{name} must be an integer, got {type(value).__name__} "
+                                   f"{short_repr(value)}")
     value = operator.index(value)
     if minimum is not None and value < minimum:
-        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {value}")
+        raise InvalidArgumentError(f"{name} must be >= {minimum}, got {size_text(value)}")
     return value
+
+
+def size_text(n):
+    """An integer of any size for messages: exact below 10**19, else as a power of ten (str()
+    refuses integers of more than 4300 digits)."""
+    if abs(n) < 10 ** 19:
+        return str(n)
+    return f"{'-' if n < 0 else ''}10^{int(math.log10(abs(n)))}"
+
+
+def format_bytes(n):
+    """A byte count for messages: exact below 1 KiB, else binary units with the exact count
+    (an integer of any size: beyond 2**80 as a power of ten)."""
+    if n < 1024:
+        return f"{n} bytes"
+    if n >= 1 << 80:
+        return f"about {size_text(n)} bytes"
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
+                        ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit} ({n} bytes)"
+
+
+def memory_limit():
+    """The most bytes one allocation may take: this machine's physical memory (2**63 - 1 when
+    the system does not say).  Anything larger could only swap or fail, so statistics,
+    Hessians and workspaces beyond it are refused before anything is allocated."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return (1 << 63) - 1
+    if pages <= 0 or size <= 0:
+        return (1 << 63) - 1
+    return min(pages * size, (1 << 63) - 1)
+
+
+def require_memory(nbytes, what):
+    """Refuse, before allocating, ``nbytes`` for ``what`` (a phrase naming the caller's object)
+    when no machine could address it (InvalidArgumentError) or this one has less physical
+    memory (InsufficientMemoryError)."""
+    if nbytes > (1 << 63) - 1:
+        raise InvalidArgumentError(f"{what} would need {format_bytes(nbytes)}, more than any "
+                                   "array can address")
+    limit = memory_limit()
+    if nbytes > limit:
+        raise InsufficientMemoryError(f"{what} would need {format_bytes(nbytes)}, more than "
+                                      f"this machine's memory ({format_bytes(limit)})")
 
 
 def resolve_threads(n_threads):

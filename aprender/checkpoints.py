@@ -10,7 +10,6 @@ here.
 import json
 import os
 import re
-import sys
 import time
 import types
 from collections import deque, namedtuple
@@ -19,16 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import __version__
-from ._validation import prune_count, resolve_threads
-from .errors import (CalibrationError, CheckpointError, InvalidArgumentError, InvalidPatternError,
-                     InvalidShapeError, PruningError, ShapeMismatchError)
-from .io.checkpoint import Checkpoint, CheckpointWriter, read_json
+from ._validation import format_bytes, prune_count, require_memory, resolve_threads, short_repr
+from .errors import (CalibrationError, CheckpointError, InsufficientMemoryError,
+                     InvalidArgumentError, InvalidPatternError, InvalidShapeError, PruningError,
+                     ShapeMismatchError)
+from .io.checkpoint import Checkpoint, CheckpointWriter, pause_hook_for_tests, read_json
 from .io.export import bitmask_tensors, masked_chunks, packed_tensors, zeroed_chunks
-from .io.formats import FORMATS, logical_tensors
-from .io.files import (OutputTarget, atomic_write_text, display, remove_tree, replace_path,
-                       temp_name)
+from .io.formats import BITMASK_CONFIG, FORMATS, checkpoint_layout
+from .io.files import (OutputTarget, atomic_write_text, commit_path, display, remove_tree,
+                       same_file, temp_name)
 from .pruning.mask import (SparsityPattern, generate_nm_mask, generate_unstructured_mask,
-                           layer_magnitude_mask)
+                           layer_magnitude_mask, per_row_count_mask)
 from .pruning.selection import GlobalPlan, MappedUnit, find_threshold, wanda_units
 
 __all__ = ["prune_checkpoint", "CheckpointPruner", "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE"]
@@ -43,7 +43,7 @@ def prune_checkpoint(input, output=None, *, sparsity=None, pattern=None,
                      scope="layer", importance="l1", include=(), exclude=(), format="dense",
                      max_tensor_sparsity=None, dry_run=False, report=None, n_threads=None,
                      force=False, progress=None, calibration=None, allocation="uniform",
-                     owl_m=5.0, owl_lambda=0.08):
+                     owl_m=5.0, owl_lambda=0.08, default_exclude=True):
     """Prune the checkpoint ``input`` (a .safetensors file or a folder) into ``output`` with the
     command line's rules and safety guarantees; returns the report (a dict).  ``progress``:
     called as ``progress(bytes_done_now, total_bytes)`` after each tensor."""
@@ -51,14 +51,15 @@ def prune_checkpoint(input, output=None, *, sparsity=None, pattern=None,
                    importance=importance, include=include, exclude=exclude, format=format,
                    max_tensor_sparsity=max_tensor_sparsity, dry_run=dry_run, report=report,
                    n_threads=n_threads, force=force, calibration=calibration,
-                   allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
+                   allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda,
+                   default_exclude=default_exclude)
     return CheckpointPruner(job, progress).run()
 
 
 def make_job(input, output=None, *, sparsity=None, pattern=None, scope="layer", importance="l1",
              include=(), exclude=(), format="dense", max_tensor_sparsity=None, dry_run=False,
              report=None, n_threads=None, force=False, calibration=None, allocation="uniform",
-             owl_m=5.0, owl_lambda=0.08):
+             owl_m=5.0, owl_lambda=0.08, default_exclude=True):
     """The options of :func:`prune_checkpoint` as the job object a CheckpointPruner takes."""
     job = types.SimpleNamespace(
         input=os.fspath(input), output=None if output is None else os.fspath(output),
@@ -67,7 +68,8 @@ def make_job(input, output=None, *, sparsity=None, pattern=None, scope="layer", 
         max_tensor_sparsity=max_tensor_sparsity, dry_run=dry_run,
         report=None if report is None else os.fspath(report), threads=n_threads, force=force,
         calibration=None if calibration is None else os.fspath(calibration),
-        allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
+        allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda,
+        default_exclude=bool(default_exclude), api=True)
     if job.output is None and not dry_run:
         raise InvalidArgumentError("output is required unless dry_run=True")
     return job
@@ -103,8 +105,9 @@ def _kept(keep):
 
 def _refuse_compressed(ckpt):
     """Pruning the parts of a compressed tensor would corrupt it: densify first."""
+    layout = checkpoint_layout(ckpt)
     for s in ckpt.shards:
-        for lt in logical_tensors(ckpt.files[s]):
+        for lt in layout[s]:
             if lt.encoding != "dense":
                 raise CheckpointError(f"{display(ckpt.shard_path(s))}: tensor {lt.name!r} is "
                                       f"stored compressed ({lt.encoding}); run 'aprender "
@@ -156,40 +159,38 @@ def _compile(patterns, flag):
     return out
 
 
-PAUSE_ENV = "APRENDER_TEST_PAUSE_AFTER_SHARD"
-
-
-def _test_pause_hook():
-    """Test-only: with APRENDER_TEST_PAUSE_AFTER_SHARD=1 the writer stops after its first shard,
-    says so on stderr and waits for a signal, so signal tests need no timing."""
-    if os.environ.get(PAUSE_ENV) != "1":
-        return None
-
-    def pause():
-        print("aprender-test: paused", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(0.05)
-    return pause
-
-
-def select(ckpt, include, exclude):
+def select(ckpt, include, exclude, default_exclude=True):
+    """(selected [(shard, TensorInfo)], skipped [{name, reason}]).  The default rule: 2-D
+    floating tensors named ``*.weight`` minus DEFAULT_EXCLUDE (embeddings, norms, heads).
+    ``include`` regexes narrow the name rule (any name they match instead of ``*.weight``) but
+    keep the 2-D and DEFAULT_EXCLUDE filters unless ``default_exclude=False``, which selects any
+    floating tensor of one or more dimensions that ``include`` matches (every one without it).
+    ``exclude`` regexes always remove matches.  Tensors ``include`` matched but a filter left
+    out are listed in ``skipped`` with the reason."""
     selected, skipped = [], []
     for shard, t in ckpt.items():
-        if include:
-            hit = any(r.search(t.name) for r in include)
-            if hit and not t.is_float:
-                skipped.append({"name": t.name, "reason": f"matched --include but dtype {t.dtype}"})
-                hit = False
-            if hit and len(t.shape) == 0:
-                skipped.append({"name": t.name, "reason": "scalar"})
-                hit = False
-        else:
-            hit = (t.is_float and len(t.shape) == 2 and re.search(r"(^|\.)weight$", t.name)
-                   and not re.search(DEFAULT_EXCLUDE, t.name))
-        if hit and any(r.search(t.name) for r in exclude):
-            hit = False
-        if hit:
-            selected.append((shard, t))
+        named = any(r.search(t.name) for r in include) if include else \
+            (not default_exclude or re.search(r"(^|\.)weight$", t.name))
+        why = None
+        if not named:
+            continue
+        if not t.is_float:
+            why = f"dtype {t.dtype} is not floating"
+        elif len(t.shape) == 0:
+            why = "scalar"
+        elif default_exclude and len(t.shape) != 2:
+            why = (f"{len(t.shape)}-D (only 2-D weights are pruned unless "
+                   "--no-default-exclude / default_exclude=False)")
+        elif default_exclude and re.search(DEFAULT_EXCLUDE, t.name):
+            why = ("an embedding, norm or output head (left alone unless --no-default-exclude / "
+                   "default_exclude=False)")
+        if why is not None:
+            if include:
+                skipped.append({"name": t.name, "reason": f"matched --include but {why}"})
+            continue
+        if any(r.search(t.name) for r in exclude):
+            continue
+        selected.append((shard, t))
     return selected, skipped
 
 
@@ -210,65 +211,93 @@ class CheckpointPruner:
     def __init__(self, job, progress=None):
         self.args = args = job
         self.progress = progress
+        o = self.opt
         if args.importance not in ("l1", "l2", "wanda", "sparsegpt"):
-            raise InvalidArgumentError(f"--importance must be l1, l2, wanda or sparsegpt, got "
-                                       f"{args.importance!r}")
+            raise InvalidArgumentError(f"{o('importance')} must be l1, l2, wanda or sparsegpt, "
+                                       f"got {short_repr(args.importance)}")
         self.wanda = args.importance == "wanda"
         self.sgpt = args.importance == "sparsegpt"
         if (self.wanda or self.sgpt) and not args.calibration:
-            raise InvalidArgumentError(f"--importance {args.importance} needs --calibration FILE "
-                                       "(from 'aprender calibrate"
+            raise InvalidArgumentError(f"{o('importance', args.importance)} needs "
+                                       f"{o('calibration', placeholder='FILE')} (from "
+                                       "'aprender calibrate"
                                        + (" --hessian" if self.sgpt else "") + "')")
         if args.calibration and not (self.wanda or self.sgpt):
-            raise InvalidArgumentError("--calibration is used by --importance wanda and "
-                                       "sparsegpt only")
+            raise InvalidArgumentError(f"{o('calibration')} is used by {o('importance', 'wanda')} "
+                                       f"and {o('importance', 'sparsegpt')} only")
         if self.sgpt and args.scope != "layer":
-            raise InvalidArgumentError("--importance sparsegpt prunes tensor by tensor: --scope "
-                                       "layer")
+            raise InvalidArgumentError(f"{o('importance', 'sparsegpt')} prunes tensor by tensor: "
+                                       f"{o('scope', 'layer')}")
         if args.allocation not in ("uniform", "owl"):
-            raise InvalidArgumentError(f"--allocation must be uniform or owl, got "
-                                       f"{args.allocation!r}")
+            raise InvalidArgumentError(f"{o('allocation')} must be uniform or owl, got "
+                                       f"{short_repr(args.allocation)}")
         if args.allocation == "owl" and (not self.wanda or args.scope != "layer"):
-            raise InvalidArgumentError("--allocation owl needs --importance wanda and --scope "
-                                       "layer")
+            raise InvalidArgumentError(f"{o('allocation', 'owl')} needs "
+                                       f"{o('importance', 'wanda')} and {o('scope', 'layer')}")
         if args.pattern is None:  # Wanda compares weights within each output row
             args.pattern = "per-row" if self.wanda else "unstructured"
+        accepted = "'unstructured', 'per-row' or N:M such as '2:4'"
+        text = args.pattern.strip() if isinstance(args.pattern, str) else args.pattern
+        if isinstance(text, str) and text.lower() == "row":
+            raise InvalidPatternError(
+                f"{o('pattern', 'row')} is not accepted here: use 'per-row' for the same fraction "
+                "in every row ('row' means whole rows in SparsityPattern.parse, which a "
+                f"checkpoint is not pruned by); expected {accepted}")
         try:
-            text = args.pattern.strip()
-            # 'row' was this option's first name for per-row (Wanda) grouping
-            self.pattern = SparsityPattern.parse("per-row" if text.lower() == "row" else text)
-            if not (self.pattern.is_unstructured or self.pattern.is_per_row
-                    or self.pattern.is_nm):
-                raise InvalidPatternError(f"--pattern {args.pattern!r}: use 'unstructured', "
-                                          "'per-row' or N:M such as '2:4'")
+            self.pattern = SparsityPattern.parse(text)
+        except PruningError:
+            self.pattern = None
+        if self.pattern is None or not (self.pattern.is_unstructured or self.pattern.is_per_row
+                                        or self.pattern.is_nm):
+            raise InvalidPatternError(f"{o('pattern', short_repr(args.pattern)[:40])}: "
+                                      f"expected {accepted}")
+        try:
             self.sparsity = self.pattern.resolve_sparsity(args.sparsity)
         except PruningError as exc:
-            raise type(exc)(f"--pattern/--sparsity: {exc}") from None
+            raise type(exc)(f"{o('sparsity')}: {exc}") from None
         p = self.pattern
         if p.is_nm and p.axis not in (-1, 1):
-            raise InvalidPatternError(f"--pattern {args.pattern!r}: N:M runs along the last axis "
-                                      "here")
+            raise InvalidPatternError(f"{o('pattern', args.pattern)}: N:M runs along the last "
+                                      "axis here")
         if args.scope == "global" and not p.is_unstructured:
-            raise InvalidArgumentError("--scope global needs --pattern unstructured")
+            raise InvalidArgumentError(f"{o('scope', 'global')} needs "
+                                       f"{o('pattern', 'unstructured')}")
+        if args.allocation == "owl" and p.is_nm:
+            raise InvalidArgumentError(f"{o('allocation', 'owl')} gives each tensor its own "
+                                       f"sparsity, but {o('pattern', self.pattern_text)} prunes "
+                                       f"every tensor to {p.n}/{p.m}: use "
+                                       f"{o('pattern', 'per-row')} or "
+                                       f"{o('pattern', 'unstructured')} with OWL")
         if args.format not in FORMATS:
-            raise InvalidArgumentError(f"--format must be one of {', '.join(FORMATS)}, got "
-                                       f"{args.format!r}")
+            raise InvalidArgumentError(f"{o('format')} must be one of {', '.join(FORMATS)}, got "
+                                       f"{short_repr(args.format)}")
         if args.format == "sparse-24-bitmask" and not (p.is_nm and (p.n, p.m) == (2, 4)):
-            raise InvalidArgumentError("--format sparse-24-bitmask needs --pattern 2:4")
+            raise InvalidArgumentError(f"{o('format', 'sparse-24-bitmask')} needs "
+                                       f"{o('pattern', '2:4')}")
         # the dense output of a layer-scope unstructured magnitude selection is written from
         # each tensor's threshold, without a mask (_threshold)
         self.mask_free = (args.format == "dense" and args.importance in ("l1", "l2")
                           and args.scope == "layer" and p.is_unstructured)
         if args.max_tensor_sparsity is not None and args.scope != "global":
-            raise InvalidArgumentError("--max-tensor-sparsity needs --scope global")
-        self.include = _compile(args.include, "--include")
-        self.exclude = _compile(args.exclude, "--exclude")
+            raise InvalidArgumentError(f"{o('max_tensor_sparsity')} needs {o('scope', 'global')}")
+        self.include = _compile(args.include, o("include"))
+        self.exclude = _compile(args.exclude, o("exclude"))
         self.nt = resolve_threads(args.threads)
         if args.allocation == "owl":
             from .pruning.owl import _check_lam, _check_m
 
             self.owl_m = _check_m(args.owl_m)
             self.owl_lam = _check_lam(args.owl_lambda)
+
+    def opt(self, name, value=None, placeholder=None):
+        """An option as the caller spells it: ``--scope global`` / ``--calibration FILE`` at the
+        command line, ``scope='global'`` / ``calibration=FILE`` from Python (:func:`make_job`
+        marks its jobs ``api``)."""
+        if getattr(self.args, "api", False):
+            return f"{name}=" + (repr(value) if value is not None else placeholder or "")
+        text = "--" + name.replace("_", "-")
+        shown = value if value is not None else placeholder
+        return text if shown is None else f"{text} {shown}"
 
     @property
     def pattern_text(self):
@@ -309,12 +338,20 @@ class CheckpointPruner:
         ckpt = Checkpoint(a.input)
         self._check_paths(ckpt)
         _refuse_compressed(ckpt)
-        selected, skipped = select(ckpt, self.include, self.exclude)
+        if a.format == "bitmask" and ckpt.is_dir and BITMASK_CONFIG in ckpt.others:
+            raise CheckpointError(f"{display(a.input)}: holds {BITMASK_CONFIG}, the name a "
+                                  "bitmask output keeps config.json under; densify it first")
+        selected, skipped = select(ckpt, self.include, self.exclude,
+                                   getattr(a, "default_exclude", True))
         _check_format_names(ckpt, selected, a.format)
         if not selected:
             raise CheckpointError(f"{display(a.input)}: no tensor matches the selection"
                                   + (f" (--include {a.include})" if a.include else "")
-                                  + (f" (--exclude {a.exclude})" if a.exclude else ""))
+                                  + (f" (--exclude {a.exclude})" if a.exclude else "")
+                                  + (f"; {len(skipped)} matched --include but were left out, "
+                                     f"e.g. {display(short_repr(skipped[0]['name']))}: "
+                                     f"{skipped[0]['reason'].split(' but ', 1)[1]}"
+                                     if skipped else ""))
         if self.pattern.is_nm:
             for shard, t in selected:
                 if t.shape[-1] % self.pattern.m:
@@ -340,13 +377,14 @@ class CheckpointPruner:
         """The report (written to --report when asked for)."""
         report = self._report(skipped, self.total_bytes, time.perf_counter() - t0)
         if self.args.report:
-            atomic_write_text(self.args.report, json.dumps(report, indent=2) + "\n")
+            atomic_write_text(self.args.report, json.dumps(report, indent=2) + "\n",
+                              force=self.args.force, what="--report")
         return report
 
     # -- per tensor --------------------------------------------------------------------------
     @staticmethod
     def _label(ckpt, shard, t):
-        return f"{display(ckpt.shard_path(shard))}: tensor {t.name!r}"
+        return f"{display(ckpt.shard_path(shard))}: tensor {display(short_repr(t.name))}"
 
     def _prepare_wanda(self, ckpt, selected):
         """Load the calibration, check every selected tensor has matching statistics (before
@@ -354,7 +392,8 @@ class CheckpointPruner:
         from .pruning.calibration import CalibrationContext
         from .pruning.importance import wanda_scale
 
-        self.ctx = CalibrationContext.load(self.args.calibration)
+        # Wanda needs the sums of squares only: the Hessians stay on disk, never mapped
+        self.ctx = CalibrationContext.load(self.args.calibration, hessians=False)
         self.scales = {}
         for shard, t in selected:
             label = self._label(ckpt, shard, t)
@@ -365,10 +404,14 @@ class CheckpointPruner:
             stats = self.ctx.require_stats(layer)
             if stats.in_features != t.shape[1]:
                 raise ShapeMismatchError(f"{label} of shape {list(t.shape)} has {t.shape[1]} "
-                                         f"inputs, but the calibration statistics of {layer!r} "
-                                         f"have {stats.in_features}")
-            self.scales[t.name] = wanda_scale(
-                stats, np.float64 if t.dtype == "F64" else np.float32)
+                                         f"inputs, but the calibration statistics of "
+                                         f"{display(short_repr(layer))} have "
+                                         f"{stats.in_features}")
+            try:
+                self.scales[t.name] = wanda_scale(
+                    stats, np.float64 if t.dtype == "F64" else np.float32, layer=layer)
+            except PruningError as exc:
+                raise type(exc)(f"{label}: {exc}") from None
         if self.args.allocation == "owl":
             self._owl(ckpt, selected)
 
@@ -394,13 +437,20 @@ class CheckpointPruner:
             stats = self.ctx.require_stats(layer)
             if stats.in_features != t.shape[1]:
                 raise ShapeMismatchError(f"{label} of shape {list(t.shape)} has {t.shape[1]} "
-                                         f"inputs, but the calibration statistics of {layer!r} "
-                                         f"have {stats.in_features}")
+                                         f"inputs, but the calibration statistics of "
+                                         f"{display(short_repr(layer))} have "
+                                         f"{stats.in_features}")
             if self.hessians.source(layer) is None:
                 raise CalibrationError(f"{label}: the calibration file has no Hessian for layer "
-                                       f"{layer!r} (collect with 'aprender calibrate --hessian')")
-            self.workspace = max(self.workspace, sparsegpt_workspace_bytes(
-                t.shape[0], t.shape[1], t.itemsize))
+                                       f"{display(short_repr(layer))} (collect with 'aprender "
+                                       "calibrate --hessian')")
+            need = sparsegpt_workspace_bytes(t.shape[0], t.shape[1], t.itemsize)
+            # the Hessian's size follows the weight's (checked above): what SparseGPT holds
+            # for it is checked against the machine before anything is read or written
+            require_memory(need, f"{label}: SparseGPT with the Hessian of layer "
+                                 f"{display(short_repr(layer))} from "
+                                 f"{display(self.args.calibration)}")
+            self.workspace = max(self.workspace, need)
 
     def _sparsegpt(self, shard, t):
         """(keep, words): the SparseGPT mask and the updated weights' bytes of one tensor."""
@@ -409,12 +459,20 @@ class CheckpointPruner:
         layer = self._layer(t)
         arr = self.ckpt.files[shard].array(t.name)
         try:
-            new, mask = sparsegpt(arr, self.hessians.get(layer),
+            new, mask = sparsegpt(arr, self.hessians.get(layer, t.shape[1]),
                                   None if self.pattern.is_nm else
                                   self.layer_sparsity.get(t.name, self.sparsity),
                                   pattern=self.pattern, n_threads=self.nt, layer=layer)
         except PruningError as exc:
-            raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}") from None
+            # about the Hessian (its values, or the memory it needs): name where it came from
+            where = f" (Hessian from calibration file {display(self.args.calibration)})" \
+                if isinstance(exc, (CalibrationError, InsufficientMemoryError)) else ""
+            raise type(exc)(f"{self._label(self.ckpt, shard, t)}: {exc}{where}") from None
+        except MemoryError:
+            raise InsufficientMemoryError(
+                f"{self._label(self.ckpt, shard, t)}: SparseGPT with the Hessian of layer "
+                f"{display(short_repr(layer))} from {display(self.args.calibration)} cannot "
+                f"allocate its workspace ({format_bytes(self.workspace)} at most)") from None
         bits = new.bits if hasattr(new, "bits") else new
         words = bits.reshape(-1).view(f"u{t.itemsize}")
         return mask.keep.reshape(-1).view(np.uint8), words
@@ -491,10 +549,15 @@ class CheckpointPruner:
                 .group_keep(0, np.empty(t.size, np.uint8))
         keep = self._mask_buffer(t.size)
         pos = 0
+        # an OWL count is honoured exactly: spread over the rows, which differ by at most one
+        count = prune_count(sparsity, t.size) if t.name in self.layer_sparsity else None
         for u in units:  # each chunk's scores and mask go straight into reused buffers
             s = u.scores(out=self._scratch(u.size, u.dtype, "scores").reshape(u.shape))
             part = keep[pos:pos + u.size].reshape(u.shape)
-            if self.pattern.is_per_row:
+            if self.pattern.is_per_row and count is not None:
+                per_row_count_mask(s, count, first_row=u.r0, total_rows=t.shape[0],
+                                   n_threads=nt, out=part)
+            elif self.pattern.is_per_row:
                 generate_unstructured_mask(s, sparsity, per_row=True, n_threads=nt,
                                            out=part)
             else:
@@ -527,26 +590,39 @@ class CheckpointPruner:
     # -- output ------------------------------------------------------------------------------
     def _write_all(self):
         ckpt = self.ckpt
-        writer = CheckpointWriter(ckpt, self.target.path, pause_hook=_test_pause_hook())
+        writer = CheckpointWriter(ckpt, self.target.path, force=self.args.force,
+                                  pause_hook=pause_hook_for_tests())
         sidecar = None
         try:
             self._write_shards(writer)
             if ckpt.is_dir:
-                writer.copy_others()
+                # a bitmask folder has no config.json, so loaders refuse it (BITMASK_CONFIG)
+                writer.copy_others({"config.json": BITMASK_CONFIG}
+                                   if self.args.format == "bitmask" else None)
                 writer.write_index(rebuild=self.args.format != "dense")
                 if self.args.format == "sparse-24-bitmask":
                     cfg = writer.read_output_json("config.json")
                     if cfg is None or isinstance(cfg, dict):  # absent: one with the config
                         writer.write_json("config.json", self._update_config(cfg or {}))
+
             if self.config_path is not None:  # single file: the config goes alongside
                 cfg = read_json(self.config_base) if self.config_base else {}
                 cfg = cfg if isinstance(cfg, dict) else {}
                 sidecar = temp_name(self.config_path, "file")
                 with open(sidecar, "w", encoding="utf-8") as f:
                     f.write(json.dumps(self._update_config(cfg), indent=2) + "\n")
+            ours = os.lstat(writer.tmp)
             writer.commit()
             if sidecar is not None:
-                replace_path(sidecar, self.config_path)
+                try:
+                    commit_path(sidecar, self.config_path, force=self.args.force,
+                                what="config file")
+                except BaseException:
+                    # no output without its config: remove the one just put in place (if it
+                    # is still ours)
+                    if same_file(self.target.path, ours):
+                        remove_tree(self.target.path)
+                    raise
                 sidecar = None
         except BaseException as exc:
             writer.abort()
@@ -702,10 +778,23 @@ class CheckpointPruner:
                 "max_tensor_sparsity": a.max_tensor_sparsity,
                 "calibration": os.path.basename(a.calibration) if a.calibration else None}
 
+    def _rule_text(self):
+        a = self.args
+        default = getattr(a, "default_exclude", True)
+        names = "names matching --include" if a.include else \
+            ("'*.weight'" if default else "every name")
+        if default:
+            text = (f"2-D floating tensors with {names}; embeddings, norms and output heads "
+                    "(lm_head) left alone")
+        else:
+            text = f"floating tensors with {names} (--no-default-exclude)"
+        return text + ("; minus --exclude" if a.exclude else "")
+
     def _selection(self):
         a = self.args
-        return {"include": a.include or [DEFAULT_INCLUDE],
-                "exclude": a.exclude if a.include else [DEFAULT_EXCLUDE] + a.exclude}
+        default = getattr(a, "default_exclude", True)
+        return {"include": a.include or [DEFAULT_INCLUDE if default else ".*"],
+                "exclude": ([DEFAULT_EXCLUDE] if default else []) + a.exclude}
 
     def _metadata(self, metadata, shard):
         """The shard's metadata plus aprender's record; ``pruned`` names the shard's pruned
@@ -748,9 +837,7 @@ class CheckpointPruner:
             "threads": self.nt,
             **({"sparsegpt_workspace_bytes": self.workspace} if self.sgpt else {}),
             "selection": {
-                "rule": ("--include" if self.args.include else
-                         "default: 2-D floating '*.weight' tensors; embeddings, norms and the "
-                         "output head (lm_head) left alone"),
+                "rule": self._rule_text(),
                 **self._selection(),
                 "skipped": skipped,
             },

@@ -20,7 +20,7 @@ from ._validation import resolve_threads
 from .errors import CheckpointError
 from .io.checkpoint import Checkpoint, CheckpointWriter
 from .io.files import OutputTarget, display
-from .io.formats import aprender_info, decode, logical_tensors
+from .io.formats import BITMASK_CONFIG, aprender_info, checkpoint_layout, decode
 
 __all__ = ["densify_checkpoint", "dense_config"]
 
@@ -69,10 +69,10 @@ def densify_checkpoint(input, output, *, force=False, n_threads=None, progress=N
     ckpt = Checkpoint(input)
     target = OutputTarget(output, ckpt.inputs, force=force,
                           kind="dir" if ckpt.is_dir else "file")
-    layout = {s: logical_tensors(ckpt.files[s]) for s in ckpt.shards}
+    layout = checkpoint_layout(ckpt)
     total = sum(ckpt.files[s].size for s in ckpt.shards)
     counts = {}
-    writer = CheckpointWriter(ckpt, target.path)
+    writer = CheckpointWriter(ckpt, target.path, force=force)
     try:
         for s in ckpt.shards:
             sf = ckpt.files[s]
@@ -91,7 +91,9 @@ def densify_checkpoint(input, output, *, force=False, n_threads=None, progress=N
             out.close()
         config_changed = False
         if ckpt.is_dir:
-            writer.copy_others()
+            # a bitmask folder's config.json comes back under its own name
+            restore = BITMASK_CONFIG in ckpt.others and "config.json" not in ckpt.others
+            writer.copy_others({BITMASK_CONFIG: "config.json"} if restore else None)
             writer.write_index(rebuild=True)
             cfg = writer.read_output_json("config.json")
             if isinstance(cfg, dict):

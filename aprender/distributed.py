@@ -25,20 +25,28 @@ every temporary file.  Dask is an optional extra: ``pip install "aprender[dask]"
 """
 import asyncio
 import contextlib
+import ipaddress
+import logging
 import os
 import pickle
 import queue
+import re
+import signal
+import sys
+import tempfile
+import threading
 import uuid
 
+from ._validation import short_repr
 from .checkpoints import CheckpointPruner, make_job, outlier_ratio
 from .errors import (CheckpointError, ClusterError, InvalidArgumentError, MissingExtraError,
                      PruningError)
 from .io.checkpoint import CheckpointWriter
-from .io.files import create_new, display, remove_tree, temp_name
+from .io.files import TMP_SUFFIX, create_new, display, remove_tree, temp_name
 from .io.safetensors import _reopen
 from .pruning.selection import MergedPlan, PlannedKeeps
 
-__all__ = ["prune_checkpoint", "DistributedPruner", "dask_client"]
+__all__ = ["prune_checkpoint", "DistributedPruner", "dask_client", "parse_address"]
 
 EXTRA = 'pip install "aprender[dask]"'
 TEST_STALL_ENV = "APRENDER_TEST_STALL_DIR"
@@ -53,29 +61,126 @@ def _distributed():
     return distributed
 
 
+_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")
+
+
+def parse_address(address):
+    """A Dask scheduler address ``[SCHEME://]HOST:PORT`` (SCHEME tcp, tls, ws, wss or ucx; HOST
+    a name, an IPv4 address or an IPv6 address in brackets; PORT 1 to 65535) as given, or an
+    InvalidArgumentError saying what is wrong with it (before any connection is tried)."""
+    shown = display(short_repr(address))
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidArgumentError(f"scheduler address {shown} is empty")
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "tcp", address
+    if scheme not in _SCHEMES:
+        raise InvalidArgumentError(f"scheduler address {shown}: unknown protocol "
+                                   f"{display(short_repr(scheme))} (use "
+                                   f"{', '.join(s + '://' for s in _SCHEMES)})")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        raise InvalidArgumentError(f"scheduler address {shown}: expected "
+                                   "[PROTOCOL://]HOST:PORT")
+    if host.startswith("["):
+        ok = host.endswith("]")
+        if ok:
+            try:
+                ok = ipaddress.ip_address(host[1:-1]).version == 6
+            except ValueError:
+                ok = False
+    else:
+        ok = _HOST.fullmatch(host) is not None
+    if not ok:
+        raise InvalidArgumentError(f"scheduler address {shown}: {display(short_repr(host))} is "
+                                   "not a host name, an IPv4 address or an IPv6 address in "
+                                   "brackets")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise InvalidArgumentError(f"scheduler address {shown}: port {display(short_repr(port))}"
+                                   " is not a number from 1 to 65535")
+    return address
+
+
+LOOPBACK = "127.0.0.1"
+PAUSE_CLUSTER_ENV = "APRENDER_TEST_PAUSE_CLUSTER_START"
+
+
+def _test_pause_cluster_start():
+    """Test-only: with APRENDER_TEST_PAUSE_CLUSTER_START=1 the local cluster's workers are
+    asked for, and then the client says so on stderr and waits for a signal before it waits
+    for them: an interrupt while the cluster starts, without timing."""
+    if os.environ.get(PAUSE_CLUSTER_ENV) == "1":
+        import time
+
+        print("aprender-test: cluster starting", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
-def dask_client(address=None, n_workers=None):
+def _sigint_blocked():
+    """SIGINT blocked in this thread (and in every thread and process started from it, which
+    inherit the mask: the local cluster's event loop and, through it, its worker processes)
+    while the body runs; a Ctrl-C that arrived meanwhile is delivered when it ends.  A
+    terminal's Ctrl-C reaches every process of the foreground group: the workers then never
+    see it (no tracebacks of theirs) and are stopped by the client, which does see it."""
+    if not hasattr(signal, "pthread_sigmask") or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # multiprocessing's resource tracker, started on first use, unblocks SIGINT in the thread
+    # that starts it (the cluster's event loop would be that thread): start it here, first
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def dask_client(address=None, n_workers=None, scratch=None):
     """A ``distributed.Client``: to the scheduler at ``address``, or to a LocalCluster of
     ``n_workers`` worker processes on this machine (one task at a time each, the machine's
     cores shared among them; no memory limit: the shards' memory maps are file pages, which a
-    worker's limit would count), closed on exit."""
+    worker's limit would count), closed on exit.
+
+    The local cluster listens on the loopback interface only (scheduler, workers, nannies and
+    their HTTP servers), shows no dashboard, and keeps its scratch space (``dask-scratch-space``,
+    lock files) in the folder ``scratch`` (None: Dask's default), which the caller removes."""
     distributed = _distributed()
     if (address is None) == (n_workers is None):
         raise InvalidArgumentError("give a scheduler address or a number of workers")
     if address is not None:
-        with distributed.Client(address, timeout="60s") as client:
+        with distributed.Client(parse_address(address), timeout="60s") as client:
             yield client
         return
     if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
         raise InvalidArgumentError(f"n_workers must be a whole number >= 1, got {n_workers!r}")
+    import dask
+
     per = max(1, len(os.sched_getaffinity(0)) // n_workers) if hasattr(os, "sched_getaffinity") \
         else 1
-    # dashboard on any free port: Dask's HTTP server starts even without one, and a fixed port
-    # clashes with any other cluster on the machine
-    with distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                  memory_limit=0, dashboard_address=":0",
-                                  env={"OMP_NUM_THREADS": str(per)}) as cluster, \
-            distributed.Client(cluster) as client:
+    config = {"temporary-directory": scratch} if scratch is not None else {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(config))
+        with _sigint_blocked():
+            # Dask's HTTP server starts even without a dashboard: on loopback, any free port (a
+            # fixed one clashes with any other cluster on the machine).  The cluster's own
+            # warnings (a worker slow to stop) are not the user's business: errors only
+            cluster = stack.enter_context(distributed.LocalCluster(
+                n_workers=0, threads_per_worker=1, processes=True, memory_limit=0,
+                host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0",
+                scheduler_kwargs={"dashboard": False}, worker_dashboard_address=None,
+                local_directory=scratch, silence_logs=logging.ERROR,
+                env={"OMP_NUM_THREADS": str(per)}))
+            cluster.scale(n_workers)
+        _test_pause_cluster_start()
+        client = stack.enter_context(distributed.Client(cluster))
+        client.wait_for_workers(n_workers, timeout=300)
         yield client
 
 
@@ -83,17 +188,17 @@ def prune_checkpoint(input, output=None, *, client=None, dask_address=None, dask
                      progress=None, **options):
     """:func:`aprender.checkpoints.prune_checkpoint` on a Dask cluster: ``client`` (a
     ``distributed.Client``), or ``dask_address`` (a running scheduler), or ``dask_workers`` (a
-    LocalCluster of that many processes for this call).  Same options, same output files, same
-    report (plus ``report["distributed"]``)."""
+    LocalCluster of that many processes for this call, started once the paths are checked,
+    its scratch space under a temporary folder next to OUTPUT, removed with it).  Same options,
+    same output files, same report (plus ``report["distributed"]``)."""
     job = make_job(input, output, **options)
     if client is not None:
         if dask_address is not None or dask_workers is not None:
             raise InvalidArgumentError("give client, dask_address or dask_workers, not several")
         return DistributedPruner(job, client, progress).run()
-    pruner = DistributedPruner(job, None, progress)  # the options are checked before a cluster
-    with dask_client(dask_address, dask_workers) as c:
-        pruner.client = c
-        return pruner.run()
+    # the options are checked before a cluster is started
+    return DistributedPruner(job, None, progress, address=dask_address,
+                             workers=dask_workers).run()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,10 +208,51 @@ def prune_checkpoint(input, output=None, *, client=None, dask_address=None, dask
 class DistributedPruner(CheckpointPruner):
     """The local run with the global plan's passes and the shards as Dask tasks."""
 
-    def __init__(self, job, client, progress=None):
+    def __init__(self, job, client, progress=None, *, address=None, workers=None):
         super().__init__(job, progress)
         self.client = client
         self.received = {"plan": 0, "shards": 0}  # pickled bytes of the results the client got
+        if client is None:
+            if (address is None) == (workers is None):
+                raise InvalidArgumentError("give a client, a scheduler address or a number of "
+                                           "workers")
+            if address is not None:
+                parse_address(address)
+        self._cluster = (address, workers)
+        self._stack = self._scratch = None
+
+    def run(self):
+        """The local run's steps; a cluster of its own (address or workers) is started once the
+        paths are checked and closed (its scratch space removed) however the run ends."""
+        try:
+            return super().run()
+        finally:
+            if self._stack is not None:
+                stack, self._stack = self._stack, None
+                try:
+                    stack.close()
+                finally:
+                    self.client = self._scratch = None
+
+    def _check_paths(self, ckpt):
+        super()._check_paths(ckpt)
+        if self.client is None:
+            self._start_cluster()
+
+    def _start_cluster(self):
+        address, workers = self._cluster
+        self._stack = stack = contextlib.ExitStack()
+        scratch = None
+        if workers is not None:
+            # the cluster's scratch space: a temporary folder next to OUTPUT (beside the system
+            # temporary folder for a dry run), removed after the cluster has stopped
+            scratch = (temp_name(self.target.path, "dir") if self.target is not None else
+                       tempfile.mkdtemp(prefix="aprender-dask-", suffix=TMP_SUFFIX))
+            stack.callback(remove_tree, scratch)
+            if self.target is not None:
+                self._scratch = scratch
+        with _cluster_failures():  # a worker that never starts: a ClusterError, no traceback
+            self.client = stack.enter_context(dask_client(address, workers, scratch))
 
     # -- global scope: the engine's passes as tasks, reduced here ---------------------------
     def _global_plan(self, units, groups):
@@ -149,8 +295,10 @@ class DistributedPruner(CheckpointPruner):
                      "scales": {n: self.scales[n] for n in names} if self.wanda else None,
                      "layer_sparsity": {n: v for n, v in self.layer_sparsity.items()
                                         if n in names},
-                     # SparseGPT: the worker maps the Hessians it needs from the file itself
-                     "hessians": os.path.abspath(self.args.calibration) if self.sgpt else None}
+                     # SparseGPT: the worker maps the Hessians it needs from the file itself,
+                     # checked to be the file the client read (as the shards are: the pickled
+                     # SafetensorsFile inside carries its identity)
+                     "hessians": self.hessians if self.sgpt else None}
             futs.append((s, self.client.submit(
                 _shard_task, self.args, s, ckpt.shard_path(s),
                 (os.path.abspath(sf.path), sf.size, sf.header_len, *sf.identity[1:3]),
@@ -207,7 +355,10 @@ class DistributedPruner(CheckpointPruner):
         self._collect(self._tasks(None), lambda s, res: None)
 
     def _write_shards(self, writer):
-        parts = temp_name(self.target.path, "dir")  # the workers' files, next to OUTPUT
+        # the workers' files: next to OUTPUT (same filesystem: moved, not copied), inside the
+        # local cluster's scratch folder when the run has one
+        parts = (tempfile.mkdtemp(prefix="parts-", dir=self._scratch) if self._scratch else
+                 temp_name(self.target.path, "dir"))
 
         def place(s, res):
             if os.path.dirname(res["part"]) != parts:
@@ -366,9 +517,7 @@ def _shard_task(job, shard, path, planned, is_dir, state, parts, no, topic):
         pruner.scales = state["scales"]
         pruner.layer_sparsity = state["layer_sparsity"]
         if state["hessians"] is not None:
-            from .pruning.calibration import HessianFile
-
-            pruner.hessians = HessianFile(state["hessians"])
+            pruner.hessians = state["hessians"]
         pruner.owl_ratios = {}
         if state["keeps"] is not None:
             pruner.plan = PlannedKeeps(state["keeps"], pruner.nt)

@@ -22,6 +22,7 @@ __all__ = [
     "MissingActivationStatsError",
     "CalibrationFileError",
     "HessianError",
+    "InsufficientMemoryError",
     "MissingExtraError",
     "ClusterError",
 ]
@@ -133,6 +134,13 @@ class HessianError(CalibrationError):
     def __init__(self, message, layer=None):
         super().__init__(message)
         self.layer = layer
+
+
+class InsufficientMemoryError(PruningError, MemoryError):
+    """An allocation that cannot succeed or did not: statistics, a Hessian or a workspace
+    larger than this machine's memory (refused before allocating when the size is known), or
+    an allocation the system refused.  The message names what needed it (the file and the
+    layer when it comes from a calibration file) and how many bytes."""
 
 
 class MissingExtraError(PruningError, ImportError):

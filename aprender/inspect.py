@@ -16,7 +16,7 @@ import numpy as np
 from ._validation import prune_count
 from .io.checkpoint import Checkpoint, read_json
 from .io.files import display
-from .io.formats import aprender_info, decode, logical_tensors
+from .io.formats import aprender_info, checkpoint_layout, decode
 from .io.safetensors import FLOAT_DTYPES
 
 __all__ = ["inspect_checkpoint", "render", "LOADERS_REJECT"]
@@ -66,7 +66,10 @@ def _scan(words, lt):
 
 def _pattern(worst, n, zeros):
     """"N:M" when every group of M along the last axis holds at most N non-zeros with N <= M/2
-    (the sparsest such, smallest M on ties); "unstructured" for other tensors with zeros."""
+    (the sparsest such, smallest M on ties); "unstructured" for other tensors with zeros;
+    "all zeros" for a non-empty tensor without a non-zero (not the vacuous "0:4")."""
+    if n and zeros == n:
+        return "all zeros"
     best = None
     for m, k in worst.items():
         if k * 2 <= m and (best is None or k / m < best[0]):
@@ -168,9 +171,10 @@ def inspect_checkpoint(path, *, check=False, n_threads=None):
     """The inspection report of a checkpoint file or folder (a dict, JSON-ready)."""
     ckpt = Checkpoint(path)
     rows = []
+    layout = checkpoint_layout(ckpt)
     for s in ckpt.shards:
         sf = ckpt.files[s]
-        for lt in logical_tensors(sf):
+        for lt in layout[s]:
             words = decode(sf, lt, n_threads)
             zeros, negz, worst, row_min = _scan(words, lt)
             del words
@@ -261,9 +265,10 @@ def _sparsity_checks(rows, prov):
         if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s <= 1:
             continue
         if alloc.get("method", "uniform") != "uniform":
-            out.append({"check": "sparsity", "ok": True, "declared": st["pattern"],
-                        "failing": [], "detail": f"{alloc.get('method')} allocation: per-layer "
-                                                 "sparsities are not recorded, not verified"})
+            out.append({"check": "sparsity", "ok": True, "skipped": True,
+                        "declared": st["pattern"], "failing": [],
+                        "detail": f"{alloc.get('method')} allocation: per-layer sparsities are "
+                                  "not recorded, not verified"})
             continue
         if st["pattern"] == "per-row":
             bad = [r["name"] for r in mine
@@ -326,7 +331,8 @@ def render(report, table):
         else:
             lines.append(f"pruned by aprender: {s}{where}")
     for c in report.get("checks", []):
-        lines.append(f"check {c['check']}: {'ok' if c['ok'] else 'FAILED'}: {c['detail']}"
+        state = "skipped" if c.get("skipped") else "ok" if c["ok"] else "FAILED"
+        lines.append(f"check {c['check']}: {state}: {c['detail']}"
                      + (f" ({', '.join(c['failing'][:5])}"
                         f"{', ...' if len(c['failing']) > 5 else ''})" if c.get("failing")
                         else ""))

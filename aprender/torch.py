@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from ._adapters import _dtype_name, to_numpy_view
-from ._validation import check_bool, check_sparsity, resolve_threads, short_repr
+from ._validation import check_bool, check_sparsity, prune_count, resolve_threads, short_repr
 from .errors import (CalibrationError, CalibrationRequiredError,  # noqa: F401
                      DeviceError, InvalidArgumentError, InvalidCalibrationError,
                      InvalidDTypeError, InvalidPatternError, InvalidSparsityError, PruningError)
@@ -216,7 +216,13 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     "layer" (each weight pruned to ``sparsity``) or "global" (one exact count over all targets,
     unstructured only).  ``sparsity``: a fraction, or for layer scope a mapping from module (or
     weight) name to fraction, such as ``owl_sparsities(...).as_dict()``; every target must be
-    in it.
+    in it.  With magnitude or Wanda importance a mapped fraction ``f`` prunes exactly
+    ``round(f * size)`` of its weight (halves down; OWL's counts to the element): with
+    "per-row" spread over the rows as evenly as integers allow
+    (:func:`aprender.pruning.mask.per_row_count_mask`: rows differ by at most one, the first
+    rows take the remainder), where a single fraction prunes ``round(f * columns)`` in every
+    row (as SparseGPT's per-row pattern does with a mapped fraction too).  N:M fixes every
+    layer's sparsity, so a mapping is refused with it.
 
     ``importance``: "l1" or "l2" (the same ranking for magnitude pruning), or "wanda": scores
     ``|W| * ‖X_j‖₂`` (:class:`aprender.pruning.WandaImportance`) from ``calibration``, a
@@ -250,7 +256,7 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     ``torch.nn.utils.prune.l1_unstructured`` (layer) and ``global_unstructured`` (global).
     Each report entry: name, shape, dtype, total, kept, sparsity, shared_with."""
     torch = _torch()
-    from .pruning.mask import layer_magnitude_mask
+    from .pruning.mask import layer_magnitude_mask, per_row_count_mask
 
     if not isinstance(module, torch.nn.Module):
         raise InvalidArgumentError(f"prune_ needs a torch.nn.Module, got {type(module).__name__}")
@@ -264,7 +270,12 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     keep_mask = check_bool(keep_mask, "keep_mask")
     per_layer = hasattr(sparsity, "keys") and callable(sparsity.keys)
     if per_layer:
-        if scope != "layer" or pat.is_nm:
+        if pat.is_nm:
+            raise InvalidSparsityError(f"per-layer sparsities (such as OWL's) cannot be applied "
+                                       f"with the N:M pattern {pat}, which prunes every layer to "
+                                       f"{pat.n}/{pat.m}: use pattern 'per-row' or "
+                                       "'unstructured'")
+        if scope != "layer":
             raise InvalidSparsityError("a mapping of per-layer sparsities needs scope='layer' and "
                                        f"an unstructured or per-row pattern (got scope={scope!r}, "
                                        f"pattern {pat})")
@@ -291,7 +302,7 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     if sgpt:
         keeps = _sparsegpt_update(targets, views, ctx, pat, fractions, nt)
     elif wanda:
-        keeps = _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt)
+        keeps = _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt, per_layer)
     elif scope == "global":
         keeps = [kp.reshape(v.shape).view(np.bool_)
                  for kp, v in zip(_global_keeps(views, sparsity, nt), views)]
@@ -299,7 +310,11 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
         keeps = []
         for t, v, frac in zip(targets, views, fractions):
             try:
-                mk = layer_magnitude_mask(v, pat, frac, n_threads=nt)
+                if per_layer and pat.is_per_row:
+                    mk = per_row_count_mask(v, prune_count(frac, v.size), magnitude=True,
+                                            n_threads=nt)
+                else:
+                    mk = layer_magnitude_mask(v, pat, frac, n_threads=nt)
             except PruningError as exc:
                 raise type(exc)(f"{t.name}: {exc}") from None
             keeps.append(mk.keep)
@@ -383,10 +398,12 @@ def _sparsegpt_update(targets, views, ctx, pat, fractions, nt):
     return out
 
 
-def _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt):
-    """Keep-masks (bool arrays) from Wanda scores, one per target."""
+def _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt, per_layer=False):
+    """Keep-masks (bool arrays) from Wanda scores, one per target (per-layer fractions prune
+    their exact count, per-row too)."""
     from .pruning.importance import WandaImportance
-    from .pruning.mask import generate_global_mask, generate_nm_mask, generate_unstructured_mask
+    from .pruning.mask import (generate_global_mask, generate_nm_mask,
+                               generate_unstructured_mask, per_row_count_mask)
 
     out = []
     for t, v, frac in zip(targets, views, fractions):
@@ -398,6 +415,9 @@ def _wanda_keeps(targets, views, ctx, pat, scope, fractions, nt):
                 out.append(s.values)
             elif pat.is_nm:
                 out.append(generate_nm_mask(s, pat.n, pat.m, axis=pat.axis, n_threads=nt).keep)
+            elif per_layer and pat.is_per_row:
+                out.append(per_row_count_mask(s, prune_count(frac, s.values.size),
+                                              n_threads=nt).keep)
             else:
                 out.append(generate_unstructured_mask(s, frac, per_row=pat.is_per_row,
                                                       n_threads=nt).keep)
@@ -826,15 +846,27 @@ def load_state_dict(path, *, n_threads=None):
     reads: ``bitmask``, ``sparse-24-bitmask``) as ``{name: CPU tensor}`` of dense tensors in
     their stored dtype (bfloat16 included), ready for ``module.load_state_dict``."""
     torch = _torch()
-    from .io.formats import load_dense
+    from .io.formats import dense_tensors
 
     out = {}
-    for name, a in load_dense(path, n_threads=n_threads).items():
+    for name, code, a in dense_tensors(path, n_threads=n_threads):
         if hasattr(a, "bits"):  # Bits16: bfloat16 bits
             out[name] = torch.from_numpy(_c_order(a.bits).view(np.int16)).view(torch.bfloat16)
+        elif code in _TORCH_BYTES:  # float8: the stored bytes, viewed as their dtype
+            dt = getattr(torch, _TORCH_BYTES[code], None)
+            if dt is None:
+                raise InvalidDTypeError(f"tensor {short_repr(name)} is {code}, which this "
+                                        f"PyTorch ({torch.__version__}) has no dtype for; a "
+                                        "newer PyTorch reads it")
+            out[name] = torch.from_numpy(_c_order(a).view(np.uint8)).view(dt)
         else:
             out[name] = torch.from_numpy(_c_order(a))
     return out
+
+
+# safetensors codes whose words numpy has no type for, and PyTorch's dtype of that name
+_TORCH_BYTES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                "F8_E8M0": "float8_e8m0fnu"}
 
 
 def _c_order(a):

@@ -825,6 +825,108 @@ def test_fuzz_compressed_groups(tmp_path, data):
     assert dense.tobytes() == ref.tobytes()
 
 
+_DIMS = st.sampled_from([0, 1, 2, 3, 4, 8, 9, 12, 2 ** 31, 2 ** 32, 2 ** 40, 2 ** 58, 2 ** 60,
+                         2 ** 61, 2 ** 62, 2 ** 63 - 1])
+_HEADER_SHAPES = st.sampled_from([[0, 2 ** 61], [2 ** 61, 0], [0, 2 ** 62, 2 ** 62], [0], [],
+                                  [1], [2 ** 63], [0, 0]])
+
+
+def _mutate_group_header(data, raw):
+    """A safetensors file's bytes with one entry's shape (or dtype) replaced in the header, data
+    offsets kept: shapes that only a hostile writer makes."""
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+    e = header[name]
+    how = data.draw(st.sampled_from(["reshape", "hostile-shape", "dtype"]))
+    count = 1
+    for d in e["shape"]:
+        count *= d
+    if how == "reshape":  # same element count, other dimensions
+        e["shape"] = data.draw(st.sampled_from([[count], [1, count], [count, 1], [count, 1, 1]]))
+    elif how == "hostile-shape":
+        e["shape"] = data.draw(_HEADER_SHAPES)
+    else:
+        e["dtype"] = data.draw(st.sampled_from(["U8", "I8", "F16", "BF16", "F32", "I64", "U64",
+                                                "F8_E4M3", "BOOL"]))
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body + raw[8 + n:]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_compressed_shapes_headers_and_names(tmp_path, data):
+    """Mutated dense shapes (zeros beside huge dimensions, overflowing products), header shapes
+    and dtypes of the parts, the format tag and colliding names: every reader gives a
+    CheckpointError, and all of them the same, or the right tensors; a densified file is read
+    back alike by our reader and the safetensors package."""
+    import safetensors.numpy
+
+    from aprender.inspect import inspect_checkpoint
+    from aprender.io.formats import load_dense
+
+    sp24 = data.draw(st.booleans())
+    tensors = _valid_group(data, sp24)
+    shape_name = "p.shape" if sp24 else "w.shape"
+    if data.draw(st.booleans()):
+        dims = data.draw(st.lists(_DIMS, min_size=0, max_size=3))
+        tensors[shape_name] = np.asarray(dims, np.uint64 if any(d >= 2 ** 63 for d in dims)
+                                         else np.int64)
+    if data.draw(st.booleans()):  # a plain tensor whose name collides with a group or a part
+        name = data.draw(st.sampled_from(["p.weight", "w", "p", "w.values2", "x"]))
+        tensors[name] = np.ones(data.draw(st.integers(0, 4)), np.float32)
+    packed = not sp24 or data.draw(st.booleans())
+    meta = {"aprender": json.dumps({"format": "bitmask"})} if packed else {"format": "pt"}
+    path = tmp_path / "g.safetensors"
+    write_safetensors(path, tensors, meta)
+    mutated = data.draw(st.booleans())
+    if mutated:
+        path.write_bytes(_mutate_group_header(data, path.read_bytes()))
+    out = tmp_path / "dense.safetensors"
+    if out.exists():
+        out.unlink()
+    outcomes = []
+    for read in (lambda: load_dense(path), lambda: inspect_checkpoint(path, check=True),
+                 lambda: main(["densify", str(path), "-o", str(out), "--quiet"]) or "ok"):
+        try:
+            outcomes.append(read())
+        except CheckpointError:
+            outcomes.append(None)
+    outcomes[2] = outcomes[2] if outcomes[2] == "ok" else None  # exit code 1: refused
+    if outcomes[0] is None:
+        event("refused")
+        assert outcomes[1] is None and outcomes[2] is None and not out.exists(), outcomes
+        return
+    event("read")
+    got = outcomes[0]
+    assert outcomes[1] is not None and outcomes[2] == "ok", outcomes
+    assert [r["name"] for r in outcomes[1]["tensors"]] == list(got)
+    group = "p.weight" if sp24 else "w"
+    if group in got and shape_name not in got and not mutated:  # the group decoded: check it
+        shape = tuple(int(x) for x in np.asarray(tensors[shape_name]).reshape(-1))
+        n = int(np.prod(shape, dtype=object))
+        if sp24:
+            ref = _reference_dense(tensors["p.bitmask"], tensors["p.compressed"], shape, n,
+                                   shape[-1])
+        else:
+            ref = _reference_dense(tensors["w.mask"], tensors["w.values"], shape, n)
+        dense = got[group]
+        assert dense.shape == shape
+        assert np.asarray(getattr(dense, "bits", dense)).tobytes() == \
+            np.asarray(getattr(ref, "bits", ref)).tobytes()
+    ours = SafetensorsFile(out)
+    ref_file = safetensors.deserialize(out.read_bytes())
+    assert [n for n, _ in ref_file] == [t.name for t in ours] or \
+        sorted(n for n, _ in ref_file) == sorted(t.name for t in ours)
+    for name, v in ref_file:
+        t = ours.tensors[name]
+        assert list(v["shape"]) == list(t.shape) and v["dtype"] == t.dtype
+        assert bytes(v["data"]) == ours.words(name).tobytes()
+    if all(t.dtype in ("F32", "F16", "I64", "U8", "I32") for t in ours):
+        assert sorted(safetensors.numpy.load_file(str(out))) == sorted(got)
+
+
 # -- a shard changed between reading its header and reading its data -------------------------
 
 def _two_shards(tmp_path):
@@ -881,3 +983,193 @@ def test_children_see_sigint_whatever_launched_the_suite():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# OUTPUT (or the config file, or --report) that appears while a run is in progress is never
+# replaced without --force: the run pauses just before its final rename (test-only switch), the
+# test puts the intruder there, the run resumes and must refuse, leave the intruder untouched
+# and remove its own temporary output
+# ----------------------------------------------------------------------------------------------
+
+def _paused_run(tmp_path, args, pause_at, intrude):
+    """Run ``aprender ARGS`` in a child that pauses before committing ``pause_at``; call
+    ``intrude()`` there, resume; (exit code, stderr)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               APRENDER_TEST_PAUSE_BEFORE_COMMIT=str(pause_at))
+    p = subprocess.Popen([sys.executable, "-m", "aprender"] + [str(a) for a in args], env=env,
+                         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()  # blocks until the run has paused before that rename
+    assert line.strip() == "aprender-test: commit paused", line + p.stderr.read()
+    intrude()
+    _, err = p.communicate("\n", timeout=120)
+    return p.returncode, err
+
+
+def _intruder(path, kind):
+    if kind == "file":
+        path.write_bytes(b"not yours")
+    elif kind == "folder":
+        path.mkdir()
+        (path / "precious.txt").write_text("not yours")
+    else:
+        path.mkdir()
+
+
+def _compressed_ck(tmp_path, folder):
+    """A bitmask checkpoint (file or folder) for densify, made by prune."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_safetensors(src / "model.safetensors", tensors())
+    (src / "config.json").write_text("{}")
+    out = tmp_path / ("bm" if folder else "bm.safetensors")
+    assert main(["prune", str(src if folder else src / "model.safetensors"), "-o", str(out),
+                 "--sparsity", "0.5", "--format", "bitmask", "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "empty-folder"])
+@pytest.mark.parametrize("writer", ["prune-folder", "prune-file", "densify-folder",
+                                    "densify-file", "sidecar-config", "report"])
+def test_output_appearing_during_the_run_is_never_replaced(tmp_path, writer, kind):
+    if writer.startswith("densify"):
+        src = _compressed_ck(tmp_path, writer == "densify-folder")
+        out = tmp_path / ("dense" if writer == "densify-folder" else "dense.safetensors")
+        args, target = ["densify", src, "-o", out, "--quiet"], out
+    else:
+        ck = tmp_path / "ck"
+        ck.mkdir()
+        write_safetensors(ck / "model.safetensors", tensors())
+        (ck / "config.json").write_text("{}")
+        folder = writer == "prune-folder"
+        src = ck if folder else ck / "model.safetensors"
+        out = tmp_path / ("out" if folder else "out.safetensors")
+        args = ["prune", src, "-o", out, "--quiet", "--pattern", "2:4"]
+        target = out
+        if writer == "sidecar-config":
+            args += ["--format", "sparse-24-bitmask"]
+            target = tmp_path / "out.config.json"
+        if writer == "report":
+            target = tmp_path / "report.json"
+            args += ["--report", target]
+    before = snapshot(src)
+    code, err = _paused_run(tmp_path, args, target, lambda: _intruder(target, kind))
+    assert code == 1, err
+    assert "appeared while the run was in progress" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert snapshot(src) == before
+    if kind == "file":
+        assert target.read_bytes() == b"not yours"
+    else:
+        assert sorted(os.listdir(target)) == (["precious.txt"] if kind == "folder" else [])
+    left = sorted(os.listdir(tmp_path))
+    assert not any(n.endswith(".aprender-tmp") for n in left), left
+    if writer == "sidecar-config":  # no output without its config
+        assert not out.exists(), left
+
+
+def test_output_appearing_during_a_forced_run_is_replaced(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    write_safetensors(ck / "model.safetensors", tensors())
+    out = tmp_path / "out"
+    code, err = _paused_run(tmp_path, ["prune", ck, "-o", out, "--quiet", "--sparsity", "0.5",
+                                       "--force"], out, lambda: _intruder(out, "folder"))
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "empty-folder"])
+@pytest.mark.parametrize("ours", ["file", "folder"])
+@pytest.mark.parametrize("mechanism", ["renameat2", "fallback", "fallback-no-links"])
+def test_commit_never_replaces_what_appeared(tmp_path, monkeypatch, ours, kind, mechanism):
+    """The commit itself, with renameat2 and with the fallback (link + unlink for a file, a
+    claimed empty folder for a folder) that other platforms and filesystems get, and on a
+    filesystem without hard links."""
+    import errno
+
+    from aprender.io import files
+
+    if mechanism == "renameat2" and files._renameat2 is None:
+        pytest.skip("renameat2 is not available here")
+    if mechanism.startswith("fallback"):
+        monkeypatch.setattr(files, "_renameat2", None)
+    if mechanism == "fallback-no-links":
+        def no_link(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(files.os, "link", no_link)
+    target = tmp_path / "target"
+    tmp = files.temp_name(str(target), "dir" if ours == "folder" else "file")
+    if ours == "folder":
+        with open(os.path.join(tmp, "mine"), "w") as f:
+            f.write("mine")
+    # nothing there: the commit succeeds
+    files.commit_path(tmp, str(target), force=False)
+    assert sorted(os.listdir(tmp_path)) == ["target"]
+    files.remove_tree(str(target))
+    tmp = files.temp_name(str(target), "dir" if ours == "folder" else "file")
+    _intruder(target, kind)
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="appeared while the run"):
+        files.commit_path(tmp, str(target), force=False)
+    assert snapshot(target) == before
+    assert os.path.lexists(tmp)  # the caller removes it
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_calibration_file_appearing_while_it_is_saved_is_never_replaced(tmp_path, monkeypatch,
+                                                                         kind):
+    """``aprender calibrate`` saves without --force through CalibrationContext.save(force=False):
+    a file or folder that appears at -o while the statistics are written is left alone."""
+    from aprender.io import files
+    from aprender.pruning import ActivationStats, CalibrationContext
+
+    stats = ActivationStats(4)
+    stats.update(np.ones((3, 4), np.float32))
+    ctx = CalibrationContext({"l": stats})
+    target = tmp_path / "calib.safetensors"
+    monkeypatch.setattr(files, "_test_pause_before_commit", lambda t: _intruder(target, kind))
+    with pytest.raises(CheckpointError, match="appeared while the run"):
+        ctx.save(target, force=False)
+    before = snapshot(target)
+    assert before[str(target)] == (b"not yours" if kind == "file" else "dir")
+    assert sorted(os.listdir(tmp_path)) == ["calib.safetensors"]
+    with pytest.raises(CheckpointError, match="already exists|is a folder"):
+        ctx.save(target, force=False)
+    assert snapshot(target) == before
+
+
+@pytest.mark.parametrize("where", ["header", "index", "compressed"])
+def test_hostile_long_tensor_names_are_shortened_in_messages(tmp_path, capsys, where):
+    long = "x" * 5000
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    if where == "header":
+        (ck / "model.safetensors").write_bytes(raw_file({long: entry(dtype="NOPE")}, b"\0" * 8))
+    elif where == "index":
+        write_shard(str(ck / "model.safetensors"))
+        (ck / INDEX).write_text(json.dumps({"weight_map": {long: "model.safetensors"}}))
+    else:
+        keep = np.array([1, 0, 1], bool)
+        write_safetensors(ck / "model.safetensors",
+                          {long + ".values": np.ones(1, np.float32),
+                           long + ".mask": np.packbits(keep, bitorder="little"),
+                           long + ".shape": np.asarray([3], np.int64)},
+                          {"aprender": json.dumps({"format": "bitmask"})})
+    code, err = cli(["inspect", ck], capsys)
+    assert code == 1 and "xxxx" in err and len(err) < 600, (code, len(err))
+
+
+def test_special_file_appearing_during_a_forced_run_is_never_replaced(tmp_path):
+    """--force replaces a regular file or folder, never a FIFO, even one that appears while
+    the run is in progress."""
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, tensors())
+    out = tmp_path / "out.safetensors"
+    code, err = _paused_run(tmp_path, ["prune", src, "-o", out, "--quiet", "--sparsity", "0.5",
+                                       "--force"], out, lambda: os.mkfifo(out))
+    assert code == 2 and "FIFO" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "out.safetensors"]
+    assert not os.path.isfile(out)

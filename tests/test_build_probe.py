@@ -102,3 +102,31 @@ def test_disable_openmp_skips_the_probe(tmp_path, build_env):
     setup = _setup_module()
     assert setup.probe_openmp() == (None, "disabled by APRENDER_DISABLE_OPENMP")
     assert not log.exists()
+
+
+def test_build_jobs(monkeypatch):
+    setup = _setup_module()
+    monkeypatch.setenv("APRENDER_BUILD_JOBS", "3")
+    assert setup.build_jobs() == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv("APRENDER_BUILD_JOBS", bad)
+        with pytest.raises(RuntimeError, match="APRENDER_BUILD_JOBS"):
+            setup.build_jobs()
+    monkeypatch.delenv("APRENDER_BUILD_JOBS")
+    assert setup.build_jobs() == len(os.sched_getaffinity(0))
+
+
+def test_build_ext_compiles_in_parallel_unless_told(monkeypatch):
+    setup = _setup_module()
+    from setuptools import Distribution
+
+    monkeypatch.setenv("APRENDER_BUILD_JOBS", "2")
+    cmd = setup.build_ext(Distribution())
+    cmd.initialize_options()
+    cmd.finalize_options()
+    assert cmd.parallel == 2
+    cmd = setup.build_ext(Distribution())
+    cmd.initialize_options()
+    cmd.parallel = 1  # an explicit -j 1 wins
+    cmd.finalize_options()
+    assert cmd.parallel == 1

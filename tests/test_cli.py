@@ -210,7 +210,7 @@ def test_sharded_folder_global(tmp_path, rng):
     assert report["totals"]["selected_elements"] == sum(t[n].size for n in SELECTED)
 
 
-def test_folder_without_index_and_row_pattern(tmp_path, rng):
+def test_folder_without_index_and_per_row_pattern(tmp_path, rng):
     d = tmp_path / "ck"
     d.mkdir()
     t = make_tensors(rng, np.float16)
@@ -219,7 +219,7 @@ def test_folder_without_index_and_row_pattern(tmp_path, rng):
     save(d / "b.safetensors", {n: t[n] for n in names[3:]})
     (d / "README.md").write_text("hello")
     out = tmp_path / "o"
-    assert main(["prune", str(d), "-o", str(out), "--pattern", "row", "--sparsity", "0.25",
+    assert main(["prune", str(d), "-o", str(out), "--pattern", "per-row", "--sparsity", "0.25",
                  "--quiet"]) == 0
     assert listing(out) == ["README.md", "a.safetensors", "b.safetensors"]
     res = {**load(out / "a.safetensors"), **load(out / "b.safetensors")}
@@ -294,9 +294,22 @@ def test_dry_run_include_exclude(tmp_path, rng):
     t = make_tensors(rng)
     save(src, t)
     rep = tmp_path / "r.json"
+    # --include narrows the name rule only: the 1-D bias, the norm and lm_head stay out, and the
+    # report says why
+    assert main(["prune", str(src), "-o", str(tmp_path / "o.safetensors"), "--sparsity", "0.5",
+                 "--include", r"layers\.0\.", "--include", "lm_head", "--dry-run", "--report",
+                 str(rep), "--quiet"]) == 0
+    report = json.loads(rep.read_text())
+    assert [x["name"] for x in report["tensors"]] == SELECTED[:2]
+    skipped = {x["name"]: x["reason"] for x in report["selection"]["skipped"]}
+    assert "1-D" in skipped["model.layers.0.mlp.up_proj.bias"]
+    assert "1-D" in skipped["model.layers.0.input_layernorm.weight"]
+    assert "output head" in skipped["lm_head.weight"]
+    # --no-default-exclude: whatever --include matches (floating, not a scalar), minus --exclude
     assert main(["prune", str(src), "-o", str(tmp_path / "o.safetensors"), "--sparsity", "0.5",
                  "--include", r"layers\.0\.", "--include", "lm_head", "--exclude", "layernorm",
-                 "--dry-run", "--report", str(rep), "--quiet"]) == 0
+                 "--no-default-exclude", "--dry-run", "--report", str(rep), "--force",
+                 "--quiet"]) == 0
     assert listing(tmp_path) == ["in.safetensors", "r.json"]
     report = json.loads(rep.read_text())
     names = [x["name"] for x in report["tensors"]]
@@ -304,6 +317,64 @@ def test_dry_run_include_exclude(tmp_path, rng):
         SELECTED[0], SELECTED[1], "model.layers.0.mlp.up_proj.bias", "lm_head.weight"}]
     assert all(x["kept"] == x["total"] - prune_count(0.5, x["total"]) for x in report["tensors"])
     assert report["output"] is None and report["dry_run"]
+
+
+def test_include_matching_only_excluded_tensors_says_why(tmp_path, rng, capsys):
+    src = tmp_path / "in.safetensors"
+    save(src, make_tensors(rng))
+    assert main(["prune", str(src), "-o", str(tmp_path / "o.safetensors"), "--sparsity", "0.5",
+                 "--include", "norm"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no tensor matches the selection" in err and "--no-default-exclude" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("pattern,msg", [
+    ("row", "--pattern row is not accepted here: use 'per-row'"),
+    ("block:4x4", "--pattern 'block:4x4': expected 'unstructured', 'per-row' or N:M"),
+    ("column", "--pattern 'column': expected"),
+    ("nonsense", "--pattern 'nonsense': expected"),
+])
+def test_pattern_errors_list_what_prune_accepts(tmp_path, rng, capsys, pattern, msg):
+    src = tmp_path / "in.safetensors"
+    save(src, make_tensors(rng))
+    assert main(["prune", str(src), "-o", str(tmp_path / "o.safetensors"), "--sparsity", "0.5",
+                 "--pattern", pattern]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "--sparsity" not in err.split("error:")[1].split(msg)[0]
+
+
+def test_python_api_errors_name_python_arguments(tmp_path, rng):
+    from aprender.checkpoints import prune_checkpoint
+    from aprender.errors import PruningError
+
+    src = tmp_path / "in.safetensors"
+    save(src, make_tensors(rng))
+    with pytest.raises(PruningError, match=r"importance='wanda' needs calibration=FILE") as info:
+        prune_checkpoint(src, tmp_path / "o.safetensors", sparsity=0.5, importance="wanda")
+    assert "--" not in str(info.value)
+    with pytest.raises(PruningError, match=r"^pattern='row' is not accepted"):
+        prune_checkpoint(src, tmp_path / "o.safetensors", sparsity=0.5, pattern="row")
+
+
+def test_mistyped_option_and_command_suggest_the_right_one(capsys):
+    assert_exit(["prune", "a", "-o", "b", "--sparsty", "0.5"], 2)
+    assert "did you mean --sparsity?" in capsys.readouterr().err
+    assert_exit(["prun", "a"], 2)
+    assert "did you mean prune?" in capsys.readouterr().err
+
+
+def test_bare_aprender_prints_usage_and_commands(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    for word in ("usage: aprender", "prune", "calibrate", "inspect", "densify"):
+        assert word in err
+
+
+def assert_exit(argv, code):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == code
 
 
 def test_force_replaces_output(tmp_path, rng):

@@ -381,6 +381,30 @@ def test_transformers_loads_the_dense_and_densified_output(tmp_path):
             assert torch.equal(got[n].view(torch.int16), v.view(torch.int16)), (folder, n)
     q = ref["model.layers.0.mlp.up_proj.weight"]
     assert int((q == 0).sum()) == q.numel() // 2
+    # the bitmask folder itself is refused (it would load with random weights in the pruned
+    # tensors' place): its config.json is kept under another name, which densify puts back
+    assert not (tmp_path / "bm" / "config.json").exists()
+    with pytest.raises((OSError, ValueError)):  # transformers 5: ValueError, 4: OSError
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bm")
+    assert (tmp_path / "back" / "config.json").read_bytes() == \
+        (tmp_path / "m" / "config.json").read_bytes()
+    assert not (tmp_path / "back" / "config.aprender-bitmask.json").exists()
+
+
+def test_inspect_all_zero_tensor_and_skipped_check(tmp_path, capsys):
+    meta = {"aprender": json.dumps({"version": "0", "pattern": "unstructured", "sparsity": 0.5,
+                                    "scope": "layer", "format": "dense",
+                                    "allocation": {"method": "owl", "m": 5, "lambda": 0.08},
+                                    "selection": {"include": ["weight"], "exclude": []},
+                                    "pruned": ["a.weight"]})}
+    p = tmp_path / "s.safetensors"
+    write_safetensors(p, {"a.weight": np.zeros((4, 8), np.float32)}, meta)
+    rep = inspect_checkpoint(p, check=True)
+    assert rep["tensors"][0]["pattern"] == "all zeros"
+    assert main(["inspect", str(p), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "all zeros" in out and "0:4" not in out
+    assert "check sparsity: skipped:" in out
 
 
 @pytest.mark.parametrize("fmt", ["bitmask", "sparse-24-bitmask"])

@@ -20,17 +20,20 @@ import json
 import math
 import os
 import stat
+import sys
 import tempfile
+import time
 
 import numpy as np
 
+from .._validation import short_repr
 from ..errors import CheckpointError
 from . import strictjson
-from .files import (check_member_name, create_new, display, file_kind, open_regular,
-                    remove_tree, replace_path, temp_name)
+from .files import (check_member_name, commit_path, create_new, display, file_kind,
+                    open_regular, remove_tree, temp_name)
 from .safetensors import SafetensorsFile, copy_range, encode_header, write_all
 
-__all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json"]
+__all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json", "read_json_text"]
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_JSON_BYTES = 100_000_000
@@ -40,6 +43,12 @@ MAX_DEPTH = 32
 
 def read_json(path, what=None):
     """A JSON document from an untrusted file (regular file, bounded size, strict parse)."""
+    return read_json_text(path, what)[1]
+
+
+def read_json_text(path, what=None):
+    """(text, value) of a JSON document from an untrusted file, checked as by read_json: the
+    text for edits that keep every other byte (:mod:`aprender.io.jsonedit`)."""
     what = what or display(path)
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
@@ -47,7 +56,8 @@ def read_json(path, what=None):
             raise CheckpointError(f"{what}: {size} bytes is too large for a JSON file "
                                   f"(limit {MAX_JSON_BYTES})")
         raw = f.read(MAX_JSON_BYTES + 1)
-    return strictjson.loads(raw, what)
+    value = strictjson.loads(raw, what)
+    return raw.decode("utf-8"), value
 
 
 def _hf_blobs(root_real):
@@ -96,8 +106,8 @@ class Checkpoint:
         if self.index is not None:
             for name, s in self.index["weight_map"].items():
                 if name not in self.files[s]:
-                    raise CheckpointError(f"{display(self.shard_path(s))}: tensor {name!r} "
-                                          f"listed in {INDEX_NAME} is missing")
+                    raise CheckpointError(f"{display(self.shard_path(s))}: tensor "
+                                          f"{short_repr(name)} listed in {INDEX_NAME} is missing")
 
     # -- folder discovery ------------------------------------------------------------------
     def _scan_folder(self):
@@ -172,8 +182,8 @@ class Checkpoint:
             raise CheckpointError(f"{where}: unreadable index (no \"weight_map\" object)")
         for name, shard in index["weight_map"].items():
             if not isinstance(shard, str):
-                raise CheckpointError(f"{where}: tensor {name!r} maps to {shard!r}, not a "
-                                      "file name")
+                raise CheckpointError(f"{where}: tensor {short_repr(name)} maps to "
+                                      f"{short_repr(shard)}, not a file name")
             check_member_name(shard, where)
         self.index = index
 
@@ -188,13 +198,32 @@ class Checkpoint:
                 yield s, t
 
 
+PAUSE_ENV = "APRENDER_TEST_PAUSE_AFTER_SHARD"
+
+
+def pause_hook_for_tests():
+    """Test-only: with APRENDER_TEST_PAUSE_AFTER_SHARD=1 a writer given this hook stops after
+    its first shard, says so on stderr and waits for a signal, so signal tests need no
+    timing.  None otherwise."""
+    if os.environ.get(PAUSE_ENV) != "1":
+        return None
+
+    def pause():
+        print("aprender-test: paused", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.05)
+    return pause
+
+
 class CheckpointWriter:
     """Builds OUTPUT under a temporary name: shards tensor by tensor, then the other files,
     the index and config; :meth:`commit` renames it into place."""
 
-    def __init__(self, ckpt, target, *, pause_hook=None):
+    def __init__(self, ckpt, target, *, force, pause_hook=None, what="OUTPUT"):
         self.ckpt = ckpt
         self.target = target
+        self.force = force
+        self.what = what
         self.tmp = temp_name(target, "dir" if ckpt.is_dir else "file")
         self.weight_map = {}
         self.sizes = {}
@@ -205,7 +234,7 @@ class CheckpointWriter:
         remove_tree(self.tmp)
 
     def commit(self):
-        replace_path(self.tmp, self.target)
+        commit_path(self.tmp, self.target, force=self.force, what=self.what)
 
     # -- shards ------------------------------------------------------------------------------
     def shard(self, shard, metadata, planned=None):
@@ -221,7 +250,7 @@ class CheckpointWriter:
     def _done(self, shard, names, size, elements=0):
         for n in names:
             if n in self.weight_map:
-                raise CheckpointError(f"tensor {n!r} would be written to both "
+                raise CheckpointError(f"tensor {short_repr(n)} would be written to both "
                                       f"{display(self.weight_map[n])} and {display(shard)}")
             self.weight_map[n] = shard
         self.sizes[shard] = size
@@ -230,14 +259,16 @@ class CheckpointWriter:
             self._pause()
 
     # -- the rest of a folder ----------------------------------------------------------------
-    def copy_others(self):
+    def copy_others(self, rename=None):
+        """Copy the folder's other files; ``rename`` maps a name to the output's name for it."""
+        rename = rename or {}
         for name in self.ckpt.others:
-            self._copy_file(name)
+            self._copy_file(name, rename.get(name, name))
 
-    def _copy_file(self, name):
+    def _copy_file(self, name, out_name=None):
         """The bytes of the regular file behind ``name`` (a link's target) as a new file."""
         with open_regular(self.ckpt.real[name]) as f:
-            fd = create_new(self.tmp, name, 0o666)
+            fd = create_new(self.tmp, out_name or name, 0o666)
             try:
                 copy_range(f, 0, os.fstat(f.fileno()).st_size, fd)
             finally:
@@ -262,12 +293,15 @@ class CheckpointWriter:
         self.write_json(INDEX_NAME, index)
 
     def write_json(self, name, value):
+        self.write_text(name, json.dumps(value, indent=2) + "\n")
+
+    def write_text(self, name, text):
+        """Write (or replace) the file ``name`` of the output folder."""
         fd = create_new(self.tmp, name) if not os.path.lexists(os.path.join(self.tmp, name)) \
             else os.open(os.path.join(self.tmp, name),
                          os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2)
-            f.write("\n")
+            f.write(text)
 
     def read_output_json(self, name):
         """A JSON file already copied into the output (config.json), or None if absent."""
@@ -305,21 +339,22 @@ class ShardWriter:
 
     def _entry(self, name, dtype, shape, nbytes):
         if name in self.entries:
-            raise CheckpointError(f"{display(self.shard)}: two tensors named {name!r} in the "
-                                  "output (an input tensor collides with a generated name)")
+            raise CheckpointError(f"{display(self.shard)}: two tensors named {short_repr(name)} "
+                                  "in the output (an input tensor collides with a generated name)")
         if self.planned is not None:
             want = self.planned.get(name)
             if want is None or want[2] != nbytes:
-                raise CheckpointError(f"{display(self.shard)}: tensor {name!r} does not match "
-                                      "the planned header")
+                raise CheckpointError(f"{display(self.shard)}: tensor {short_repr(name)} does not "
+                                      "match the planned header")
         self.entries[name] = {"dtype": dtype, "shape": list(shape),
                               "data_offsets": [self.pos, self.pos + nbytes]}
         self.pos += nbytes
         self.elements += math.prod(shape)
 
-    def copy(self, sf, info):
-        """Copy an input tensor's bytes unchanged."""
-        self._entry(info.name, info.dtype, info.shape, info.nbytes)
+    def copy(self, sf, info, name=None):
+        """Copy an input tensor's bytes unchanged (under ``name`` when given: a renamed
+        tensor)."""
+        self._entry(info.name if name is None else name, info.dtype, info.shape, info.nbytes)
         sf.copy_to(info.name, self.data_fd)
 
     def add(self, name, dtype, shape, chunks, nbytes):
@@ -331,7 +366,8 @@ class ShardWriter:
                 write_all(self.data_fd, np.ascontiguousarray(c).reshape(-1).view(np.uint8))
             done += c.nbytes
         if done != nbytes:
-            raise CheckpointError(f"tensor {name!r}: wrote {done} bytes, expected {nbytes}")
+            raise CheckpointError(f"tensor {short_repr(name)}: wrote {done} bytes, expected "
+                                  f"{nbytes}")
 
     def close(self):
         try:

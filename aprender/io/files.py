@@ -9,7 +9,9 @@ Rules (the README's Safety section states them for users):
   ``mkstemp``/``mkdtemp``, so never an existing file) and is renamed into place at the end.
   OUTPUT may not be an input, lie inside the INPUT folder, or be a folder that holds an input;
   an existing OUTPUT is replaced only with ``--force`` and never when it is a device, FIFO or
-  socket.  The same rules hold for a report file.
+  socket.  The final rename (:func:`commit_path`, every writer's) checks again: without
+  ``--force``, an OUTPUT that appeared while the run was in progress is never replaced.  The
+  same rules hold for a report file.
 * Printing: names and paths pass through :func:`display`, which escapes control characters,
   so a hostile name cannot drive the terminal.
 """
@@ -17,12 +19,14 @@ import errno
 import os
 import shutil
 import stat
+import sys
 import tempfile
 
 from ..errors import CheckpointError, UnsafePathError
 
 __all__ = ["display", "open_regular", "check_member_name", "OutputTarget", "create_new",
-           "remove_tree", "atomic_write_text", "temp_name", "replace_path", "file_kind"]
+           "remove_tree", "atomic_write_text", "temp_name", "replace_path", "commit_path",
+           "same_file", "file_kind"]
 
 TMP_SUFFIX = ".aprender-tmp"
 
@@ -152,13 +156,119 @@ def create_new(root, relname, mode=0o644):
                               "written under this name") from None
 
 
-def replace_path(tmp, target):
-    """Move tmp into place; an existing target (only reached with --force, and only a
-    regular file, folder or link: checked before any work) is replaced."""
-    if not os.path.lexists(target):
+# -- committing an output: the final rename ------------------------------------------------
+
+RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+PAUSE_COMMIT_ENV = "APRENDER_TEST_PAUSE_BEFORE_COMMIT"
+
+
+def _load_renameat2():
+    """libc's renameat2 through ctypes (Linux, glibc 2.28 or later), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError, ImportError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def _rename_noreplace(src, dst):
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, atomically where the platform
+    allows it (renameat2 with RENAME_NOREPLACE).  Raises FileExistsError when something is at
+    ``dst``, leaving it untouched.  Without renameat2 (another OS, an old libc, a filesystem
+    that refuses the flag): a file is hard-linked to ``dst`` (link never replaces) and then
+    unlinked from ``src``; a folder first claims ``dst`` with mkdir (which never replaces) and
+    is renamed over that empty folder of ours, a rename that fails if anything was put in it."""
+    if _renameat2 is not None:
+        import ctypes
+
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                      RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), dst)
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst)
+    if not os.path.isdir(src) or os.path.islink(src):
+        try:
+            os.link(src, dst, follow_symlinks=False)  # FileExistsError if anything is there
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # a filesystem without hard links: the last check is as close to the rename as
+            # this platform allows
+            if os.path.lexists(dst):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+            os.rename(src, dst)
+            return
+        os.unlink(src)
+        return
+    os.mkdir(dst, 0o700)  # FileExistsError if anything is there; the name is ours now
+    try:
+        os.rename(src, dst)  # over our own empty folder; fails if something was put in it
+    except OSError as exc:
+        try:
+            os.rmdir(dst)  # ours, if still empty; never anything that was put in it
+        except OSError:
+            pass
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+        raise
+
+
+def _test_pause_before_commit(target):
+    """Test-only: with APRENDER_TEST_PAUSE_BEFORE_COMMIT set to a path, the commit of that
+    path says so on stderr and waits for a line on stdin, so a test can change the target in
+    the middle of a run without racing it."""
+    want = os.environ.get(PAUSE_COMMIT_ENV)
+    if want and os.path.abspath(want) == os.path.abspath(target):
+        print("aprender-test: commit paused", file=sys.stderr, flush=True)
+        sys.stdin.readline()
+
+
+def commit_path(tmp, target, *, force, what="OUTPUT"):
+    """Move our finished temporary file or folder ``tmp`` to ``target``: the one final rename of
+    every writer.
+
+    Without ``force`` nothing at ``target`` is ever replaced, even what appeared while the run
+    was in progress (checked at the moment of the rename, atomically where the platform allows
+    it): the intruder is left untouched and a CheckpointError names it; the caller removes
+    ``tmp``.  With ``force`` a regular file, folder or link at ``target`` is replaced (never a
+    device, FIFO or socket, even one that appeared during the run)."""
+    _test_pause_before_commit(target)
+    shown = display(target)
+    if not force:
+        try:
+            _rename_noreplace(tmp, target)
+        except FileExistsError:
+            raise CheckpointError(f"{what} {shown} appeared while the run was in progress; it "
+                                  "was left untouched (use --force to replace it)") from None
+        return
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        st = None
+    if st is None:
         os.rename(tmp, target)
         return
-    if os.path.isfile(tmp) and not os.path.isdir(target):
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise UnsafePathError(f"{what} {shown} is a {file_kind(st.st_mode)}; it is never "
+                              "replaced")
+    if os.path.isfile(tmp) and not stat.S_ISDIR(st.st_mode):
         os.replace(tmp, target)
         return
     old = temp_name(target, "file")
@@ -172,13 +282,28 @@ def replace_path(tmp, target):
     remove_tree(old)
 
 
-def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+def same_file(path, st):
+    """``path`` (not followed if a link) is still the file or folder whose lstat was ``st``."""
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def replace_path(tmp, target):
+    """:func:`commit_path` with ``force=True`` (for callers whose contract is to replace)."""
+    commit_path(tmp, target, force=True)
+
+
+def atomic_write_text(path, text, *, force, what="OUTPUT"):
+    """Write ``text`` to ``path`` through a temporary file committed with :func:`commit_path`
+    (``force=False``: never over anything that appeared meanwhile)."""
     tmp = temp_name(path, "file")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        replace_path(tmp, path)
+        commit_path(tmp, path, force=force, what=what)
     except BaseException:
         remove_tree(tmp)
         raise
@@ -194,6 +319,7 @@ class OutputTarget:
     def __init__(self, path, inputs, *, force=False, what="OUTPUT", kind="file",
                  avoid=()):
         self.what = what
+        self.force = force
         if not isinstance(path, str) or not path:
             raise UnsafePathError(f"{what} is empty")
         if kind == "file" and path.endswith((os.sep, "/")):

@@ -27,15 +27,21 @@ import os
 
 import numpy as np
 
-from .._validation import Bits16
+from .._validation import Bits16, short_repr
 from ..errors import CheckpointError, CompressedFormatError
 from .files import display
-from .safetensors import MAX_DIMS, TensorShape
+from .safetensors import DTYPE_SIZES, MAX_DIMS, TensorShape, shape_too_large
 
-__all__ = ["Logical", "logical_tensors", "decode", "load_dense", "pack_bitmask",
-           "BITMASK_PARTS", "SPARSE24_PARTS", "shard_format", "FORMATS"]
+__all__ = ["Logical", "logical_tensors", "checkpoint_layout", "decode", "load_dense",
+           "dense_tensors", "pack_bitmask", "BITMASK_PARTS", "SPARSE24_PARTS", "shard_format",
+           "FORMATS"]
 
 FORMATS = ("dense", "sparse-24-bitmask", "bitmask")
+
+# A ``bitmask`` output folder keeps the input's config.json under this name instead: with no
+# config.json, transformers, sentence-transformers and vLLM refuse the folder rather than load it
+# with random weights where the compressed tensors are; ``aprender densify`` puts it back.
+BITMASK_CONFIG = "config.aprender-bitmask.json"
 BITMASK_PARTS = (".values", ".mask", ".shape")
 SPARSE24_PARTS = (".shape", ".compressed", ".bitmask")
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -89,29 +95,32 @@ def shard_format(metadata):
 
 
 def _fail(sf, name, why):
-    raise CompressedFormatError(f"{display(sf.path)}: tensor {name!r}: {why}")
+    raise CompressedFormatError(f"{display(sf.path)}: tensor {short_repr(name)}: {why}")
 
 
-def _read_shape(sf, t, label):
-    """The dense shape stored in a ``.shape`` tensor (integers, at most 64 of them, >= 0)."""
+def _read_shape(sf, t, label, dtype):
+    """The dense shape stored in a ``.shape`` tensor (integers, at most 64 of them, >= 0) of a
+    tensor of ``dtype``: refused, like a header's shape, when numpy could not hold it (the
+    product of its non-zero dimensions times the item size reaches 2**63, zeros or not)."""
     if t.dtype not in _INTS or t.size > MAX_DIMS or not 1 <= len(t.shape) <= 2 \
             or (len(t.shape) == 2 and t.shape[1] != 1):
         _fail(sf, t.name, f"{label} needs a 1-D (or n x 1) integer tensor of at most {MAX_DIMS} "
                           f"dimensions, got {t.dtype} {list(t.shape)}")
     dims = sf.words(t.name).view(_INTS[t.dtype]).tolist() if t.size else []
     if not dims or any(d < 0 for d in dims):
-        _fail(sf, t.name, f"{label} holds an invalid shape {dims}")
-    if math.prod(max(d, 1) for d in dims) >= 1 << 62:
-        _fail(sf, t.name, f"{label} shape {dims} is too large")
+        _fail(sf, t.name, f"{label} holds an invalid shape {short_repr(dims)}")
+    if dtype not in DTYPE_SIZES or shape_too_large(dims, DTYPE_SIZES[dtype]):
+        _fail(sf, t.name, f"{label} {short_repr(dims)} is too large for a tensor of "
+                          f"{short_repr(dtype)}")
     return tuple(int(d) for d in dims)
 
 
 def _sparse24(sf, prefix):
     shape_t, comp, bm = (sf.tensors[prefix + s] for s in SPARSE24_PARTS)
-    shape = _read_shape(sf, shape_t, "sparse-24-bitmask shape")
     if comp.dtype not in ("F16", "BF16", "F32", "I8") or len(comp.shape) != 2:
         _fail(sf, comp.name, f"sparse-24-bitmask values must be a 2-D F16, BF16, F32 or I8 "
                              f"tensor, got {comp.dtype} {list(comp.shape)}")
+    shape = _read_shape(sf, shape_t, "sparse-24-bitmask shape", comp.dtype)
     rows = math.prod(shape[:-1])
     cols = shape[-1]
     if cols % 4 or comp.shape != (rows, cols // 2):
@@ -126,7 +135,7 @@ def _sparse24(sf, prefix):
 
 def _bitmask(sf, name):
     vals, mask, shape_t = (sf.tensors[name + s] for s in BITMASK_PARTS)
-    shape = _read_shape(sf, shape_t, "bitmask shape")
+    shape = _read_shape(sf, shape_t, "bitmask shape", vals.dtype)
     n = math.prod(shape)
     if len(vals.shape) != 1 or vals.size > n:
         _fail(sf, vals.name, f"bitmask values must be 1-D with at most {n} elements (dense "
@@ -143,7 +152,7 @@ def logical_tensors(sf):
     part is stored)."""
     names = sf.tensors
     packed = shard_format(sf.metadata) == "bitmask"
-    used, out = set(), []
+    used, out, seen = set(), [], {}
     for t in sf:
         if t.name in used:
             continue
@@ -162,6 +171,11 @@ def logical_tensors(sf):
                 break
         if lt is None:
             lt = Logical(t.name, t.dtype, t.shape, "dense", [t])
+        if lt.name in seen:
+            raise CompressedFormatError(
+                f"{display(sf.path)}: tensor {short_repr(lt.name)} appears twice in this shard ("
+                + _what(seen[lt.name]) + " and " + _what(lt) + "): a loader would take either")
+        seen[lt.name] = lt
         used.update(p.name for p in lt.parts)
         out.append(lt)
     if packed:  # every tensor aprender lists as pruned here is one complete group here
@@ -172,6 +186,59 @@ def logical_tensors(sf):
                 _fail(sf, name, "listed as pruned in this bitmask shard but not stored here as "
                       "a complete group (" + ", ".join(name + x for x in BITMASK_PARTS) + ")")
     return out
+
+
+def _what(lt):
+    if lt.encoding == "dense":
+        return "a plain tensor"
+    return f"a {lt.encoding} group of " + ", ".join(short_repr(p.name) for p in lt.parts)
+
+
+def _groups_of(names, packed):
+    """(base, suffixes) of every compressed group whose parts are all among ``names``."""
+    out = []
+    for suffixes, ok in ((SPARSE24_PARTS, True), (BITMASK_PARTS, packed)):
+        if not ok:
+            continue
+        for n in names:
+            if n.endswith(suffixes[0]):
+                base = n[:-len(suffixes[0])]
+                if all(base + x in names for x in suffixes):
+                    out.append((base, suffixes))
+    return out
+
+
+def checkpoint_layout(ckpt):
+    """``{shard: [Logical]}`` of a Checkpoint under the one rule every reader applies (inspect,
+    densify, prune, load_dense, load_state_dict): a logical name appears once in the whole
+    checkpoint (not a compressed group beside a plain tensor of its name, not in two shards),
+    and a compressed group's parts are stored in one shard.  Anything else is a
+    CompressedFormatError naming the tensor and the shards."""
+    layout, where = {}, {}
+    for s in ckpt.shards:
+        layout[s] = logical_tensors(ckpt.files[s])
+        for lt in layout[s]:
+            if lt.name in where:
+                raise CompressedFormatError(
+                    f"{display(ckpt.shard_path(s))}: tensor {short_repr(lt.name)} appears "
+                    f"twice in the checkpoint (also in {display(ckpt.shard_path(where[lt.name]))})"
+                    ": a loader would take either")
+            where[lt.name] = s
+    if len(ckpt.shards) > 1:  # a group whose parts are spread over shards
+        stored = {}
+        for s in ckpt.shards:
+            for t in ckpt.files[s]:
+                stored[t.name] = s
+        packed = any(shard_format(ckpt.files[s].metadata) == "bitmask" for s in ckpt.shards)
+        for base, suffixes in _groups_of(stored, packed):
+            shards = {stored[base + x] for x in suffixes}
+            if len(shards) > 1:
+                raise CompressedFormatError(
+                    f"{display(ckpt.path)}: the parts of compressed tensor {short_repr(base)} ("
+                    + ", ".join(short_repr(base + x) for x in suffixes) + ") are split across "
+                    "shards " + ", ".join(display(x) for x in sorted(shards))
+                    + "; a group is stored in one shard")
+    return layout
 
 
 def pack_bitmask(words, keep):
@@ -198,7 +265,8 @@ def _decode_bitmask(sf, lt):
         np.zeros(0, np.bool_)
     kept = int(np.count_nonzero(keep))
     if kept != vals.size:
-        _fail(sf, mask.name, f"has {kept} bits set but {vals.name!r} holds {vals.size} values")
+        _fail(sf, mask.name, f"has {kept} bits set but {short_repr(vals.name)} holds "
+                             f"{vals.size} values")
     if n % 8 and bits.size and int(bits[-1]) >> (n % 8):
         _fail(sf, mask.name, "padding bits after the last element are not zero")
     out = np.zeros(n, _WORDS[lt.itemsize])
@@ -240,20 +308,24 @@ def _as_array(words, lt):
     return words.view(dt).reshape(lt.shape)
 
 
-def load_dense(path, *, n_threads=None):
-    """Every logical tensor of a checkpoint (a ``.safetensors`` file or a folder, in any format
-    aprender writes or reads) as a dense array: ``{name: array}`` in shard and data order.
-    bfloat16 tensors come back as ``aprender.Bits16``; every array is a fresh copy (the file
-    is not kept open)."""
+def dense_tensors(path, *, n_threads=None):
+    """(name, dtype code, fresh dense array) of every logical tensor of a checkpoint (a
+    ``.safetensors`` file or a folder, in any format aprender writes or reads), in shard and
+    data order, after the checks of :func:`checkpoint_layout`.  Arrays as :func:`load_dense`
+    returns them; the code says what raw words stand for (F8 types come as uint8)."""
     from .checkpoint import Checkpoint
 
     ckpt = Checkpoint(os.fspath(path))
-    out = {}
+    layout = checkpoint_layout(ckpt)
     for s in ckpt.shards:
         sf = ckpt.files[s]
-        for lt in logical_tensors(sf):
-            if lt.name in out:
-                raise CompressedFormatError(f"{display(ckpt.shard_path(s))}: tensor "
-                                            f"{lt.name!r} appears twice in the checkpoint")
-            out[lt.name] = _as_array(np.array(decode(sf, lt, n_threads)), lt)
-    return out
+        for lt in layout[s]:
+            yield lt.name, lt.dtype, _as_array(np.array(decode(sf, lt, n_threads)), lt)
+
+
+def load_dense(path, *, n_threads=None):
+    """Every logical tensor of a checkpoint (a ``.safetensors`` file or a folder, in any format
+    aprender writes or reads) as a dense array: ``{name: array}`` in shard and data order.
+    bfloat16 tensors come back as ``aprender.Bits16``, float8 ones as their uint8 bytes; every
+    array is a fresh copy (the file is not kept open)."""
+    return {name: a for name, _, a in dense_tensors(path, n_threads=n_threads)}

@@ -18,7 +18,7 @@ import struct
 
 import numpy as np
 
-from .._validation import Bits16
+from .._validation import Bits16, short_repr
 from ..errors import CheckpointError
 from . import strictjson
 from .files import display, open_regular
@@ -144,17 +144,24 @@ def read_header(path):
         if t.begin != pos:
             what = "overlaps the previous tensor" if t.begin < pos else \
                 f"starts at data byte {t.begin}, leaving a gap after byte {pos}"
-            raise CheckpointError(f"{shown}: tensor {t.name!r} {what} (tensors must be "
+            raise CheckpointError(f"{shown}: tensor {short_repr(t.name)} {what} (tensors must be "
                                   "contiguous from byte 0)")
         pos = t.end
     if pos != data_size:
         if pos > data_size:
             last = max(tensors, key=lambda t: t.end)
-            raise CheckpointError(f"{shown}: truncated file: tensor {last.name!r} needs {pos} "
-                                  f"data bytes but the file holds {data_size}")
+            raise CheckpointError(f"{shown}: truncated file: tensor {short_repr(last.name)} "
+                                  f"needs {pos} data bytes but the file holds {data_size}")
         raise CheckpointError(f"{shown}: {data_size - pos} bytes after the last tensor (the "
                               "tensors must cover the data section exactly)")
     return n, tensors, metadata
+
+
+def shape_too_large(shape, itemsize):
+    """True when numpy cannot hold an array of ``shape`` and ``itemsize``: the product of its
+    non-zero dimensions (what numpy must index, zeros aside) times the item size reaches
+    2**63, whether or not a zero makes the array empty."""
+    return math.prod(max(v, 1) for v in shape) * itemsize >= 1 << 63
 
 
 def _int(v):
@@ -162,7 +169,7 @@ def _int(v):
 
 
 def _tensor_info(shown, name, e):
-    where = f"{shown}: tensor {name!r}"
+    where = f"{shown}: tensor {short_repr(name)}"
     if not isinstance(e, dict):
         raise CheckpointError(f"{where}: header entry is not a JSON object")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
@@ -180,8 +187,7 @@ def _tensor_info(shown, name, e):
             or not 0 <= offsets[0] <= offsets[1]):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end] with "
                               "0 <= begin <= end")
-    nonzero = math.prod(max(v, 1) for v in shape)  # what numpy must index, zeros aside
-    if nonzero * DTYPE_SIZES[dtype] >= 1 << 63:
+    if shape_too_large(shape, DTYPE_SIZES[dtype]):
         raise CheckpointError(f"{where}: shape {shape} is too large to address")
     begin, end = offsets
     if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
@@ -254,8 +260,8 @@ class SafetensorsFile:
         dt = _WORDS[t.itemsize]
         count = t.size - first if count is None else count
         if first < 0 or count < 0 or first + count > t.size:
-            raise CheckpointError(f"elements [{first}, {first + count}) outside tensor {name!r} "
-                                  f"of {t.size} elements")
+            raise CheckpointError(f"elements [{first}, {first + count}) outside tensor "
+                                  f"{short_repr(name)} of {t.size} elements")
         if count == 0:
             return np.empty(0, dt)
         start = self.data_start + t.begin + first * t.itemsize
@@ -275,7 +281,7 @@ class SafetensorsFile:
         t = self.tensors[name]
         if first < 0 or first + out.size > t.size or out.itemsize != t.itemsize:
             raise CheckpointError(f"read of elements [{first}, {first + out.size}) outside "
-                                  f"tensor {name!r} of {t.size} elements")
+                                  f"tensor {short_repr(name)} of {t.size} elements")
         pos = self.data_start + t.begin + first * t.itemsize
         view = memoryview(out).cast("B")
         with self._open() as f:
@@ -285,7 +291,7 @@ class SafetensorsFile:
                 n = f.readinto(view[got:])
                 if not n:
                     raise CheckpointError(f"{display(self.path)}: unexpected end of file in "
-                                          f"{name!r}")
+                                          f"{short_repr(name)}")
                 got += n
 
     def array(self, name, raw=False):

@@ -1,7 +1,8 @@
 """The object API: importance, calibration, masks, patterns and errors."""
 from ..errors import (CalibrationError, CalibrationFileError, CalibrationRequiredError,
                       CheckpointError, DeviceError, InvalidArgumentError,
-                      HessianError, InvalidCalibrationError, InvalidDTypeError, InvalidPatternError,
+                      HessianError, InsufficientMemoryError, InvalidCalibrationError,
+                      InvalidDTypeError, InvalidPatternError,
                       InvalidShapeError, InvalidSparsityError, LayoutError,
                       MissingActivationStatsError, NumericalInstabilityError, PruningError,
                       ReadOnlyError, ShapeMismatchError)
@@ -27,5 +28,5 @@ __all__ = [
     "InvalidShapeError", "InvalidDTypeError", "NumericalInstabilityError", "InvalidArgumentError",
     "ReadOnlyError", "LayoutError", "CheckpointError", "DeviceError", "CalibrationError",
     "InvalidCalibrationError", "CalibrationRequiredError", "MissingActivationStatsError",
-    "CalibrationFileError", "HessianError",
+    "CalibrationFileError", "HessianError", "InsufficientMemoryError",
 ]

@@ -27,6 +27,7 @@ saliency is their mean).  Blocks and experts are named by their checkpoint prefi
 (``model.layers.3``, ``model.layers.3.mlp.experts.7``).  Files of format 1 read as before.
 """
 import difflib
+import errno
 import json
 import math
 import numbers
@@ -40,10 +41,12 @@ import numpy as np
 from .._adapters import is_torch, to_numpy_view
 from .._kernels import calib as _calib
 from .._validation import (ABS16, BF16, F16, INF16, SIGN16, Bits16, _is_bf16, as_array, check_int,
-                           decode16, resolve_threads, short_repr)
-from ..errors import (CalibrationError, CalibrationFileError, CheckpointError, InvalidArgumentError,
-                      InvalidDTypeError, InvalidShapeError, MissingActivationStatsError,
-                      NumericalInstabilityError, ShapeMismatchError, UnsafePathError)
+                           decode16, format_bytes, require_memory, resolve_threads, short_repr,
+                           size_text as _size_text)
+from ..errors import (CalibrationError, CalibrationFileError, CheckpointError,
+                      InsufficientMemoryError, InvalidArgumentError, InvalidDTypeError,
+                      InvalidShapeError, MissingActivationStatsError, NumericalInstabilityError,
+                      ShapeMismatchError, UnsafePathError)
 
 __all__ = ["ActivationStats", "BlockStats", "CalibrationContext", "ExpertStats",
            "CALIBRATION_FORMAT"]
@@ -163,20 +166,35 @@ class ActivationStats:
     The arrays returned by ``sum_squares`` and ``hessian`` are read-only views of the running
     sums (later updates change them: copy to keep a snapshot).  Not thread-safe: one updater
     at a time.  An update that fails (a NaN, a shape mismatch) leaves the statistics unchanged.
+
+    Memory: ``8 * in_features`` bytes, plus ``8 * in_features**2`` with ``hessian=True`` (and
+    a float32 block product of ``4 * in_features**2`` during an update).  Sizes no array can
+    address raise InvalidArgumentError, sizes beyond this machine's physical memory
+    InsufficientMemoryError (a MemoryError too), both naming the size and the bytes needed and
+    raised before anything is allocated; an allocation the system refuses raises
+    InsufficientMemoryError as well.
     """
 
-    __slots__ = ("_d", "_ss", "_count", "_h", "_hshared")
+    __slots__ = ("_d", "_ss", "_count", "_h", "_hshared", "_origin")
 
     def __init__(self, in_features, *, hessian=False):
         d = check_int(in_features, "in_features", minimum=1)
         if not isinstance(hessian, (bool, np.bool_)):
             raise InvalidArgumentError(f"hessian must be True or False, got "
                                        f"{short_repr(hessian)}")
+        what = f"ActivationStats(in_features={_size_text(d)}{', hessian=True' if hessian else ''})"
+        need = 8 * d + (8 * d * d if hessian else 0)
+        require_memory(need, what)
+        try:
+            self._ss = np.zeros(d, dtype=np.float64)
+            self._h = np.zeros((d, d), dtype=np.float64) if hessian else None
+        except MemoryError:
+            raise InsufficientMemoryError(f"{what}: cannot allocate {format_bytes(need)}") \
+                from None
         self._d = d
-        self._ss = np.zeros(d, dtype=np.float64)
         self._count = 0
-        self._h = np.zeros((d, d), dtype=np.float64) if hessian else None
         self._hshared = False  # _h is also another layer's: copy before writing to it
+        self._origin = None  # "layer 'x' of calibration file 'f'" for statistics read from one
 
     # -- construction from stored arrays ----------------------------------------------------
     @classmethod
@@ -184,8 +202,9 @@ class ActivationStats:
         """Statistics from stored arrays (copied), validated: a 1-D float64 array of finite,
         non-negative sums; an integer count >= 0 (0 only with all sums 0); an optional
         (in, in) Hessian of finite values with a non-negative diagonal.  Raises
-        CalibrationError naming the problem."""
-        ss = np.asarray(sum_squares)
+        CalibrationError naming the problem.  The Hessian is checked and copied a block of
+        rows at a time (a memory-mapped one is read once, with no full-size temporary)."""
+        ss = _stored(sum_squares, "sum_squares")
         if ss.ndim != 1 or ss.size == 0:
             raise CalibrationError(f"sum_squares must be a non-empty 1-D array, got shape "
                                    f"{ss.shape}")
@@ -203,26 +222,34 @@ class ActivationStats:
             raise CalibrationError(f"count must be an integer, got {short_repr(count)}")
         count = int(count)
         if count < 0 or count > _INT64_MAX:
-            raise CalibrationError(f"count must be in [0, 2**63), got {count}")
+            raise CalibrationError(f"count must be in [0, 2**63), got {_size_text(count)}")
         if count == 0 and ss.any():
             raise CalibrationError("count is 0 but sum_squares is not all zero")
-        out = cls(ss.size, hessian=hessian is not None)
-        out._ss[:] = ss
-        out._count = count
+        h = None
         if hessian is not None:
-            h = np.asarray(hessian)
+            h = _stored(hessian, "hessian")
             if h.shape != (ss.size, ss.size):
                 raise CalibrationError(f"hessian has shape {h.shape}, expected "
                                        f"({ss.size}, {ss.size}) for {ss.size} input features")
             if h.dtype not in (np.float32, np.float64):
                 raise CalibrationError(f"hessian must be float32 or float64, got {h.dtype}")
-            if not np.isfinite(h).all():
-                raise CalibrationError("hessian holds NaN or infinity")
-            if (np.diagonal(h) < 0).any():
+        out = cls(ss.size, hessian=h is not None)
+        out._ss[:] = ss
+        out._count = count
+        if h is not None:
+            d = ss.size
+            step = max(1, _HESSIAN_BLOCK // d)
+            for a in range(0, d, step):
+                blk = h[a:a + step]
+                if not np.isfinite(blk).all():
+                    i, j = np.unravel_index(int(np.argmax(~np.isfinite(blk))), blk.shape)
+                    raise CalibrationError(f"hessian holds NaN or infinity "
+                                           f"({float(blk[i, j])!r} at ({a + int(i)}, {int(j)}))")
+                out._h[a:a + step] = blk
+            if (np.diagonal(out._h) < 0).any():
                 raise CalibrationError("hessian has a negative diagonal entry (XᵀX has none)")
-            if count == 0 and h.any():
+            if count == 0 and out._h.any():
                 raise CalibrationError("count is 0 but the hessian is not all zero")
-            out._h[...] = h
         return out
 
     # -- properties -------------------------------------------------------------------------
@@ -304,6 +331,7 @@ class ActivationStats:
             self._add_hessian(rows, sel, n_sel)
         self._ss = ss
         self._count += n_sel
+        self._origin = None  # no longer what a file held
         return self
 
     def _own_hessian(self):
@@ -313,12 +341,18 @@ class ActivationStats:
             self._hshared = False
 
     def _add_hessian(self, rows, sel, n_sel):
-        self._own_hessian()
         d = self._d
         wide = rows.kernel.dtype == np.float64
         dt = np.float64 if wide else np.float32
         step = max(1, _HESSIAN_BLOCK // d)
-        prod = np.empty((d, d), dtype=dt)  # allocated before the running sum is touched
+        need = d * d * np.dtype(dt).itemsize * (2 if self._hshared else 1)
+        try:  # allocated before the running sum is touched
+            prod = np.empty((d, d), dtype=dt)
+            self._own_hessian()
+        except MemoryError:
+            raise InsufficientMemoryError(f"x: the XᵀX update of {d} input features needs "
+                                          f"{format_bytes(need)} more, which cannot be "
+                                          "allocated") from None
         for s in range(0, n_sel, step):
             idx = slice(s, min(n_sel, s + step)) if sel is None else sel[s:s + step]
             blk = rows.floats(idx)
@@ -345,6 +379,7 @@ class ActivationStats:
         if self._count + other._count > _INT64_MAX:
             raise CalibrationError("merged token count would exceed 2**63 - 1")
         self._ss = self._ss + other._ss
+        self._origin = None
         if self._h is not None:
             self._own_hessian()
             self._h += other._h
@@ -383,6 +418,16 @@ class ActivationStats:
                 f"{', hessian=True' if self._h is not None else ''})")
 
 
+def _stored(value, name):
+    """A stored statistic as an array, or CalibrationError (a ragged list, an object numpy
+    refuses)."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise CalibrationError(f"{name} is not an array of numbers "
+                               f"({short_repr(str(exc), 120)})") from None
+
+
 def _check_tokens(tokens, what):
     if isinstance(tokens, np.ndarray) and tokens.ndim == 0:
         tokens = tokens[()]
@@ -391,7 +436,8 @@ def _check_tokens(tokens, what):
                                f"{short_repr(tokens)}")
     tokens = int(tokens)
     if not 0 <= tokens <= _INT64_MAX:
-        raise CalibrationError(f"{what}: the token count must be in [0, 2**63), got {tokens}")
+        raise CalibrationError(f"{what}: the token count must be in [0, 2**63), got "
+                               f"{_size_text(tokens)}")
     return tokens
 
 
@@ -400,7 +446,11 @@ def _check_sum(value, what, field):
         value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise CalibrationError(f"{what}: {field} must be a real number, got {short_repr(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except (OverflowError, ValueError):  # an integer or fraction beyond float64
+        raise CalibrationError(f"{what}: {field} is too large for a float64 "
+                               f"({type(value).__name__} {short_repr(value)})") from None
     if not math.isfinite(value):
         raise CalibrationError(f"{what}: {field} is not finite ({value!r})")
     return value
@@ -533,7 +583,8 @@ class CalibrationContext(Mapping):
     def num_samples(self, value):
         value = check_int(value, "num_samples", minimum=0)
         if value > _INT64_MAX:
-            raise InvalidArgumentError(f"num_samples must be below 2**63, got {value}")
+            raise InvalidArgumentError(f"num_samples must be below 2**63, got "
+                                       f"{_size_text(value)}")
         self._num_samples = value
 
     # -- layers -----------------------------------------------------------------------------
@@ -543,11 +594,11 @@ class CalibrationContext(Mapping):
         together, use ``ctx[name].merge_(stats)`` or :meth:`merge`)."""
         _check_name(name)
         if not isinstance(stats, ActivationStats):
-            raise InvalidArgumentError(f"stats for layer {name!r} must be an ActivationStats, "
-                                       f"got {type(stats).__name__}")
+            raise InvalidArgumentError(f"stats for layer {_layer_text(name)} must be an "
+                                       f"ActivationStats, got {type(stats).__name__}")
         if name in self._stats and not replace:
-            raise CalibrationError(f"layer {name!r} already has statistics (pass replace=True "
-                                   "to replace them, or merge)")
+            raise CalibrationError(f"layer {_layer_text(name)} already has statistics (pass "
+                                   "replace=True to replace them, or merge)")
         self._stats[name] = stats
         return stats
 
@@ -569,8 +620,8 @@ class CalibrationContext(Mapping):
         if isinstance(name, str):
             close = difflib.get_close_matches(name, names, n=3)
             if close:
-                hint = f"; did you mean {', '.join(map(repr, close))}?"
-        held = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+                hint = f"; did you mean {', '.join(map(_layer_text, close))}?"
+        held = ", ".join(_layer_text(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
         return MissingActivationStatsError(
             f"no activation statistics for layer {short_repr(name)} (the calibration holds "
             f"{len(names)} layer(s){': ' + held if names else ''}){hint}", layer=name)
@@ -662,14 +713,15 @@ class CalibrationContext(Mapping):
             if mine is None:
                 continue
             if mine.in_features != st.in_features:
-                raise ShapeMismatchError(f"layer {name!r}: {mine.in_features} input features "
-                                         f"here, {st.in_features} in the other context")
+                raise ShapeMismatchError(f"layer {_layer_text(name)}: {mine.in_features} input "
+                                         f"features here, {st.in_features} in the other "
+                                         "context")
             if mine.has_hessian != st.has_hessian:
-                raise CalibrationError(f"layer {name!r}: one context has a Hessian, the other "
-                                       "not")
+                raise CalibrationError(f"layer {_layer_text(name)}: one context has a Hessian, "
+                                       "the other not")
             if mine.count + st.count > _INT64_MAX:
-                raise CalibrationError(f"layer {name!r}: merged token count would exceed "
-                                       "2**63 - 1")
+                raise CalibrationError(f"layer {_layer_text(name)}: merged token count would "
+                                       "exceed 2**63 - 1")
         merged_model = {g: dict(v) for g, v in self._model.items()}
         for group, held in other._model.items():
             for name, value in held.items():
@@ -699,16 +751,17 @@ class CalibrationContext(Mapping):
         return self
 
     # -- files ------------------------------------------------------------------------------
-    def save(self, path):
+    def save(self, path, *, force=True):
         """Write the context to ``path`` as a safetensors file (format
         ``aprender.calibration/1``, see the README), through a temporary file renamed into
-        place.  An existing regular file at ``path`` is replaced; a folder or special file is
+        place.  An existing regular file at ``path`` is replaced (``force=False``: never, not
+        even one that appears while the file is written); a folder or special file is
         refused with CheckpointError.  Sums and counts are written exactly; Hessians in float32
         (rounded once from the float64 sums), once per group of layers sharing one."""
-        from ..io.files import display, file_kind, remove_tree, replace_path, temp_name
+        from ..io.files import commit_path, display, file_kind, remove_tree, temp_name
         from ..io.safetensors import write_safetensors
 
-        path = os.fspath(path)
+        path = os.fspath(_check_path(path, "CalibrationContext.save"))
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         try:
@@ -721,13 +774,15 @@ class CalibrationContext(Mapping):
         if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise UnsafePathError(f"{display(path)} is a {file_kind(st.st_mode)}; a calibration "
                                   "file is never written over it")
+        if st is not None and not force:
+            raise CheckpointError(f"{display(path)} already exists (use --force to replace it)")
         tensors = {}
         leaders = _hessian_leaders(self._stats)
         for name, s in self._stats.items():
             tensors[f"{name}.sum_squares"] = s._ss
             tensors[f"{name}.count"] = np.asarray(s._count, dtype=np.int64)
             if s._h is not None and leaders[name] == name:
-                tensors[f"{name}.hessian"] = _float32_hessian(s._h)
+                tensors[f"{name}.hessian"] = _float32_hessian(s._h, name)
         for suffix, (group, field, dtype) in _MODEL_SUFFIXES.items():
             for name, value in self._model[group].items():
                 tensors[f"{name}.{suffix}"] = np.asarray(
@@ -743,7 +798,7 @@ class CalibrationContext(Mapping):
                                   f"({exc.strerror or exc})") from None
         try:
             write_safetensors(tmp, tensors, metadata)
-            replace_path(tmp, path)
+            commit_path(tmp, path, force=force, what="calibration file")
         except BaseException:
             remove_tree(tmp)
             raise
@@ -760,12 +815,31 @@ class CalibrationContext(Mapping):
         disk (statistics without Hessians): :class:`HessianFile` reads them one at a time."""
         from ..io.files import display
 
+        path = _check_path(path, "CalibrationContext.load")
+        if not isinstance(hessians, (bool, np.bool_)):
+            raise InvalidArgumentError(f"hessians must be True or False, got "
+                                       f"{short_repr(hessians)}")
         shown = display(path)
         sf, layers, shared, model = _read_layout(path)
 
         def fail(msg):
             return CalibrationFileError(f"{shown}: {msg}")
 
+        # what the header claims is backed by file bytes, but a sparse file holds terabytes of
+        # holes: the memory the statistics take is checked before anything is read
+        need, largest = 0, (0, None)
+        for layer, parts in layers.items():
+            d = parts["sum_squares"].shape[0]
+            n = 8 * d + (8 * d * d if hessians and "hessian" in parts else 0)
+            need += n
+            largest = max(largest, (n, layer), key=lambda p: p[0])
+        if largest[1] is not None:
+            require_memory(need, f"{shown}: the statistics of its {len(layers)} layer(s)"
+                           + (" with their Hessians" if hessians else "")
+                           + f" (layer {_layer_text(largest[1])} alone: "
+                           f"{format_bytes(largest[0])})"
+                           + ("; load with hessians=False to leave the Hessians on disk"
+                              if hessians else ""))
         out = cls(num_samples=int(sf.metadata["num_samples"]))
         for group, held in model.items():
             make = BlockStats if group == "block" else ExpertStats
@@ -777,21 +851,32 @@ class CalibrationContext(Mapping):
                 except CalibrationError as exc:
                     raise fail(str(exc)) from None
         for layer, parts in layers.items():  # names, dtypes and shapes: checked by the layout
-            where = f"layer {display(short_repr(layer))}"
+            where = f"layer {_layer_text(layer)}"
             ssi, ci, hi = parts["sum_squares"], parts["count"], parts.get("hessian")
-            ss = np.array(sf.array(ssi.name), dtype=np.float64)
             count = int(np.array(sf.array(ci.name)).reshape(()))
-            h = None if hi is None or not hessians else np.array(sf.array(hi.name))
             try:
-                st = ActivationStats.from_arrays(ss, count, h)
+                st = ActivationStats.from_arrays(
+                    sf.array(ssi.name), count,
+                    None if hi is None or not hessians else sf.array(hi.name))
             except CalibrationError as exc:
                 raise fail(f"{where}: {exc}") from None
+            except (MemoryError, OSError) as exc:  # the allocation, or mapping the tensors
+                if isinstance(exc, OSError) and exc.errno != errno.ENOMEM:
+                    raise CalibrationFileError(f"{shown}: {where}: cannot read "
+                                               f"({exc.strerror or exc})") from None
+                d = ssi.shape[0]
+                n = 8 * d + (8 * d * d if hi is not None and hessians else 0)
+                why = "cannot allocate" if isinstance(exc, MemoryError) else \
+                    f"cannot map ({exc.strerror or type(exc).__name__}) the tensors for"
+                raise InsufficientMemoryError(f"{shown}: {where}: {why} its statistics "
+                                              f"({format_bytes(n)})") from None
+            st._origin = f"{where} of calibration file {shown}"
             out._stats[layer] = st
         for layer, lead in shared.items():
             a, b = out._stats[layer], out._stats[lead]
             if a.count != b.count or not np.array_equal(a._ss, b._ss):
-                raise fail(f"__metadata__ hessian_of: layer {display(short_repr(layer))} shares "
-                           f"the Hessian of {display(short_repr(lead))} but its tokens or sums "
+                raise fail(f"__metadata__ hessian_of: layer {_layer_text(layer)} shares "
+                           f"the Hessian of {_layer_text(lead)} but its tokens or sums "
                            "of squares differ (layers sharing one read the same inputs)")
             if hessians:
                 out._stats[layer]._share_hessian_of(out._stats[lead])
@@ -806,19 +891,60 @@ class HessianFile:
     where they are used (``aprender.pruning.reconstruct.hessian_array``)."""
 
     def __init__(self, path):
-        self.path = path
-        self._sf, self._layers, self._shared, _ = _read_layout(path)
+        self.path = _check_path(path, "HessianFile")
+        self._sf, self._layers, self._shared, _ = _read_layout(self.path)
 
     def source(self, layer):
         """The name of the layer whose ``.hessian`` tensor ``layer`` uses, or None."""
+        if not isinstance(layer, str):
+            raise InvalidArgumentError(f"HessianFile: layer names are strings, got "
+                                       f"{type(layer).__name__} {short_repr(layer)}")
         lead = self._shared.get(layer, layer)
         return lead if "hessian" in self._layers.get(lead, {}) else None
 
-    def get(self, layer):
+    def get(self, layer, cols=None):
+        """The layer's Hessian (mapped, read-only), or None.  ``cols``: the input columns of
+        the weight it is for; a Hessian of another size is refused before it is mapped
+        (CalibrationFileError naming the file and the layer)."""
         lead = self.source(layer)
         if lead is None:
             return None
-        return self._sf.array(self._layers[lead]["hessian"].name)
+        info = self._layers[lead]["hessian"]
+        if cols is not None:
+            cols = check_int(cols, "cols (the weight's input columns)", minimum=0)
+        if cols is not None and info.shape != (cols, cols):
+            from ..io.files import display
+
+            raise CalibrationFileError(
+                f"{display(self.path)}: layer {_layer_text(layer)}: the Hessian is "
+                f"{info.shape[0]} x {info.shape[1]} but the weight has {_size_text(cols)} input "
+                "columns")
+        try:
+            return self._sf.array(info.name)
+        except OSError as exc:
+            from ..io.files import display
+
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise InsufficientMemoryError(
+                f"{display(self.path)}: layer {_layer_text(layer)}: cannot map its Hessian "
+                f"({format_bytes(info.nbytes)})") from None
+
+
+def _check_path(path, who):
+    """``path`` if it is a str, bytes or os.PathLike, else InvalidArgumentError naming it."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        return path
+    raise InvalidArgumentError(f"{who} needs a path (str, bytes or os.PathLike), got "
+                               f"{type(path).__name__} {short_repr(path)}")
+
+
+def _layer_text(name):
+    """A layer name from a file or a caller, for messages: quoted, cut, control characters
+    escaped."""
+    from ..io.files import display
+
+    return display(short_repr(name))
 
 
 def _hessian_leaders(stats):
@@ -831,13 +957,15 @@ def _hessian_leaders(stats):
     return out
 
 
-def _float32_hessian(h):
+def _float32_hessian(h, layer):
     """A float64 Hessian rounded to float32 for the file, refusing sums beyond its range."""
     with np.errstate(over="ignore"):
         h32 = h.astype(np.float32)
     if not np.isfinite(h32).all():
-        raise CalibrationError("a Hessian entry exceeds the float32 range (about 3.4e38); "
-                               "scale the activations down")
+        i, j = np.unravel_index(int(np.argmax(~np.isfinite(h32))), h32.shape)
+        raise CalibrationError(f"layer {_layer_text(layer)}: Hessian entry ({int(i)}, {int(j)}) "
+                               f"= {float(h[i, j]):.6g} exceeds the float32 range (about "
+                               "3.4e38) the file stores Hessians in; scale the activations down")
     return h32
 
 

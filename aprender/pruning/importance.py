@@ -180,7 +180,18 @@ class MagnitudeImportance:
 # Wanda
 # ----------------------------------------------------------------------------------------------
 
-def wanda_scale(stats, dtype=np.float32):
+def _stats_where(stats, layer):
+    """"layer 'x' of calibration file 'f': " for messages about a layer's statistics: the file
+    when they were read from one, the layer as the caller or the file names it."""
+    origin = getattr(stats, "_origin", None)
+    if origin is not None:
+        return f"{origin}: "
+    if layer is not None:
+        return f"layer {short_repr(layer)}: "
+    return ""
+
+
+def wanda_scale(stats, dtype=np.float32, *, layer=None):
     """The per-column Wanda scale of a layer: ``‖X_j‖₂ = sqrt(stats.sum_squares[j])``, computed
     in float64 and rounded once to ``dtype`` (float32, the default, or float64).
 
@@ -190,7 +201,9 @@ def wanda_scale(stats, dtype=np.float32):
     command line all compute it this way, so they agree bit for bit.
 
     ``stats``: an ActivationStats with at least one token (CalibrationError otherwise).  A norm
-    beyond the float32 range raises NumericalInstabilityError."""
+    beyond the float32 range raises NumericalInstabilityError.  Messages name the layer
+    (``layer``, or the file's name for statistics read with ``CalibrationContext.load``) and
+    the calibration file they came from."""
     from .calibration import ActivationStats
 
     if not isinstance(stats, ActivationStats):
@@ -200,16 +213,17 @@ def wanda_scale(stats, dtype=np.float32):
     if dt is None:
         raise InvalidDTypeError(f"wanda_scale dtype must be float32 or float64, got "
                                 f"{short_repr(dtype)}")
+    at = _stats_where(stats, layer)
     if stats.count == 0:
-        raise CalibrationError("the calibration statistics hold no tokens (count is 0): every "
-                               "Wanda score would be 0")
+        raise CalibrationError(f"{at}the calibration statistics hold no tokens (count is 0): "
+                               "every Wanda score would be 0")
     norms = np.sqrt(stats.sum_squares)
     with np.errstate(over="ignore"):
         scale = norms.astype(dt)
     if not np.isfinite(scale).all():
         j = int(np.argmax(~np.isfinite(scale)))
         raise NumericalInstabilityError(
-            f"the input norm of feature {j} ({float(norms[j]):.6g}) overflows {dt.name}",
+            f"{at}the input norm of feature {j} ({float(norms[j]):.6g}) overflows {dt.name}",
             index=(j,), value="inf")
     return scale
 
@@ -242,6 +256,12 @@ def _wanda_values(f, scale, out, nt, stats=False):
         raise ShapeMismatchError(f"weights of shape {f.shape} have {cols} input features but "
                                  f"the scale has {sc.shape[0]}")
     sc = np.ascontiguousarray(sc)
+    bad_scale = ~(sc >= 0) | ~np.isfinite(sc)  # NaN fails the first test
+    if bad_scale.any():
+        j = int(np.argmax(bad_scale))
+        raise NumericalInstabilityError(
+            f"the scale of input feature {j} is {float(sc[j])!r}; Wanda scales are input norms, "
+            "finite and >= 0 (from wanda_scale)", index=(j,), value=repr(float(sc[j])))
     if out is None:
         out = np.empty(f.shape, dtype=sdt)
     elif not (isinstance(out, np.ndarray) and out.dtype == sdt and out.shape == f.shape
@@ -318,7 +338,7 @@ class WandaImportance:
                 f"shape ({stats.in_features},): the weights' last axis must be the "
                 f"{stats.in_features} input features")
         wide = f.dtype_name == "float64"
-        scale = wanda_scale(stats, np.float64 if wide else np.float32)
+        scale = wanda_scale(stats, np.float64 if wide else np.float32, layer=self.layer_name)
         nt = resolve_threads(n_threads)
         values, res = _wanda_values(f, scale, None, nt, stats=True)
         # statistics from the same pass (float64, per row in a fixed order, rows merged in order)

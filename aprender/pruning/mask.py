@@ -10,8 +10,8 @@ from .._kernels import apply as _apply
 from .._kernels import nm as _nmk
 from .._kernels import select as _select
 from .._adapters import is_torch, to_numpy_view
-from .._validation import (as_array, as_floats, check_axis, check_bool, check_int, check_nm,
-                           check_sparsity, prune_count, resolve_threads, short_repr)
+from .._validation import (Floats, as_array, as_floats, check_axis, check_bool, check_int,
+                           check_nm, check_sparsity, prune_count, resolve_threads, short_repr)
 from ..errors import (InvalidArgumentError, InvalidDTypeError, InvalidPatternError, InvalidShapeError,
                      InvalidSparsityError, NumericalInstabilityError, ReadOnlyError,
                      ShapeMismatchError)
@@ -20,7 +20,8 @@ from .selection import (ArraySource, common_dtype, raise_nonfinite, require_fini
 
 __all__ = ["SparsityPattern", "SparsityMask", "generate_unstructured_mask", "generate_nm_mask",
            "generate_global_mask", "generate_block_mask", "generate_row_mask",
-           "generate_column_mask", "magnitude_mask", "magnitude_nm_mask", "layer_magnitude_mask"]
+           "generate_column_mask", "magnitude_mask", "magnitude_nm_mask", "layer_magnitude_mask",
+           "per_row_count_mask", "row_counts"]
 
 
 _NM_TEXT = re.compile(r"([0-9]+)\s*:\s*([0-9]+)", re.ASCII)
@@ -448,6 +449,55 @@ def _unstructured(f, sparsity, per_row, magnitude, nt, name, out=None):
     else:
         select_mask(src, flat, prune_count(sparsity, n), magnitude, nt)
     return keep
+
+
+def row_counts(count, rows):
+    """How ``count`` pruned elements spread over ``rows`` rows as evenly as integers allow:
+    ``(q, r)`` where every row prunes ``q`` and the first ``r`` rows one more
+    (``count == q * rows + r``)."""
+    return divmod(count, rows) if rows else (0, 0)
+
+
+def per_row_count_mask(values, count, *, first_row=0, total_rows=None, magnitude=False,
+                       n_threads=None, out=None):
+    """A per-row mask pruning exactly ``count`` elements of a tensor: row ``i`` prunes its
+    ``q + (i < r)`` smallest values, ``(q, r) = row_counts(count, total_rows)`` (so rows
+    differ by at most one, and the first rows take the remainder), ties pruning the lowest
+    index first.  This is how a per-layer count (OWL's) is honoured with the per-row pattern:
+    ``generate_unstructured_mask(values, count / size, per_row=True)`` prunes
+    ``rows * round(count / rows)`` instead.
+
+    ``values``: importance scores (``magnitude=True``: weights, ranked by |w|) with the rows
+    along the leading axes; they may be rows ``[first_row, first_row + rows)`` of a tensor of
+    ``total_rows`` rows (default: the whole tensor), so a tensor scored a chunk of rows at a
+    time gets the mask it would get in one piece.  ``out``: as for
+    :func:`generate_unstructured_mask`."""
+    f = as_floats(values, "weights" if magnitude else "values")
+    magnitude = check_bool(magnitude, "magnitude")
+    nt = resolve_threads(n_threads)
+    rows, cols = _as_2d_shape(f.shape) if f.array.ndim else (0, 0)
+    total_rows = rows if total_rows is None else check_int(total_rows, "total_rows", minimum=0)
+    first_row = check_int(first_row, "first_row", minimum=0)
+    if first_row + rows > total_rows:
+        raise InvalidShapeError(f"rows [{first_row}, {first_row + rows}) of values lie outside "
+                                f"a tensor of {total_rows} rows")
+    count = check_int(count, "count", minimum=0)
+    if count > total_rows * cols:
+        raise InvalidArgumentError(f"count {short_repr(count)} exceeds the {total_rows * cols} "
+                                   f"elements of a tensor of {total_rows} rows of {cols}")
+    keep = _out_mask(out, f.shape)
+    if f.size == 0:
+        return SparsityMask(keep, SparsityPattern.per_row(), _trusted=True)
+    q, r = row_counts(count, total_rows)
+    extra = min(max(r - first_row, 0), rows)  # rows of this piece that prune q + 1
+    kern, flat = f.kernel.reshape(rows, cols), keep.reshape(-1).view(np.uint8)
+    arr = f.array.reshape(rows, cols)
+    for a, b, k in ((0, extra, q + 1), (extra, rows, q)):
+        if b > a:
+            part = Floats(arr[a:b], kern[a:b], f.fmt, f.dtype_name)
+            select_rows(ArraySource(part, "weights" if magnitude else "values"),
+                        flat[a * cols:b * cols], b - a, cols, k, int(magnitude), nt)
+    return SparsityMask(keep, SparsityPattern.per_row(), _trusted=True)
 
 
 def _unstructured_pattern(per_row):

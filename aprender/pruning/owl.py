@@ -17,6 +17,10 @@ Layers with more outliers in their Wanda scores are pruned less.  For each layer
    ``round(s * total)`` (halves down), the count every aprender function prunes for a
    fraction ``s`` of ``total`` elements.
 
+With the per-row pattern the counts are honoured exactly, rows of a layer differing by at
+most one (see :class:`OwlAllocation`); N:M patterns cannot carry per-layer sparsities and are
+refused with OWL.
+
 The paper's "layer" is a transformer block (all its Linear weights together): pass a group of
 score arrays per block to get that, or one array per weight for a per-weight allocation.
 """
@@ -28,10 +32,12 @@ import numpy as np
 
 from .._kernels import calib as _calib
 from .._validation import (as_floats, as_real, check_sparsity, prune_count, raise_nonfinite,
-                           resolve_threads, short_repr)
+                           resolve_threads, short_repr, size_text)
 from ..errors import InvalidArgumentError, InvalidShapeError, NumericalInstabilityError
 
 __all__ = ["owl_outlier_ratio", "owl_allocation", "owl_sparsities", "OwlAllocation"]
+
+_INT64_MAX = (1 << 63) - 1
 
 
 def _check_m(m):
@@ -127,12 +133,23 @@ def streamed_outlier_ratio(chunks, m=5.0, n_threads=None):
     return above / n
 
 
+def _sequence(values, name):
+    """A list from a sequence argument, or InvalidArgumentError naming what came instead."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise InvalidArgumentError(f"{name} must be a sequence, got {type(values).__name__} "
+                                   f"{short_repr(values)}")
+    return list(values)
+
+
 def _check_sizes(sizes):
     arr = []
-    for i, v in enumerate(sizes):
+    for i, v in enumerate(_sequence(sizes, "sizes")):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 0:
             raise InvalidArgumentError(f"sizes[{i}] must be an integer >= 0, got {short_repr(v)}")
         arr.append(int(v))
+    if sum(arr) > _INT64_MAX:  # the counts are int64, as every element count numpy holds
+        raise InvalidArgumentError(f"the layer sizes add up to {size_text(sum(arr))} elements, "
+                                   "more than 2**63 - 1")
     return arr
 
 
@@ -181,7 +198,7 @@ def owl_allocation(ratios, sizes, target, lam=0.08):
     normalisation."""
     target = check_sparsity(target, "target sparsity")
     lam = _check_lam(lam)
-    d = [as_real(r, f"ratios[{i}]") for i, r in enumerate(ratios)]
+    d = [as_real(r, f"ratios[{i}]") for i, r in enumerate(_sequence(ratios, "ratios"))]
     n = _check_sizes(sizes)
     if len(d) != len(n):
         raise InvalidShapeError(f"{len(d)} outlier ratios for {len(n)} layer sizes")
@@ -225,8 +242,17 @@ class OwlAllocation:
     ``counts[i]`` elements of layer ``names[i]`` (of ``sizes[i]``) are to be pruned;
     ``sparsities[i] = counts[i] / sizes[i]`` (0 for an empty layer) is the fraction to pass to
     a layer mask function: ``generate_unstructured_mask(scores, sparsities[i])`` prunes exactly
-    ``counts[i]`` elements.  (A per-row or N:M mask prunes a multiple of the row count or the
-    pattern's fraction instead, so the total is then only approximately ``target``.)"""
+    ``counts[i]`` elements.
+
+    Per-row (Wanda's grouping): ``per_row_count_mask(scores, counts[i])`` prunes exactly
+    ``counts[i]``, spread over the rows as evenly as integers allow (every row ``q`` and the
+    first ``r`` rows one more, ``(q, r) = divmod(counts[i], rows)``); so do ``aprender prune
+    --allocation owl --pattern per-row`` and ``aprender.torch.prune_`` with ``as_dict()``.
+    Equal counts in every row and an exact total cannot both hold in general (a count that
+    is not a multiple of the rows); the total is kept exact.  (Passing ``sparsities[i]`` to
+    ``generate_unstructured_mask(..., per_row=True)`` prunes ``rows * round(counts[i] /
+    rows)`` instead.)  N:M patterns fix every layer's sparsity at N/M and are refused with
+    OWL."""
 
     names: tuple
     sizes: tuple

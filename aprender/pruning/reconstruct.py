@@ -41,9 +41,10 @@ import numpy as np
 from .._adapters import Bits16, is_torch, to_numpy_view
 from .._kernels import sparsegpt as _k
 from .._validation import (as_floats, as_real, check_int, decode16, prune_count,
-                           raise_nonfinite, resolve_threads, short_repr)
-from ..errors import (CalibrationError, HessianError, InvalidArgumentError, InvalidDTypeError,
-                      InvalidPatternError, InvalidShapeError, NumericalInstabilityError,
+                           raise_nonfinite, require_memory, resolve_threads, short_repr)
+from ..errors import (CalibrationError, HessianError, InsufficientMemoryError,
+                      InvalidArgumentError, InvalidDTypeError, InvalidPatternError,
+                      InvalidShapeError, NumericalInstabilityError, PruningError,
                       ShapeMismatchError)
 from .importance import ImportanceScores, ImportanceStats, _weights_of, layer_stats
 from .mask import SparsityMask, SparsityPattern
@@ -64,7 +65,9 @@ def _lapack():
 
 
 def _at(layer):
-    return f"layer {layer!r}: " if layer is not None else ""
+    from ..io.files import display
+
+    return f"layer {display(short_repr(layer))}: " if layer is not None else ""
 
 
 def _pattern(pattern):
@@ -99,6 +102,8 @@ def hessian_array(hessian, cols, layer=None, n_threads=None):
 
     at = _at(layer)
     if isinstance(hessian, ActivationStats):
+        if hessian._origin is not None:  # read from a file: name it too
+            at = f"{hessian._origin}: "
         if not hessian.has_hessian:
             raise CalibrationError(f"{at}the calibration statistics have no Hessian (collect "
                                    "them with hessian=True, or 'aprender calibrate --hessian')")
@@ -172,18 +177,28 @@ def _square_size(hessian):
     return shape[0] if shape is not None and len(shape) else -1
 
 
+def dead_and_mean(h):
+    """SparseGPT's damping basis for a checked Hessian: the boolean mask of dead inputs
+    (``H[j, j] == 0``, inputs that never fired) and the mean of the diagonal with those
+    entries taken as 1 (the damping adds ``percdamp`` times it to the diagonal).  The mean is
+    computed without overflow for diagonals near the float64 limit; 1.0 for an empty H."""
+    diag = np.diagonal(h).astype(np.float64)
+    dead = diag == 0
+    if not diag.size:
+        return dead, 1.0
+    d1 = np.where(dead, 1.0, diag)
+    top = float(d1.max())
+    return dead, top * float(np.mean(d1 / top))
+
+
 def _factor(h, percdamp, wide, layer, nt):
     """hessian_factor for a Hessian already checked by hessian_array."""
     lapack = _lapack()
     at = _at(layer)
     n = h.shape[0]
-    diag = np.diagonal(h).astype(np.float64)
-    dead = diag == 0
+    dead, mean = dead_and_mean(h)
     if n == 0:
         return _Factor(np.zeros((0, 0), np.float64 if wide else np.float32), dead, None)
-    d1 = np.where(dead, 1.0, diag)
-    top = float(d1.max())
-    mean = top * float(np.mean(d1 / top))  # no overflow for diagonals near the float64 limit
     damp = percdamp * mean
     nbytes = 8 * n * n
     mem = mmap.mmap(-1, nbytes)  # anonymous: its second half can be returned after narrowing
@@ -264,7 +279,23 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
 
     The pruned weights have the input's dtype (a numpy array; bfloat16 from Bits16 or torch
     comes back as Bits16); every pruned position is +0.0 and the mask's count is exact.  See
-    the module documentation for the algorithm, precision and memory."""
+    the module documentation for the algorithm, precision and memory.  A workspace larger
+    than this machine's memory is refused before the Hessian is read, and one the system
+    refuses raises InsufficientMemoryError (a MemoryError) naming the layer."""
+    try:
+        return _sparsegpt(weights, hessian, sparsity, pattern=pattern, block_size=block_size,
+                          percdamp=percdamp, n_threads=n_threads, layer=layer,
+                          must_prune=must_prune)
+    except MemoryError as exc:
+        if isinstance(exc, PruningError):
+            raise
+        raise InsufficientMemoryError(f"{_at(layer)}SparseGPT cannot allocate its workspace "
+                                      "(about 8 x in_features**2 bytes and a copy of the "
+                                      "weights)") from None
+
+
+def _sparsegpt(weights, hessian, sparsity, *, pattern, block_size, percdamp, n_threads, layer,
+               must_prune):
     pat = _pattern(pattern)
     sparsity = pat.resolve_sparsity(sparsity)
     block_size = check_int(block_size, "block_size", minimum=1)
@@ -282,6 +313,8 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
             raise InvalidArgumentError(f"block_size {block_size} must be a multiple of M={pat.m} "
                                        f"for pattern {pat}")
     nt = resolve_threads(n_threads)
+    require_memory(sparsegpt_workspace_bytes(rows, cols, 2 if f.fmt else f.kernel.itemsize),
+                   f"{_at(layer)}SparseGPT on a {rows} x {cols} weight")
     if not _is_finite(f.kernel.reshape(-1), f.inf16, nt):
         raise_nonfinite(f, "weights")
     h = hessian_array(hessian, cols, layer, nt)
