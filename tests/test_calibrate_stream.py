@@ -637,3 +637,31 @@ def test_tokenizer_larger_than_the_vocabulary_is_one_line(tmp_path, capsys):
                  str(tmp_path / "c.safetensors")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "outside the model's vocabulary of 6" in err
+
+
+def test_calibrate_then_shrink_a_mixtral(tmp_path):
+    """The statistics `shrink` reads come from `calibrate`: a layer dropped by block influence,
+    experts removed by REAP, MLP channels refit with the Hessians, end to end on the CLI."""
+    if not moe_or_refused(tmp_path, "mixtral"):
+        return
+    folder = tmp_path / "mix"
+    tiny(folder, "mixtral", num_hidden_layers=3)
+    (tmp_path / "t.txt").write_text("\n".join(samples(16)) + "\n")
+    calib = tmp_path / "c.safetensors"
+    assert main(["calibrate", str(folder), "--text", str(tmp_path / "t.txt"), "-o", str(calib),
+                 "--hessian", "--quiet"]) == 0
+    ctx = CalibrationContext.load(calib)
+    influence = {n: s.influence for n, s in ctx.block_stats.items()}
+    least = min(influence, key=influence.get)
+    report = tmp_path / "r.json"
+    assert main(["shrink", str(folder), "-o", str(tmp_path / "small"), "--calibration",
+                 str(calib), "--drop-layers", "1", "--experts", "0.5", "--report", str(report),
+                 "--quiet"]) == 0
+    r = json.loads(report.read_text())
+    assert r["layers_kept"] == [i for i in range(3) if f"model.layers.{i}" != least]
+    for layer in r["layers_kept"]:
+        reap = {e: ctx.expert_stats[f"model.layers.{layer}.block_sparse_moe.experts.{e}"].reap
+                for e in range(4)}
+        assert sorted(r["experts"][str(layer)]) == sorted(sorted(reap, key=reap.get)[2:])
+    cfg = json.loads((tmp_path / "small" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["num_local_experts"] == 2
