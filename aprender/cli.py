@@ -156,6 +156,16 @@ def _threads(text):
     return _count(text, MAX_THREADS)
 
 
+def _size(text):
+    """A byte count such as 512M or 4G (binary units)."""
+    from .models.executor import parse_size
+
+    try:
+        return parse_size(text if len(text) <= 40 else "?")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _workers(text):
     return _count(text, 1024)
 
@@ -275,14 +285,21 @@ def build_parser():
                      help="calibration file to write (safetensors; see the README)")
     cal.add_argument("--samples", type=_count, default=128, metavar="N",
                      help="use the first N samples (default 128)")
-    cal.add_argument("--max-length", type=_count, default=512, metavar="L",
-                     help="truncate each sample to L tokens (default 512)")
+    cal.add_argument("--max-length", type=_count, default=None, metavar="L",
+                     help="truncate each sample to L tokens (default: 512 or the model's "
+                          "max_position_embeddings if smaller; more than that is an error)")
     cal.add_argument("--batch-size", type=_count, default=8, metavar="B",
                      help="samples per forward pass (default 8)")
     cal.add_argument("--hessian", action="store_true",
                      help="also accumulate X^T X (for --importance sparsegpt): one per distinct "
                           "input, shared by the layers that read it (query/key/value), stored "
                           "in float32 (in_features^2 values each)")
+    cal.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="compute dtype of the weights and hidden states (default float32)")
+    cal.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                     help="hidden states (block inputs and outputs of every sample) kept in "
+                          "memory up to SIZE bytes (e.g. 512M, 8G; default 4G); over it they "
+                          "go to a scratch file next to --output, removed at once")
     cal.add_argument("--threads", type=_threads, metavar="N", help="threads for the kernels")
     cal.add_argument("--force", action="store_true", help="replace an existing output file")
     cal.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -495,13 +512,18 @@ def run_calibrate(args):
     ckpt = Checkpoint(args.model)
     OutputTarget(args.output, ckpt.inputs + [args.text], force=args.force, what="--output")
     samples = read_text_samples(args.text, args.samples)
+    options = {}
+    if args.memory_budget is not None:
+        options["memory_budget"] = args.memory_budget
     ctx, left_out = calibrate_folder(args.model, samples, max_length=args.max_length,
                                      batch_size=args.batch_size, hessian=args.hessian,
+                                     dtype=args.dtype, scratch_near=args.output,
                                      progress=sys.stderr.isatty() and not args.quiet,
-                                     n_threads=args.threads)
+                                     n_threads=args.threads, **options)
     ctx.save(args.output, force=args.force)
     if not args.quiet:
-        print(f"{len(ctx.layer_names)} layers, {ctx.num_samples} samples -> "
+        print(f"{len(ctx.layer_names)} layers, {len(ctx.block_stats)} blocks, "
+              f"{len(ctx.expert_stats)} experts, {ctx.num_samples} samples -> "
               f"{display(args.output)}")
         if left_out:
             print(f"left out (no weight of that name and shape in the checkpoint): "

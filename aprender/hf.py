@@ -1,21 +1,16 @@
-"""Calibration statistics from a local Hugging Face model folder, named as its checkpoint.
+"""Calibration from a local Hugging Face model folder: the calibration text, and module names
+matched to the checkpoint's weight names.
 
-``aprender calibrate MODEL_DIR --text FILE -o calib.safetensors`` loads the folder with
-transformers (offline, ``local_files_only``), runs the calibration text through it on the CPU
-and saves one :class:`~aprender.pruning.ActivationStats` per ``nn.Linear`` under the name its
-weight has *in the checkpoint files* — which is not always the module's name: ``AutoModel`` on
-a causal-LM checkpoint drops the ``model.`` prefix (module ``layers.0.self_attn.q_proj``, file
-``model.layers.0.self_attn.q_proj.weight``), a task head adds one, and sentence-transformers
-wraps the encoder.  Each module is matched to the one checkpoint weight whose name ends with
-the module's name (or with the module's name less its leading components) and whose shape is
-the module weight's shape; a Linear with no such weight (a tied head) is left out and listed.
+``aprender calibrate MODEL_DIR --text FILE -o calib.safetensors`` runs the folder's model one
+block at a time from its memory-mapped safetensors files (:mod:`aprender.models.executor`) and
+saves one :class:`~aprender.pruning.ActivationStats` per Linear under the name its weight has
+*in the checkpoint files*.  :func:`checkpoint_names` matches module names to checkpoint names by
+suffix and shape for callers that hold a model whose names differ from its files' (``AutoModel``
+on a causal-LM checkpoint drops the ``model.`` prefix, sentence-transformers wraps the encoder).
 
 transformers and torch are optional: ``pip install "aprender[calibrate]"``.
 """
-import os
-
-from .errors import CalibrationError, InvalidArgumentError
-from .io.checkpoint import Checkpoint
+from .errors import CalibrationError
 from .io.files import display, open_regular
 
 __all__ = ["calibrate_folder", "checkpoint_names", "read_text_samples"]
@@ -23,22 +18,17 @@ __all__ = ["calibrate_folder", "checkpoint_names", "read_text_samples"]
 MAX_LINE = 1 << 20
 
 
-def _transformers():
-    try:
-        import torch  # noqa: F401
-        import transformers
-    except ImportError as exc:
-        raise ImportError("aprender calibrate needs PyTorch and transformers: "
-                          "pip install \"aprender[calibrate]\"") from exc
-    return transformers
-
-
 def read_text_samples(path, limit):
-    """Up to ``limit`` non-empty lines of a UTF-8 text file (one calibration sample each)."""
+    """Up to ``limit`` non-empty lines of a UTF-8 text file (one calibration sample each).
+    No read is longer than ``MAX_LINE`` + 1 bytes: a longer line is refused before the rest
+    of it is read."""
     out = []
     with open_regular(path) as f:
-        for raw in f:
-            if len(raw) > MAX_LINE:
+        while True:
+            raw = f.readline(MAX_LINE + 1)
+            if not raw:
+                break
+            if len(raw.rstrip(b"\r\n")) > MAX_LINE:
                 raise CalibrationError(f"{display(path)}: a line longer than {MAX_LINE} bytes")
             try:
                 line = raw.decode("utf-8").strip()
@@ -59,7 +49,10 @@ def checkpoint_names(module_shapes, weight_shapes):
     whose weight is found in the checkpoint; ``module_shapes``: {module name: weight shape},
     ``weight_shapes``: {checkpoint tensor name: shape}.  A module matches the weight named
     ``P + suffix + ".weight"`` where suffix is the module name or the module name less its
-    leading components, with the same shape; ambiguous matches are errors."""
+    leading components, with the same shape; ambiguous matches are errors.  A suffix keeps at
+    least two components (or the whole name of a one-component module such as ``lm_head``):
+    a module the checkpoint does not hold (``pooler.dense`` of a masked-LM checkpoint) is not
+    matched to some other layer's ``dense`` by its last component."""
     by_suffix = {}
     for name, shape in weight_shapes.items():
         if not name.endswith(".weight"):
@@ -70,7 +63,7 @@ def checkpoint_names(module_shapes, weight_shapes):
     out = {}
     for mod, shape in module_shapes.items():
         parts = mod.split(".")
-        for i in range(len(parts)):
+        for i in range(max(1, len(parts) - 1)):
             hits = [n for n, s in by_suffix.get(".".join(parts[i:]), ()) if s == tuple(shape)]
             if len(hits) == 1:
                 out[mod] = hits[0][:-len(".weight")]
@@ -88,46 +81,12 @@ def checkpoint_names(module_shapes, weight_shapes):
     return out
 
 
-def calibrate_folder(model_dir, samples, *, max_length=512, batch_size=8, hessian=False,
-                     progress=False, n_threads=None):
+def calibrate_folder(model_dir, samples, **options):
     """(CalibrationContext named by checkpoint weights, [Linear modules left out]) for the
-    model in ``model_dir`` over the text ``samples``."""
-    transformers = _transformers()
-    import torch
-    from .pruning.calibration import CalibrationContext
-    from .torch import collect_calibration
+    model in ``model_dir`` over the text ``samples``, run one block at a time from the
+    memory-mapped checkpoint: see :func:`aprender.models.executor.calibrate_folder` for the
+    options (max_length, batch_size, hessian, dtype, memory_budget, scratch_near, progress,
+    n_threads)."""
+    from .models.executor import calibrate_folder as run
 
-    if max_length < 1 or batch_size < 1:
-        raise InvalidArgumentError("max_length and batch_size must be >= 1")
-    ckpt = Checkpoint(model_dir)  # the hardened reader: names and shapes of the files
-    weight_shapes = {t.name: t.shape for _, t in ckpt.items()}
-    folder = os.fspath(model_dir)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(folder, local_files_only=True,
-                                                       dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CalibrationError(f"{display(folder)}: transformers cannot load this folder "
-                               f"offline ({str(exc).splitlines()[0]})") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    modules = {n: tuple(m.weight.shape) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear)}
-    names = checkpoint_names(modules, weight_shapes)
-    if not names:
-        raise CalibrationError(f"{display(folder)}: no Linear module of the model matches a "
-                               "weight of the checkpoint files")
-
-    def batches():
-        for i in range(0, len(samples), batch_size):
-            enc = tok(samples[i:i + batch_size], padding=True, truncation=True,
-                      max_length=max_length, return_tensors="pt")
-            yield dict(enc)
-
-    ctx = collect_calibration(model, batches(), layers=lambda n, m: n in names,
-                              hessian=hessian, progress=progress, n_threads=n_threads)
-    out = CalibrationContext(num_samples=ctx.num_samples)
-    for mod in ctx.layer_names:
-        out.add_layer_stats(names[mod], ctx.get_stats(mod))
-    left_out = sorted(set(modules) - set(names))
-    return out, left_out
+    return run(model_dir, samples, **options)

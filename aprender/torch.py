@@ -522,7 +522,7 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
     During collection the model is in eval mode under ``torch.no_grad()``; the hooks are
     removed and every module's training flag restored afterwards, also on error."""
     torch = _torch()
-    from .pruning.calibration import ActivationStats, CalibrationContext
+    from .pruning.calibration import CalibrationContext
 
     if not isinstance(model, torch.nn.Module):
         raise InvalidArgumentError(f"collect_calibration needs a torch.nn.Module, got "
@@ -537,41 +537,12 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
     if isinstance(batches, (torch.Tensor, dict)):
         raise InvalidArgumentError("batches must be an iterable of batches (a list, a "
                                    "DataLoader, a generator); wrap a single batch in a list")
-    stats = {}
-    current = {"mask": None}
-    share = _HessianSharing(hessian and check_bool(share_hessians, "share_hessians"))
-
-    def make_hook(name, mod):
-        def hook(_module, args, kwargs):
-            x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, torch.Tensor):
-                raise InvalidArgumentError(f"{name}: the Linear's input is not a tensor "
-                                           f"({type(x).__name__})")
-            lead = share.see(name, x)
-            st = stats.get(name)
-            if st is None:
-                st = stats[name] = ActivationStats(mod.in_features,
-                                                   hessian=hessian and lead == name)
-            t = x.detach()
-            if t.device.type != "cpu":
-                t = t.to("cpu")
-            mask = current["mask"]
-            where = mask if mask is not None and tuple(t.shape[:-1]) == mask.shape else None
-            try:
-                st.update(t, where=where, n_threads=nt)
-            except PruningError as exc:
-                exc.args = (f"layer {name}: {exc.args[0] if exc.args else exc}",) \
-                    + exc.args[1:]
-                raise
-            return None
-        return hook
-
+    hooks = StatHooks(hessian=hessian, share_hessians=share_hessians, n_threads=nt)
     modes = [(m, m.training) for m in model.modules()]
-    handles = []
     samples = 0
     try:
         for name, mod in selected:
-            handles.append(mod.register_forward_pre_hook(make_hook(name, mod), with_kwargs=True))
+            hooks.attach(name, mod)
         model.eval()
         it = batches
         if progress:
@@ -585,26 +556,128 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
         with torch.no_grad():
             for batch in it:
                 args, kwargs, n, mask = _batch_call(batch, torch)
-                current["mask"] = _token_mask(mask, torch)
-                share.start_batch()
+                hooks.start_batch(_token_mask(mask, torch))
                 model(*args, **kwargs)
-                share.end_batch()
+                hooks.end_batch()
                 samples += n
     finally:
-        current["mask"] = None
-        for h in handles:
-            h.remove()
+        hooks.remove()
         for m, flag in modes:
             m.training = flag
     ctx = CalibrationContext(num_samples=samples)
+    stats = hooks.finish()
     for name, _ in selected:
         if name in stats:
             ctx.add_layer_stats(name, stats[name])
-    share.check(stats)
-    for name, lead in share.leader.items():
-        if lead != name:
-            stats[name]._share_hessian_of(stats[lead])
     return ctx
+
+
+def _shown(name, limit=120):
+    """A layer name for a message: control characters escaped, cut to ``limit`` characters."""
+    from .io.files import display
+
+    text = display(name)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class StatHooks:
+    """The statistic hooks of :func:`collect_calibration`, shared with the block executor
+    (aprender.models.executor): one :class:`ActivationStats` per layer name, fed by forward
+    pre-hooks on Linear-like modules (:meth:`attach`) or directly (:meth:`add`, for inputs the
+    executor computes itself, such as an expert's routed tokens).  Padding is excluded through
+    the token mask of the current batch (:meth:`start_batch`) for inputs whose leading
+    dimensions are the mask's; Hessians are shared between layers that read the very same
+    input (:class:`_HessianSharing`) or that :meth:`add` names as followers."""
+
+    def __init__(self, *, hessian=False, share_hessians=True, n_threads=None):
+        self.hessian = check_bool(hessian, "hessian")
+        self.nt = resolve_threads(n_threads)
+        self.stats = {}
+        self.mask = None
+        self.share = _HessianSharing(self.hessian and check_bool(share_hessians,
+                                                                 "share_hessians"))
+        self.follows = {}  # layer -> leader named by add(); its Hessian is the leader's
+        self.handles = []
+
+    def _stats(self, name, in_features, own_hessian):
+        from .pruning.calibration import ActivationStats
+
+        st = self.stats.get(name)
+        if st is None:
+            st = self.stats[name] = ActivationStats(in_features,
+                                                    hessian=self.hessian and own_hessian)
+        return st
+
+    def _update(self, name, st, t, where):
+        try:
+            st.update(t, where=where, n_threads=self.nt)
+        except PruningError as exc:
+            exc.args = (f"layer {_shown(name)}: {exc.args[0] if exc.args else exc}",) \
+                + exc.args[1:]
+            raise
+
+    def attach(self, name, mod, in_features=None, flat=False):
+        """Collect the input statistics of module ``mod`` (an nn.Linear, or any module whose
+        first argument is its input, such as a router) under ``name``.  ``flat``: the module
+        reads the batch's tokens flattened to (batch * seq, features), in order (a router),
+        so the token mask applies to its rows too."""
+        torch = _torch()
+        width = mod.in_features if in_features is None else in_features
+
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
+            if not isinstance(x, torch.Tensor):
+                raise InvalidArgumentError(f"{_shown(name)}: the layer's input is not a "
+                                           f"tensor ({type(x).__name__})")
+            lead = self.share.see(name, x)
+            st = self._stats(name, width, lead == name)
+            t = x.detach()
+            if t.device.type != "cpu":
+                t = t.to("cpu")
+            mask = self.mask
+            where = None
+            if mask is not None and tuple(t.shape[:-1]) == mask.shape:
+                where = mask
+            elif mask is not None and flat and t.dim() == 2 and t.shape[0] == mask.size:
+                where = mask.reshape(-1)
+            self._update(name, st, t, where)
+            return None
+
+        self.handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def add(self, name, x, *, follows=None):
+        """Add the rows of ``x`` (tokens, in_features), every one counted, to layer ``name``;
+        ``follows``: a layer that reads the very same rows (its Hessian serves both)."""
+        if follows is not None:
+            self.follows[name] = follows
+        st = self._stats(name, int(x.shape[-1]), follows is None)
+        self._update(name, st, x.detach(), None)
+
+    def start_batch(self, mask):
+        """``mask``: numpy bool (batch, seq), True for a real token, or None."""
+        self.mask = mask
+        self.share.start_batch()
+
+    def end_batch(self):
+        self.share.end_batch()
+        self.mask = None
+
+    def remove(self):
+        self.mask = None
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def finish(self):
+        """{layer name: ActivationStats}, shared Hessians linked."""
+        self.share.check(self.stats)
+        for name, lead in self.share.leader.items():
+            if lead != name:
+                self.stats[name]._share_hessian_of(self.stats[lead])
+        for name, lead in self.follows.items():
+            if self.hessian:
+                self.stats[name]._share_hessian_of(self.stats[lead])
+        return self.stats
 
 
 class _HessianSharing:

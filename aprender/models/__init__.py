@@ -1,0 +1,1 @@
+"""Model-level work on transformers checkpoints (optional: needs torch and transformers)."""
