@@ -23,13 +23,16 @@ def show_config(print_out=True):
     import numpy
 
     from ._kernels import _openmp
-    from ._threads import effective_n_threads
+    from ._threads import blas_bounded, effective_n_threads
 
     cupy_loaded = "cupy" in sys.modules
     cfg = {
         "version": __version__,
         "openmp": _openmp.openmp_enabled(),
         "threads": effective_n_threads(),  # OpenMP's limit, CPU affinity, cgroup quota
+        # BLAS/LAPACK pools bounded by the same count (threadpoolctl), or left as they are
+        "blas_threads": "bounded by threads" if blas_bounded()
+        else "not bounded (install threadpoolctl)",
         "cupy_available": cupy_loaded or importlib.util.find_spec("cupy") is not None,
         "python": sys.version.split()[0],
         "numpy": numpy.__version__,

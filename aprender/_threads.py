@@ -19,16 +19,39 @@ PyTorch's, the first parallel region would wait forever).
 (b) is applied inside each kernel by the same rule (``threads_for`` in
 ``aprender/_kernels/_openmp.pyx``, one constant ``GRAIN``); the Python layer resolves (a), (c)
 and (d) once per call and passes the count down.  Masks never depend on the count.
+
+The same count bounds the other pools aprender drives, through one context manager,
+:func:`limit_pools`, around every stretch of BLAS/LAPACK or torch work:
+
+* BLAS/LAPACK (numpy's and SciPy's OpenBLAS, each its own pool, both limited through
+  threadpoolctl when it is installed): ``n`` threads for a call that runs alone (a Cholesky
+  factorisation, a least-squares solve: no OpenMP team of ours or torch's is awake beside it),
+  **1** for calls interleaved with OpenMP regions (SparseGPT's block loop, where each block's
+  matmul alternates with our column kernel; the XᵀX updates in calibration hooks, between
+  torch's forward ops).  Why: an idle OpenBLAS worker busy-waits for a long while (of the order
+  of 0.1 s) after each call, and GNU OpenMP's workers spin after each region; when both teams
+  alternate at a fine grain, each call finds the cores held by the other team's spinning
+  threads, and on a loaded machine every barrier waits for a descheduled thread.  One team at
+  a time, each no larger than ``n``, never runs more than ``n`` busy threads.  Limits nest
+  and only narrow: a call inside an interleaved stretch gets 1 even where it alone would get
+  ``n``.  Without threadpoolctl the BLAS pools are left as they are (show_config says so).
+* torch's intra-op threads (``torch.set_num_threads``) in ``calibrate`` and the torch interop:
+  ``n``, restored afterwards (also after an error).  torch's pool is an OpenMP team of its own
+  that never runs at the same time as ours (the hooks run between its ops).
 """
+import contextlib
+import contextvars
 import math
 import numbers
 import operator
 import os
+import sys
 
 from ._kernels import _openmp
 from .errors import InvalidArgumentError
 
-__all__ = ["effective_n_threads", "available_cpus", "cgroup_cpu_quota", "GRAIN", "MAX_THREADS"]
+__all__ = ["effective_n_threads", "available_cpus", "cgroup_cpu_quota", "limit_pools",
+           "blas_bounded", "GRAIN", "MAX_THREADS"]
 
 MAX_THREADS = 4096  # more than any machine has; a larger request is surely a mistake
 GRAIN = _openmp.GRAIN  # elements per thread at least (the serial threshold is 2 * GRAIN)
@@ -121,3 +144,53 @@ def effective_n_threads(n_threads=None, work=None, tasks=None):
         tasks = work if tasks is None else operator.index(tasks)
         n = _openmp.work_threads(n, work, tasks)
     return n
+
+
+# -- the other pools: BLAS/LAPACK and torch ------------------------------------------------
+_blas_cap = contextvars.ContextVar("aprender_blas_cap", default=None)  # innermost BLAS limit
+
+
+def _threadpoolctl():
+    try:
+        import threadpoolctl
+    except ImportError:
+        return None
+    return threadpoolctl
+
+
+def blas_bounded():
+    """True when limit_pools can bound the BLAS/LAPACK pools (threadpoolctl is installed)."""
+    return _threadpoolctl() is not None
+
+
+@contextlib.contextmanager
+def limit_pools(n_threads, *, beside_openmp=False, torch=False):
+    """Bound every pool aprender drives for the duration of the ``with`` block.
+
+    ``n_threads``: the resolved count (``effective_n_threads``) or None (resolved here).
+    BLAS/LAPACK pools get ``n`` threads, or 1 with ``beside_openmp=True`` (BLAS calls that
+    alternate with OpenMP regions, ours or torch's; see the module documentation for why),
+    never more than an enclosing limit_pools gave them.  ``torch=True`` also sets torch's
+    intra-op threads to ``n`` when torch is imported.  Everything is restored on exit, also
+    after an error."""
+    n = effective_n_threads(n_threads) if n_threads is None else _requested(n_threads)
+    blas = 1 if beside_openmp else n
+    outer = _blas_cap.get()
+    if outer is not None:
+        blas = min(blas, outer)
+    token = _blas_cap.set(blas)
+    tp = _threadpoolctl()
+    torch_mod = sys.modules.get("torch") if torch else None
+    before = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if tp is not None and blas != outer:  # an enclosing limit already set this count
+                stack.enter_context(tp.threadpool_limits(limits=blas, user_api="blas"))
+            if torch_mod is not None:
+                before = torch_mod.get_num_threads()
+                if before != n:
+                    torch_mod.set_num_threads(n)
+                    stack.callback(torch_mod.set_num_threads, before)
+            yield n
+    finally:
+        _blas_cap.reset(token)

@@ -39,6 +39,7 @@ import mmap
 import numpy as np
 
 from .._adapters import Bits16, is_torch, to_numpy_view
+from .._threads import limit_pools
 from .._kernels import sparsegpt as _k
 from .._validation import (as_floats, as_real, check_int, decode16, prune_count,
                            raise_nonfinite, require_memory, resolve_threads, short_repr)
@@ -205,7 +206,11 @@ def _factor(h, percdamp, wide, layer, nt):
     b = np.frombuffer(mem, dtype=np.float64).reshape(n, n)
     _k.load_reversed(h, b, damp, 1.0 / mean, nt)
     c = b.T  # the same bytes as a Fortran-ordered matrix: LAPACK works in place
-    c2, info = lapack.dpotrf(c, lower=0, clean=1, overwrite_a=1)
+    info2 = 0
+    with limit_pools(nt):  # LAPACK alone: no kernel of ours runs until it returns
+        c2, info = lapack.dpotrf(c, lower=0, clean=1, overwrite_a=1)
+        if info == 0:
+            c2, info2 = _trtri(lapack, c, c2, b)
     if info > 0:
         k = n - int(info) + 1  # potrf of the reversed matrix failed at order info
         raise HessianError(f"{at}the Hessian is not positive definite even after damping by "
@@ -213,14 +218,9 @@ def _factor(h, percdamp, wide, layer, nt):
                            f"{n - 1} is not); raise percdamp", layer=layer)
     if info < 0:  # pragma: no cover - an argument error inside the wrapper
         raise HessianError(f"{at}LAPACK potrf rejected argument {-int(info)}", layer=layer)
-    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover - SciPy copied after all
-        np.copyto(c, c2)
-    c2, info = lapack.dtrtri(c, lower=0, unitdiag=0, overwrite_c=1)
-    if info != 0:
+    if info2 != 0:
         raise HessianError(f"{at}the Cholesky factor of the damped Hessian is singular",
                            layer=layer)
-    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover
-        np.copyto(c, c2)
     del c, c2
     bad = _k.reverse_narrow(b.reshape(-1), n * n, not wide, nt)
     if wide:
@@ -238,6 +238,16 @@ def _factor(h, percdamp, wide, layer, nt):
                            f"{'float64' if wide else 'float32'}'s range (the Hessian is too "
                            "ill-conditioned); raise percdamp", layer=layer)
     return _Factor(u, dead, mem)
+
+
+def _trtri(lapack, c, c2, b):
+    """Invert the Cholesky factor in place (trtri) after potrf; returns (factor, info)."""
+    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover - SciPy copied after all
+        np.copyto(c, c2)
+    c2, info = lapack.dtrtri(c, lower=0, unitdiag=0, overwrite_c=1)
+    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover
+        np.copyto(c, c2)
+    return c2, info
 
 
 def _share(total, c, cols):
@@ -333,13 +343,22 @@ def _sparsegpt(weights, hessian, sparsity, *, pattern, block_size, percdamp, n_t
     err = np.empty((rows, cols), dtype=wt)
     kv = keep.view(np.uint8)
     bs = min(block_size, cols)
+    total = rows * cols
+    k_all = prune_count(sparsity, total)
+    k_row = prune_count(sparsity, cols)
+    with limit_pools(nt, beside_openmp=True):  # each block's matmul alternates with a kernel
+        _blocks(w, err, u, kv, forced, pat, rows, cols, bs, k_all, k_row, nt)
+    del err, factor, u
+    return _result(f, w, weights, nt, layer), SparsityMask(keep, pat, _trusted=True)
+
+
+def _blocks(w, err, u, kv, forced, pat, rows, cols, bs, k_all, k_row, nt):
+    """SparseGPT's column blocks: the lazy update, the block's mask, the column loop."""
+    wt = w.dtype
     tmp = np.empty(rows * bs, dtype=wt)
     sal = np.empty(rows * bs, dtype=wt)
     bk = np.empty(rows * bs, dtype=np.uint8)
     none = np.empty((0, 0), dtype=np.uint8)
-    total = rows * cols
-    k_all = prune_count(sparsity, total)
-    k_row = prune_count(sparsity, cols)
     for c0 in range(0, cols, bs):
         c1 = min(cols, c0 + bs)
         width = c1 - c0
@@ -361,8 +380,6 @@ def _sparsegpt(weights, hessian, sparsity, *, pattern, block_size, percdamp, n_t
         else:
             select_mask(src, b, _share(k_all, c1, cols) - _share(k_all, c0, cols), 0, nt)
         _k.prune_block(w, err, u, c0, c1, b.reshape(rows, width), 0, 0, forced, kv, nt)
-    del err, tmp, sal, bk, factor, u
-    return _result(f, w, weights, nt, layer), SparsityMask(keep, pat, _trusted=True)
 
 
 def _must_prune(mask, shape):
