@@ -24,17 +24,26 @@ The same count bounds the other pools aprender drives, through one context manag
 :func:`limit_pools`, around every stretch of BLAS/LAPACK or torch work:
 
 * BLAS/LAPACK (numpy's and SciPy's OpenBLAS, each its own pool, both limited through
-  threadpoolctl when it is installed): ``n`` threads for a call that runs alone (a Cholesky
-  factorisation, a least-squares solve: no OpenMP team of ours or torch's is awake beside it),
-  **1** for calls interleaved with OpenMP regions (SparseGPT's block loop, where each block's
-  matmul alternates with our column kernel; the XᵀX updates in calibration hooks, between
-  torch's forward ops).  Why: an idle OpenBLAS worker busy-waits for a long while (of the order
-  of 0.1 s) after each call, and GNU OpenMP's workers spin after each region; when both teams
-  alternate at a fine grain, each call finds the cores held by the other team's spinning
-  threads, and on a loaded machine every barrier waits for a descheduled thread.  One team at
-  a time, each no larger than ``n``, never runs more than ``n`` busy threads.  Limits nest
-  and only narrow: a call inside an interleaved stretch gets 1 even where it alone would get
-  ``n``.  Without threadpoolctl the BLAS pools are left as they are (show_config says so).
+  threadpoolctl when it is installed): ``n`` threads for a large matrix product that runs
+  alone (the XᵀX update of ActivationStats, the right-hand side of the shrink compensation: no
+  OpenMP team of ours or torch's is awake beside it), **1** for everything else:
+
+  - LAPACK factorisations and solves (SparseGPT's potrf/trtri, the compensation's
+    potrf/potrs).  OpenBLAS's threaded potrf synchronises its threads at every panel; with a
+    busy neighbour on each core, a descheduled thread stalls the other at each step.  Measured
+    on 2 cores with a busy loop per core: potrf of a 1024 x 1024 matrix 0.07-0.09 s on one
+    thread, 2.5-3.3 s on two (2048: 0.3-0.4 s against 2-9 s), where a matrix product loses
+    at most 2x.  On an idle machine the second thread saves less than half.
+  - BLAS calls interleaved with OpenMP regions (SparseGPT's block loop, where each block's
+    matmul alternates with our column kernel; the XᵀX updates in calibration hooks, between
+    torch's forward ops).  An idle OpenBLAS worker busy-waits for a while after each call and
+    GNU OpenMP's workers spin after each region: two teams alternating at a fine grain find
+    the cores held by each other's spinning threads.  One team at a time, each no larger than
+    ``n``, never runs more than ``n`` busy threads.
+
+  Limits nest and only narrow: a product inside an interleaved stretch gets 1 even where it
+  alone would get ``n``.  Without threadpoolctl the BLAS pools are left as they are
+  (show_config says so).
 * torch's intra-op threads (``torch.set_num_threads``) in ``calibrate`` and the torch interop:
   ``n``, restored afterwards (also after an error).  torch's pool is an OpenMP team of its own
   that never runs at the same time as ours (the hooks run between its ops).
@@ -164,17 +173,17 @@ def blas_bounded():
 
 
 @contextlib.contextmanager
-def limit_pools(n_threads, *, beside_openmp=False, torch=False):
+def limit_pools(n_threads, *, serial_blas=False, torch=False):
     """Bound every pool aprender drives for the duration of the ``with`` block.
 
     ``n_threads``: the resolved count (``effective_n_threads``) or None (resolved here).
-    BLAS/LAPACK pools get ``n`` threads, or 1 with ``beside_openmp=True`` (BLAS calls that
-    alternate with OpenMP regions, ours or torch's; see the module documentation for why),
-    never more than an enclosing limit_pools gave them.  ``torch=True`` also sets torch's
+    BLAS/LAPACK pools get ``n`` threads, or 1 with ``serial_blas=True`` (LAPACK factorisations,
+    and BLAS calls that alternate with OpenMP regions, ours or torch's; see the module
+    documentation for why), never more than an enclosing limit_pools gave them.  ``torch=True`` also sets torch's
     intra-op threads to ``n`` when torch is imported.  Everything is restored on exit, also
     after an error."""
     n = effective_n_threads(n_threads) if n_threads is None else _requested(n_threads)
-    blas = 1 if beside_openmp else n
+    blas = 1 if serial_blas else n
     outer = _blas_cap.get()
     if outer is not None:
         blas = min(blas, outer)

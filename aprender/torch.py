@@ -256,7 +256,7 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     Ties are broken by index (lowest flat index pruned first), so on tie-free data the masks equal
     ``torch.nn.utils.prune.l1_unstructured`` (layer) and ``global_unstructured`` (global).
     Each report entry: name, shape, dtype, total, kept, sparsity, shared_with."""
-    with limit_pools(n_threads, beside_openmp=False, torch=True):
+    with limit_pools(n_threads, torch=True):
         return _prune_impl(module, sparsity, pattern, scope, include, importance, keep_mask,
                            n_threads, calibration)
 
@@ -529,7 +529,7 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
 
     During collection the model is in eval mode under ``torch.no_grad()``; the hooks are
     removed and every module's training flag restored afterwards, also on error."""
-    with limit_pools(n_threads, beside_openmp=True, torch=True):
+    with limit_pools(n_threads, serial_blas=True, torch=True):
         return _collect_calibration_impl(model, batches, layers, hessian, progress, n_threads,
                                          share_hessians)
 

@@ -580,7 +580,7 @@ class BlockExecutor:
         and the statistic hooks' BLAS calls run on one thread beside torch's team."""
         from .._threads import limit_pools
 
-        with limit_pools(self.n_threads, beside_openmp=True, torch=True):
+        with limit_pools(self.n_threads, serial_blas=True, torch=True):
             return self._calibrate(batches, hessian, progress)
 
     def _calibrate(self, batches, hessian, progress):

@@ -207,7 +207,7 @@ def _factor(h, percdamp, wide, layer, nt):
     _k.load_reversed(h, b, damp, 1.0 / mean, nt)
     c = b.T  # the same bytes as a Fortran-ordered matrix: LAPACK works in place
     info2 = 0
-    with limit_pools(nt):  # LAPACK alone: no kernel of ours runs until it returns
+    with limit_pools(nt, serial_blas=True):  # LAPACK: one thread (see _threads)
         c2, info = lapack.dpotrf(c, lower=0, clean=1, overwrite_a=1)
         if info == 0:
             c2, info2 = _trtri(lapack, c, c2, b)
@@ -346,7 +346,7 @@ def _sparsegpt(weights, hessian, sparsity, *, pattern, block_size, percdamp, n_t
     total = rows * cols
     k_all = prune_count(sparsity, total)
     k_row = prune_count(sparsity, cols)
-    with limit_pools(nt, beside_openmp=True):  # each block's matmul alternates with a kernel
+    with limit_pools(nt, serial_blas=True):  # each block's matmul alternates with a kernel
         _blocks(w, err, u, kv, forced, pat, rows, cols, bs, k_all, k_row, nt)
     del err, factor, u
     return _result(f, w, weights, nt, layer), SparsityMask(keep, pat, _trusted=True)

@@ -138,16 +138,17 @@ def compensate_columns(w, hessian, kept, percdamp=0.01, *, layer=None, n_threads
     out[:, is_dead] = w64[:, idx[is_dead]]
     live = idx[~is_dead]
     if live.size and rows:
-        with limit_pools(nt):  # BLAS/LAPACK alone: no kernel of ours runs beside them
-            hs = h[np.ix_(live, live)].astype(np.float64) / mean
-            hs[np.diag_indices_from(hs)] += percdamp
-            rhs = np.empty((live.size, rows), dtype=np.float64)  # H[S, :] Wᵀ / mean
-            step = max(1, _BLOCK // cols)  # rows of H[S, :] widened to float64 at a time
+        hs = h[np.ix_(live, live)].astype(np.float64) / mean
+        hs[np.diag_indices_from(hs)] += percdamp
+        rhs = np.empty((live.size, rows), dtype=np.float64)  # H[S, :] Wᵀ / mean
+        step = max(1, _BLOCK // cols)  # rows of H[S, :] widened to float64 at a time
+        with limit_pools(nt):  # matrix products alone: no kernel of ours runs beside them
             for r0 in range(0, live.size, step):
                 np.matmul(h[live[r0:r0 + step]].astype(np.float64), w64.T,
                           out=rhs[r0:r0 + step])
-            rhs /= mean
-            del w64
+        rhs /= mean
+        del w64
+        with limit_pools(nt, serial_blas=True):  # LAPACK: one thread (see aprender._threads)
             lapack = _lapack()
             c, info = lapack.dpotrf(hs, lower=0, clean=1, overwrite_a=1)
             if info > 0:
