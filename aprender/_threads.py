@@ -56,8 +56,45 @@ import operator
 import os
 import sys
 
-from ._kernels import _openmp
-from .errors import InvalidArgumentError
+
+
+def _openmp_loaded():
+    """True when an OpenMP runtime (libgomp, libomp, libiomp) is already mapped into this process
+    (e.g. torch was imported first); None where that cannot be told (not Linux)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            return any(("libgomp" in line or "libomp" in line or "libiomp" in line)
+                       for line in fh)
+    except OSError:
+        return None
+
+
+def _passive_wait_by_default(environ=None):
+    """Make OpenMP workers sleep, not spin, while they wait (``OMP_WAIT_POLICY=PASSIVE``),
+    unless the user chose (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set) or a runtime is
+    already loaded (the setting is read once, when the runtime starts; setting it then would
+    only surprise child processes).  Returns the policy set, or None.
+
+    Why: GNU OpenMP's default keeps a worker spinning for a while after each parallel region
+    and at each barrier.  On an idle machine that saves a wake-up of some microseconds; on a
+    busy one the spinning thread holds a core the neighbour, or a descheduled team mate that
+    the barrier waits for, needs.  Measured on 2 cores with a busy loop per core: ``aprender
+    prune --importance sparsegpt`` of a small Llama 10.6 s with two threads against 2.0 s with
+    one; passive, 2.3 s against 2.3 s.  Our regions are coarse (at least 32,768 elements a
+    thread), so a wake-up costs nothing measurable."""
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return None
+    if _openmp_loaded():
+        return None
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "PASSIVE"
+
+
+_passive_wait_by_default()  # before our kernels load libgomp
+
+from ._kernels import _openmp  # noqa: E402
+from .errors import InvalidArgumentError  # noqa: E402
 
 __all__ = ["effective_n_threads", "available_cpus", "cgroup_cpu_quota", "limit_pools",
            "blas_bounded", "GRAIN", "MAX_THREADS"]
@@ -177,11 +214,11 @@ def limit_pools(n_threads, *, serial_blas=False, torch=False):
     """Bound every pool aprender drives for the duration of the ``with`` block.
 
     ``n_threads``: the resolved count (``effective_n_threads``) or None (resolved here).
-    BLAS/LAPACK pools get ``n`` threads, or 1 with ``serial_blas=True`` (LAPACK factorisations,
-    and BLAS calls that alternate with OpenMP regions, ours or torch's; see the module
-    documentation for why), never more than an enclosing limit_pools gave them.  ``torch=True`` also sets torch's
-    intra-op threads to ``n`` when torch is imported.  Everything is restored on exit, also
-    after an error."""
+    BLAS/LAPACK pools get ``n`` threads, or 1 with ``serial_blas=True`` (LAPACK
+    factorisations, and BLAS calls that alternate with OpenMP regions, ours or torch's; see
+    the module documentation for why), never more than an enclosing limit_pools gave them.
+    ``torch=True`` also sets torch's intra-op threads to ``n`` when torch is imported.
+    Everything is restored on exit, also after an error."""
     n = effective_n_threads(n_threads) if n_threads is None else _requested(n_threads)
     blas = 1 if serial_blas else n
     outer = _blas_cap.get()
