@@ -286,3 +286,44 @@ def test_calibrate_folder_bounds_torch_and_blas_and_restores(tmp_path, spies, mo
         assert torch.get_num_threads() == outer
     finally:
         torch.set_num_threads(before)
+
+
+# -- OpenMP's wait policy -------------------------------------------------------------------
+def _policy_in_child(env_extra, first=""):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(env_extra)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    code = (f"{first}import os, aprender; print(os.environ.get('OMP_WAIT_POLICY'), "
+            "aprender.show_config(print_out=False)['openmp_wait_policy'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_openmp_workers_sleep_by_default_unless_the_user_chose():
+    assert _policy_in_child({}) == ["PASSIVE", "PASSIVE"]
+    assert _policy_in_child({"OMP_WAIT_POLICY": "active"}) == ["active", "active"]
+    assert _policy_in_child({"GOMP_SPINCOUNT": "1000"})[0] == "None"
+
+
+def test_wait_policy_is_not_set_once_a_runtime_is_loaded():
+    pytest.importorskip("torch")
+    assert _threads._openmp_loaded() is True  # this process has run our kernels
+    env = {}
+    assert _threads._passive_wait_by_default(env) is None and env == {}
+    assert _policy_in_child({}, first="import torch; ")[0] == "None"
+
+
+def test_wait_policy_choice_on_an_environment(monkeypatch):
+    monkeypatch.setattr(_threads, "_openmp_loaded", lambda: False)
+    env = {}
+    assert _threads._passive_wait_by_default(env) == "PASSIVE" and env == {
+        "OMP_WAIT_POLICY": "PASSIVE"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(chosen)
+        assert _threads._passive_wait_by_default(env) is None and env == chosen
