@@ -217,6 +217,10 @@ class CheckpointPruner:
                                        f"got {short_repr(args.importance)}")
         self.wanda = args.importance == "wanda"
         self.sgpt = args.importance == "sparsegpt"
+        # SparseGPT: layers sharing one Hessian (hessian_of: q/k/v, gate/up) share its factor,
+        # computed for the first and kept until the last of them is pruned (counted by
+        # _prepare_sparsegpt; a Dask worker, which sees part of the layers, factorises each)
+        self.factor_uses, self.factors = {}, {}
         if (self.wanda or self.sgpt) and not args.calibration:
             raise InvalidArgumentError(f"{o('importance', args.importance)} needs "
                                        f"{o('calibration', placeholder='FILE')} (from "
@@ -428,9 +432,6 @@ class CheckpointPruner:
         self.ctx = CalibrationContext.load(self.args.calibration, hessians=False)
         self.hessians = HessianFile(self.args.calibration)
         self.workspace = 0
-        # layers sharing one Hessian (hessian_of: q/k/v, gate/up) share its factor: computed
-        # for the first, kept until the last of them is pruned
-        self.factor_uses, self.factors = {}, {}
         for shard, t in selected:
             label = self._label(ckpt, shard, t)
             if len(t.shape) != 2:
