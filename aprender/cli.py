@@ -561,6 +561,8 @@ def run_shrink(args):
             bar.close()
     if not args.quiet:
         print_shrink(rep)
+    for w in rep.get("warnings", []):
+        print(f"aprender: warning: {display(w)}", file=sys.stderr)
     return 0
 
 

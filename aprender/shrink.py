@@ -71,6 +71,7 @@ class _Planner:
 
     def __init__(self, layout, ctx, round_to):
         self.lay, self.ctx, self.round_to = layout, ctx, round_to
+        self.warnings = []
         self.used = {}  # axis -> what criterion was used
 
     def _tensors(self, layer, axis, segs):
@@ -158,6 +159,13 @@ class _Planner:
             if scores:
                 for L, v in criteria.keep_uniform(scores, fraction, self.round_to).items():
                     out[L] = [int(i) for i in v]
+                width = len(next(iter(scores.values())))
+                kept = len(next(iter(out.values())))
+                if kept == width:  # the round-up took back every channel asked for
+                    self.warnings.append(
+                        f"--mlp {fraction:g}: rounding the kept width up to a multiple of "
+                        f"--round-to {self.round_to} keeps all {width} channels, so none is "
+                        "removed (use a smaller --round-to)")
         return out
 
     def heads(self, layers, fraction):
@@ -255,6 +263,7 @@ def shrink_checkpoint(input, output, *, calibration=None, drop_layers=0, mlp=0.0
         "criteria": planner.used,
         "compensated": bool(compensated),
         "compensated_tensors": compensated,
+        "warnings": planner.warnings,
     })
     if why and (fracs["mlp"] or fracs["heads"]):
         rep["not_compensated_because"] = why

@@ -571,6 +571,10 @@ def _collect_calibration_impl(model, batches, layers, hessian, progress, n_threa
         with torch.no_grad():
             for batch in it:
                 args, kwargs, n, mask = _batch_call(batch, torch)
+                if kwargs and isinstance(model, torch.nn.Sequential):
+                    # an nn.Sequential (a sentence-transformers model is one) takes its input
+                    # positionally: the tokenizer's dict goes to the first module as it is
+                    args, kwargs = (kwargs,), {}
                 hooks.start_batch(_token_mask(mask, torch))
                 model(*args, **kwargs)
                 hooks.end_batch()

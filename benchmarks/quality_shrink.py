@@ -43,8 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from quality import (CALIBRATION_MODULES, HELD_OUT_MODULES, calibration_batches,  # noqa: E402
-                     cosine, embed, encoder, load_model, prune, sentences)
+from quality import cosine, embed, encoder, prepare, prune  # noqa: E402
 
 LAYER = "encoder.layer.{}"
 
@@ -165,16 +164,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import torch
-    from aprender.torch import collect_calibration
-
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = load_model()
-    calib_text = sentences(CALIBRATION_MODULES)[:args.calibration_sentences]
-    held_out = [t for t in sentences(HELD_OUT_MODULES) if t not in set(calib_text)]
-    dense = embed(model, held_out)
-    batches = list(calibration_batches(model, calib_text))
-    ctx = collect_calibration(encoder(model), batches, progress=False, hessian=True)
+    model, calib_text, held_out, dense, batches, ctx = prepare(args.calibration_sentences)
     block_statistics(model, batches, ctx)
     enc = encoder(model)
     linear_weights = sum(mod.weight.numel() for n, mod in enc.named_modules()

@@ -24,6 +24,7 @@ from aprender.cli import main  # noqa: E402
 from aprender.errors import CheckpointError, PruningError, UnsafePathError  # noqa: E402
 from aprender.io import SafetensorsFile, write_safetensors  # noqa: E402
 from aprender.io.checkpoint import Checkpoint  # noqa: E402
+from catalogue import cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INDEX = "model.safetensors.index.json"
@@ -57,19 +58,6 @@ def snapshot(*roots):
             else:
                 out[p] = "special"
     return out
-
-
-def cli(args, capsys):
-    """(exit code, stderr) of main(args); stderr must be one line on failure."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err.strip()
-    if code:
-        assert len(err.splitlines()) == 1, err
-        assert "Traceback" not in err and ".aprender-tmp" not in err, err
-    return code, err
 
 
 def sharded(folder, shard_names, seed=0):

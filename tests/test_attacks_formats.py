@@ -16,19 +16,9 @@ from aprender.errors import CheckpointError, CompressedFormatError  # noqa: E402
 from aprender.inspect import inspect_checkpoint  # noqa: E402
 from aprender.io import write_safetensors  # noqa: E402
 from aprender.io.formats import load_dense  # noqa: E402
+from catalogue import cli  # noqa: E402
 
 BITMASK_META = {"aprender": json.dumps({"format": "bitmask"})}
-
-
-def _cli(args, capsys):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err.strip()
-    if code:
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return code, err
 
 
 def _raw_safetensors(path, entries, data, metadata=None):
@@ -51,7 +41,7 @@ def _all_readers_refuse(path, capsys, tmp_path, match):
     out = tmp_path / "densified"
     for args in (["inspect", path, "--check"], ["densify", path, "-o", out, "--quiet"],
                  ["prune", path, "-o", tmp_path / "pruned", "--sparsity", "0.5", "--quiet"]):
-        code, err = _cli(args, capsys)
+        code, err = cli(args, capsys)
         assert code == 1 and match in err, (args[0], err)
     with pytest.raises(CompressedFormatError, match=match):
         load_dense(path)
@@ -139,7 +129,7 @@ def test_a_group_with_a_zero_and_a_large_dimension_that_fits_reads_back(tmp_path
     _bitmask_group(path, [0, 2 ** 40], "F32")
     assert load_dense(path)["W"].shape == (0, 2 ** 40)
     out = tmp_path / "dense.safetensors"
-    assert _cli(["densify", path, "-o", out, "--quiet"], capsys)[0] == 0
+    assert cli(["densify", path, "-o", out, "--quiet"], capsys)[0] == 0
     assert inspect_checkpoint(out)["tensors"][0]["shape"] == [0, 2 ** 40]
     import safetensors.numpy
 

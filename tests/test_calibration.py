@@ -658,3 +658,15 @@ def test_expert_stats_bad_values():
     with pytest.raises(CalibrationError, match="2\\*\\*63"):
         ctx.add_expert_stats("e", 2 ** 63 - 1, 0.5)
     assert ctx.expert_stats["e"].tokens == 1  # a failed add changes nothing
+
+
+@pytest.mark.parametrize("content,looks", [(b"hello, calibration text\n", "text"),
+                                           (b'{"format": "aprender.calibration/2"}', "JSON")])
+def test_a_text_or_json_file_is_named_for_what_it_is(tmp_path, content, looks):
+    path = tmp_path / "calib.txt"
+    path.write_bytes(content)
+    with pytest.raises(CalibrationFileError) as info:
+        CalibrationContext.load(path)
+    msg = str(info.value)
+    assert f"not a safetensors file (it looks like {looks})" in msg
+    assert "header length" not in msg and "'aprender calibrate' writes" in msg

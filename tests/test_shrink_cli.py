@@ -144,6 +144,17 @@ def test_magnitude_only_said_and_round_to(llama, tmp_path):
     w = _weights(src)["model.layers.0.mlp.down_proj.weight"]
     assert rep["mlp_channels"]["0"] == _top(np.linalg.norm(w.astype(np.float64), axis=0), 32)
     assert json.load(open(tmp_path / "o" / "config.json"))["intermediate_size"] == 32
+    assert rep["warnings"] == []
+
+
+def test_a_round_to_that_takes_everything_back_warns(llama, tmp_path, capsys):
+    """--mlp 0.25 of 48 channels keeps 36, rounded up to 64 and capped: all 48 stay.  The run
+    says so instead of writing an unchanged MLP in silence."""
+    assert main(["shrink", str(llama[0]), "-o", str(tmp_path / "o"), "--mlp", "0.25",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "--round-to 64 keeps all 48 channels, so none is removed" in err
+    assert json.load(open(tmp_path / "o" / "config.json"))["intermediate_size"] == 48
 
 
 def test_experts_by_reap(tmp_path):

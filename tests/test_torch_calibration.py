@@ -114,6 +114,34 @@ def test_padding_tokens_are_not_counted():
         collect_calibration(model, additive, progress=False)
 
 
+class FeaturesDict(torch.nn.Module):
+    """The first module of a sentence-transformers model: one dict of features in and out."""
+
+    def __init__(self):
+        super().__init__()
+        self.auto_model = Tiny()
+
+    def forward(self, features):
+        return {**features, "emb": self.auto_model(features["input_ids"],
+                                                   features.get("attention_mask"))}
+
+
+def test_a_sequential_of_dict_modules_takes_the_tokenizer_dict_whole():
+    """sentence-transformers models are nn.Sequential modules whose forward takes the features
+    dict positionally: collect_calibration passes a dict batch that way, and the statistics
+    equal those of the wrapped model, under the wrapper's names (as prune_ sees them)."""
+    torch.manual_seed(1)
+    st_like = torch.nn.Sequential(FeaturesDict())
+    ids = make_batches(n=2, b=3, s=6, seed=2)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
+    batches = [{"input_ids": i, "attention_mask": mask} for i in ids]
+    ctx = collect_calibration(st_like, batches, progress=False)
+    inner = collect_calibration(st_like[0].auto_model, batches, progress=False)
+    assert ctx.layer_names == ["0.auto_model." + n for n in inner.layer_names]
+    for n in inner:
+        assert ctx["0.auto_model." + n] == inner[n]
+
+
 class Flattening(torch.nn.Module):
     """A model whose Linear sees (batch * seq, features): the mask cannot be matched."""
 

@@ -99,6 +99,16 @@ class TensorInfo(TensorShape):
         return f"TensorInfo({self.name!r}, {self.dtype}, {self.shape})"
 
 
+def _looks_like(head):
+    """"JSON" or "text" when the first bytes of a file are plainly not a header length (a
+    safetensors length field of printable bytes would claim petabytes), else None."""
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "text"
+    return None
+
+
 def read_header(path):
     """Parse and validate the header of ``path``: returns (header_bytes_len, tensors, metadata)
     where tensors is a list of TensorInfo in data order.  Raises CheckpointError.
@@ -117,9 +127,11 @@ def read_header(path):
                                   "for a header)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or n + 8 > size:
-            hint = " (it looks like JSON)" if head.lstrip()[:1] in (b"{", b"[") else ""
+            looks = _looks_like(head)
+            if looks:  # a text or JSON file given by mistake: no point quoting a length
+                raise CheckpointError(f"{shown}: not a safetensors file (it looks like {looks})")
             raise CheckpointError(
-                f"{shown}: not a safetensors file{hint}: the header length field says {n} "
+                f"{shown}: not a safetensors file: the header length field says {n} "
                 f"bytes but the file has {size} bytes"
                 + (f" and a header may not exceed {MAX_HEADER}" if n > MAX_HEADER else ""))
         raw = f.read(n)

@@ -980,7 +980,13 @@ def _read_layout(path):
     from ..io.strictjson import loads
 
     shown = display(path)
-    sf = SafetensorsFile(path)
+    try:
+        sf = SafetensorsFile(path)
+    except CheckpointError as exc:
+        if "not a safetensors file" not in str(exc):
+            raise
+        raise CalibrationFileError(f"{exc}; a calibration file is the safetensors file "
+                                   "'aprender calibrate' writes") from None
 
     def fail(msg):
         return CalibrationFileError(f"{shown}: {msg}")
