@@ -1,10 +1,12 @@
 """aprender: magnitude and calibration-aware (Wanda, OWL) pruning with exact, fast Cython+OpenMP
 kernels."""
 import importlib.util
+import os
 import sys
 
 __version__ = "0.1.0"
 
+from . import _threads  # noqa: E402,F401 - first: OpenMP's wait policy, before any kernel
 from . import pruning  # noqa: E402,F401  
 from ._validation import Bits16  # noqa: E402
 from .pruning import (SparsityMask, SparsityPattern, MagnitudeImportance,  # noqa: E402,F401
@@ -23,13 +25,17 @@ def show_config(print_out=True):
     import numpy
 
     from ._kernels import _openmp
-    from ._threads import effective_n_threads
+    from ._threads import blas_bounded, effective_n_threads
 
     cupy_loaded = "cupy" in sys.modules
     cfg = {
         "version": __version__,
         "openmp": _openmp.openmp_enabled(),
         "threads": effective_n_threads(),  # OpenMP's limit, CPU affinity, cgroup quota
+        "openmp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "runtime default"),
+        # BLAS/LAPACK pools bounded by the same count (threadpoolctl), or left as they are
+        "blas_threads": "bounded by threads" if blas_bounded()
+        else "not bounded (install threadpoolctl)",
         "cupy_available": cupy_loaded or importlib.util.find_spec("cupy") is not None,
         "python": sys.version.split()[0],
         "numpy": numpy.__version__,

@@ -217,6 +217,10 @@ class CheckpointPruner:
                                        f"got {short_repr(args.importance)}")
         self.wanda = args.importance == "wanda"
         self.sgpt = args.importance == "sparsegpt"
+        # SparseGPT: layers sharing one Hessian (hessian_of: q/k/v, gate/up) share its factor,
+        # computed for the first and kept until the last of them is pruned (counted by
+        # _prepare_sparsegpt; a Dask worker, which sees part of the layers, factorises each)
+        self.factor_uses, self.factors = {}, {}
         if (self.wanda or self.sgpt) and not args.calibration:
             raise InvalidArgumentError(f"{o('importance', args.importance)} needs "
                                        f"{o('calibration', placeholder='FILE')} (from "
@@ -451,18 +455,34 @@ class CheckpointPruner:
                                  f"{display(short_repr(layer))} from "
                                  f"{display(self.args.calibration)}")
             self.workspace = max(self.workspace, need)
+            key = (self.hessians.source(layer), t.itemsize == 8)
+            self.factor_uses[key] = self.factor_uses.get(key, 0) + 1
+            if self.factor_uses[key] == 2:  # a shared factor is held beside the workspace
+                kept = t.shape[1] ** 2 * (8 if key[1] else 4)
+                require_memory(need + kept, f"{label}: SparseGPT with the shared Hessian of "
+                                            f"layer {display(short_repr(layer))}")
+                self.workspace = max(self.workspace, need + kept)
 
     def _sparsegpt(self, shard, t):
         """(keep, words): the SparseGPT mask and the updated weights' bytes of one tensor."""
-        from .pruning.reconstruct import sparsegpt
+        from .pruning.reconstruct import hessian_factor, sparsegpt
 
         layer = self._layer(t)
         arr = self.ckpt.files[shard].array(t.name)
+        key = (self.hessians.source(layer), t.itemsize == 8)
         try:
-            new, mask = sparsegpt(arr, self.hessians.get(layer, t.shape[1]),
-                                  None if self.pattern.is_nm else
+            h = self.hessians.get(layer, t.shape[1])
+            factor = self.factors.get(key)
+            if factor is None and self.factor_uses.get(key, 0) > 1:
+                factor = self.factors[key] = hessian_factor(h, wide=key[1], layer=layer,
+                                                            n_threads=self.nt)
+            self.factor_uses[key] = self.factor_uses.get(key, 1) - 1
+            if self.factor_uses[key] <= 0:
+                self.factors.pop(key, None)  # its last user: freed after this tensor
+            new, mask = sparsegpt(arr, h, None if self.pattern.is_nm else
                                   self.layer_sparsity.get(t.name, self.sparsity),
-                                  pattern=self.pattern, n_threads=self.nt, layer=layer)
+                                  pattern=self.pattern, n_threads=self.nt, layer=layer,
+                                  factor=factor)
         except PruningError as exc:
             # about the Hessian (its values, or the memory it needs): name where it came from
             where = f" (Hessian from calibration file {display(self.args.calibration)})" \

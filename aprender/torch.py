@@ -12,6 +12,7 @@ import re
 import numpy as np
 
 from ._adapters import _dtype_name, to_numpy_view
+from ._threads import limit_pools
 from ._validation import check_bool, check_sparsity, prune_count, resolve_threads, short_repr
 from .errors import (CalibrationError, CalibrationRequiredError,  # noqa: F401
                      DeviceError, InvalidArgumentError, InvalidCalibrationError,
@@ -255,6 +256,13 @@ def prune_(module, sparsity=None, pattern="auto", scope="layer", include=None,
     Ties are broken by index (lowest flat index pruned first), so on tie-free data the masks equal
     ``torch.nn.utils.prune.l1_unstructured`` (layer) and ``global_unstructured`` (global).
     Each report entry: name, shape, dtype, total, kept, sparsity, shared_with."""
+    with limit_pools(n_threads, torch=True):
+        return _prune_impl(module, sparsity, pattern, scope, include, importance, keep_mask,
+                           n_threads, calibration)
+
+
+def _prune_impl(module, sparsity, pattern, scope, include, importance, keep_mask, n_threads,
+                calibration):
     torch = _torch()
     from .pruning.mask import layer_magnitude_mask, per_row_count_mask
 
@@ -521,6 +529,13 @@ def collect_calibration(model, batches, *, layers=None, hessian=False, progress=
 
     During collection the model is in eval mode under ``torch.no_grad()``; the hooks are
     removed and every module's training flag restored afterwards, also on error."""
+    with limit_pools(n_threads, serial_blas=True, torch=True):
+        return _collect_calibration_impl(model, batches, layers, hessian, progress, n_threads,
+                                         share_hessians)
+
+
+def _collect_calibration_impl(model, batches, layers, hessian, progress, n_threads,
+                              share_hessians):
     torch = _torch()
     from .pruning.calibration import CalibrationContext
 

@@ -303,3 +303,52 @@ def test_prune_after_torch_pruning_keeps_the_old_zeros_pruned():
     assert not mask.keep[old].any()
     np.testing.assert_array_equal((q.weight_mask != 0).numpy(), mask.keep)
     np.testing.assert_array_equal(q.weight.detach().numpy(), want)
+
+
+def test_cli_factorises_a_shared_hessian_once(tmp_path, monkeypatch):
+    from aprender.pruning import reconstruct
+
+    checkpoint(tmp_path, "float32")
+    calls = []
+    real = reconstruct._factor
+
+    def counted(h, *args):
+        calls.append(h.shape)
+        return real(h, *args)
+
+    monkeypatch.setattr(reconstruct, "_factor", counted)
+    args = ["prune", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--importance",
+            "sparsegpt", "--calibration", str(tmp_path / "calib.safetensors"), "--sparsity",
+            "0.5", "--quiet"]
+    assert main(args) == 0
+    # per block: q, k and v read one input (one Hessian), o its own: 2 factorisations, not 4
+    assert len(calls) == 4
+    ctx = CalibrationContext.load(tmp_path / "calib.safetensors")
+    out = SafetensorsFile(tmp_path / "out" / "model.safetensors")
+    inp = SafetensorsFile(tmp_path / "in" / "model.safetensors")
+    monkeypatch.setattr(reconstruct, "_factor", real)
+    for i in range(2):
+        for n in "qkvo":
+            name = f"layers.{i}.{n}.weight"
+            want, _ = sparsegpt(inp.array(name), ctx[name[:-7]], 0.5)
+            assert out.words(name).tobytes() == want.tobytes(), name
+
+
+def test_a_factor_of_another_size_or_width_is_refused():
+    from aprender.errors import InvalidArgumentError, InvalidDTypeError, ShapeMismatchError
+    from aprender.pruning.reconstruct import hessian_factor
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 16))
+    h = x.T @ x
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+    f = hessian_factor(h)
+    a, _ = sparsegpt(w, None, 0.5, factor=f)
+    b, _ = sparsegpt(w, h, 0.5)
+    assert a.tobytes() == b.tobytes()
+    with pytest.raises(ShapeMismatchError):
+        sparsegpt(w[:, :8], None, 0.5, factor=f)
+    with pytest.raises(InvalidDTypeError):
+        sparsegpt(w.astype(np.float64), None, 0.5, factor=f)
+    with pytest.raises(InvalidArgumentError):
+        sparsegpt(w, h, 0.5, factor=f.u)

@@ -575,7 +575,15 @@ class BlockExecutor:
     def calibrate(self, batches, *, hessian=False, progress=False):
         """Run ``batches`` (dicts with ``input_ids`` and ``attention_mask``, int64 (batch,
         seq)) and return a CalibrationContext (layer, block and expert statistics) and the
-        Linear modules left out (no weight of their own in the checkpoint, e.g. a tied head)."""
+        Linear modules left out (no weight of their own in the checkpoint, e.g. a tied head).
+        torch's intra-op threads are bounded by ``n_threads`` while it runs (restored after),
+        and the statistic hooks' BLAS calls run on one thread beside torch's team."""
+        from .._threads import limit_pools
+
+        with limit_pools(self.n_threads, serial_blas=True, torch=True):
+            return self._calibrate(batches, hessian, progress)
+
+    def _calibrate(self, batches, hessian, progress):
         from ..pruning.calibration import CalibrationContext
         from ..torch import StatHooks
 

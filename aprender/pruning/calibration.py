@@ -40,6 +40,7 @@ import numpy as np
 
 from .._adapters import is_torch, to_numpy_view
 from .._kernels import calib as _calib
+from .._threads import limit_pools
 from .._validation import (ABS16, BF16, F16, INF16, SIGN16, Bits16, _is_bf16, as_array, check_int,
                            decode16, format_bytes, require_memory, resolve_threads, short_repr,
                            size_text as _size_text)
@@ -328,7 +329,7 @@ class ActivationStats:
                         f"x: the squares of input feature {j} sum to {float(batch[j]):.3g} in "
                         "this batch, beyond float32's range for XᵀX; scale the activations "
                         "down or pass float64 activations", index=(j,), value="inf")
-            self._add_hessian(rows, sel, n_sel)
+            self._add_hessian(rows, sel, n_sel, nt)
         self._ss = ss
         self._count += n_sel
         self._origin = None  # no longer what a file held
@@ -340,7 +341,7 @@ class ActivationStats:
             self._h = self._h.copy()
             self._hshared = False
 
-    def _add_hessian(self, rows, sel, n_sel):
+    def _add_hessian(self, rows, sel, n_sel, nt):
         d = self._d
         wide = rows.kernel.dtype == np.float64
         dt = np.float64 if wide else np.float32
@@ -353,13 +354,14 @@ class ActivationStats:
             raise InsufficientMemoryError(f"x: the XᵀX update of {d} input features needs "
                                           f"{format_bytes(need)} more, which cannot be "
                                           "allocated") from None
-        for s in range(0, n_sel, step):
-            idx = slice(s, min(n_sel, s + step)) if sel is None else sel[s:s + step]
-            blk = rows.floats(idx)
-            if blk.dtype != dt:
-                blk = blk.astype(dt)
-            np.matmul(blk.T, blk, out=prod)
-            self._h += prod
+        with limit_pools(nt):  # BLAS alone here; 1 thread inside calibration hooks
+            for s in range(0, n_sel, step):
+                idx = slice(s, min(n_sel, s + step)) if sel is None else sel[s:s + step]
+                blk = rows.floats(idx)
+                if blk.dtype != dt:
+                    blk = blk.astype(dt)
+                np.matmul(blk.T, blk, out=prod)
+                self._h += prod
 
     def merge(self, other):
         """A new ActivationStats holding the statistics of both (self and other unchanged)."""

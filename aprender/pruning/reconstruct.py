@@ -39,6 +39,7 @@ import mmap
 import numpy as np
 
 from .._adapters import Bits16, is_torch, to_numpy_view
+from .._threads import limit_pools
 from .._kernels import sparsegpt as _k
 from .._validation import (as_floats, as_real, check_int, decode16, prune_count,
                            raise_nonfinite, require_memory, resolve_threads, short_repr)
@@ -205,7 +206,11 @@ def _factor(h, percdamp, wide, layer, nt):
     b = np.frombuffer(mem, dtype=np.float64).reshape(n, n)
     _k.load_reversed(h, b, damp, 1.0 / mean, nt)
     c = b.T  # the same bytes as a Fortran-ordered matrix: LAPACK works in place
-    c2, info = lapack.dpotrf(c, lower=0, clean=1, overwrite_a=1)
+    info2 = 0
+    with limit_pools(nt, serial_blas=True):  # LAPACK: one thread (see _threads)
+        c2, info = lapack.dpotrf(c, lower=0, clean=1, overwrite_a=1)
+        if info == 0:
+            c2, info2 = _trtri(lapack, c, c2, b)
     if info > 0:
         k = n - int(info) + 1  # potrf of the reversed matrix failed at order info
         raise HessianError(f"{at}the Hessian is not positive definite even after damping by "
@@ -213,14 +218,9 @@ def _factor(h, percdamp, wide, layer, nt):
                            f"{n - 1} is not); raise percdamp", layer=layer)
     if info < 0:  # pragma: no cover - an argument error inside the wrapper
         raise HessianError(f"{at}LAPACK potrf rejected argument {-int(info)}", layer=layer)
-    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover - SciPy copied after all
-        np.copyto(c, c2)
-    c2, info = lapack.dtrtri(c, lower=0, unitdiag=0, overwrite_c=1)
-    if info != 0:
+    if info2 != 0:
         raise HessianError(f"{at}the Cholesky factor of the damped Hessian is singular",
                            layer=layer)
-    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover
-        np.copyto(c, c2)
     del c, c2
     bad = _k.reverse_narrow(b.reshape(-1), n * n, not wide, nt)
     if wide:
@@ -238,6 +238,16 @@ def _factor(h, percdamp, wide, layer, nt):
                            f"{'float64' if wide else 'float32'}'s range (the Hessian is too "
                            "ill-conditioned); raise percdamp", layer=layer)
     return _Factor(u, dead, mem)
+
+
+def _trtri(lapack, c, c2, b):
+    """Invert the Cholesky factor in place (trtri) after potrf; returns (factor, info)."""
+    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover - SciPy copied after all
+        np.copyto(c, c2)
+    c2, info = lapack.dtrtri(c, lower=0, unitdiag=0, overwrite_c=1)
+    if c2.ctypes.data != b.ctypes.data:  # pragma: no cover
+        np.copyto(c, c2)
+    return c2, info
 
 
 def _share(total, c, cols):
@@ -261,7 +271,7 @@ def sparsegpt_workspace_bytes(rows, cols, itemsize, block_size=128):
 
 
 def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_size=128,
-              percdamp=0.01, n_threads=None, layer=None, must_prune=None):
+              percdamp=0.01, n_threads=None, layer=None, must_prune=None, factor=None):
     """Prune a layer with SparseGPT; returns ``(pruned_weights, SparsityMask)``.
 
     ``weights``: (out_features, in_features) float16, bfloat16 (``aprender.Bits16``, ml_dtypes or
@@ -275,7 +285,10 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
     for error messages.  ``must_prune``: an optional boolean array of the weights' shape marking
     weights that are pruned whatever their saliency (an existing mask's zeros): they are ranked
     below every other weight, so they take their block's (or group's) share first, and they
-    are pruned even beyond it (the count is then at least the target).
+    are pruned even beyond it (the count is then at least the target).  ``factor``: the
+    :func:`hessian_factor` of this Hessian with this ``percdamp`` (``wide`` for float64
+    weights), for layers that share one Hessian (factorised once); ``hessian`` is then not
+    read again.
 
     The pruned weights have the input's dtype (a numpy array; bfloat16 from Bits16 or torch
     comes back as Bits16); every pruned position is +0.0 and the mask's count is exact.  See
@@ -285,7 +298,7 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
     try:
         return _sparsegpt(weights, hessian, sparsity, pattern=pattern, block_size=block_size,
                           percdamp=percdamp, n_threads=n_threads, layer=layer,
-                          must_prune=must_prune)
+                          must_prune=must_prune, factor=factor)
     except MemoryError as exc:
         if isinstance(exc, PruningError):
             raise
@@ -295,7 +308,7 @@ def sparsegpt(weights, hessian, sparsity=None, *, pattern="unstructured", block_
 
 
 def _sparsegpt(weights, hessian, sparsity, *, pattern, block_size, percdamp, n_threads, layer,
-               must_prune):
+               must_prune, factor):
     pat = _pattern(pattern)
     sparsity = pat.resolve_sparsity(sparsity)
     block_size = check_int(block_size, "block_size", minimum=1)
@@ -317,15 +330,19 @@ def _sparsegpt(weights, hessian, sparsity, *, pattern, block_size, percdamp, n_t
                    f"{_at(layer)}SparseGPT on a {rows} x {cols} weight")
     if not _is_finite(f.kernel.reshape(-1), f.inf16, nt):
         raise_nonfinite(f, "weights")
-    h = hessian_array(hessian, cols, layer, nt)
-    forced = _must_prune(must_prune, (rows, cols))
     wide = f.dtype_name == "float64"
+    if factor is None:
+        h = hessian_array(hessian, cols, layer, nt)
+    else:
+        _check_factor(factor, cols, wide, layer)
+    forced = _must_prune(must_prune, (rows, cols))
     wt = np.float64 if wide else np.float32
     keep = np.empty((rows, cols), dtype=np.bool_)
     if rows == 0 or cols == 0:
         return _result(f, np.zeros((rows, cols), wt), weights, nt, layer), \
             SparsityMask(keep, pat, _trusted=True)
-    factor = _factor(h, percdamp, wide, layer, nt)
+    if factor is None:
+        factor = _factor(h, percdamp, wide, layer, nt)
     u = factor.u
     w = _working_copy(f, weights, wt)
     if factor.dead.any():
@@ -333,13 +350,22 @@ def _sparsegpt(weights, hessian, sparsity, *, pattern, block_size, percdamp, n_t
     err = np.empty((rows, cols), dtype=wt)
     kv = keep.view(np.uint8)
     bs = min(block_size, cols)
+    total = rows * cols
+    k_all = prune_count(sparsity, total)
+    k_row = prune_count(sparsity, cols)
+    with limit_pools(nt, serial_blas=True):  # each block's matmul alternates with a kernel
+        _blocks(w, err, u, kv, forced, pat, rows, cols, bs, k_all, k_row, nt)
+    del err, factor, u
+    return _result(f, w, weights, nt, layer), SparsityMask(keep, pat, _trusted=True)
+
+
+def _blocks(w, err, u, kv, forced, pat, rows, cols, bs, k_all, k_row, nt):
+    """SparseGPT's column blocks: the lazy update, the block's mask, the column loop."""
+    wt = w.dtype
     tmp = np.empty(rows * bs, dtype=wt)
     sal = np.empty(rows * bs, dtype=wt)
     bk = np.empty(rows * bs, dtype=np.uint8)
     none = np.empty((0, 0), dtype=np.uint8)
-    total = rows * cols
-    k_all = prune_count(sparsity, total)
-    k_row = prune_count(sparsity, cols)
     for c0 in range(0, cols, bs):
         c1 = min(cols, c0 + bs)
         width = c1 - c0
@@ -361,8 +387,21 @@ def _sparsegpt(weights, hessian, sparsity, *, pattern, block_size, percdamp, n_t
         else:
             select_mask(src, b, _share(k_all, c1, cols) - _share(k_all, c0, cols), 0, nt)
         _k.prune_block(w, err, u, c0, c1, b.reshape(rows, width), 0, 0, forced, kv, nt)
-    del err, tmp, sal, bk, factor, u
-    return _result(f, w, weights, nt, layer), SparsityMask(keep, pat, _trusted=True)
+
+
+def _check_factor(factor, cols, wide, layer):
+    """A factor handed to sparsegpt must be hessian_factor's, of the weights' size and width."""
+    if not isinstance(factor, _Factor):
+        raise InvalidArgumentError(f"{_at(layer)}factor must come from hessian_factor(), got "
+                                   f"{type(factor).__name__}")
+    if factor.u.shape != (cols, cols):
+        raise ShapeMismatchError(f"{_at(layer)}the factor is {factor.u.shape[0]} x "
+                                 f"{factor.u.shape[1]} but the weights have {cols} input "
+                                 "columns")
+    if (factor.u.dtype == np.float64) != wide:
+        raise InvalidDTypeError(f"{_at(layer)}the factor is {factor.u.dtype} but the weights "
+                                f"need {'float64' if wide else 'float32'} (hessian_factor's "
+                                "wide=True for float64 weights)")
 
 
 def _must_prune(mask, shape):

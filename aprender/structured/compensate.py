@@ -23,6 +23,7 @@ the 16-bit formats through float32 rounded to odd, which makes the double roundi
 """
 import numpy as np
 
+from .._threads import limit_pools
 from .._validation import as_array, as_floats, raise_nonfinite, resolve_threads, short_repr
 from ..errors import (HessianError, InvalidArgumentError, InvalidDTypeError, InvalidShapeError,
                       NumericalInstabilityError)
@@ -141,21 +142,26 @@ def compensate_columns(w, hessian, kept, percdamp=0.01, *, layer=None, n_threads
         hs[np.diag_indices_from(hs)] += percdamp
         rhs = np.empty((live.size, rows), dtype=np.float64)  # H[S, :] Wᵀ / mean
         step = max(1, _BLOCK // cols)  # rows of H[S, :] widened to float64 at a time
-        for r0 in range(0, live.size, step):
-            np.matmul(h[live[r0:r0 + step]].astype(np.float64), w64.T, out=rhs[r0:r0 + step])
+        with limit_pools(nt):  # matrix products alone: no kernel of ours runs beside them
+            for r0 in range(0, live.size, step):
+                np.matmul(h[live[r0:r0 + step]].astype(np.float64), w64.T,
+                          out=rhs[r0:r0 + step])
         rhs /= mean
         del w64
-        lapack = _lapack()
-        c, info = lapack.dpotrf(hs, lower=0, clean=1, overwrite_a=1)
-        if info > 0:
-            raise HessianError(f"{_at(layer)}H[S, S] (the kept inputs' block of the Hessian) is "
-                               f"not positive definite even after damping by {percdamp:g} x the "
-                               "mean diagonal; raise percdamp", layer=layer)
-        if info < 0:  # pragma: no cover - an argument error inside the wrapper
-            raise HessianError(f"{_at(layer)}LAPACK potrf rejected argument {-int(info)}",
-                               layer=layer)
-        x, info = lapack.dpotrs(c, rhs, lower=0, overwrite_b=1)
-        if info != 0:  # pragma: no cover - potrs fails only on bad arguments
-            raise HessianError(f"{_at(layer)}LAPACK potrs failed ({int(info)})", layer=layer)
-        out[:, ~is_dead] = x.T
+        with limit_pools(nt, serial_blas=True):  # LAPACK: one thread (see aprender._threads)
+            lapack = _lapack()
+            c, info = lapack.dpotrf(hs, lower=0, clean=1, overwrite_a=1)
+            if info > 0:
+                raise HessianError(f"{_at(layer)}H[S, S] (the kept inputs' block of the "
+                                   "Hessian) is not positive definite even after damping by "
+                                   f"{percdamp:g} x the mean diagonal; raise percdamp",
+                                   layer=layer)
+            if info < 0:  # pragma: no cover - an argument error inside the wrapper
+                raise HessianError(f"{_at(layer)}LAPACK potrf rejected argument {-int(info)}",
+                                   layer=layer)
+            x, info = lapack.dpotrs(c, rhs, lower=0, overwrite_b=1)
+            if info != 0:  # pragma: no cover - potrs fails only on bad arguments
+                raise HessianError(f"{_at(layer)}LAPACK potrs failed ({int(info)})",
+                                   layer=layer)
+            out[:, ~is_dead] = x.T
     return _in_dtype(f, out, original, nt, layer)
