@@ -36,7 +36,7 @@ import numpy as np
 
 from .._validation import short_repr
 from ..errors import CalibrationError, InvalidArgumentError, PruningError
-from ..io.checkpoint import Checkpoint, read_json
+from ..io.checkpoint import Checkpoint, check_module_counts, read_json, refuse_own_code
 from ..io.files import display, temp_name
 
 __all__ = ["BlockExecutor", "DEFAULT_MEMORY_BUDGET", "load_config", "load_tokenizer",
@@ -100,13 +100,13 @@ def load_config(folder):
     d = read_json(path, shown)
     if not isinstance(d, dict):
         raise CalibrationError(f"{shown}: not a JSON object")
-    if "auto_map" in d:
-        raise CalibrationError(f"{shown}: the model needs its own code (auto_map); aprender "
-                               "never runs code from a model folder")
+    refuse_own_code(d, shown, error=CalibrationError)
     mt = d.get("model_type")
     if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
         raise CalibrationError(f"{shown}: model_type {short_repr(mt)} is not a family this "
                                f"transformers ({transformers.__version__}) knows")
+    check_module_counts(d, sum(1 for _ in Checkpoint(folder).items()), shown,
+                        error=CalibrationError)
     try:
         cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items()
                                             if k not in ("transformers_version",)})
@@ -123,9 +123,7 @@ def load_tokenizer(folder):
     tc = os.path.join(folder, "tokenizer_config.json")
     if os.path.lexists(tc):
         d = read_json(tc, display(tc))
-        if isinstance(d, dict) and "auto_map" in d:
-            raise CalibrationError(f"{display(tc)}: the tokenizer needs its own code (auto_map); "
-                                   "aprender never runs code from a model folder")
+        refuse_own_code(d, display(tc), "tokenizer", error=CalibrationError)
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                           trust_remote_code=False)
