@@ -224,3 +224,59 @@ def test_shrink_layer_statistics_of_another_model(llama, tmp_path, capsys):
                        layers={"encoder.layer.0.output.dense": 48})
     _fails(_shrink(llama[0], tmp_path / "o", "--mlp", "0.5", "--calibration", cal), capsys, 1,
            "layer statistics for 'encoder.layer.0.output.dense'", "for another model")
+
+
+# -- fixed: weights and tokenizer files given to calibrate ----------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.int8, np.bool_])
+def test_calibrate_weight_of_an_integer_dtype(llama, tmp_path, capsys, dtype):
+    """An int8 or bool weight reached the block's matmul: "the first block fails (expected m1
+    and m2 to have the same dtype ...)", naming no tensor."""
+    def edit(sd):
+        w = sd["model.layers.1.mlp.down_proj.weight"]
+        sd["model.layers.1.mlp.down_proj.weight"] = (w > 0) if dtype is np.bool_ \
+            else w.astype(np.int8)
+    folder = _variant(llama[0], tmp_path / "m", tensors=edit)
+    _fails(["calibrate", folder, "--text", llama[1], "-o", str(tmp_path / "c.safetensors")],
+           capsys, 1, "tensor 'model.layers.1.mlp.down_proj.weight' is "
+           f"{'BOOL' if dtype is np.bool_ else 'I8'}, but the model's parameter")
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_calibrate_tokenizer_file_too_large(llama, tmp_path, capsys):
+    """A tokenizer.json past the JSON size bound (sparse here) was parsed whole by the
+    tokenizer library (300 MB of it: 1 GB RSS)."""
+    from aprender.io.checkpoint import MAX_JSON_BYTES
+
+    folder = _variant(llama[0], tmp_path / "m")
+    with open(os.path.join(folder, "tokenizer.json"), "r+b") as f:
+        f.truncate(MAX_JSON_BYTES + 1)
+    _fails(["calibrate", folder, "--text", llama[1], "-o", str(tmp_path / "c.safetensors")],
+           capsys, 1, f"tokenizer.json: {MAX_JSON_BYTES + 1} bytes is too large for a tokenizer "
+           "file")
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+# -- paths: what appears at OUTPUT or --report during a run ----------------------------------------
+
+@pytest.mark.parametrize("target", ["output", "report", "calibration"])
+def test_output_appearing_during_the_run_is_never_replaced(llama, tmp_path, target):
+    """A folder with a file in it appears at shrink's OUTPUT or --report, or at calibrate's
+    -o, while the run is paused before that rename: left untouched, exit 1, one line."""
+    from test_attacks_checkpoint import _intruder, _paused_run
+
+    out, rep = tmp_path / "o", tmp_path / "r.json"
+    if target == "calibration":
+        rep = tmp_path / "c.safetensors"
+        args = ["calibrate", llama[0], "--text", llama[1], "-o", rep, "--quiet"]
+    else:
+        args = _shrink(llama[0], out, "--mlp", "0.5", "--report", rep)
+    at = out if target == "output" else rep
+    code, err = _paused_run(tmp_path, args, at, lambda: _intruder(at, "folder"))
+    assert code == 1, err
+    assert "appeared while the run was in progress" in err and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(at)) == ["precious.txt"]
+    left = sorted(os.listdir(tmp_path))
+    # the report is written after OUTPUT is committed (as prune writes its own): a complete
+    # OUTPUT then stays beside the error, never a temporary folder
+    assert left == (["o", "r.json"] if target == "report" else [at.name]), left

@@ -36,7 +36,8 @@ import numpy as np
 
 from .._validation import short_repr
 from ..errors import CalibrationError, InvalidArgumentError, PruningError
-from ..io.checkpoint import Checkpoint, check_module_counts, read_json, refuse_own_code
+from ..io.checkpoint import (MAX_JSON_BYTES, Checkpoint, check_module_counts, read_json,
+                             refuse_own_code)
 from ..io.files import display, temp_name
 
 __all__ = ["BlockExecutor", "DEFAULT_MEMORY_BUDGET", "load_config", "load_tokenizer",
@@ -116,6 +117,12 @@ def load_config(folder):
     return cfg
 
 
+# the files transformers' tokenizers read (the largest real ones are tens of MB)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(folder):
     """The folder's tokenizer (offline, never remote code)."""
     _, transformers = _deps()
@@ -124,6 +131,12 @@ def load_tokenizer(folder):
     if os.path.lexists(tc):
         d = read_json(tc, display(tc))
         refuse_own_code(d, display(tc), "tokenizer", error=CalibrationError)
+    for name in _TOKENIZER_FILES:  # parsed whole by the tokenizer libraries: bound them first
+        path = os.path.join(folder, name)
+        size = os.stat(path).st_size if os.path.isfile(path) else 0
+        if size > MAX_JSON_BYTES:
+            raise CalibrationError(f"{display(path)}: {size} bytes is too large for a tokenizer "
+                                   f"file (limit {MAX_JSON_BYTES})")
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                           trust_remote_code=False)
@@ -368,6 +381,13 @@ class _Skeleton:
                 raise CalibrationError(f"{display(self.folder)}: tensor {short_repr(shown)} has "
                                        f"shape {have} in the checkpoint but the config implies "
                                        f"{want} (the config and the weights disagree)")
+            code = self.tensors[src.name or src.parts[0][0]][1].dtype
+            if p.is_floating_point() and code not in ("BF16", "F16", "F32", "F64"):
+                shown = src.name or src.parts[0][0]
+                raise CalibrationError(f"{display(self.folder)}: tensor {short_repr(shown)} is "
+                                       f"{code}, but the model's parameter {short_repr(names[0])}"
+                                       " holds floating-point values (the config and the "
+                                       "weights disagree)")
             self.param_source[gid] = src
         self.buffer_source = {}
         for mname, mod in self.model.named_modules():
