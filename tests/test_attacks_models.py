@@ -280,3 +280,22 @@ def test_output_appearing_during_the_run_is_never_replaced(llama, tmp_path, targ
     # the report is written after OUTPUT is committed (as prune writes its own): a complete
     # OUTPUT then stays beside the error, never a temporary folder
     assert left == (["o", "r.json"] if target == "report" else [at.name]), left
+
+
+@pytest.mark.parametrize("topk", [9, 0, -1, 2.0])
+@pytest.mark.parametrize("command", ["shrink", "calibrate"])
+def test_experts_per_token_outside_the_experts(mixtral, tmp_path, capsys, topk, command):
+    """num_experts_per_tok beyond the 4 experts, 0, negative or a float: calibrate failed
+    inside the first block ("selected index k out of range") or, with 0, routed no token and
+    wrote statistics; shrink copied the config through."""
+    folder = _variant(mixtral, tmp_path / "m", config={"num_experts_per_tok": topk})
+    if command == "shrink":
+        args = _shrink(folder, tmp_path / "o", "--mlp", "0.5")
+    else:
+        save_tokenizer(folder)
+        (tmp_path / "t.txt").write_text("\n".join(samples(4)) + "\n")
+        args = ["calibrate", folder, "--text", str(tmp_path / "t.txt"), "-o",
+                str(tmp_path / "c.safetensors")]
+    _fails(args, capsys, 1, "num_experts_per_tok must be an integer in [1, 4]",
+           f"got {topk!r}")
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "c.safetensors")

@@ -29,7 +29,7 @@ from .. import __version__
 from .._validation import Bits16, resolve_threads, short_repr
 from ..errors import CheckpointError, InvalidArgumentError, ShapeMismatchError
 from ..io.checkpoint import (Checkpoint, CheckpointWriter, pause_hook_for_tests, read_json_text,
-                             refuse_own_code)
+                             check_module_counts, refuse_own_code)
 from ..io.files import OutputTarget, display
 from ..io.jsonedit import edit_members
 from .families import FAMILIES, family_for
@@ -79,7 +79,8 @@ class ModelLayout:
         self.cfg = sec
         self.n_layers = self.field("num_hidden_layers")
         self._check_lists()
-        self._scan()
+        self._scan()  # names the first missing block of a layer count beyond the weights
+        check_module_counts(cfg, sum(1 for _ in ckpt.items()), where)
         self._check_blocks()
 
     # -- config values ---------------------------------------------------------------------
