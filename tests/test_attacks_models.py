@@ -299,3 +299,12 @@ def test_experts_per_token_outside_the_experts(mixtral, tmp_path, capsys, topk, 
     _fails(args, capsys, 1, "num_experts_per_tok must be an integer in [1, 4]",
            f"got {topk!r}")
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "c.safetensors")
+
+
+def test_calibrate_tensors_of_blocks_beyond_the_config(llama, tmp_path, capsys):
+    """A 3-block checkpoint with num_hidden_layers = 2: block 2's tensors were ignored and a
+    calibration of the truncated model written without a word."""
+    folder = _variant(llama[0], tmp_path / "m", config={"num_hidden_layers": 2})
+    _fails(["calibrate", folder, "--text", llama[1], "-o", str(tmp_path / "c.safetensors")],
+           capsys, 1, "tensor 'model.layers.2.", "has index 2, beyond what the config builds")
+    assert sorted(os.listdir(tmp_path)) == ["m"]

@@ -322,6 +322,8 @@ class _Skeleton:
             if pattern is None:
                 if key in meta_sd and key not in direct:
                     direct[key] = name
+                elif key not in meta_sd:
+                    self._beyond_the_config(name, key, meta_sd)
                 continue
             conv = next(c for c in converters if pattern in c.source_patterns)
             fused.setdefault(key, (conv, {}))[1].setdefault(pattern, []).append(name)
@@ -351,6 +353,17 @@ class _Skeleton:
                 parts.append([idx[e] for e in range(len(idx))])
             self.source[key] = _Source(parts=parts)
         self._check()
+
+    def _beyond_the_config(self, name, key, meta_sd):
+        """A checkpoint tensor the model has no place for, but would have with another index
+        (``layers.5.`` of a model configured with fewer blocks, or the like): the config
+        describes a smaller model than the weights, and calibrating that would be silently
+        partial.  Other unplaced tensors (buffers older versions stored) are ignored."""
+        for m in re.finditer(r"\.(\d+)\.", key):
+            if int(m.group(1)) and f"{key[:m.start(1)]}0{key[m.end(1):]}" in meta_sd:
+                raise CalibrationError(f"{display(self.folder)}: tensor {short_repr(name)} has "
+                                       f"index {m.group(1)}, beyond what the config builds "
+                                       "(the config and the weights disagree)")
 
     def stored_shape(self, src):
         if src.name is not None:
