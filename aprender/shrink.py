@@ -19,7 +19,7 @@ import numpy as np
 from ._validation import BF16, check_int, decode16, resolve_threads, short_repr
 from .errors import CalibrationError, InvalidArgumentError
 from .io.checkpoint import Checkpoint
-from .io.files import OutputTarget, atomic_write_text
+from .io.files import OutputTarget, atomic_write_text, display
 from .structured import criteria
 from .structured.compensate import compensate_columns
 from .structured.export import ModelLayout, cut_tensors, export_structured
@@ -69,10 +69,45 @@ def _layer_name(tensor_name):
 class _Planner:
     """Chooses the plan from the layout, the options and the calibration statistics."""
 
-    def __init__(self, layout, ctx, round_to):
+    def __init__(self, layout, ctx, round_to, calibration=None):
         self.lay, self.ctx, self.round_to = layout, ctx, round_to
         self.warnings = []
+        self.shown = display(calibration) if calibration else None
         self.used = {}  # axis -> what criterion was used
+
+    def _foreign(self, kind, name, why):
+        return CalibrationError(f"{self.shown}: {kind} statistics for "
+                                f"{display(short_repr(name))}, {why}: the calibration file is "
+                                "for another model")
+
+    def check_names(self, blocks=False, experts=False, layers=False):
+        """The calibration file describes this model: every block (or expert) it has
+        statistics for is one of the model's, and some of its layer statistics name a weight
+        of the model.  A file for another model is refused, not half used."""
+        lay, ctx = self.lay, self.ctx
+        if ctx is None:
+            return
+        if blocks:
+            have = {self._block_prefix(L) for L in lay.blocks}
+            for name in ctx.block_stats:
+                if name not in have:
+                    raise self._foreign("block", name, f"a block this model does not have "
+                                        f"(num_hidden_layers = {lay.n_layers})")
+        if experts and lay.family.expert is not None:
+            pat, have = re.compile(lay.family.expert), set()
+            for L, items in lay.blocks.items():
+                for _, t, rest, prefix in items:
+                    m = pat.match(rest)
+                    if m is not None:
+                        have.add(f"{prefix}{L}.{rest[:m.end(1)]}")
+            for name in ctx.expert_stats:
+                if name not in have:
+                    raise self._foreign("expert", name, "an expert this model does not have")
+        if layers and ctx.layer_names:
+            have = {_layer_name(t.name) for _, t in lay.ckpt.items()}
+            if not any(n in have for n in ctx.layer_names):
+                raise self._foreign("layer", ctx.layer_names[0], "and none of its "
+                                    f"{len(ctx.layer_names)} layers names a weight of this model")
 
     def _tensors(self, layer, axis, segs):
         """(shard, TensorInfo, rest) of block ``layer`` cut along ``axis`` by ``segs``."""
@@ -85,7 +120,15 @@ class _Planner:
 
     def _ss(self, t):
         st = self.ctx.get_stats(_layer_name(t.name)) if self.ctx is not None else None
-        return None if st is None or not st.count else st.sum_squares
+        if st is None or not st.count:
+            return None
+        if len(t.shape) == 2 and st.in_features != t.shape[1]:
+            raise CalibrationError(f"{self.shown}: the statistics of layer "
+                                   f"{display(short_repr(_layer_name(t.name)))} have "
+                                   f"{st.in_features} input features, but its weight has "
+                                   f"{t.shape[1]} columns: the calibration file is for another "
+                                   "model")
+        return st.sum_squares
 
     def _block_prefix(self, layer):
         items = self.lay.blocks[layer]
@@ -221,7 +264,9 @@ def shrink_checkpoint(input, output, *, calibration=None, drop_layers=0, mlp=0.0
         OutputTarget(report, inputs, force=force, what="--report", avoid=[("OUTPUT", output)])
     layout = ModelLayout(ckpt)
     ctx = CalibrationContext.load(calibration, hessians=False) if calibration else None
-    planner = _Planner(layout, ctx, round_to)
+    planner = _Planner(layout, ctx, round_to, calibration)
+    planner.check_names(blocks=bool(drop_layers), experts=bool(fracs["experts"]),
+                        layers=bool(fracs["mlp"] or fracs["heads"]))
     plan = {}
     kept_layers = planner.layers(drop_layers)
     if drop_layers:

@@ -12,7 +12,17 @@ import sys
 import numpy as np
 import pytest
 
-distributed = pytest.importorskip("distributed")
+try:
+    import distributed
+except ImportError:  # the interop environment has no Dask; it deselects these tests anyway
+    distributed = None
+
+
+@pytest.fixture(autouse=True)
+def _needs_dask():
+    """Per test, not at import: a module-level skip fails collection in CI wherever Dask is
+    absent, also where these tests are deselected (the interop run)."""
+    pytest.importorskip("distributed")
 
 from aprender.checkpoints import CheckpointPruner, make_job  # noqa: E402
 from aprender.cli import main  # noqa: E402

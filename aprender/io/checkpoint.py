@@ -33,12 +33,54 @@ from .files import (check_member_name, commit_path, create_new, display, file_ki
                     open_regular, remove_tree, temp_name)
 from .safetensors import SafetensorsFile, copy_range, encode_header, write_all
 
-__all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json", "read_json_text"]
+__all__ = ["INDEX_NAME", "Checkpoint", "CheckpointWriter", "read_json", "read_json_text",
+           "refuse_own_code", "check_module_counts"]
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_JSON_BYTES = 100_000_000
 MAX_FILES = 100_000
 MAX_DEPTH = 32
+
+
+def refuse_own_code(doc, where, what="model", error=CheckpointError):
+    """Refuse a model folder's JSON document (``config.json``, ``tokenizer_config.json``, or a
+    nested ``text_config``) that names code of its own (``auto_map``): aprender never runs code
+    from a model folder, and a layout defined by such code is not one aprender's tables know."""
+    if isinstance(doc, dict) and "auto_map" in doc:
+        raise error(f"{where}: the {what} needs its own code (auto_map); aprender never runs "
+                    "code from a model folder")
+
+
+# config fields that make a model builder create that many modules (each of which holds at
+# least one stored tensor): a value above the checkpoint's tensor count cannot be backed
+_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layer", "num_experts",
+                 "num_local_experts", "n_routed_experts")
+_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def check_module_counts(doc, n_tensors, where, error=CheckpointError, _depth=0):
+    """Bound the module counts a ``config.json`` claims (layers, experts; nested sub-configs
+    too) by what the checkpoint really holds, before anything is built from them: a hostile
+    ``num_hidden_layers = 10**9`` would otherwise have a builder create a billion modules.
+    ``num_experts_per_tok`` must lie in [1, experts] where the config has experts (top-k
+    routing beyond them fails inside the model, and 0 routes no token)."""
+    if not isinstance(doc, dict) or _depth > MAX_DEPTH:
+        return
+    for k in _COUNT_FIELDS:
+        v = doc.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and v > n_tensors:
+            raise error(f"{where}: {k} is {v} but the checkpoint holds only {n_tensors} "
+                        "tensors (the config and the weights disagree)")
+    experts = next((doc[k] for k in _EXPERT_FIELDS if isinstance(doc.get(k), int) and
+                    not isinstance(doc[k], bool) and doc[k] > 0), None)
+    topk = doc.get("num_experts_per_tok")
+    if experts is not None and "num_experts_per_tok" in doc and (
+            not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= experts):
+        raise error(f"{where}: num_experts_per_tok must be an integer in [1, {experts}] (the "
+                    f"experts each token is routed to), got {short_repr(topk)}")
+    for v in doc.values():
+        if isinstance(v, dict):
+            check_module_counts(v, n_tensors, where, error, _depth + 1)
 
 
 def read_json(path, what=None):

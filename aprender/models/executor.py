@@ -36,7 +36,8 @@ import numpy as np
 
 from .._validation import short_repr
 from ..errors import CalibrationError, InvalidArgumentError, PruningError
-from ..io.checkpoint import Checkpoint, read_json
+from ..io.checkpoint import (MAX_JSON_BYTES, Checkpoint, check_module_counts, read_json,
+                             refuse_own_code)
 from ..io.files import display, temp_name
 
 __all__ = ["BlockExecutor", "DEFAULT_MEMORY_BUDGET", "load_config", "load_tokenizer",
@@ -100,13 +101,13 @@ def load_config(folder):
     d = read_json(path, shown)
     if not isinstance(d, dict):
         raise CalibrationError(f"{shown}: not a JSON object")
-    if "auto_map" in d:
-        raise CalibrationError(f"{shown}: the model needs its own code (auto_map); aprender "
-                               "never runs code from a model folder")
+    refuse_own_code(d, shown, error=CalibrationError)
     mt = d.get("model_type")
     if not isinstance(mt, str) or mt not in CONFIG_MAPPING:
         raise CalibrationError(f"{shown}: model_type {short_repr(mt)} is not a family this "
                                f"transformers ({transformers.__version__}) knows")
+    check_module_counts(d, sum(1 for _ in Checkpoint(folder).items()), shown,
+                        error=CalibrationError)
     try:
         cfg = CONFIG_MAPPING[mt].from_dict({k: v for k, v in d.items()
                                             if k not in ("transformers_version",)})
@@ -116,6 +117,12 @@ def load_config(folder):
     return cfg
 
 
+# the files transformers' tokenizers read (the largest real ones are tens of MB)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(folder):
     """The folder's tokenizer (offline, never remote code)."""
     _, transformers = _deps()
@@ -123,9 +130,13 @@ def load_tokenizer(folder):
     tc = os.path.join(folder, "tokenizer_config.json")
     if os.path.lexists(tc):
         d = read_json(tc, display(tc))
-        if isinstance(d, dict) and "auto_map" in d:
-            raise CalibrationError(f"{display(tc)}: the tokenizer needs its own code (auto_map); "
-                                   "aprender never runs code from a model folder")
+        refuse_own_code(d, display(tc), "tokenizer", error=CalibrationError)
+    for name in _TOKENIZER_FILES:  # parsed whole by the tokenizer libraries: bound them first
+        path = os.path.join(folder, name)
+        size = os.stat(path).st_size if os.path.isfile(path) else 0
+        if size > MAX_JSON_BYTES:
+            raise CalibrationError(f"{display(path)}: {size} bytes is too large for a tokenizer "
+                                   f"file (limit {MAX_JSON_BYTES})")
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                           trust_remote_code=False)
@@ -311,6 +322,8 @@ class _Skeleton:
             if pattern is None:
                 if key in meta_sd and key not in direct:
                     direct[key] = name
+                elif key not in meta_sd:
+                    self._beyond_the_config(name, key, meta_sd)
                 continue
             conv = next(c for c in converters if pattern in c.source_patterns)
             fused.setdefault(key, (conv, {}))[1].setdefault(pattern, []).append(name)
@@ -341,6 +354,17 @@ class _Skeleton:
             self.source[key] = _Source(parts=parts)
         self._check()
 
+    def _beyond_the_config(self, name, key, meta_sd):
+        """A checkpoint tensor the model has no place for, but would have with another index
+        (``layers.5.`` of a model configured with fewer blocks, or the like): the config
+        describes a smaller model than the weights, and calibrating that would be silently
+        partial.  Other unplaced tensors (buffers older versions stored) are ignored."""
+        for m in re.finditer(r"\.(\d+)\.", key):
+            if int(m.group(1)) and f"{key[:m.start(1)]}0{key[m.end(1):]}" in meta_sd:
+                raise CalibrationError(f"{display(self.folder)}: tensor {short_repr(name)} has "
+                                       f"index {m.group(1)}, beyond what the config builds "
+                                       "(the config and the weights disagree)")
+
     def stored_shape(self, src):
         if src.name is not None:
             return tuple(self.tensors[src.name][1].shape)
@@ -370,6 +394,13 @@ class _Skeleton:
                 raise CalibrationError(f"{display(self.folder)}: tensor {short_repr(shown)} has "
                                        f"shape {have} in the checkpoint but the config implies "
                                        f"{want} (the config and the weights disagree)")
+            code = self.tensors[src.name or src.parts[0][0]][1].dtype
+            if p.is_floating_point() and code not in ("BF16", "F16", "F32", "F64"):
+                shown = src.name or src.parts[0][0]
+                raise CalibrationError(f"{display(self.folder)}: tensor {short_repr(shown)} is "
+                                       f"{code}, but the model's parameter {short_repr(names[0])}"
+                                       " holds floating-point values (the config and the "
+                                       "weights disagree)")
             self.param_source[gid] = src
         self.buffer_source = {}
         for mname, mod in self.model.named_modules():

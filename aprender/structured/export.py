@@ -28,7 +28,8 @@ import numpy as np
 from .. import __version__
 from .._validation import Bits16, resolve_threads, short_repr
 from ..errors import CheckpointError, InvalidArgumentError, ShapeMismatchError
-from ..io.checkpoint import Checkpoint, CheckpointWriter, read_json_text, pause_hook_for_tests
+from ..io.checkpoint import (Checkpoint, CheckpointWriter, pause_hook_for_tests, read_json_text,
+                             check_module_counts, refuse_own_code)
 from ..io.files import OutputTarget, display
 from ..io.jsonedit import edit_members
 from .families import FAMILIES, family_for
@@ -61,6 +62,7 @@ class ModelLayout:
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{where}: not a JSON object")
         self.where = where
+        refuse_own_code(cfg, where)
         self.path = ()
         sec = cfg
         tc = cfg.get("text_config")
@@ -73,9 +75,13 @@ class ModelLayout:
             mt = display(short_repr(sec.get("model_type")))
             raise CheckpointError(f"{where}: model_type {mt} is not a family aprender can "
                                   f"shrink (known: {known})")
+        refuse_own_code(sec, where)
         self.cfg = sec
         self.n_layers = self.field("num_hidden_layers")
-        self._scan()
+        self._check_lists()
+        self._scan()  # names the first missing block of a layer count beyond the weights
+        check_module_counts(cfg, sum(1 for _ in ckpt.items()), where)
+        self._check_blocks()
 
     # -- config values ---------------------------------------------------------------------
     def field(self, name, default=None, required=True):
@@ -132,6 +138,24 @@ class ModelLayout:
             return self.n_kv * self.head_dim
         return self.n_experts  # router
 
+    def _check_lists(self):
+        """Per-layer lists hold one entry per layer and index lists hold layer indices: the
+        export shrinks them by position, so a list of another length would come out as wrong
+        as it went in (and stock loaders refuse it)."""
+        n, fam = self.n_layers, self.family
+        for k in fam.layer_lists:
+            v = self.cfg.get(k)
+            if v is not None and (not isinstance(v, list) or len(v) != n):
+                got = f"{len(v)} entries" if isinstance(v, list) else display(short_repr(v))
+                raise CheckpointError(f"{self.where}: {k} must list one entry per layer "
+                                      f"(num_hidden_layers = {n}), got {got}")
+        for k in fam.index_lists:
+            v = self.cfg.get(k)
+            if v is not None and (not isinstance(v, list) or
+                                  not all(_int(i) and 0 <= i < n for i in v)):
+                raise CheckpointError(f"{self.where}: {k} must be a list of layer indices in "
+                                      f"[0, {n}), got {display(short_repr(v))}")
+
     # -- tensors -----------------------------------------------------------------------------
     def _scan(self):
         fam = self.family
@@ -154,6 +178,58 @@ class ModelLayout:
             raise CheckpointError(f"{self.where}: num_hidden_layers is {self.n_layers} but the "
                                   f"checkpoint has no tensor of block {missing}")
         self.blocks = dict(sorted(self.blocks.items()))
+
+    def _check_blocks(self):
+        """Blocks of one kind (the same segments: dense, MoE) hold the same tensors the family
+        table knows, of the same shapes and dtypes, and an MoE block every expert's tensors: a tensor missing, reshaped
+        or retyped in one block would be copied into an export that loads wrongly (a stock
+        loader initialises a missing weight at random)."""
+        fam = self.family
+        expert_re = re.compile(fam.expert) if fam.expert else None
+        first = {}  # segments -> (layer, signature)
+        for L, items in self.blocks.items():
+            sig, per_expert = {}, {}
+            for shard, t, rest, _ in items:
+                if fam.rule_for(rest) is None and not fam.kept_as_is(rest):
+                    continue  # unknown to the table: refused when an axis is cut, else copied
+                key = rest
+                m = expert_re.match(rest) if expert_re is not None else None
+                if m is not None:
+                    key = rest[:m.start(1)] + "*" + rest[m.end(1):]
+                    per_expert.setdefault(key, set()).add(m.group(1))
+                have = (t.dtype, tuple(t.shape))
+                if key in sig and sig[key] != have:
+                    raise CheckpointError(f"{display(self.ckpt.shard_path(shard))}: tensor "
+                                          f"{display(short_repr(t.name))} has dtype {t.dtype} "
+                                          f"and shape {list(t.shape)}, unlike the other "
+                                          "experts' tensors of its kind")
+                sig[key] = have
+            if per_expert:
+                n = self.n_experts
+                for key, seen in sorted(per_expert.items()):
+                    if len(seen) != n:
+                        miss = next(e for e in range(n) if str(e) not in seen)
+                        raise CheckpointError(f"{self.where}: block {L} has no tensor "
+                                              f"{display(short_repr(key.replace('*', str(miss))))} "
+                                              f"(expert {miss} of {n})")
+            kind = frozenset(self.segments(L))
+            if kind not in first:
+                first[kind] = (L, sig)
+                continue
+            L0, sig0 = first[kind]
+            for a, b, la, lb in ((sig0, sig, L0, L), (sig, sig0, L, L0)):
+                for key in sorted(a):
+                    if key not in b:
+                        raise CheckpointError(
+                            f"{self.where}: block {lb} has no tensor "
+                            f"{display(short_repr(key))}, which block {la} has (the weights "
+                            "are incomplete)")
+            for key in sorted(sig):
+                if sig[key] != sig0[key]:
+                    raise CheckpointError(
+                        f"{self.where}: tensor {display(short_repr(key))} of block {L} has "
+                        f"dtype {sig[key][0]} and shape {list(sig[key][1])}, but in block {L0} "
+                        f"{sig0[key][0]} and {list(sig0[key][1])}")
 
     def segments(self, layer):
         """The segment kinds the tensors of block ``layer`` cut."""
