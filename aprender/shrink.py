@@ -144,7 +144,8 @@ class _Planner:
             raise InvalidArgumentError(f"drop_layers {drop}: the model has {n} layers (at least "
                                        "one must stay)")
         if self.ctx is None:
-            raise CalibrationError("dropping layers needs --calibration: block influence comes "
+            raise CalibrationError("dropping layers needs a calibration file (--calibration, "
+                                   "calibration=): block influence comes "
                                    "from the block statistics 'aprender calibrate' records")
         prefixes = [self._block_prefix(i) for i in range(n)]
         order = criteria.layer_order(self.ctx.block_stats, prefixes)
@@ -156,7 +157,8 @@ class _Planner:
         if fam.expert is None:
             raise InvalidArgumentError(f"{fam.name}: the family has no routed experts")
         if self.ctx is None:
-            raise CalibrationError("removing experts needs --calibration: REAP scores come from "
+            raise CalibrationError("removing experts needs a calibration file (--calibration, "
+                                   "calibration=): REAP scores come from "
                                    "the expert statistics 'aprender calibrate' records")
         pat = re.compile(fam.expert)
         scores = {}

@@ -201,7 +201,7 @@ def bert(tmp_path_factory):
 
 @pytest.mark.parametrize("args,code,message", [
     (["--heads", "0.5"], 1, "bert: attention heads cannot be removed: BERT derives"),
-    (["--drop-layers", "1"], 1, "dropping layers needs --calibration"),
+    (["--drop-layers", "1"], 1, "dropping layers needs a calibration file (--calibration"),
     (["--drop-layers", "3", "--calibration", "CAL"], 1, "at least one must stay"),
     (["--mlp", "1"], 2, "--mlp must be a fraction in [0, 1)"),
     (["--mlp", "1.5"], 2, "expected a fraction in [0, 1]"),
