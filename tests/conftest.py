@@ -8,6 +8,8 @@ Sections (keep each one small and self-contained):
                            reported as a failure: a missing oracle or package cannot hide a check
 4. launch-independence  -- SIGINT restored to its default when the suite was started with it
                            ignored (a background job, nohup, many CI runners)
+5. client               -- a two-worker Dask LocalCluster on loopback without a dashboard,
+                           one per test module
 """
 import os
 import signal
@@ -95,3 +97,20 @@ def pytest_make_collect_report(collector):
 def pytest_configure(config):
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. client: a Dask client of a two-process LocalCluster on loopback, with no dashboard (one
+#    started in this process would serve its pages on later clusters too), one per test
+#    module that asks for it (the Dask tests and the Dask attack catalogue); skipped without Dask.
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    timeout = 120  # seconds: every wait is bounded
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None, memory_limit=0,
+                                  silence_logs=50) as cluster, \
+            distributed.Client(cluster, timeout=timeout) as c:
+        c.wait_for_workers(2, timeout=timeout)
+        yield c

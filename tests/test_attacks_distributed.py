@@ -237,16 +237,6 @@ def test_output_appearing_during_a_local_cluster_run_is_refused(tmp_path):
 # shards, so a Dask run refuses it where the local run does
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address="127.0.0.1:0", memory_limit=0,
-                                  silence_logs=50) as cluster, \
-            distributed.Client(cluster, timeout=TIMEOUT) as c:
-        c.wait_for_workers(2, timeout=TIMEOUT)
-        yield c
-
-
 def _calibrated(tmp_path, hessian):
     torch = pytest.importorskip("torch")
     from aprender.torch import collect_calibration

@@ -84,17 +84,6 @@ def test_merged_plan_uses_the_map_it_is_given():
 # checkpoints on a LocalCluster of two worker processes
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def client():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0", memory_limit=0,
-                                  silence_logs=50) as cluster, \
-            distributed.Client(cluster, timeout=TIMEOUT) as c:
-        c.wait_for_workers(2, timeout=TIMEOUT)
-        yield c
-
-
 def _weights(rng, shape, dtype, ties=False):
     w = rng.standard_normal(shape)
     if ties:
@@ -486,7 +475,7 @@ def test_retries_exhausted_is_a_cluster_error(tmp_path):
     stall.mkdir()
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
             distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                     dashboard_address=":0", memory_limit=0,
+                                     host="127.0.0.1", dashboard_address=None, memory_limit=0,
                                      silence_logs=50) as cluster, \
             distributed.Client(cluster, timeout=TIMEOUT) as c:
         box = _run_and_kill_a_worker(c, stall, lambda: prune_checkpoint(
